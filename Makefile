@@ -1,0 +1,32 @@
+# `make demo` and `make test` set up .venv on first use; later calls reuse it (the stamp file
+# is only rebuilt when setup.cfg, pyproject.toml or this Makefile change).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffopt-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the matched pair: torchvision from the registry does not import beside other torch builds
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# torchmeta's metadata pins torch<1.10: install it without resolving its dependencies
+	$(PY) -m pip install --quiet --no-deps torchmeta==1.8.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/diffopt compare --dataset sinusoid --algorithms maml,fomaml,reptile --shots 5,10
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check diffopt examples tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,65 @@
+"""The interface every meta-learning algorithm implements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import higher
+import torch
+from torch import nn
+
+from diffopt.data.episode import Episode
+from diffopt.inner import InnerLoop, LossFn
+
+
+class MetaAlgorithm(nn.Module):
+    """A model plus the inner loop that adapts it; ``parameters()`` are the meta-parameters.
+
+    ``meta_gradient(episode)`` adds the algorithm's meta-gradient for one meta-batch to the
+    ``.grad`` of every meta-parameter; the training loop then takes the outer step. Algorithms
+    whose meta-gradient is the exact gradient of ``meta_loss`` set ``exact_meta_gradient``, and
+    ``diffopt.gradcheck`` verifies it against finite differences.
+    """
+
+    name: ClassVar[str]
+    exact_meta_gradient: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.inner, self.loss_fn = model, inner, loss_fn
+
+    def unroll(
+        self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
+        track_higher_grads: bool = False,
+    ) -> Iterator[higher.patch._MonkeyPatchBase]:
+        """The model before and after each inner step on (x [K, *x], y [K, *y])."""
+        return self.inner.unroll(
+            self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads
+        )
+
+    def adapt(
+        self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
+        track_higher_grads: bool = False,
+    ) -> higher.patch._MonkeyPatchBase:
+        """The model adapted to (x, y) by the inner loop."""
+        return self.inner.adapt(
+            self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads
+        )
+
+    def meta_gradient(self, episode: Episode) -> dict[str, float]:
+        """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""
+        raise NotImplementedError
+
+    def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
+        """The scalar whose gradient ``meta_gradient`` computes (exact algorithms only)."""
+        raise NotImplementedError(f"{self.name} has no meta-loss whose gradient it computes")
+
+
+def accumulate_grad(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
+    """``p.grad += g`` for each pair, creating ``p.grad`` where it is None."""
+    for param, grad in zip(params, grads):
+        if param.grad is None:
+            param.grad = grad.detach().clone()
+        else:
+            param.grad.add_(grad.detach())

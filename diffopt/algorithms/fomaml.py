@@ -1,0 +1,29 @@
+"""First-order MAML (Finn et al. 2017, section 5.2): ignore the inner loop's second derivatives."""
+
+from __future__ import annotations
+
+import torch
+
+from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
+from diffopt.data.episode import Episode
+
+
+class FOMAML(MetaAlgorithm):
+    """The meta-gradient is the gradient of the query loss at the adapted weights.
+
+    The inner loop runs without higher-order tracking (each step's result is detached), so it
+    is cheaper than MAML; the gradient of the query loss with respect to the adapted weights is
+    applied to the initial weights, averaged over the episode's tasks.
+    """
+
+    name = "fomaml"
+
+    def meta_gradient(self, episode: Episode) -> dict[str, float]:
+        """Metrics: ``loss``, the mean post-adaptation query loss."""
+        total = 0.0
+        for task in episode:
+            fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+            loss = self.loss_fn(fmodel(task.query_x), task.query_y) / len(episode)
+            accumulate_grad(self.model.parameters(), torch.autograd.grad(loss, fmodel.parameters()))
+            total += loss.item()
+        return {"loss": total}

@@ -1,0 +1,37 @@
+"""Reptile (Nichol, Achiam & Schulman 2018), batched over a meta-batch."""
+
+from __future__ import annotations
+
+import torch
+
+from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
+from diffopt.data.episode import Episode
+
+
+class Reptile(MetaAlgorithm):
+    """phi <- phi + eps * mean_i(W_i - phi), W_i = phi after the inner loop on task i.
+
+    The inner loop trains on all of a task's meta-training data (support and query sets, as
+    Reptile makes no train/test split within a task). ``meta_gradient`` stores the pseudo-
+    gradient ``phi - mean_i W_i``; an outer SGD step with learning rate eps then performs the
+    Reptile update, and annealing that learning rate linearly to a final value reproduces the
+    paper's schedule.
+    """
+
+    name = "reptile"
+
+    def meta_gradient(self, episode: Episode) -> dict[str, float]:
+        """Metrics: ``loss``, the mean loss on the task data after adaptation."""
+        total = 0.0
+        initial = list(self.model.parameters())
+        for task in episode:
+            x = torch.cat([task.support_x, task.query_x])
+            y = torch.cat([task.support_y, task.query_y])
+            fmodel = self.adapt(x, y, track_higher_grads=False)
+            accumulate_grad(
+                initial,
+                [(phi - w) / len(episode) for phi, w in zip(initial, fmodel.parameters())],
+            )
+            with torch.no_grad():
+                total += self.loss_fn(fmodel(x), y).item() / len(episode)
+        return {"loss": total}

@@ -1,0 +1,98 @@
+"""Checkpoints and run-folder files: written atomically, read with ``weights_only=True``.
+
+A checkpoint is a dict of plain values and tensors::
+
+    {"format": "diffopt-checkpoint", "version": 1, "config": TrainConfig.to_dict(),
+     "iteration": int, "algorithm": state_dict, "outer_optimizer": state_dict,
+     "scheduler": state_dict}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffopt.errors import DiffoptError
+
+FORMAT = "diffopt-checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, then rename: never a partial file."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    _atomic_write(path, lambda s: s.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically save ``payload`` (format and version tags are added)."""
+    _atomic_write(path, lambda s: torch.save({"format": FORMAT, "version": VERSION, **payload}, s))
+
+
+def checkpoint_path(run_or_file: str | os.PathLike) -> Path:
+    """The checkpoint file of a run folder, or the file itself."""
+    path = Path(run_or_file)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def load_checkpoint(run_or_file: str | os.PathLike) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint; DiffoptError in one line if it cannot be used."""
+    path = checkpoint_path(run_or_file)
+    if not path.is_file():
+        raise DiffoptError(
+            f"no checkpoint at {path}: pass a run folder written by `diffopt train` or its "
+            f"{CHECKPOINT_NAME}"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, garbage bytes, unpickling refused, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DiffoptError(f"checkpoint {path} is corrupt or truncated ({reason[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DiffoptError(f"{path} is not a diffopt checkpoint")
+    if payload.get("version") != VERSION:
+        raise DiffoptError(
+            f"checkpoint {path} has format version {payload.get('version')!r}; this diffopt "
+            f"reads version {VERSION}: use the diffopt release that wrote it"
+        )
+    return payload
+
+
+def restore_module(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``module.load_state_dict(state)``, with a one-line error if the architectures differ."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        if mismatched:
+            key = mismatched[0]
+            detail = f"{key} has shape {tuple(state[key].shape)} there, {tuple(own[key].shape)} here"
+        else:
+            detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+        raise DiffoptError(
+            f"checkpoint {checkpoint_path(path)} is for another architecture ({detail}); "
+            "use the same model options it was trained with"
+        )
+    module.load_state_dict(state)

@@ -1,0 +1,138 @@
+"""Training options: one dataclass, resolved from flags and literature defaults, then validated.
+
+Resolution order (later wins): ``BASE_DEFAULTS``, the dataset's defaults, the dataset's
+per-algorithm defaults, the flags the user gave. ``TrainConfig`` fields carry their help text,
+from which the CLI builds ``diffopt train --help``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from diffopt.algorithms import ALGORITHMS
+from diffopt.data import get_dataset
+from diffopt.errors import DiffoptError, unknown_name
+from diffopt.models import ACTIVATIONS, MODELS
+from diffopt.optim import INNER_OPTIMIZERS
+
+OUTER_OPTIMIZERS = ("adam", "sgd")
+
+
+def option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a meta-training run depends on; saved in its checkpoint."""
+
+    algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
+    dataset: str = option("sinusoid", "dataset: sinusoid")
+    shots: int = option(10, "support examples per task (K); per class for classification")
+    test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
+    ways: int | None = option(None, "classes per task (classification datasets only)")
+    iterations: int = option(1000, "meta-iterations (outer steps)")
+    meta_batch_size: int | None = option(None, "tasks per meta-iteration (default: dataset's, 25 for sinusoid)")
+    model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
+    hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
+    activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
+    inner_optimizer: str | None = option(None, f"inner-loop optimizer: {', '.join(INNER_OPTIMIZERS)}")
+    inner_lr: float | None = option(None, "inner-loop step size")
+    inner_steps: int | None = option(None, "inner-loop steps during meta-training")
+    outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
+    meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
+    meta_lr_final: float | None = option(
+        None, "if set, the outer learning rate is annealed linearly to this value")
+    seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
+    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    num_workers: int = option(0, "data-loader worker processes")
+    run_dir: str | None = option(None, "output folder (default: runs/<dataset>-<algorithm>-<time>)")
+    checkpoint_every: int = option(500, "write a checkpoint every N meta-iterations (0: only at the end)")
+    init_from: str | None = option(None, "initialise the meta-parameters from this checkpoint or run folder")
+    progress: bool = option(True, "show a progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+BASE_DEFAULTS: dict[str, Any] = dict(
+    model="mlp", hidden=(40, 40), activation="relu", meta_batch_size=25,
+    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1,
+    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
+)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise DiffoptError(f"--{name} must be a whole number >= {minimum}; got {value!r}")
+
+
+def _check_float(name: str, value: Any, *, positive: bool) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and value == value and abs(value) != float("inf")
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise DiffoptError(f"--{name} must be a finite number {bound}; got {value!r}")
+
+
+def _check_name(kind: str, name: str, value: Any, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise unknown_name(kind, value, choices)
+
+
+def resolve_config(**flags: Any) -> TrainConfig:
+    """A validated ``TrainConfig`` from user flags plus defaults; raises DiffoptError."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        raise DiffoptError(f"unknown option --{unknown[0]}; see `diffopt train --help`")
+    algorithm = flags.get("algorithm", TrainConfig.algorithm)
+    _check_name("algorithm", "algorithm", algorithm, ALGORITHMS)
+    spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
+    values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    values.update(BASE_DEFAULTS)
+    values.update(spec.defaults)
+    values.update(spec.algorithm_defaults.get(algorithm, {}))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(values["hidden"], int) and not isinstance(values["hidden"], bool):
+        values["hidden"] = (values["hidden"],)
+    if isinstance(values["hidden"], list):
+        values["hidden"] = tuple(values["hidden"])
+    if values["test_shots"] is None:
+        values["test_shots"] = values["shots"]
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise DiffoptError naming the first bad option."""
+    spec = get_dataset(config.dataset)
+    _check_name("algorithm", "algorithm", config.algorithm, ALGORITHMS)
+    _check_name("model", "model", config.model, MODELS)
+    _check_name("activation", "activation", config.activation, ACTIVATIONS)
+    _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, INNER_OPTIMIZERS)
+    _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
+    for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
+                          ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
+                          ("num_workers", 0), ("checkpoint_every", 0)]:
+        _check_int(name, getattr(config, name), minimum)
+    if spec.classification:
+        _check_int("ways", config.ways, 2)
+    elif config.ways is not None:
+        _check_int("ways", config.ways, 2)
+        raise DiffoptError(f"--ways applies to classification datasets; {spec.name} is regression")
+    if not isinstance(config.hidden, tuple) or not config.hidden:
+        raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
+    for width in config.hidden:
+        _check_int("hidden", width, 1)
+    _check_float("inner_lr", config.inner_lr, positive=True)
+    _check_float("meta_lr", config.meta_lr, positive=True)
+    if config.meta_lr_final is not None:
+        _check_float("meta_lr_final", config.meta_lr_final, positive=False)
+    if not isinstance(config.device, str):
+        raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
+    if not isinstance(config.progress, bool):
+        raise DiffoptError(f"--progress must be True or False; got {config.progress!r}")

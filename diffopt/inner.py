@@ -1,0 +1,108 @@
+"""The inner loop: adapt a model to one task by unrolling a differentiable optimizer with higher."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+
+import higher
+import torch
+from torch import nn
+
+from diffopt.optim import make_inner_optimizer
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class InnerLoop(nn.Module):
+    """``steps`` full-batch steps of the inner optimizer ``optimizer`` with step size ``lr``.
+
+    An ``nn.Module`` so that update rules with learned state can keep it here, where the
+    outer optimizer and the checkpoint find it.
+    """
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.01, steps: int = 1) -> None:
+        super().__init__()
+        make_inner_optimizer(optimizer, [torch.zeros(1)], lr)  # fail early on a bad name
+        self.optimizer, self.lr, self.steps = optimizer, lr, steps
+
+    def unroll(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int | None = None,
+        *,
+        track_higher_grads: bool = True,
+    ) -> Iterator[higher.patch._MonkeyPatchBase]:
+        """Yield the functional model before adaptation and after each of ``steps`` steps.
+
+        x: [K, *x], y: [K, *y], the task's adaptation data. The functional model's parameters
+        start as ``model``'s own tensors (not copies), so with ``track_higher_grads`` the
+        adapted weights stay differentiable with respect to ``model.parameters()``
+        (second order); without it each step's result is detached (first order).
+        The same functional model object is yielded each time, its weights updated in place.
+        """
+        steps = self.steps if steps is None else steps
+        template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
+        fmodel = self._functional(model, track_higher_grads)
+        diffopt = higher.optim.get_diff_optim(
+            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads
+        )
+        yield fmodel
+        for _ in range(steps):
+            diffopt.step(loss_fn(fmodel(x), y))
+            yield fmodel
+
+    def _functional(self, model: nn.Module, track_higher_grads: bool) -> higher.patch._MonkeyPatchBase:
+        """``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model.
+
+        Building the functional model dominates a small model's inner loop, so it is cached
+        (outside the module tree) and reset here exactly as ``monkeypatch`` initialises it:
+        empty fast-weight history, fast weights that are clones of the current parameters, buffers are copied, and the
+        train/eval mode follows ``model``. One unroll per model may be in progress at a time.
+        """
+        key = [id(p) for p in model.parameters()]
+        cached = self.__dict__.get("_functional_cache")
+        if cached is None or cached[0]() is not model or cached[1] != key:
+            fmodel = higher.monkeypatch(
+                model, copy_initial_weights=False, track_higher_grads=track_higher_grads
+            )
+            self.__dict__["_functional_cache"] = (weakref.ref(model), key, fmodel)
+            return fmodel
+        fmodel = cached[2]
+        # A fresh monkeypatch starts with no fast-weight history; higher appends to it while
+        # tracking and reads its last entry, so a stale history would leak graphs and weights.
+        # Same order as monkeypatch: first weights set while tracking, then the mode.
+        fmodel._fast_params = None
+        fmodel.track_higher_grads = True
+        fmodel.train(model.training)
+        higher.patch.buffer_sync(model, fmodel)
+        fmodel.update_params([p.clone() for p in model.parameters()])
+        fmodel.track_higher_grads = track_higher_grads
+        return fmodel
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_functional_cache"}
+
+    def adapt(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int | None = None,
+        *,
+        track_higher_grads: bool = True,
+    ) -> higher.patch._MonkeyPatchBase:
+        """The functional model after ``steps`` steps (see ``unroll``)."""
+        for fmodel in self.unroll(
+            model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads
+        ):
+            pass
+        return fmodel
+
+    def extra_repr(self) -> str:
+        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"

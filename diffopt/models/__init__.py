@@ -1,0 +1,21 @@
+"""Model registry: a checkpoint stores a model's name and keyword arguments, not its class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from diffopt.errors import unknown_name
+from diffopt.models.mlp import ACTIVATIONS, MLP
+
+__all__ = ["ACTIVATIONS", "MLP", "MODELS", "build_model"]
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Instantiate the registered model ``name`` with ``kwargs``."""
+    if name not in MODELS:
+        raise unknown_name("model", name, MODELS)
+    return MODELS[name](**kwargs)
