@@ -34,7 +34,7 @@ class TrainConfig:
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
     ways: int | None = option(None, "classes per task (classification datasets only)")
     iterations: int = option(1000, "meta-iterations (outer steps)")
-    meta_batch_size: int | None = option(None, "tasks per meta-iteration (default: dataset's, 25 for sinusoid)")
+    meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
@@ -64,12 +64,14 @@ BASE_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """DiffoptError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise DiffoptError(f"--{name} must be a whole number >= {minimum}; got {value!r}")
 
 
-def _check_float(name: str, value: Any, *, positive: bool) -> None:
+def check_float(name: str, value: Any, *, positive: bool) -> None:
+    """DiffoptError unless ``value`` is a finite real > 0 (``positive``) or >= 0."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     ok = ok and value == value and abs(value) != float("inf")
     if not ok or value < 0 or (positive and value == 0):
@@ -118,20 +120,20 @@ def validate(config: TrainConfig) -> None:
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
                           ("num_workers", 0), ("checkpoint_every", 0)]:
-        _check_int(name, getattr(config, name), minimum)
+        check_int(name, getattr(config, name), minimum)
     if spec.classification:
-        _check_int("ways", config.ways, 2)
+        check_int("ways", config.ways, 2)
     elif config.ways is not None:
-        _check_int("ways", config.ways, 2)
+        check_int("ways", config.ways, 2)
         raise DiffoptError(f"--ways applies to classification datasets; {spec.name} is regression")
     if not isinstance(config.hidden, tuple) or not config.hidden:
         raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
     for width in config.hidden:
-        _check_int("hidden", width, 1)
-    _check_float("inner_lr", config.inner_lr, positive=True)
-    _check_float("meta_lr", config.meta_lr, positive=True)
+        check_int("hidden", width, 1)
+    check_float("inner_lr", config.inner_lr, positive=True)
+    check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
-        _check_float("meta_lr_final", config.meta_lr_final, positive=False)
+        check_float("meta_lr_final", config.meta_lr_final, positive=False)
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
     if not isinstance(config.progress, bool):

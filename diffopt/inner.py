@@ -39,7 +39,7 @@ class InnerLoop(nn.Module):
         """Yield the functional model before adaptation and after each of ``steps`` steps.
 
         x: [K, *x], y: [K, *y], the task's adaptation data. The functional model's parameters
-        start as ``model``'s own tensors (not copies), so with ``track_higher_grads`` the
+        start as clones of ``model``'s parameters that stay on its graph, so with ``track_higher_grads`` the
         adapted weights stay differentiable with respect to ``model.parameters()``
         (second order); without it each step's result is detached (first order).
         The same functional model object is yielded each time, its weights updated in place.
@@ -55,19 +55,20 @@ class InnerLoop(nn.Module):
             diffopt.step(loss_fn(fmodel(x), y))
             yield fmodel
 
-    def _functional(self, model: nn.Module, track_higher_grads: bool) -> higher.patch._MonkeyPatchBase:
+    def _functional(self, model: nn.Module, track: bool) -> higher.patch._MonkeyPatchBase:
         """``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model.
 
         Building the functional model dominates a small model's inner loop, so it is cached
         (outside the module tree) and reset here exactly as ``monkeypatch`` initialises it:
-        empty fast-weight history, fast weights that are clones of the current parameters, buffers are copied, and the
-        train/eval mode follows ``model``. One unroll per model may be in progress at a time.
+        empty fast-weight history, fast weights that are clones of the current parameters,
+        buffers copied, and the train/eval mode of ``model``. One unroll per model may be in
+        progress at a time.
         """
         key = [id(p) for p in model.parameters()]
         cached = self.__dict__.get("_functional_cache")
         if cached is None or cached[0]() is not model or cached[1] != key:
             fmodel = higher.monkeypatch(
-                model, copy_initial_weights=False, track_higher_grads=track_higher_grads
+                model, copy_initial_weights=False, track_higher_grads=track
             )
             self.__dict__["_functional_cache"] = (weakref.ref(model), key, fmodel)
             return fmodel
@@ -80,7 +81,7 @@ class InnerLoop(nn.Module):
         fmodel.train(model.training)
         higher.patch.buffer_sync(model, fmodel)
         fmodel.update_params([p.clone() for p in model.parameters()])
-        fmodel.track_higher_grads = track_higher_grads
+        fmodel.track_higher_grads = track
         return fmodel
 
     def __getstate__(self) -> dict:
@@ -98,11 +99,8 @@ class InnerLoop(nn.Module):
         track_higher_grads: bool = True,
     ) -> higher.patch._MonkeyPatchBase:
         """The functional model after ``steps`` steps (see ``unroll``)."""
-        for fmodel in self.unroll(
-            model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads
-        ):
-            pass
-        return fmodel
+        *_, adapted = self.unroll(model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads)
+        return adapted
 
     def extra_repr(self) -> str:
         return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"

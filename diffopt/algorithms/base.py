@@ -58,7 +58,7 @@ class MetaAlgorithm(nn.Module):
 
 def accumulate_grad(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
     """``p.grad += g`` for each pair, creating ``p.grad`` where it is None."""
-    for param, grad in zip(params, grads):
+    for param, grad in zip(params, grads, strict=True):
         if param.grad is None:
             param.grad = grad.detach().clone()
         else:

@@ -30,7 +30,7 @@ class Reptile(MetaAlgorithm):
             fmodel = self.adapt(x, y, track_higher_grads=False)
             accumulate_grad(
                 initial,
-                [(phi - w) / len(episode) for phi, w in zip(initial, fmodel.parameters())],
+                [(phi - w) / len(episode) for phi, w in zip(initial, fmodel.parameters(), strict=True)],
             )
             with torch.no_grad():
                 total += self.loss_fn(fmodel(x), y).item() / len(episode)

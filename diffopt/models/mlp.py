@@ -21,7 +21,7 @@ class MLP(nn.Sequential):
     ) -> None:
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:]):
+        for width_in, width_out in zip(widths[:-1], widths[1:], strict=False):
             layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(widths[-1], out_features))
         super().__init__(*layers)
