@@ -1,0 +1,31 @@
+"""Shared helpers: small random episodes and algorithms, and the shared Omniglot location."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffopt.algorithms import build_algorithm
+from diffopt.data import Episode
+from diffopt.inner import InnerLoop
+from diffopt.models import MLP
+
+
+def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
+                   dtype: torch.dtype = torch.float64) -> Episode:
+    """A meta-batch of random 1-d regression tasks: x ~ N(0, 1), y ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    return Episode(rand(tasks, shots, 1), rand(tasks, shots, 1), rand(tasks, queries, 1),
+                   rand(tasks, queries, 1))
+
+
+def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1, steps: int = 1,
+                    hidden=(8, 8), activation: str = "tanh", seed: int = 0,
+                    dtype: torch.dtype = torch.float64):
+    torch.manual_seed(seed)
+    model = MLP(1, 1, hidden, activation).to(dtype)
+    return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss)

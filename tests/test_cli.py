@@ -1,0 +1,222 @@
+"""The command line: every command's help, the run folder it writes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+from diffopt.cli import main
+from diffopt.config import TrainConfig
+
+TINY = ["--iterations", "3", "--meta_batch_size", "2", "--hidden", "8", "--progress", "False"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffopt: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def trained_run(tmp_path_factory, capsys):
+    run = tmp_path_factory.mktemp("runs") / "maml"
+    code, out, _ = run_cli(capsys, "train", *TINY, "--run_dir", str(run))
+    assert code == 0 and "run folder" in out
+    return run
+
+
+def test_train_writes_run_folder(trained_run):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["algorithm"] == "maml" and config["hidden"] == [8]
+    metrics = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert all(m["loss"] > 0 and m["seconds"] > 0 for m in metrics)
+    payload = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    assert payload["iteration"] == 3 and payload["config"]["hidden"] == (8,)
+    assert set(payload["algorithm"]) == {"model.0.weight", "model.0.bias", "model.2.weight",
+                                         "model.2.bias"}
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_same_metrics(tmp_path, capsys, trained_run):
+    again = tmp_path / "again"
+    assert run_cli(capsys, "train", *TINY, "--run_dir", str(again))[0] == 0
+    first = [json.loads(x)["loss"] for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["loss"] for x in (again / "metrics.jsonl").read_text().splitlines()]
+    assert first == second
+
+
+def test_evaluate_run_folder_and_checkpoint(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "4", "--steps", "0,2")
+    assert code == 0
+    assert "mse after   0 steps" in out and "mse after   2 steps" in out and "(4 tasks)" in out
+    saved = json.loads((trained_run / "eval-k10-seed2017.json").read_text())
+    assert len(saved["scores"]["2"]) == 4
+    code, out2, _ = run_cli(capsys, "evaluate", str(trained_run / "checkpoint.pt"), "--tasks", "4",
+                            "--steps", "0,2")
+    assert code == 0 and out2 == out  # same tasks, same numbers
+
+
+def test_init_from_another_architecture_is_one_line(trained_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY[:-4], "--hidden", "16", "--progress", "False",
+                           "--init_from", str(trained_run), "--run_dir", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "another architecture", "model.0.weight")
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "train", *TINY, "--iterations", "1", "--meta_lr", "1e-12",
+                         "--init_from", str(trained_run), "--run_dir", str(tmp_path / "x"))
+    assert code == 0
+    old = torch.load(trained_run / "checkpoint.pt", weights_only=True)["algorithm"]
+    new = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=True)["algorithm"]
+    for key in old:
+        torch.testing.assert_close(new[key], old[key], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, reptile"]),
+    (["--dataset", "cifar"], ["unknown dataset 'cifar'", "sinusoid"]),
+    (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer", "adam, momentum, sgd"]),
+    (["--outer_optimizer", "lbfgs"], ["unknown outer optimizer", "adam, sgd"]),
+    (["--activation", "gelu"], ["unknown activation"]),
+    (["--shots", "0"], ["--shots must be a whole number >= 1; got 0"]),
+    (["--shots", "-3"], ["--shots must be a whole number >= 1"]),
+    (["--shots", "2.5"], ["--shots must be a whole number"]),
+    (["--shots", "five"], ["--shots must be a whole number", "'five'"]),
+    (["--ways", "1"], ["--ways must be a whole number >= 2"]),
+    (["--ways", "5"], ["--ways applies to classification datasets"]),
+    (["--iterations", "0"], ["--iterations must be a whole number >= 1"]),
+    (["--inner_lr", "-0.1"], ["--inner_lr must be a finite number > 0"]),
+    (["--meta_lr", "nan"], ["--meta_lr must be a finite number > 0"]),
+    (["--hidden", "0,4"], ["--hidden must be a whole number >= 1"]),
+    (["--num_workers", "2"], ["use --num_workers 0"]),
+])
+def test_bad_train_options_are_one_line_errors(argv, fragments, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *TINY, *argv, "--run_dir", str(run_dir))
+    assert_one_line_error(code, err, *fragments)
+    assert not run_dir.exists()
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "no checkpoint at", "diffopt train")
+
+
+def test_corrupt_and_truncated_checkpoints(trained_run, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    code, _, err = run_cli(capsys, "evaluate", str(garbage))
+    assert_one_line_error(code, err, "corrupt or truncated", str(garbage))
+    data = (trained_run / "checkpoint.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "evaluate", str(truncated))
+    assert_one_line_error(code, err, "corrupt or truncated", str(truncated))
+
+
+def test_foreign_and_future_checkpoints(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    assert_one_line_error(*run_cli(capsys, "evaluate", str(foreign))[::2], "not a diffopt checkpoint")
+    future = tmp_path / "future.pt"
+    torch.save({"format": "diffopt-checkpoint", "version": 99}, future)
+    assert_one_line_error(*run_cli(capsys, "evaluate", str(future))[::2], "format version 99")
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config(trained_run, tmp_path, capsys):
+    payload = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    payload["algorithm"]["model.0.weight"] = torch.zeros(3, 1)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    code, _, err = run_cli(capsys, "evaluate", str(bad))
+    assert_one_line_error(code, err, "another architecture", "(3, 1) there, (8, 1) here")
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    before = (trained_run / "checkpoint.pt").read_bytes()
+    code, _, err = run_cli(capsys, "train", *TINY, "--run_dir", str(trained_run))
+    assert_one_line_error(code, err, "already holds a run")
+    assert (trained_run / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["evaluate", "RUN", "--tasks", "1"], "--tasks must be a whole number >= 2"),
+    (["evaluate", "RUN", "--steps", "-1"], "--steps must be >= 0"),
+    (["compare", "--algorithms", "maml,nope", "--iterations", "1"], "unknown algorithm 'nope'"),
+    (["compare", "--shots", "0"], "--shots must be a whole number >= 1"),
+    (["gradcheck", "--algorithm", "reptile"], "finite differences cannot check it"),
+    (["gradcheck", "--eps", "0"], "--eps must be a finite number > 0"),
+])
+def test_bad_options_of_other_commands(argv, fragment, trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(trained_run) if a == "RUN" else a for a in argv]
+    assert_one_line_error(*run_cli(capsys, *argv)[::2], fragment)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gradcheck_command_passes_and_reports(capsys):
+    code, out, _ = run_cli(capsys, "gradcheck", "--inner_optimizer", "momentum", "--inner_steps", "3")
+    assert code == 0
+    worst = out.strip().splitlines()[-1]
+    assert worst.startswith("worst: abs") and worst.endswith("PASS (rtol 1e-05)")
+    assert float(worst.split()[4]) < 1e-5
+
+
+def test_gradcheck_of_a_trained_run(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "gradcheck", "--run", str(trained_run), "--tasks", "1")
+    assert code == 0 and "maml: inner sgd lr=0.01 steps=1, hidden=(8,) relu" in out
+
+
+def help_text(command: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "diffopt", command, "--help"], capture_output=True,
+                            text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr  # fire prints help to stderr when stdout is not a tty
+
+
+def test_train_help_lists_every_option():
+    text = help_text("train")
+    for f in fields(TrainConfig):
+        assert f"--{f.name}" in text and f.metadata["help"] in text
+
+
+@pytest.mark.parametrize("command, options", [
+    ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device"]),
+    ("compare", ["dataset", "algorithms", "shots", "iterations", "eval_tasks", "eval_steps",
+                 "eval_test_shots", "seed", "eval_seed", "out", "progress"]),
+    ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",
+                   "shots", "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
+])
+def test_other_commands_help_lists_every_option(command, options):
+    import inspect
+
+    from diffopt import cli
+
+    assert list(inspect.signature(getattr(cli, command)).parameters) == options
+    text = help_text(command)
+    for option in options:
+        assert f"--{option}" in text or option.upper() in text
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    script = __import__("pathlib").Path(sys.executable).parent / "diffopt"
+    result = subprocess.run([str(script), "train", "--algorithm", "nope"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("diffopt: error: unknown algorithm 'nope'")
