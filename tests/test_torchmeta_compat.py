@@ -123,14 +123,11 @@ def test_c_fails_without_fix(tmp_path):
 def test_import_diffopt_without_torchmeta_names_the_install_step():
     result = run_python("""
         import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
+        class NotInstalled(importlib.abc.MetaPathFinder):  # as if torchmeta were not installed
             def find_spec(self, name, path, target=None):
-                if name == "torchmeta" or name.startswith("torchmeta."):
-                    raise ModuleNotFoundError(name)
-                return None
-        sys.meta_path.insert(0, Block())
-        import importlib.util
-        importlib.util.find_spec = (lambda f: lambda name, *a: None if name == "torchmeta" else f(name, *a))(importlib.util.find_spec)
+                if name.split(".")[0] == "torchmeta":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NotInstalled())
         import diffopt
     """)
     assert result.returncode != 0

@@ -18,7 +18,6 @@ torchmeta unfixed. Nothing else in diffopt patches third-party code.
 
 from __future__ import annotations
 
-import importlib.util
 from types import ModuleType
 
 INSTALL_HINT = "install it with: pip install --no-deps torchmeta==1.8.0 (see README, 'Installing by hand')"
@@ -85,13 +84,16 @@ def _fix_check_integrity_import() -> bool:
 
 def load() -> ModuleType:
     """Import torchmeta with the fixes applied; raise ImportError naming the install step."""
-    if importlib.util.find_spec("torchmeta") is None:
-        raise ImportError(f"diffopt needs torchmeta 1.8.0, which is not installed: {INSTALL_HINT}")
     global _FIXES_DONE
     if not _FIXES_DONE:
         if _fix_torchvision_download_helpers():
             APPLIED.append("torchvision_download_helpers")
-        import torchmeta  # noqa: F401  (needs fix (a) in place first)
+        try:
+            import torchmeta  # noqa: F401  (needs fix (a) in place first)
+        except ModuleNotFoundError as error:
+            if error.name != "torchmeta":
+                raise
+            raise ImportError(f"diffopt needs torchmeta 1.8.0, not installed: {INSTALL_HINT}") from None
 
         if _fix_subset_task_getitems():
             APPLIED.append("subset_task_getitems")

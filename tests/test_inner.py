@@ -1,0 +1,112 @@
+"""The higher-unrolled inner loop: update formulas, first vs second order, the cached functional model."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import higher
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_episode, small_algorithm
+
+from diffopt.errors import DiffoptError
+from diffopt.inner import InnerLoop
+
+
+def first_task(seed=0):
+    return next(iter(random_episode(seed, tasks=1)))
+
+
+def trajectory(optimizer: str, lr: float, steps: int):
+    """Parameters after each step of our inner loop, and the inner gradients seen at each step."""
+    algorithm = small_algorithm("maml", optimizer, lr, steps)
+    task = first_task()
+    weights, grads = [], []
+    for fmodel in algorithm.unroll(task.support_x, task.support_y, steps):
+        params = [p.detach().clone() for p in fmodel.parameters()]
+        weights.append(params)
+        loss = F.mse_loss(fmodel(task.support_x), task.support_y)
+        grads.append([g.detach() for g in torch.autograd.grad(loss, list(fmodel.parameters()))])
+    return weights, grads
+
+
+def test_sgd_step_formula():
+    weights, grads = trajectory("sgd", 0.3, 2)
+    for t in range(2):
+        for w_next, w, g in zip(weights[t + 1], weights[t], grads[t], strict=True):
+            torch.testing.assert_close(w_next, w - 0.3 * g, rtol=1e-12, atol=1e-14)
+
+
+def test_momentum_step_formula():
+    weights, grads = trajectory("momentum", 0.1, 3)
+    buffers = [torch.zeros_like(g) for g in grads[0]]
+    for t in range(3):
+        for i, (w, g) in enumerate(zip(weights[t], grads[t], strict=True)):
+            buffers[i] = g if t == 0 else 0.9 * buffers[i] + g
+            torch.testing.assert_close(weights[t + 1][i], w - 0.1 * buffers[i], rtol=1e-12, atol=1e-14)
+
+
+def test_adam_step_follows_highers_formula():
+    # higher's differentiable Adam adds eps before the bias correction (pre-1.5 torch formula).
+    lr, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
+    weights, grads = trajectory("adam", lr, 2)
+    m = [torch.zeros_like(g) for g in grads[0]]
+    v = [torch.zeros_like(g) for g in grads[0]]
+    for t in range(2):
+        step = t + 1
+        for i, (w, g) in enumerate(zip(weights[t], grads[t], strict=True)):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            denom = v[i].sqrt() + eps
+            step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+            torch.testing.assert_close(weights[t + 1][i], w - step_size * m[i] / denom,
+                                       rtol=1e-10, atol=1e-13)
+
+
+def test_second_order_keeps_graph_first_order_does_not():
+    algorithm = small_algorithm("maml", "sgd", 0.1, 2)
+    task = first_task()
+    tracked = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=True)
+    assert all(p.grad_fn is not None for p in tracked.parameters())
+    untracked = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=False)
+    assert all(p.grad_fn is None and p.requires_grad for p in untracked.parameters())
+
+
+def test_cached_functional_model_matches_a_fresh_monkeypatch():
+    """Reusing one patched model must behave exactly like a new ``innerloop_ctx`` every time,
+    across tracking modes and after the model's weights change in place (higher keeps a
+    fast-weight history that a naive reuse reads stale)."""
+    algorithm = small_algorithm("maml", "sgd", 0.2, 2)
+    model = algorithm.model
+    for round_, track in enumerate([True, False, True, False, False, True]):
+        task = first_task(round_)
+        with torch.no_grad():
+            next(model.parameters()).add_(0.01 * (round_ + 1))  # outer step in place
+        ours = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=track)
+        with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.2),
+                                  copy_initial_weights=False, track_higher_grads=track) as (fm, opt):
+            for _ in range(2):
+                opt.step(F.mse_loss(fm(task.support_x), task.support_y))
+        for a, b in zip(ours.parameters(), fm.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert len(ours._fast_params) == (3 if track else 1)  # history of this unroll only
+
+
+def test_cache_is_not_state_and_survives_copy_and_pickle():
+    algorithm = small_algorithm()
+    task = first_task()
+    before = algorithm.adapt(task.support_x, task.support_y)
+    assert "_functional_cache" in algorithm.inner.__dict__
+    assert set(algorithm.state_dict()) == {f"model.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
+    for clone in (copy.deepcopy(algorithm), pickle.loads(pickle.dumps(algorithm))):
+        assert "_functional_cache" not in clone.inner.__dict__
+        after = clone.adapt(task.support_x, task.support_y)
+        for a, b in zip(before.parameters(), after.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unknown_inner_optimizer():
+    with pytest.raises(DiffoptError, match="unknown inner optimizer 'rprop'; choose one of: adam"):
+        InnerLoop("rprop")

@@ -1,0 +1,110 @@
+"""The pipeline: task streams, evaluation statistics, training that learns, and the comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffopt.compare import compare, format_table
+from diffopt.config import resolve_config
+from diffopt.data import Episode, get_dataset, split_seed
+from diffopt.evaluate import evaluate, mean_ci95
+from diffopt.train import build, train
+
+SINUSOID = get_dataset("sinusoid")
+
+
+def first_batch(split: str, seed: int, shots: int = 5):
+    loader = SINUSOID.loader(split, seed=seed, shots=shots, test_shots=5, batch_size=4, num_tasks=8)
+    return Episode.from_torchmeta(next(iter(loader)))
+
+
+def test_task_stream_depends_on_seed_and_split_only():
+    a, b = first_batch("test", 3), first_batch("test", 3)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_y, b.query_y)
+    assert not torch.equal(a.support_x, first_batch("test", 4).support_x)
+    assert not torch.equal(a.support_x, first_batch("train", 3).support_x)
+    assert len({split_seed(0, s) for s in ("train", "val", "test")}) == 3
+
+
+def test_sinusoid_tasks_have_the_published_ranges():
+    loader = SINUSOID.loader("train", seed=0, shots=50, test_shots=50, batch_size=100, num_tasks=100)
+    dataset = loader.dataset  # ClassSplitter sets itself as the Sinusoid's dataset_transform
+    episode = Episode.from_torchmeta(next(iter(loader)), dtype=torch.float64)
+    x = torch.cat([episode.support_x, episode.query_x], 1)
+    y = torch.cat([episode.support_y, episode.query_y], 1)
+    assert x.min() >= -5 and x.max() <= 5
+    amplitudes, phases = dataset.amplitudes[:100], dataset.phases[:100]
+    assert amplitudes.min() >= 0.1 and amplitudes.max() <= 5 and phases.min() >= 0 and phases.max() <= np.pi
+    amplitudes, phases = (torch.as_tensor(a)[:, None, None] for a in (amplitudes, phases))
+    expected = amplitudes * torch.sin(x - phases)
+    torch.testing.assert_close(y, expected)
+
+
+def test_mean_ci95():
+    rng = np.random.default_rng(0)
+    values = rng.normal(2.0, 3.0, size=400)
+    mean, ci = mean_ci95(values)
+    assert mean == pytest.approx(values.mean())
+    assert ci == pytest.approx(1.96 * values.std(ddof=1) / math.sqrt(400))
+    assert math.isnan(mean_ci95([1.0])[1])
+
+
+def test_evaluation_scores_the_query_set_after_each_step():
+    config = resolve_config(hidden=(8,), shots=5)
+    algorithm = build(config)
+    evaluation = evaluate(algorithm, SINUSOID, shots=5, test_shots=20, tasks=6, steps=(0, 3), seed=1)
+    loader = SINUSOID.loader("test", seed=1, shots=5, test_shots=20, batch_size=25, num_tasks=6)
+    episode = Episode.from_torchmeta(next(iter(loader)))
+    with torch.no_grad():
+        before = ((algorithm.model(episode.query_x) - episode.query_y) ** 2).mean((1, 2))
+    np.testing.assert_allclose(evaluation.scores[0], before.numpy(), rtol=1e-6)
+    assert evaluation.scores[3].shape == (6,)
+    assert not np.allclose(evaluation.scores[3], evaluation.scores[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile"])
+def test_meta_training_improves_post_adaptation_mse(algorithm, tmp_path):
+    config = resolve_config(algorithm=algorithm, shots=10, iterations=150, seed=0,
+                            run_dir=str(tmp_path / algorithm), progress=False)
+    untrained = build(config)
+    trained = train(config).algorithm
+    kwargs = dict(shots=10, test_shots=50, tasks=50, steps=(1,), seed=5)
+    before = evaluate(untrained, SINUSOID, **kwargs).summary(1)[0]
+    after = evaluate(trained, SINUSOID, **kwargs).summary(1)[0]
+    assert after < 0.9 * before, (before, after)
+
+
+def test_reptile_outer_step_is_annealed_linearly(tmp_path):
+    config = resolve_config(algorithm="reptile", iterations=4, meta_batch_size=2, hidden=(4,),
+                            run_dir=str(tmp_path / "r"), progress=False)
+    assert (config.outer_optimizer, config.meta_lr, config.meta_lr_final) == ("sgd", 1.0, 0.0)
+    train(config)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    # lr logged after each step's scheduler update: eps_t = 1 - t / 4
+    np.testing.assert_allclose(lrs, [1 - t / 4 for t in range(1, 5)])
+
+
+def test_compare_scores_every_run_on_the_same_tasks_and_reports_them(tmp_path):
+    rows = compare(dataset="sinusoid", algorithms=("maml", "reptile"), shots=(3,), iterations=2,
+                   eval_tasks=5, eval_steps=(0, 1), eval_test_shots=10, seed=0, out=tmp_path,
+                   progress=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["algorithm"] for r in results["rows"]] == ["maml", "reptile"]
+    # The report's table is exactly the one recomputed from results.json.
+    report = (tmp_path / "report.md").read_text()
+    assert format_table(rows, "mse", (0, 1)) in report
+    for row in results["rows"]:
+        for scores in row["scores"].values():
+            mean, ci = mean_ci95(scores)
+            assert f"{mean:.3f} +- {ci:.3f}" in report
+            assert len(scores) == 5
+    # Same evaluation tasks: with 0 inner steps, each score is the initial model's error on the
+    # same task; both runs start from the same seed, so their errors rise and fall together.
+    maml0, reptile0 = (np.asarray(r["scores"]["0"]) for r in results["rows"])
+    assert np.corrcoef(maml0, reptile0)[0, 1] > 0.9
