@@ -220,3 +220,15 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("diffopt: error: unknown algorithm 'nope'")
+
+
+def test_example_script_runs():
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "sinusoid_maml.py"), "--iterations", "3",
+         "--meta_batch_size", "2", "--eval_tasks", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("MSE after")]
+    assert len(lines) == 3 and lines[-1].startswith("MSE after 10 inner steps")
