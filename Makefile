@@ -14,9 +14,10 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# the matched pair: torchvision from the registry does not import beside other torch builds
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	# torchmeta's metadata pins torch<1.10: install it without resolving its dependencies
-	$(PY) -m pip install --quiet --no-deps torchmeta==1.8.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# torchmeta's metadata pins torch<1.10: install it last, without resolving its dependencies
+	# (diffopt's own requirements above bring its runtime ones)
+	$(PY) -m pip install --quiet --no-deps torchmeta==1.8.0
 	touch $(STAMP)
 
 demo: setup

@@ -1,7 +1,7 @@
 """MAML on sinusoid regression, written out with diffopt's pieces: copy this to start a new method.
 
     python examples/sinusoid_maml.py --iterations 500 --shots 10 --inner_steps 1
-    python examples/sinusoid_maml.py --algorithm reptile --inner_steps 5 --inner_lr 0.02 \
+    python examples/sinusoid_maml.py --algorithm reptile --inner_steps 5 \
         --outer sgd --meta_lr 1
 
 The flow is the library's: a torchmeta loader yields batches -> ``Episode`` -> the algorithm
