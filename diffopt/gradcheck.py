@@ -13,7 +13,7 @@ from diffopt.errors import DiffoptError
 
 
 @dataclass(frozen=True)
-class ParameterError:
+class ParameterCheck:
     """Errors for one meta-parameter tensor.
 
     ``abs_error`` = max_i |g_i - fd_i|; ``rel_error`` = abs_error / max(max_i |g_i|, max_i |fd_i|),
@@ -31,7 +31,7 @@ class GradcheckResult:
 
     max_abs_error: float
     max_rel_error: float
-    per_parameter: dict[str, ParameterError]
+    per_parameter: dict[str, ParameterCheck]
 
     def passed(self, rtol: float = 1e-5) -> bool:
         return self.max_rel_error < rtol
@@ -87,7 +87,7 @@ def check_meta_gradient(
     for name, grad in analytic.items():
         abs_error = (grad - numeric[name]).abs().max().item()
         scale = max(grad.abs().max().item(), numeric[name].abs().max().item())
-        per_parameter[name] = ParameterError(
+        per_parameter[name] = ParameterCheck(
             abs_error=abs_error, rel_error=abs_error / scale if scale > 0 else 0.0,
             grad_scale=scale,
         )
