@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -41,8 +42,10 @@ def train(**options: Any) -> None:
 
 def _train_help() -> tuple[inspect.Signature, str]:
     params, lines = [], []
+    types = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=types[f.name]))
         lines.append(f"    {f.name}: {f.metadata['help']}")
     doc = (f"{train.__doc__}\n\nOptions left unset take the dataset's literature defaults "
            "(and the algorithm's, e.g. Reptile's).\n\nArgs:\n" + "\n".join(lines))
