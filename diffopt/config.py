@@ -15,7 +15,7 @@ from diffopt.algorithms import ALGORITHMS
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models import ACTIVATIONS, MODELS
-from diffopt.optim import INNER_OPTIMIZERS
+from diffopt.optim import inner_rule_names
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
 
@@ -38,7 +38,8 @@ class TrainConfig:
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
-    inner_optimizer: str | None = option(None, f"inner-loop optimizer: {', '.join(INNER_OPTIMIZERS)}")
+    inner_optimizer: str | None = option(
+        None, f"inner-loop update rule: {', '.join(inner_rule_names())}")
     inner_lr: float | None = option(None, "inner-loop step size")
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
@@ -115,7 +116,7 @@ def validate(config: TrainConfig) -> None:
     _check_name("algorithm", "algorithm", config.algorithm, ALGORITHMS)
     _check_name("model", "model", config.model, MODELS)
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
-    _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, INNER_OPTIMIZERS)
+    _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),

@@ -9,22 +9,39 @@ import higher
 import torch
 from torch import nn
 
-from diffopt.optim import make_inner_optimizer
+from diffopt.errors import DiffoptError
+from diffopt.optim import LEARNED_RULES, RuleOptimizer, UpdateRule, build_rule, make_inner_optimizer
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class InnerLoop(nn.Module):
-    """``steps`` full-batch steps of the inner optimizer ``optimizer`` with step size ``lr``.
+    """``steps`` full-batch steps of an inner update rule with (initial) step size ``lr``.
 
-    An ``nn.Module`` so that update rules with learned state can keep it here, where the
-    outer optimizer and the checkpoint find it.
+    ``optimizer``: a torch optimizer name (sgd, momentum, adam), a learned rule's name
+    (``diffopt.optim.LEARNED_RULES``; ``model`` is then needed to size it), or an
+    ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
+    are meta-parameters: the outer optimizer updates them and the checkpoint saves them.
     """
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.01, steps: int = 1) -> None:
+    def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
+                 model: nn.Module | None = None) -> None:
         super().__init__()
-        make_inner_optimizer(optimizer, [torch.zeros(1)], lr)  # fail early on a bad name
-        self.optimizer, self.lr, self.steps = optimizer, lr, steps
+        self.lr, self.steps = lr, steps
+        if isinstance(optimizer, UpdateRule):
+            self.optimizer, self.rule = type(optimizer).__name__, optimizer
+            return
+        self.optimizer = optimizer
+        shapes = None if model is None else [p.shape for p in model.parameters()]
+        if shapes is None and optimizer in LEARNED_RULES:
+            raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
+                               f"InnerLoop({optimizer!r}, lr, steps, model=model)")
+        self.rule = build_rule(optimizer, shapes or [], lr, steps)
+
+    @property
+    def learned(self) -> bool:
+        """Whether the rule has meta-learned parameters."""
+        return any(True for _ in self.parameters())
 
     def unroll(
         self,
@@ -45,7 +62,10 @@ class InnerLoop(nn.Module):
         The same functional model object is yielded each time, its weights updated in place.
         """
         steps = self.steps if steps is None else steps
-        template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
+        if self.rule is not None:
+            template = RuleOptimizer(model.parameters(), self.rule)
+        else:
+            template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
         fmodel = self._functional(model, track_higher_grads)
         diffopt = higher.optim.get_diff_optim(
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads

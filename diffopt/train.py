@@ -37,7 +37,7 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     model = build_model(
         config.model, hidden=config.hidden, activation=config.activation, **spec.model_io
     )
-    inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps)
+    inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss)
     try:
         return algorithm.to(config.device)

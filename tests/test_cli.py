@@ -90,7 +90,8 @@ def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, reptile"]),
     (["--dataset", "cifar"], ["unknown dataset 'cifar'", "sinusoid"]),
-    (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer", "adam, momentum, sgd"]),
+    (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer", "adam, lslr, meta_curvature,",
+                                        "meta_sgd_per_step, momentum, sgd"]),
     (["--outer_optimizer", "lbfgs"], ["unknown outer optimizer", "adam, sgd"]),
     (["--activation", "gelu"], ["unknown activation"]),
     (["--shots", "0"], ["--shots must be a whole number >= 1; got 0"]),

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from diffopt.data.episode import Episode
+from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop, LossFn
 
 
@@ -24,9 +25,16 @@ class MetaAlgorithm(nn.Module):
 
     name: ClassVar[str]
     exact_meta_gradient: ClassVar[bool] = False
+    learns_update_rule: ClassVar[bool] = False
+    """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn) -> None:
         super().__init__()
+        if inner.learned and not self.learns_update_rule:
+            raise DiffoptError(
+                f"{self.name} does not meta-learn the parameters of the inner rule "
+                f"{inner.optimizer!r}; use maml, or a fixed rule (sgd, momentum, adam)"
+            )
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
 
     def unroll(

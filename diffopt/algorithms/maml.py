@@ -18,6 +18,7 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
     exact_meta_gradient = True
+    learns_update_rule = True
 
     def query_loss(self, task: Task, *, track_higher_grads: bool = True) -> torch.Tensor:
         """Query loss after adapting on the support set; a scalar."""

@@ -1,17 +1,29 @@
 """Inner-loop update rules that higher can differentiate through.
 
-A rule is a torch optimizer class; ``higher.optim.get_diff_optim`` turns an instance of it into
-a differentiable optimizer whose steps stay on the autograd graph. ``make_inner_optimizer``
-builds the (never stepped) torch optimizer that carries the rule's hyper-parameters.
+Two kinds share one registry of names, and one path into higher (``get_diff_optim``):
+
+- torch optimizers that higher differentiates itself: ``sgd``, ``momentum``, ``adam``;
+- learned rules (``UpdateRule`` modules whose parameters are meta-learned), carried to higher
+  by ``RuleOptimizer``: ``lslr``, ``meta_sgd``, ``meta_sgd_per_step``, ``meta_curvature``
+  (with a fixed step size) and ``meta_curvature+lslr`` / ``meta_curvature+meta_sgd``.
+
+A new rule is one short module: subclass ``UpdateRule`` (see examples/custom_rule.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from diffopt.errors import unknown_name
+from diffopt.optim.lslr import LSLR
+from diffopt.optim.meta_curvature import MetaCurvature
+from diffopt.optim.meta_sgd import MetaSGD
+from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
+
+__all__ = ["INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Chain", "MetaCurvature", "MetaSGD",
+           "RuleOptimizer", "UpdateRule", "build_rule", "inner_rule_names", "make_inner_optimizer"]
 
 OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
 
@@ -22,9 +34,40 @@ INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }
 
+RuleFactory = Callable[[Sequence[torch.Size], float, int], UpdateRule]
+"""(parameter shapes, initial step size, inner steps) -> rule."""
+
+_STEP_SIZES: dict[str, RuleFactory] = {
+    "lslr": lambda shapes, lr, steps: LSLR(shapes, steps, lr),
+    "meta_sgd": lambda shapes, lr, steps: MetaSGD(shapes, lr),
+    "meta_sgd_per_step": lambda shapes, lr, steps: MetaSGD(shapes, lr, steps, per_step=True),
+}
+
+LEARNED_RULES: dict[str, RuleFactory] = {
+    **_STEP_SIZES,
+    "meta_curvature": lambda shapes, lr, steps: Chain(MetaCurvature(shapes), SGD(lr)),
+    **{f"meta_curvature+{name}": (lambda f: lambda shapes, lr, steps: Chain(
+        MetaCurvature(shapes), f(shapes, lr, steps)))(factory)
+       for name, factory in _STEP_SIZES.items()},
+}
+
+
+def inner_rule_names() -> list[str]:
+    """Every name ``--inner_optimizer`` accepts."""
+    return [*INNER_OPTIMIZERS, *LEARNED_RULES]
+
+
+def build_rule(name: str, shapes: Sequence[torch.Size], lr: float, steps: int) -> UpdateRule | None:
+    """The learned rule ``name`` sized for parameters of ``shapes``; None for a torch optimizer."""
+    if name in INNER_OPTIMIZERS:
+        return None
+    if name not in LEARNED_RULES:
+        raise unknown_name("inner optimizer", name, inner_rule_names())
+    return LEARNED_RULES[name](shapes, lr, steps)
+
 
 def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """The torch optimizer ``name`` over ``params`` with step size ``lr``."""
     if name not in INNER_OPTIMIZERS:
-        raise unknown_name("inner optimizer", name, INNER_OPTIMIZERS)
+        raise unknown_name("inner optimizer", name, inner_rule_names())
     return INNER_OPTIMIZERS[name](params, lr)
