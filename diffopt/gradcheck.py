@@ -16,8 +16,10 @@ from diffopt.errors import DiffoptError
 class ParameterCheck:
     """Errors for one meta-parameter tensor.
 
-    ``abs_error`` = max_i |g_i - fd_i|; ``rel_error`` = abs_error / max(max_i |g_i|, max_i |fd_i|),
-    i.e. the worst element error relative to the tensor's gradient scale (0 where both are 0).
+    ``abs_error`` = max_i |g_i - fd_i|. ``rel_error`` = abs_error / max(grad_scale, floor): the
+    worst element error relative to the tensor's gradient scale ``grad_scale`` = max_i
+    max(|g_i|, |fd_i|), where ``floor`` = ``scale_floor`` x the largest gradient scale over all
+    meta-parameters (see ``check_meta_gradient``).
     """
 
     abs_error: float
@@ -62,12 +64,18 @@ def finite_difference_gradient(
 
 
 def check_meta_gradient(
-    algorithm: MetaAlgorithm, episode: Episode, eps: float = 1e-6
+    algorithm: MetaAlgorithm, episode: Episode, eps: float = 1e-6, scale_floor: float = 1e-3
 ) -> GradcheckResult:
     """Compare ``algorithm.meta_gradient(episode)`` with finite differences, in float64.
 
     Works on a float64 copy of ``algorithm`` and ``episode``; the originals are untouched.
     The algorithm must compute the exact gradient of its meta-loss (``exact_meta_gradient``).
+
+    Each tensor's error is taken relative to its own gradient scale, but never to less than
+    ``scale_floor`` times the largest gradient scale: finite differences carry an absolute
+    round-off error (about 1e-16 |meta-loss| / eps), which is no measure of a tensor whose whole
+    gradient is near zero (a learned step size early in training, say). A tensor whose gradient
+    is wrong still shows an error of about its own scale / floor.
     """
     if not algorithm.exact_meta_gradient:
         raise DiffoptError(
@@ -83,13 +91,16 @@ def check_meta_gradient(
         for name, p in algorithm.named_parameters()
     }
     numeric = finite_difference_gradient(algorithm, episode, eps)
+    scales = {name: max(grad.abs().max().item(), numeric[name].abs().max().item())
+              for name, grad in analytic.items()}
+    floor = scale_floor * max(scales.values())
     per_parameter = {}
     for name, grad in analytic.items():
         abs_error = (grad - numeric[name]).abs().max().item()
-        scale = max(grad.abs().max().item(), numeric[name].abs().max().item())
+        denominator = max(scales[name], floor)
         per_parameter[name] = ParameterCheck(
-            abs_error=abs_error, rel_error=abs_error / scale if scale > 0 else 0.0,
-            grad_scale=scale,
+            abs_error=abs_error, rel_error=abs_error / denominator if denominator > 0 else 0.0,
+            grad_scale=scales[name],
         )
     return GradcheckResult(
         max_abs_error=max(e.abs_error for e in per_parameter.values()),

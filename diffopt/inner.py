@@ -32,11 +32,11 @@ class InnerLoop(nn.Module):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
         self.optimizer = optimizer
-        shapes = None if model is None else [p.shape for p in model.parameters()]
-        if shapes is None and optimizer in LEARNED_RULES:
+        if model is None and optimizer in LEARNED_RULES:
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
-        self.rule = build_rule(optimizer, shapes or [], lr, steps)
+        params = [] if model is None else [p.detach() for p in model.parameters()]
+        self.rule = build_rule(optimizer, params, lr, steps)
 
     @property
     def learned(self) -> bool:

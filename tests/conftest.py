@@ -1,14 +1,23 @@
-"""Shared helpers: small random episodes and algorithms, and the shared Omniglot location."""
+"""Shared helpers: Hypothesis profiles, small random episodes and algorithms."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 
 from diffopt.algorithms import build_algorithm
 from diffopt.data import Episode
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP
+
+# CI checks the same examples every run (no flaky reds); `pytest --hypothesis-profile explore`
+# searches new random ones, ten times as many.
+settings.register_profile("ci", derandomize=True, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=1000,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
 def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,

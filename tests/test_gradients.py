@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_episode, small_algorithm
-from hypothesis import HealthCheck, assume, given, settings, target
+from hypothesis import assume, given, settings, target
 from hypothesis import strategies as st
 from torch.func import functional_call
 
@@ -25,7 +25,7 @@ def inner_gradient_floor(algorithm, episode) -> float:
     return floor
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=settings.default.max_examples * 6 // 10)  # profile's, conftest.py
 @given(
     hidden=st.lists(st.integers(2, 8), min_size=1, max_size=3),
     activation=st.sampled_from(["tanh", "softplus"]),

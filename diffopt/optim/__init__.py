@@ -34,20 +34,20 @@ INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
 }
 
-RuleFactory = Callable[[Sequence[torch.Size], float, int], UpdateRule]
-"""(parameter shapes, initial step size, inner steps) -> rule."""
+RuleFactory = Callable[[Sequence[torch.Tensor], float, int], UpdateRule]
+"""(parameters to update, initial step size, inner steps) -> rule."""
 
 _STEP_SIZES: dict[str, RuleFactory] = {
-    "lslr": lambda shapes, lr, steps: LSLR(shapes, steps, lr),
-    "meta_sgd": lambda shapes, lr, steps: MetaSGD(shapes, lr),
-    "meta_sgd_per_step": lambda shapes, lr, steps: MetaSGD(shapes, lr, steps, per_step=True),
+    "lslr": lambda params, lr, steps: LSLR(params, steps, lr),
+    "meta_sgd": lambda params, lr, steps: MetaSGD(params, lr),
+    "meta_sgd_per_step": lambda params, lr, steps: MetaSGD(params, lr, steps, per_step=True),
 }
 
 LEARNED_RULES: dict[str, RuleFactory] = {
     **_STEP_SIZES,
-    "meta_curvature": lambda shapes, lr, steps: Chain(MetaCurvature(shapes), SGD(lr)),
-    **{f"meta_curvature+{name}": (lambda f: lambda shapes, lr, steps: Chain(
-        MetaCurvature(shapes), f(shapes, lr, steps)))(factory)
+    "meta_curvature": lambda params, lr, steps: Chain(MetaCurvature(params), SGD(lr)),
+    **{f"meta_curvature+{name}": (lambda f: lambda params, lr, steps: Chain(
+        MetaCurvature(params), f(params, lr, steps)))(factory)
        for name, factory in _STEP_SIZES.items()},
 }
 
@@ -57,13 +57,13 @@ def inner_rule_names() -> list[str]:
     return [*INNER_OPTIMIZERS, *LEARNED_RULES]
 
 
-def build_rule(name: str, shapes: Sequence[torch.Size], lr: float, steps: int) -> UpdateRule | None:
-    """The learned rule ``name`` sized for parameters of ``shapes``; None for a torch optimizer."""
+def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int) -> UpdateRule | None:
+    """The learned rule ``name`` for ``params`` (their shapes, dtype, device); None for a torch optimizer."""
     if name in INNER_OPTIMIZERS:
         return None
     if name not in LEARNED_RULES:
         raise unknown_name("inner optimizer", name, inner_rule_names())
-    return LEARNED_RULES[name](shapes, lr, steps)
+    return LEARNED_RULES[name](params, lr, steps)
 
 
 def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:

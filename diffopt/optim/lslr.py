@@ -13,13 +13,14 @@ from diffopt.optim.rule import UpdateRule, tensor_map
 class LSLR(UpdateRule):
     """update_i = -alpha[i, step] * g_i: one learned step size per parameter tensor and step.
 
-    ``alpha``: [tensors, steps], initialised to ``lr``. Steps beyond the learned ones (e.g. more
-    steps at evaluation than in training) use the last learned step size.
+    ``alpha``: [tensors, steps], initialised to ``lr``, with the dtype and device of ``params``
+    (the tensors it will update). Steps beyond the learned ones (e.g. more steps at evaluation
+    than in training) use the last learned step size.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], steps: int, lr: float) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], steps: int, lr: float) -> None:
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((len(shapes), max(steps, 1)), float(lr)))
+        self.alpha = nn.Parameter(params[0].new_full((len(params), max(steps, 1)), float(lr)))
 
     def update(self, grads, state, params, step):
         column = min(step, self.alpha.shape[1] - 1)

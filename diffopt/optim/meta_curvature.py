@@ -18,21 +18,23 @@ class MetaCurvature(UpdateRule):
       [out, in, k1*k2] and x_n the mode-n product (G x1 M)[a, i, f] = sum_o M[a, o] G[o, i, f]
     - anything else (biases, norms):        G' = m * G, element-wise, m of G's shape
 
-    All factors start at the identity (m at ones), so the initial rule is plain SGD. Shared across
-    inner steps.
+    All factors start at the identity (m at ones), so the initial rule is plain SGD; they take the
+    dtype and device of ``params`` (the tensors the rule will update). Shared across inner steps.
     """
 
-    def __init__(self, shapes: Sequence[torch.Size]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
         super().__init__()
         self.factors = nn.ModuleList()
-        for shape in shapes:
+        for param in params:
+            shape, like = param.shape, dict(dtype=param.dtype, device=param.device)
             if len(shape) == 2:
                 dims = (shape[0], shape[1])
             elif len(shape) == 4:
                 dims = (shape[0], shape[1], shape[2] * shape[3])
             else:
                 dims = ()
-            matrices = [nn.Parameter(torch.eye(d)) for d in dims] or [nn.Parameter(torch.ones(shape))]
+            matrices = [nn.Parameter(torch.eye(d, **like)) for d in dims] or [
+                nn.Parameter(torch.ones(shape, **like))]
             self.factors.append(nn.ParameterList(matrices))
 
     def update(self, grads, state, params, step):
