@@ -233,3 +233,17 @@ def test_example_script_runs():
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("MSE after")]
     assert len(lines) == 3 and lines[-1].startswith("MSE after 10 inner steps")
+
+
+def test_custom_rule_example_checks_and_trains_its_rule():
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "custom_rule.py"), "--iterations", "3",
+         "--meta_batch_size", "2", "--eval_tasks", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    check = next(line for line in result.stdout.splitlines() if line.startswith("gradcheck:"))
+    assert float(check.split()[4]) < 1e-5
+    alphas = next(line for line in result.stdout.splitlines() if line.startswith("learned alpha"))
+    assert len(alphas.split(",")) == 6 and "0.01," not in alphas  # meta-learned away from 0.01
