@@ -18,6 +18,7 @@ from diffopt.models import ACTIVATIONS, MODELS
 from diffopt.optim import inner_rule_names
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def option(default: Any, help: str) -> Any:
@@ -45,7 +46,17 @@ class TrainConfig:
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
-        None, "if set, the outer learning rate is annealed linearly to this value")
+        None, "final outer learning rate of a linear or cosine schedule")
+    meta_lr_schedule: str | None = option(
+        None, f"outer learning-rate schedule: {', '.join(SCHEDULES)} (default: linear if "
+        "--meta_lr_final is set, else constant)")
+    iterations_per_epoch: int = option(500, "meta-iterations per epoch (the MAML++ schedules count epochs)")
+    multi_step_loss_epochs: int = option(
+        0, "MAML++ multi-step loss: weight the query loss after every inner step, annealed to the "
+        "last step over this many epochs (0: off; maml only)")
+    first_order_epochs: int = option(
+        0, "MAML++ derivative-order annealing: first order for this many epochs, then second order "
+        "(0: off; maml only)")
     seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     num_workers: int = option(0, "data-loader worker processes")
@@ -105,6 +116,8 @@ def resolve_config(**flags: Any) -> TrainConfig:
         values["hidden"] = tuple(values["hidden"])
     if values["test_shots"] is None:
         values["test_shots"] = values["shots"]
+    if values["meta_lr_schedule"] is None:
+        values["meta_lr_schedule"] = "constant" if values["meta_lr_final"] is None else "linear"
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -118,9 +131,11 @@ def validate(config: TrainConfig) -> None:
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
     _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
+    _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
-                          ("num_workers", 0), ("checkpoint_every", 0)]:
+                          ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
+                          ("multi_step_loss_epochs", 0), ("first_order_epochs", 0)]:
         check_int(name, getattr(config, name), minimum)
     if spec.classification:
         check_int("ways", config.ways, 2)
@@ -135,6 +150,11 @@ def validate(config: TrainConfig) -> None:
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
+    for name in ("multi_step_loss_epochs", "first_order_epochs"):
+        if getattr(config, name) and config.algorithm != "maml":
+            raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")
+    if config.meta_lr_schedule != "constant" and config.meta_lr_final is None:
+        raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
     if not isinstance(config.progress, bool):

@@ -15,6 +15,10 @@ from diffopt.optim import LEARNED_RULES, RuleOptimizer, UpdateRule, build_rule, 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _detach_all(grads):
+    return [None if g is None else g.detach() for g in grads]
+
+
 class InnerLoop(nn.Module):
     """``steps`` full-batch steps of an inner update rule with (initial) step size ``lr``.
 
@@ -52,6 +56,7 @@ class InnerLoop(nn.Module):
         steps: int | None = None,
         *,
         track_higher_grads: bool = True,
+        detach_inner_grads: bool = False,
     ) -> Iterator[higher.patch._MonkeyPatchBase]:
         """Yield the functional model before adaptation and after each of ``steps`` steps.
 
@@ -59,6 +64,8 @@ class InnerLoop(nn.Module):
         start as clones of ``model``'s parameters that stay on its graph, so with ``track_higher_grads`` the
         adapted weights stay differentiable with respect to ``model.parameters()``
         (second order); without it each step's result is detached (first order).
+        ``detach_inner_grads`` keeps the updates on the graph but treats the inner gradients as
+        constants (MAML++'s first-order mode: learned step sizes still receive gradients).
         The same functional model object is yielded each time, its weights updated in place.
         """
         steps = self.steps if steps is None else steps
@@ -68,7 +75,8 @@ class InnerLoop(nn.Module):
             template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
         fmodel = self._functional(model, track_higher_grads)
         diffopt = higher.optim.get_diff_optim(
-            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads
+            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
+            grad_callback=_detach_all if detach_inner_grads else None,
         )
         yield fmodel
         for _ in range(steps):

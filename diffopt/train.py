@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffopt.algorithms import MetaAlgorithm, build_algorithm
+from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
+from diffopt.algorithms.mamlpp import apply_recipe
 from diffopt.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -46,13 +47,17 @@ def build(config: TrainConfig) -> MetaAlgorithm:
 
 
 def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm):
-    """The outer optimizer and its per-iteration learning-rate schedule."""
+    """The outer optimizer and its per-iteration learning-rate schedule (stepped each iteration)."""
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.outer_optimizer]
     optimizer = cls(algorithm.parameters(), lr=config.meta_lr)
     final = config.meta_lr if config.meta_lr_final is None else config.meta_lr_final
+    if config.meta_lr_schedule == "cosine":  # MAML++: cosine annealing to the final rate
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.iterations, eta_min=final)
+        return optimizer, scheduler
 
-    def factor(iteration: int) -> float:  # linear from meta_lr to final over the run
-        done = min(iteration / config.iterations, 1.0)
+    def factor(iteration: int) -> float:  # linear from meta_lr to final over the run (or constant)
+        done = min(iteration / config.iterations, 1.0) if config.meta_lr_schedule == "linear" else 0.0
         return (1 - done) + done * final / config.meta_lr
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -104,6 +109,10 @@ def train(config: TrainConfig) -> TrainResult:
         start = time.perf_counter()
         for iteration, batch in enumerate(loader, start=1):
             episode = Episode.from_torchmeta(batch, device=config.device)
+            if isinstance(algorithm, MAML):
+                apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
+                             multi_step_loss_epochs=config.multi_step_loss_epochs,
+                             first_order_epochs=config.first_order_epochs)
             optimizer.zero_grad(set_to_none=True)
             metrics = algorithm.meta_gradient(episode)
             optimizer.step()
@@ -111,9 +120,11 @@ def train(config: TrainConfig) -> TrainResult:
             now = time.perf_counter()
             durations.append(now - start)
             start = now
-            log.write(json.dumps({"iteration": iteration, **metrics,
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "seconds": durations[-1]}) + "\n")
+            record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": durations[-1]}
+            if isinstance(algorithm, MAML):
+                record["first_order"] = algorithm.first_order
+            log.write(json.dumps(record) + "\n")
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if config.checkpoint_every and iteration % config.checkpoint_every == 0:

@@ -13,17 +13,39 @@ class MAML(MetaAlgorithm):
 
     Meta-loss: the mean over the episode's tasks of the query loss of the model adapted on the
     task's support set. Its gradient flows through every inner step (second order) into the
-    initial weights. One backward per task keeps only one task's graph alive at a time.
+    initial weights and any learned inner-rule parameters. One backward per task keeps only one
+    task's graph alive at a time.
+
+    Two settings (the MAML++ recipe sets them per iteration, see ``mamlpp``):
+    ``step_weights`` (one per inner step) makes the meta-loss the weighted sum of the query
+    losses after every step; ``first_order`` detaches the inner gradients, so the initial weights
+    get the first-order gradient while learned step sizes still get theirs.
     """
 
     name = "maml"
-    exact_meta_gradient = True
     learns_update_rule = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_weights: list[float] | None = None
+        self.first_order = False
+
+    @property
+    def exact_meta_gradient(self) -> bool:  # type: ignore[override]
+        return not self.first_order
+
     def query_loss(self, task: Task, *, track_higher_grads: bool = True) -> torch.Tensor:
-        """Query loss after adapting on the support set; a scalar."""
-        fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=track_higher_grads)
-        return self.loss_fn(fmodel(task.query_x), task.query_y)
+        """Query loss after adapting on the support set (or the weighted per-step sum); a scalar."""
+        weights = self.step_weights
+        total = None
+        unrolled = self.inner.unroll(self.model, self.loss_fn, task.support_x, task.support_y,
+                                     track_higher_grads=track_higher_grads,
+                                     detach_inner_grads=self.first_order)
+        for step, fmodel in enumerate(unrolled):
+            if weights is not None and step > 0:
+                loss = weights[step - 1] * self.loss_fn(fmodel(task.query_x), task.query_y)
+                total = loss if total is None else total + loss
+        return total if weights is not None else self.loss_fn(fmodel(task.query_x), task.query_y)
 
     def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
         return torch.stack(

@@ -1,0 +1,40 @@
+"""The MAML++ training recipe (Antoniou et al. 2019, "How to Train Your MAML"): schedules that
+the training loop applies to MAML at every meta-iteration.
+
+- multi-step loss (MSL): the meta-loss is a weighted sum of the query losses after every inner
+  step; the weights start uniform and are annealed towards the last step over the first
+  ``anneal_epochs`` epochs, after which only the last step's loss counts;
+- derivative-order annealing (DA): first order for the first ``first_order_epochs`` epochs,
+  second order after.
+
+Epochs are ``iterations_per_epoch`` meta-iterations (500 in the paper's code).
+"""
+
+from __future__ import annotations
+
+from diffopt.algorithms.maml import MAML
+
+
+def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
+    """Per-step query-loss weights at ``epoch`` (as in the paper's code).
+
+    Non-final weights decay linearly from 1/steps to a floor of 0.03/steps; the final weight
+    grows by what they lose, up to 1 - (steps - 1) * floor.
+    """
+    decay = 1.0 / steps / anneal_epochs
+    floor = 0.03 / steps
+    weights = [max(1.0 / steps - epoch * decay, floor) for _ in range(steps - 1)]
+    weights.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return weights
+
+
+def apply_recipe(learner: MAML, iteration: int, *, iterations_per_epoch: int,
+                 multi_step_loss_epochs: int, first_order_epochs: int) -> None:
+    """Set ``learner``'s loss weights and derivative order for meta-iteration ``iteration`` (1-based)."""
+    epoch = (iteration - 1) // iterations_per_epoch
+    steps = learner.inner.steps
+    if steps > 0 and epoch < multi_step_loss_epochs:
+        learner.step_weights = multi_step_loss_weights(steps, epoch, multi_step_loss_epochs)
+    else:
+        learner.step_weights = None
+    learner.first_order = epoch < first_order_epochs
