@@ -156,7 +156,8 @@ def compare(
         raise DiffoptError(f"--eval_steps must be >= 0; got {eval_steps!r}")
     out_dir = Path(out) if out else Path("runs") / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run_comparison(
-        dataset=dataset, algorithms=algorithms, shots=shots, iterations=iterations,
+        dataset=dataset, configs={name: {"algorithm": name} for name in algorithms}, shots=shots,
+        iterations=iterations,
         eval_tasks=eval_tasks, eval_steps=eval_steps, eval_test_shots=eval_test_shots, seed=seed,
         eval_seed=eval_seed, out=out_dir, progress=progress,
     )

@@ -14,8 +14,9 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.models import ACTIVATIONS, MODELS
+from diffopt.models import ACTIVATIONS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
+from diffopt.vectorize import VECTORIZE_MODES
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -39,6 +40,9 @@ class TrainConfig:
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
+    norm: str | None = option(
+        None, f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: per_step_batch, "
+        "per-inner-step running statistics, weights and biases)")
     inner_optimizer: str | None = option(
         None, f"inner-loop update rule: {', '.join(inner_rule_names())}")
     inner_lr: float | None = option(None, "inner-loop step size")
@@ -57,6 +61,9 @@ class TrainConfig:
     first_order_epochs: int = option(
         0, "MAML++ derivative-order annealing: first order for this many epochs, then second order "
         "(0: off; maml only)")
+    vectorize: str = option(
+        "auto", "run the meta-batch as one torch.func.vmap over tasks: auto (where proven "
+        "correct, else loop with a notice), always (error if not possible), never")
     seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     num_workers: int = option(0, "data-loader worker processes")
@@ -70,7 +77,7 @@ class TrainConfig:
 
 
 BASE_DEFAULTS: dict[str, Any] = dict(
-    model="mlp", hidden=(40, 40), activation="relu", meta_batch_size=25,
+    model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1,
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
@@ -129,9 +136,11 @@ def validate(config: TrainConfig) -> None:
     _check_name("algorithm", "algorithm", config.algorithm, ALGORITHMS)
     _check_name("model", "model", config.model, MODELS)
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
+    _check_name("norm", "norm", config.norm, NORMS)
     _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
+    _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),

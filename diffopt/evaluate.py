@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from diffopt.algorithms import MetaAlgorithm
-from diffopt.data import DatasetSpec, Episode
+from diffopt.data import DatasetSpec, Episode, Task
+from diffopt.vectorize import over_tasks
 
 EVAL_SEED = 2017
 """Default seed of the held-out test-task stream (independent of every training seed)."""
@@ -56,18 +57,31 @@ def evaluate(
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
     Adaptation runs the algorithm's own inner loop on the support set (first order, as no
-    meta-gradient is needed); the score is ``spec.score`` on the query set.
+    meta-gradient is needed); the score is ``spec.score`` on the query set. The model's
+    buffers (running statistics) are restored afterwards.
     """
     steps = sorted(set(steps))
+
+    def task_scores(task: Task) -> torch.Tensor:  # [len(steps)]
+        unrolled = algorithm.unroll(task.support_x, task.support_y, steps=steps[-1])
+        return torch.stack([spec.score(fmodel(task.query_x), task.query_y)
+                            for step, fmodel in enumerate(unrolled) if step in steps])
+
     loader = spec.loader("test", seed=seed, shots=shots, test_shots=test_shots, ways=ways,
                          batch_size=batch_size, num_tasks=tasks)
     dtype = next(algorithm.parameters()).dtype
-    scores: dict[int, list[float]] = {s: [] for s in steps}
+    buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
+    rows = []  # [tasks, len(steps)]
     for batch in loader:
-        for task in Episode.from_torchmeta(batch, device=device, dtype=dtype):
-            unrolled = algorithm.unroll(task.support_x, task.support_y, steps=steps[-1])
-            for step, fmodel in enumerate(unrolled):
-                if step in scores:
-                    with torch.no_grad():
-                        scores[step].append(spec.score(fmodel(task.query_x), task.query_y).item())
-    return Evaluation(spec.metric, {s: np.asarray(v) for s, v in scores.items()})
+        episode = Episode.from_torchmeta(batch, device=device, dtype=dtype)
+        if algorithm.vectorized:
+            with torch.no_grad():  # torch.func.grad still computes the inner gradients
+                rows.append(over_tasks(task_scores, episode))
+        else:
+            rows += [task_scores(task).detach() for task in episode]
+    with torch.no_grad():  # test tasks leave no trace in running statistics
+        for name, buffer in algorithm.named_buffers():
+            buffer.copy_(buffers[name])
+    table = torch.cat(rows) if algorithm.vectorized else torch.stack(rows)
+    table = table.cpu().double().numpy()
+    return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)})

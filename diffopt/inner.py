@@ -8,15 +8,49 @@ from collections.abc import Callable, Iterator
 import higher
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from diffopt.errors import DiffoptError
-from diffopt.optim import LEARNED_RULES, RuleOptimizer, UpdateRule, build_rule, make_inner_optimizer
+from diffopt.models.norm import set_inner_step
+from diffopt.optim import (
+    LEARNED_RULES,
+    SGD,
+    RuleOptimizer,
+    UpdateRule,
+    build_rule,
+    make_inner_optimizer,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
+
+
+def _share_buffers(module: nn.Module, fmodule: nn.Module) -> None:
+    """Make ``fmodule``'s buffers the very tensors of ``module`` (higher copies them), so running
+    statistics updated during an unroll accumulate in the model, as in ordinary training."""
+    fmodule._buffers.update(module._buffers)
+    for name, child in module._modules.items():
+        _share_buffers(child, fmodule._modules[name])
+
+
+class FunctionalModel:
+    """``model`` evaluated with the weights ``params`` (``torch.func.functional_call``).
+
+    What ``InnerLoop.unroll(..., functional=True)`` yields: pure functions of tensors, so an
+    unroll can run under ``torch.func.vmap`` (one task per batch entry).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], params: list[torch.Tensor]) -> None:
+        self.model, self.names, self.params = model, names, params
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, dict(zip(self.names, self.params, strict=True)), (x,))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.params
 
 
 class InnerLoop(nn.Module):
@@ -57,7 +91,8 @@ class InnerLoop(nn.Module):
         *,
         track_higher_grads: bool = True,
         detach_inner_grads: bool = False,
-    ) -> Iterator[higher.patch._MonkeyPatchBase]:
+        functional: bool = False,
+    ) -> Iterator[higher.patch._MonkeyPatchBase | FunctionalModel]:
         """Yield the functional model before adaptation and after each of ``steps`` steps.
 
         x: [K, *x], y: [K, *y], the task's adaptation data. The functional model's parameters
@@ -66,9 +101,20 @@ class InnerLoop(nn.Module):
         (second order); without it each step's result is detached (first order).
         ``detach_inner_grads`` keeps the updates on the graph but treats the inner gradients as
         constants (MAML++'s first-order mode: learned step sizes still receive gradients).
-        The same functional model object is yielded each time, its weights updated in place.
+        The same functional model object is yielded each time, its weights updated in place,
+        with per-step layers (``diffopt.models.norm``) told how many steps it has taken. Buffers
+        are shared with ``model``: running statistics accumulate there.
+
+        ``functional``: run the same steps with ``torch.func`` instead of higher (for
+        ``torch.func.vmap``; update rules only, see ``functional_rule``). Without
+        ``track_higher_grads`` the weights then move by detached updates, so the adapted
+        weights' derivative with respect to the initial ones is the identity (first order).
         """
         steps = self.steps if steps is None else steps
+        if functional:
+            yield from self._unroll_functional(
+                model, loss_fn, x, y, steps, track_higher_grads, detach_inner_grads)
+            return
         if self.rule is not None:
             template = RuleOptimizer(model.parameters(), self.rule)
         else:
@@ -78,19 +124,52 @@ class InnerLoop(nn.Module):
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
             grad_callback=_detach_all if detach_inner_grads else None,
         )
+        set_inner_step(fmodel, 0)
         yield fmodel
-        for _ in range(steps):
+        for step in range(steps):
             diffopt.step(loss_fn(fmodel(x), y))
+            set_inner_step(fmodel, step + 1)
             yield fmodel
+
+    @property
+    def functional_rule(self) -> UpdateRule | None:
+        """The rule the functional unroll applies: the learned rule, SGD for 'sgd', else None."""
+        if self.rule is not None:
+            return self.rule
+        return SGD(self.lr) if self.optimizer == "sgd" else None
+
+    def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads):
+        rule = self.functional_rule
+        if rule is None:
+            raise DiffoptError(f"the inner optimizer {self.optimizer!r} has no functional form; "
+                               "use sgd or a learned rule, or vectorize='never'")
+        names = [name for name, _ in model.named_parameters()]
+        params = list(model.parameters())
+
+        def inner_loss(weights: list[torch.Tensor]) -> torch.Tensor:
+            return loss_fn(FunctionalModel(model, names, weights)(x), y)
+
+        set_inner_step(model, 0)
+        yield FunctionalModel(model, names, params)
+        state = rule.init(params)
+        for step in range(steps):
+            constant = detach_inner_grads or not track  # no graph through the inner gradient
+            grads = torch.func.grad(inner_loss)(_detach_all(params) if constant else params)
+            updates, state = rule.update(list(grads), state, params, step)
+            if not track:
+                updates = _detach_all(updates)
+            params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+            set_inner_step(model, step + 1)
+            yield FunctionalModel(model, names, params)
 
     def _functional(self, model: nn.Module, track: bool) -> higher.patch._MonkeyPatchBase:
         """``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model.
 
         Building the functional model dominates a small model's inner loop, so it is cached
         (outside the module tree) and reset here exactly as ``monkeypatch`` initialises it:
-        empty fast-weight history, fast weights that are clones of the current parameters,
-        buffers copied, and the train/eval mode of ``model``. One unroll per model may be in
-        progress at a time.
+        empty fast-weight history, fast weights that are clones of the current parameters, and
+        the train/eval mode of ``model``; buffers are shared with ``model`` (not copied). One
+        unroll per model may be in progress at a time.
         """
         key = [id(p) for p in model.parameters()]
         cached = self.__dict__.get("_functional_cache")
@@ -98,6 +177,7 @@ class InnerLoop(nn.Module):
             fmodel = higher.monkeypatch(
                 model, copy_initial_weights=False, track_higher_grads=track
             )
+            _share_buffers(model, fmodel)
             self.__dict__["_functional_cache"] = (weakref.ref(model), key, fmodel)
             return fmodel
         fmodel = cached[2]
@@ -107,7 +187,7 @@ class InnerLoop(nn.Module):
         fmodel._fast_params = None
         fmodel.track_higher_grads = True
         fmodel.train(model.training)
-        higher.patch.buffer_sync(model, fmodel)
+        _share_buffers(model, fmodel)
         fmodel.update_params([p.clone() for p in model.parameters()])
         fmodel.track_higher_grads = track
         return fmodel

@@ -36,10 +36,11 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     model = build_model(
-        config.model, hidden=config.hidden, activation=config.activation, **spec.model_io
+        config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
+        steps=config.inner_steps, **spec.model_io
     )
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model)
-    algorithm = build_algorithm(config.algorithm, model, inner, spec.loss)
+    algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize)
     try:
         return algorithm.to(config.device)
     except (RuntimeError, AssertionError) as error:

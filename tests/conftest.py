@@ -34,7 +34,8 @@ def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
 
 def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1, steps: int = 1,
                     hidden=(8, 8), activation: str = "tanh", seed: int = 0,
-                    dtype: torch.dtype = torch.float64):
+                    dtype: torch.dtype = torch.float64, vectorize: str = "never"):
+    """An algorithm on a small MLP; the loop over tasks (higher) unless ``vectorize`` says."""
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden, activation).to(dtype)
-    return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss)
+    return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss, vectorize)

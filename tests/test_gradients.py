@@ -36,11 +36,15 @@ def inner_gradient_floor(algorithm, episode) -> float:
     queries=st.integers(1, 6),
     tasks=st.integers(1, 2),
     seed=st.integers(0, 2**16),
+    vmap=st.booleans(),
 )
 def test_maml_meta_gradient_matches_finite_differences(
-    hidden, activation, optimizer, steps, lr, shots, queries, tasks, seed
+    hidden, activation, optimizer, steps, lr, shots, queries, tasks, seed, vmap
 ):
-    algorithm = small_algorithm("maml", optimizer, lr, steps, tuple(hidden), activation, seed)
+    """Both paths: the loop over tasks (higher) and, for sgd, the vmapped meta-batch."""
+    vectorize = "always" if vmap and optimizer == "sgd" else "never"
+    algorithm = small_algorithm("maml", optimizer, lr, steps, tuple(hidden), activation, seed,
+                                vectorize=vectorize)
     episode = random_episode(seed, tasks, shots, queries)
     if optimizer == "adam":
         # Adam's first step is close to lr * sign(g): where an inner-gradient element is near 0

@@ -43,9 +43,10 @@ def image_episode(seed: int, tasks: int, shots: int, queries: int) -> Episode:
                    rand(tasks, queries, 2, 4, 4), rand(tasks, queries, 1))
 
 
-def maml_with(rule: str, model: nn.Module, lr: float, steps: int):
+def maml_with(rule: str, model: nn.Module, lr: float, steps: int, vectorize: str = "never"):
     model = model.double()
-    return build_algorithm("maml", model, InnerLoop(rule, lr, steps, model=model), F.mse_loss)
+    return build_algorithm("maml", model, InnerLoop(rule, lr, steps, model=model), F.mse_loss,
+                           vectorize)
 
 
 def perturb_rule(algorithm, seed: int, scale: float = 0.05) -> None:
@@ -63,11 +64,11 @@ SETTINGS = settings(max_examples=settings.default.max_examples // 4)  # profile'
 @given(rule=st.sampled_from(RULES), hidden=st.lists(st.integers(2, 6), min_size=1, max_size=2),
        activation=st.sampled_from(["tanh", "softplus"]), steps=st.integers(1, 3),
        lr=st.floats(0.01, 0.3), shots=st.integers(1, 5), queries=st.integers(1, 5),
-       seed=st.integers(0, 2**16))
+       seed=st.integers(0, 2**16), vectorize=st.sampled_from(["never", "always"]))
 def test_learned_rules_on_mlps_match_finite_differences(rule, hidden, activation, steps, lr, shots,
-                                                       queries, seed):
+                                                       queries, seed, vectorize):
     torch.manual_seed(seed)
-    algorithm = maml_with(rule, MLP(1, 1, tuple(hidden), activation), lr, steps)
+    algorithm = maml_with(rule, MLP(1, 1, tuple(hidden), activation), lr, steps, vectorize)
     perturb_rule(algorithm, seed)
     result = check_meta_gradient(algorithm, random_episode(seed, 2, shots, queries))
     target(result.max_rel_error)
@@ -77,12 +78,13 @@ def test_learned_rules_on_mlps_match_finite_differences(rule, hidden, activation
 
 @SETTINGS
 @given(rule=st.sampled_from(RULES), steps=st.integers(1, 3), lr=st.floats(0.01, 0.2),
-       seed=st.integers(0, 2**16))
-def test_learned_rules_on_a_conv_net_match_finite_differences(rule, steps, lr, seed):
+       seed=st.integers(0, 2**16), vectorize=st.sampled_from(["never", "always"]))
+def test_learned_rules_on_a_conv_net_match_finite_differences(rule, steps, lr, seed, vectorize):
     torch.manual_seed(seed)
-    algorithm = maml_with(rule, TinyConvNet(), lr, steps)
+    algorithm = maml_with(rule, TinyConvNet(), lr, steps, vectorize)
     perturb_rule(algorithm, seed)
-    result = check_meta_gradient(algorithm, image_episode(seed, 1, 3, 3))
+    tasks = 2 if vectorize == "always" else 1  # a real batch for vmap
+    result = check_meta_gradient(algorithm, image_episode(seed, tasks, 3, 3))
     target(result.max_rel_error)
     assert result.max_rel_error < 1e-5, result.per_parameter
     if rule.startswith("meta_curvature"):  # the conv weight's three Kronecker factors

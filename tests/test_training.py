@@ -91,11 +91,12 @@ def test_reptile_outer_step_is_annealed_linearly(tmp_path):
 
 
 def test_compare_scores_every_run_on_the_same_tasks_and_reports_them(tmp_path):
-    rows = compare(dataset="sinusoid", algorithms=("maml", "reptile"), shots=(3,), iterations=2,
+    rows = compare(dataset="sinusoid", configs={"maml": {}, "reptile": {"algorithm": "reptile"}},
+                   shots=(3,), iterations=2,
                    eval_tasks=5, eval_steps=(0, 1), eval_test_shots=10, seed=0, out=tmp_path,
                    progress=False)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["algorithm"] for r in results["rows"]] == ["maml", "reptile"]
+    assert [r["label"] for r in results["rows"]] == ["maml", "reptile"]
     # The report's table is exactly the one recomputed from results.json.
     report = (tmp_path / "report.md").read_text()
     assert format_table(rows, "mse", (0, 1)) in report

@@ -17,8 +17,9 @@ __all__ = ["ALGORITHMS", "FOMAML", "MAML", "MetaAlgorithm", "Reptile", "accumula
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile)}
 
 
-def build_algorithm(name: str, model: nn.Module, inner: InnerLoop, loss_fn: LossFn) -> MetaAlgorithm:
-    """The registered algorithm ``name`` around ``model``."""
+def build_algorithm(name: str, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
+                    vectorize: str = "auto") -> MetaAlgorithm:
+    """The registered algorithm ``name`` around ``model`` (``vectorize``: see MetaAlgorithm)."""
     if name not in ALGORITHMS:
         raise unknown_name("algorithm", name, ALGORITHMS)
-    return ALGORITHMS[name](model, inner, loss_fn)
+    return ALGORITHMS[name](model, inner, loss_fn, vectorize=vectorize)

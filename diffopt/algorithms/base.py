@@ -11,7 +11,8 @@ from torch import nn
 
 from diffopt.data.episode import Episode
 from diffopt.errors import DiffoptError
-from diffopt.inner import InnerLoop, LossFn
+from diffopt.inner import FunctionalModel, InnerLoop, LossFn
+from diffopt.vectorize import resolve_vectorize
 
 
 class MetaAlgorithm(nn.Module):
@@ -21,6 +22,9 @@ class MetaAlgorithm(nn.Module):
     ``.grad`` of every meta-parameter; the training loop then takes the outer step. Algorithms
     whose meta-gradient is the exact gradient of ``meta_loss`` set ``exact_meta_gradient``, and
     ``diffopt.gradcheck`` verifies it against finite differences.
+
+    ``vectorize`` (auto, always, never): whether the meta-batch runs as one ``torch.func.vmap``
+    over tasks (``self.vectorized``; see ``diffopt.vectorize``) or as a loop over tasks.
     """
 
     name: ClassVar[str]
@@ -28,7 +32,8 @@ class MetaAlgorithm(nn.Module):
     learns_update_rule: ClassVar[bool] = False
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
 
-    def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
+                 vectorize: str = "auto") -> None:
         super().__init__()
         if inner.learned and not self.learns_update_rule:
             raise DiffoptError(
@@ -36,24 +41,25 @@ class MetaAlgorithm(nn.Module):
                 f"{inner.optimizer!r}; use maml, or a fixed rule (sgd, momentum, adam)"
             )
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
+        self.vectorized = resolve_vectorize(vectorize, model, inner)
 
     def unroll(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
         track_higher_grads: bool = False,
-    ) -> Iterator[higher.patch._MonkeyPatchBase]:
+    ) -> Iterator[higher.patch._MonkeyPatchBase | FunctionalModel]:
         """The model before and after each inner step on (x [K, *x], y [K, *y])."""
         return self.inner.unroll(
-            self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads
+            self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
+            functional=self.vectorized,
         )
 
     def adapt(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
         track_higher_grads: bool = False,
-    ) -> higher.patch._MonkeyPatchBase:
+    ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
         """The model adapted to (x, y) by the inner loop."""
-        return self.inner.adapt(
-            self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads
-        )
+        *_, adapted = self.unroll(x, y, steps, track_higher_grads=track_higher_grads)
+        return adapted
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""

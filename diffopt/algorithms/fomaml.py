@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
-from diffopt.data.episode import Episode
+from diffopt.data.episode import Episode, Task
+from diffopt.vectorize import over_tasks
 
 
 class FOMAML(MetaAlgorithm):
@@ -13,13 +14,23 @@ class FOMAML(MetaAlgorithm):
 
     The inner loop runs without higher-order tracking (each step's result is detached), so it
     is cheaper than MAML; the gradient of the query loss with respect to the adapted weights is
-    applied to the initial weights, averaged over the episode's tasks.
+    applied to the initial weights, averaged over the episode's tasks. Vectorized, the adapted
+    weights are the initial ones plus detached updates, so one backward of the mean query loss
+    delivers exactly that gradient.
     """
 
     name = "fomaml"
 
+    def _query_loss(self, task: Task) -> torch.Tensor:
+        fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        return self.loss_fn(fmodel(task.query_x), task.query_y)
+
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean post-adaptation query loss."""
+        if self.vectorized:
+            loss = over_tasks(self._query_loss, episode).mean()
+            loss.backward()
+            return {"loss": loss.item()}
         total = 0.0
         for task in episode:
             fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)

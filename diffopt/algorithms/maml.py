@@ -6,6 +6,7 @@ import torch
 
 from diffopt.algorithms.base import MetaAlgorithm
 from diffopt.data.episode import Episode, Task
+from diffopt.vectorize import over_tasks
 
 
 class MAML(MetaAlgorithm):
@@ -40,7 +41,8 @@ class MAML(MetaAlgorithm):
         total = None
         unrolled = self.inner.unroll(self.model, self.loss_fn, task.support_x, task.support_y,
                                      track_higher_grads=track_higher_grads,
-                                     detach_inner_grads=self.first_order)
+                                     detach_inner_grads=self.first_order,
+                                     functional=self.vectorized)
         for step, fmodel in enumerate(unrolled):
             if weights is not None and step > 0:
                 loss = weights[step - 1] * self.loss_fn(fmodel(task.query_x), task.query_y)
@@ -48,12 +50,20 @@ class MAML(MetaAlgorithm):
         return total if weights is not None else self.loss_fn(fmodel(task.query_x), task.query_y)
 
     def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
+        if self.vectorized:
+            return over_tasks(
+                lambda task: self.query_loss(task, track_higher_grads=track_higher_grads), episode
+            ).mean()
         return torch.stack(
             [self.query_loss(task, track_higher_grads=track_higher_grads) for task in episode]
         ).mean()
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the meta-loss (mean post-adaptation query loss)."""
+        if self.vectorized:  # one batched graph for the whole episode
+            loss = self.meta_loss(episode)
+            loss.backward()
+            return {"loss": loss.item()}
         total = 0.0
         for task in episode:
             loss = self.query_loss(task) / len(episode)

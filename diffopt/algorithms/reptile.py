@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
-from diffopt.data.episode import Episode
+from diffopt.data.episode import Episode, Task
+from diffopt.vectorize import over_tasks
 
 
 class Reptile(MetaAlgorithm):
@@ -20,18 +21,25 @@ class Reptile(MetaAlgorithm):
 
     name = "reptile"
 
+    def _adapt_on_all(self, task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(W, loss of W on the task's data): the inner loop on support and query sets."""
+        x = torch.cat([task.support_x, task.query_x])
+        y = torch.cat([task.support_y, task.query_y])
+        fmodel = self.adapt(x, y, track_higher_grads=False)
+        return list(fmodel.parameters()), self.loss_fn(fmodel(x), y)
+
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean loss on the task data after adaptation."""
-        total = 0.0
         initial = list(self.model.parameters())
+        if self.vectorized:
+            with torch.no_grad():  # torch.func.grad still computes the inner gradients
+                adapted, losses = over_tasks(self._adapt_on_all, episode)
+            accumulate_grad(initial, [phi - w.mean(0) for phi, w in zip(initial, adapted, strict=True)])
+            return {"loss": losses.mean().item()}
+        total = 0.0
         for task in episode:
-            x = torch.cat([task.support_x, task.query_x])
-            y = torch.cat([task.support_y, task.query_y])
-            fmodel = self.adapt(x, y, track_higher_grads=False)
+            adapted, loss = self._adapt_on_all(task)
             accumulate_grad(
-                initial,
-                [(phi - w) / len(episode) for phi, w in zip(initial, fmodel.parameters(), strict=True)],
-            )
-            with torch.no_grad():
-                total += self.loss_fn(fmodel(x), y).item() / len(episode)
+                initial, [(phi - w) / len(episode) for phi, w in zip(initial, adapted, strict=True)])
+            total += loss.item() / len(episode)
         return {"loss": total}

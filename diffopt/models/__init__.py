@@ -7,11 +7,14 @@ from typing import Any
 from torch import nn
 
 from diffopt.errors import unknown_name
+from diffopt.models.conv4 import Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
+from diffopt.models.norm import NORMS, PerStepBatchNorm, set_inner_step
 
-__all__ = ["ACTIVATIONS", "MLP", "MODELS", "build_model"]
+__all__ = ["ACTIVATIONS", "MLP", "MODELS", "NORMS", "Conv4", "PerStepBatchNorm", "build_model",
+           "set_inner_step"]
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -6,11 +6,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from diffopt.models.norm import make_norm
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid}
 
 
 class MLP(nn.Sequential):
-    """[N, in_features] -> [N, out_features] through Linear + activation per hidden width."""
+    """[N, in_features] -> [N, out_features] through Linear (+ norm) + activation per hidden width.
+
+    ``norm`` (see ``diffopt.models.norm``) follows each hidden Linear; ``steps`` sizes a per-step norm.
+    """
 
     def __init__(
         self,
@@ -18,10 +23,15 @@ class MLP(nn.Sequential):
         out_features: int = 1,
         hidden: Sequence[int] = (40, 40),
         activation: str = "relu",
+        norm: str = "none",
+        steps: int = 1,
     ) -> None:
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:], strict=False):
-            layers += [nn.Linear(width_in, width_out), ACTIVATIONS[activation]()]
+            layers.append(nn.Linear(width_in, width_out))
+            if norm != "none":
+                layers.append(make_norm(norm, width_out, 1, steps))
+            layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(widths[-1], out_features))
         super().__init__(*layers)

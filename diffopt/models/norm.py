@@ -1,0 +1,66 @@
+"""Normalisation layers for meta-learning, chosen by name (``NORMS``).
+
+``per_step_batch`` is MAML++'s per-step batch normalisation (Antoniou et al. 2019, section 4):
+one set of running statistics and one learned weight and bias per inner step. The inner loop
+tells the layer how many steps the weights have taken (``set_inner_step``), so the model
+after k steps uses set k, for its forward on the support set (the next step) and on the query
+set alike; a model that takes more steps than it has sets uses the last one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORMS = ("none", "batch", "per_step_batch")
+
+
+class PerStepBatchNorm(nn.Module):
+    """Batch norm over channel dim 1 of [N, C] or [N, C, H, W] with per-step parameters.
+
+    weight, bias: [steps + 1, C] (ones, zeros); buffers running_mean, running_var:
+    [steps + 1, C]. Training mode normalises with the batch statistics and updates row
+    ``inner_step`` of the running statistics; evaluation mode uses that row.
+    """
+
+    def __init__(self, channels: int, steps: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        rows = steps + 1
+        self.weight = nn.Parameter(torch.ones(rows, channels))
+        self.bias = nn.Parameter(torch.zeros(rows, channels))
+        self.register_buffer("running_mean", torch.zeros(rows, channels))
+        self.register_buffer("running_var", torch.ones(rows, channels))
+        self.momentum, self.eps = momentum, eps
+        self.inner_step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        row = min(self.inner_step, self.weight.shape[0] - 1)
+        return F.batch_norm(x, self.running_mean[row], self.running_var[row], self.weight[row],
+                            self.bias[row], self.training, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[1]}, steps={self.weight.shape[0] - 1}"
+
+
+def set_inner_step(model: nn.Module, step: int) -> None:
+    """Tell every per-step layer of ``model`` (or of its higher copy) that it has taken ``step`` steps."""
+    for module in model.modules():
+        if hasattr(module, "inner_step"):
+            module.inner_step = step
+
+
+def make_norm(norm: str, channels: int, dims: int, steps: int) -> nn.Module:
+    """The layer ``norm`` names, for ``channels`` channels of a ``dims``-d input (1: [N, C]; 2: images).
+
+    ``batch`` is affine batch norm that always normalises with the batch statistics, as in MAML
+    (no running statistics, so the query set is normalised as a batch: transductive).
+    """
+    if norm == "none":
+        return nn.Identity()
+    if norm == "batch":
+        cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        return cls(channels, track_running_stats=False)
+    if norm == "per_step_batch":
+        return PerStepBatchNorm(channels, steps)
+    raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")

@@ -1,0 +1,129 @@
+"""The vmapped meta-batch: same meta-gradients, updates and scores as the loop over tasks, and
+chosen only for models and rules it is proven on (the FD tests in test_gradients.py and
+test_rules.py run on both paths)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_episode, small_algorithm
+from torch import nn
+
+from diffopt.algorithms import build_algorithm
+from diffopt.data import get_dataset
+from diffopt.errors import DiffoptError
+from diffopt.evaluate import evaluate
+from diffopt.inner import InnerLoop
+from diffopt.models import MLP
+from diffopt.vectorize import vmap_obstacle
+
+
+def loop_and_vmap(name: str, rule: str, steps: int, lr: float = 0.1):
+    torch.manual_seed(0)
+    model = MLP(1, 1, (6, 5), "tanh").double()
+    loop = build_algorithm(name, model, InnerLoop(rule, lr, steps, model=model), F.mse_loss, "never")
+    vmapped = copy.deepcopy(loop)
+    vmapped.vectorized = True
+    return loop, vmapped
+
+
+def grads(algorithm, episode):
+    algorithm.zero_grad(set_to_none=True)
+    metrics = algorithm.meta_gradient(episode)
+    return metrics, [p.grad.clone() for p in algorithm.parameters()]
+
+
+@pytest.mark.parametrize("name,rule", [("maml", "sgd"), ("maml", "lslr"),
+                                       ("maml", "meta_curvature+meta_sgd"), ("fomaml", "sgd"),
+                                       ("reptile", "sgd")])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_vmapped_meta_gradient_equals_the_loop(name, rule, steps):
+    """FOMAML and Reptile have no meta-loss to gradcheck: this equality is their proof."""
+    loop, vmapped = loop_and_vmap(name, rule, steps)
+    episode = random_episode(3, tasks=4)
+    loop_metrics, loop_grads = grads(loop, episode)
+    vmap_metrics, vmap_grads = grads(vmapped, episode)
+    assert loop_metrics["loss"] == pytest.approx(vmap_metrics["loss"], rel=1e-12)
+    for a, b in zip(loop_grads, vmap_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert any(g.abs().max() > 0 for g in vmap_grads)
+
+
+def test_mamlpp_first_order_mode_and_step_weights_match_the_loop():
+    loop, vmapped = loop_and_vmap("maml", "lslr", 3)
+    for algorithm in (loop, vmapped):
+        algorithm.first_order, algorithm.step_weights = True, [0.2, 0.3, 0.5]
+    episode = random_episode(4, tasks=3)
+    for a, b in zip(grads(loop, episode)[1], grads(vmapped, episode)[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_vmapped_evaluation_scores_equal_the_loop():
+    loop, vmapped = loop_and_vmap("maml", "meta_sgd", 1)
+    spec = get_dataset("sinusoid")
+    kwargs = dict(shots=5, test_shots=20, tasks=30, steps=(0, 1, 4), batch_size=8)
+    a, b = evaluate(loop, spec, **kwargs), evaluate(vmapped, spec, **kwargs)
+    for steps in (0, 1, 4):
+        assert a.scores[steps].shape == (30,)
+        torch.testing.assert_close(torch.tensor(a.scores[steps]), torch.tensor(b.scores[steps]),
+                                   rtol=1e-5, atol=1e-7)  # float32 model, different op order
+
+
+class LayerNormNet(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(1, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 1))
+
+
+class BatchNormNet(nn.Sequential):
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(1, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+
+
+class CustomForward(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("model,optimizer,reason", [
+    (LayerNormNet, "sgd", "module 1 (LayerNorm) is not checked under vmap"),
+    (BatchNormNet, "sgd", "module 1 (BatchNorm1d) is not checked under vmap"),
+    (lambda: CustomForward(nn.Linear(1, 1)), "sgd", "module model (CustomForward)"),
+    (lambda: MLP(1, 1, (3,)), "adam", "the inner optimizer 'adam' has no functional form"),
+])
+def test_unproven_models_and_rules_loop_with_a_notice(model, optimizer, reason, capsys):
+    net = model()
+    inner = InnerLoop(optimizer, 0.1, 1)
+    assert reason in vmap_obstacle(net, inner)
+    algorithm = build_algorithm("maml", net, inner, F.mse_loss, "auto")
+    assert not algorithm.vectorized
+    notice = capsys.readouterr().err.strip()
+    assert notice.count("\n") == 0 and reason in notice
+    with pytest.raises(DiffoptError, match="cannot vectorize the meta-batch: .*--vectorize auto"):
+        build_algorithm("maml", net, inner, F.mse_loss, "always")
+
+
+def test_buffers_block_vmap():
+    net = MLP(1, 1, (3,))
+    net.register_buffer("count", torch.zeros(()))
+    assert vmap_obstacle(net, InnerLoop("sgd")) == "the model has buffers (e.g. running statistics)"
+
+
+def test_layernorm_model_falls_back_and_its_gradient_is_right():
+    """The fallback is exact where vmap is not trusted."""
+    from diffopt.gradcheck import check_meta_gradient
+
+    torch.manual_seed(0)
+    algorithm = build_algorithm("maml", LayerNormNet().double(), InnerLoop("sgd", 0.1, 2),
+                                F.mse_loss, "auto")
+    assert not algorithm.vectorized
+    assert check_meta_gradient(algorithm, random_episode(0)).max_rel_error < 1e-5
+
+
+def test_plain_mlps_vectorize_by_default():
+    assert small_algorithm(vectorize="auto").vectorized
+    assert not small_algorithm(vectorize="never").vectorized
+    with pytest.raises(DiffoptError, match="vectorize must be one of auto, always, never"):
+        small_algorithm(vectorize="sometimes")
