@@ -40,6 +40,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically write ``text``."""
+    _atomic_write(path, lambda s: s.write(text.encode()))
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     _atomic_write(path, lambda s: s.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from diffopt.checkpoint import write_json
-from diffopt.config import resolve_config
+from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import get_dataset
+from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, evaluate, mean_ci95
 from diffopt.train import train
 
@@ -70,7 +71,7 @@ def compare(
     rows = []
     for label, config in runs:
         run_dir = Path(config.run_dir)
-        done = _finished(run_dir, config.to_dict(), settings)
+        done = _finished(run_dir, config, settings)
         if done is not None:
             rows.append(done)
             if progress:
@@ -109,13 +110,21 @@ def compare(
     return rows
 
 
-def _finished(run_dir: Path, config: dict, settings: dict) -> Row | None:
-    """The recorded row of a finished run with this config and these settings, else None."""
+def _finished(run_dir: Path, config: TrainConfig, settings: dict) -> Row | None:
+    """The recorded row of a finished run with this config and these settings, else None.
+
+    The recorded config is resolved again, so a run recorded before an option existed counts as
+    having used that option's default.
+    """
     path = run_dir / EVALUATION_NAME
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("config") != json.loads(json.dumps(config)) or record.get("settings") != settings:
+    try:
+        recorded = resolve_config(**record["config"])
+    except (DiffoptError, KeyError, TypeError):
+        return None
+    if recorded != config or record.get("settings") != settings:
         return None
     row = record["row"]
     row["scores"] = {int(s): v for s, v in row["scores"].items()}

@@ -19,10 +19,8 @@ per weight with the step size fixed at 0.01.
 from __future__ import annotations
 
 import platform
-import re
 import time
 from importlib import metadata
-from pathlib import Path
 
 import fire
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 import diffopt
 from diffopt.compare import compare
 from diffopt.evaluate import EVAL_SEED, mean_ci95
+from diffopt.report import write_section
 
 PAPER = {  # Park & Oliva 2019, table 1 (MAML and Meta-SGD as reported by Li et al. 2017)
     "maml": {5: "0.69 +- 0.07", 10: "0.44 +- 0.04"},
@@ -45,8 +44,6 @@ CONFIGS = {
     "lslr": {"algorithm": "maml", "inner_optimizer": "lslr"},
     "reptile": {"algorithm": "reptile"},
 }
-
-START, END = "<!-- sinusoid-table:start -->", "<!-- sinusoid-table:end -->"
 
 
 def paper_bound(text: str) -> float:
@@ -78,7 +75,7 @@ def main(
     rows = compare(
         dataset="sinusoid", configs={m: CONFIGS[m] for m in methods}, shots=shots,
         iterations=iterations, eval_tasks=eval_tasks, eval_steps=(0, 1, 10),
-        eval_test_shots=eval_test_shots, seed=seed, out=Path(out), progress=progress,
+        eval_test_shots=eval_test_shots, seed=seed, out=out, progress=progress,
     )
     lines = [
         "| method | K | paper (1 step) | diffopt (1 step) | diffopt (10 steps) | within paper's bound |"
@@ -102,8 +99,7 @@ def main(
             holds = trio[0] < trio[1] < trio[2]
             order.append(f"K={k}: Meta-Curvature < Meta-SGD < MAML {'holds' if holds else '**fails**'} "
                          f"({trio[0]:.3f} < {trio[1]:.3f} < {trio[2]:.3f})")
-    section = "\n".join([
-        START,
+    body = "\n".join([
         f"Command: `python examples/sinusoid_table.py --iterations {iterations}` "
         f"(runs in `{out}`; finished runs are reused).",
         "",
@@ -119,17 +115,10 @@ def main(
         *lines,
         "",
         *[f"- {line}" for line in order],
-        END,
     ])
-    print(section)
+    print(body)
     if results != "none":
-        path = Path(results)
-        text = path.read_text() if path.exists() else "# Results\n"
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n## Sinusoid: the Meta-Curvature table\n\n" + section + "\n"
-        path.write_text(text)
+        write_section(results, "sinusoid-table", "Sinusoid: the Meta-Curvature table", body)
 
 
 if __name__ == "__main__":

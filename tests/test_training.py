@@ -109,3 +109,27 @@ def test_compare_scores_every_run_on_the_same_tasks_and_reports_them(tmp_path):
     # same task; both runs start from the same seed, so their errors rise and fall together.
     maml0, reptile0 = (np.asarray(r["scores"]["0"]) for r in results["rows"])
     assert np.corrcoef(maml0, reptile0)[0, 1] > 0.9
+
+
+def test_compare_reuses_finished_runs_and_restarts_unfinished_ones(tmp_path, monkeypatch, capsys):
+    import diffopt.compare as compare_module
+
+    kwargs = dict(dataset="sinusoid", shots=(2,), iterations=2, eval_tasks=3, eval_steps=(1,),
+                  eval_test_shots=4, seed=0, out=tmp_path, progress=True)
+    configs = {"a": {}, "b": {"inner_optimizer": "lslr"}}
+    first = compare(configs=configs, **kwargs)
+    (tmp_path / "b-k2" / "evaluation.json").unlink()  # as if killed before evaluation
+    trained = []
+    real_train = compare_module.train
+    monkeypatch.setattr(compare_module, "train", lambda config: trained.append(config) or real_train(config))
+    second = compare(configs=configs, **kwargs)
+    assert [c.run_dir for c in trained] == [str(tmp_path / "b-k2")]
+    # Same seed, same tasks: the rerun reproduces the lost row's scores exactly.
+    assert [(r.label, r.scores) for r in first] == [(r.label, r.scores) for r in second]
+    assert first[0] == second[0]  # the reused row, timings included
+    err = capsys.readouterr().err
+    assert "finished before: a K=2" in err and f"restarting unfinished run {tmp_path / 'b-k2'}" in err
+    # A different evaluation setting is a different experiment: nothing is reused.
+    trained.clear()
+    compare(configs=configs, **{**kwargs, "eval_tasks": 4})
+    assert len(trained) == 2

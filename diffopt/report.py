@@ -1,0 +1,23 @@
+"""Markdown reports: result scripts keep their section of RESULTS.md / BENCHMARKS.md up to date."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from diffopt.checkpoint import write_text
+
+
+def write_section(path: str | Path, key: str, title: str, body: str) -> None:
+    """Put ``body`` between the ``<!-- key:start -->`` / ``<!-- key:end -->`` markers of the
+    markdown file ``path``, replacing what was there, or append it under ``## title`` (the file is
+    created if missing, and written atomically)."""
+    path = Path(path)
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    section = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else f"# {path.stem.title()}\n"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n{section}\n"
+    write_text(path, text)
