@@ -25,10 +25,21 @@ VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def temporary_sibling(path: Path) -> str:
+    """A new empty file next to ``path``, with the permissions a plain ``open`` would give it."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write via a temporary file in the same folder, then rename: never a partial file."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
+    handle = os.open(tmp, os.O_WRONLY)
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)

@@ -245,7 +245,35 @@ def gradcheck(
         sys.exit(1)
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "gradcheck": gradcheck}
+def prepare(name: str, source: str | None = None, root: str = "data", download: bool = False) -> None:
+    """Prepare a dataset offline into ROOT, the folder later given to torchmeta as its root.
+
+    Args:
+        name: dataset to prepare: omniglot
+        source: folder holding the original distribution (omniglot: images_background.zip and
+            images_evaluation.zip)
+        root: output root; omniglot is written to ROOT/omniglot
+        download: fetch with torchmeta's own download instead (needs internet; no --source)
+    """
+    from diffopt.data.prepare import PREPARERS
+    from diffopt.errors import unknown_name
+
+    if name not in PREPARERS:
+        raise unknown_name("dataset to prepare", name, PREPARERS)
+    if download == (source is not None):
+        raise DiffoptError("give either --source DIR (offline) or --download (torchmeta's download)")
+    if download:
+        from torchmeta.datasets import Omniglot
+
+        Omniglot(root, meta_train=True, download=True)
+        folder = Path(root) / name
+    else:
+        folder = PREPARERS[name](source, root)
+    print(f"{name} ready in {folder}")
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "gradcheck": gradcheck,
+            "data": {"prepare": prepare}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,100 @@
+"""Offline dataset preparation: the files torchmeta's datasets read with ``download=False``.
+
+``diffopt data prepare omniglot --source DIR --root ROOT`` turns the two Omniglot zips in DIR into
+``ROOT/omniglot/``: ``data.hdf5`` (groups ``images_background`` and ``images_evaluation``, one
+uint8 [n, 105, 105] array per ``<Alphabet>/<characterNN>``, inverted so strokes are 255, drawings
+in file-name order) and the label files torchmeta reads: ``train_labels.json`` /
+``test_labels.json`` (the background / evaluation alphabets) and ``vinyals_{train,val,test}_labels.json``
+(the split of Vinyals et al., from torchmeta's own assets). Every file is written under a
+temporary name and renamed when complete, the hdf5 last: an interrupted prepare never leaves a
+file torchmeta would take for a prepared dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from diffopt.checkpoint import temporary_sibling, write_text
+from diffopt.errors import DiffoptError
+
+OMNIGLOT_GROUPS = {"images_background": "train", "images_evaluation": "test"}
+VINYALS_SPLITS = ("train", "val", "test")
+
+
+def omniglot_files(root: str | os.PathLike) -> list[Path]:
+    """Every file ``torchmeta.datasets.Omniglot`` needs under ``root`` (the hdf5 last)."""
+    folder = Path(root) / "omniglot"
+    labels = [f"{split}_labels.json" for split in OMNIGLOT_GROUPS.values()]
+    labels += [f"vinyals_{split}_labels.json" for split in VINYALS_SPLITS]
+    return [folder / name for name in labels] + [folder / "data.hdf5"]
+
+
+def _read_omniglot_zip(path: Path) -> dict[tuple[str, str], np.ndarray]:
+    """(alphabet, character) -> uint8 [drawings, 105, 105], strokes 255, in file-name order."""
+    from PIL import Image, ImageOps
+
+    drawings: dict[tuple[str, str], list[str]] = defaultdict(list)
+    with zipfile.ZipFile(path) as archive:
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            if len(parts) == 4 and parts[3].endswith(".png"):
+                drawings[parts[1], parts[2]].append(name)
+        if not drawings:
+            raise DiffoptError(f"{path} holds no <group>/<Alphabet>/<character>/*.png images")
+        return {
+            key: np.stack([
+                np.asarray(ImageOps.invert(Image.open(io.BytesIO(archive.read(n))).convert("L")))
+                for n in names
+            ])
+            for key, names in sorted(drawings.items())
+        }
+
+
+def prepare_omniglot(source: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """Write ``root/omniglot`` from ``images_background.zip`` and ``images_evaluation.zip`` in
+    ``source``; return the folder. Already prepared: nothing is rewritten."""
+    import h5py
+    from torchmeta.datasets.utils import get_asset
+
+    files = omniglot_files(root)
+    folder = files[0].parent
+    if all(f.is_file() for f in files):
+        return folder
+    source = Path(source)
+    zips = {group: source / f"{group}.zip" for group in OMNIGLOT_GROUPS}
+    missing = [str(path) for path in zips.values() if not path.is_file()]
+    if missing:
+        raise DiffoptError(f"no Omniglot zip at {missing[0]}: --source must be the folder holding "
+                           "images_background.zip and images_evaluation.zip")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(files[-1])
+    try:
+        with h5py.File(tmp, "w") as hdf5:
+            for group, split in OMNIGLOT_GROUPS.items():
+                characters = _read_omniglot_zip(zips[group])
+                h5_group = hdf5.create_group(group)
+                for (alphabet, character), images in characters.items():
+                    h5_group.create_dataset(f"{alphabet}/{character}", data=images)
+                labels = sorted([group, alphabet, character] for alphabet, character in characters)
+                write_text(folder / f"{split}_labels.json", json.dumps(labels))
+        for split in VINYALS_SPLITS:
+            asset = get_asset("omniglot", f"{split}.json", dtype="json")
+            labels = sorted([f"images_{name}", alphabet, character]
+                            for name, alphabets in asset.items()
+                            for alphabet, characters in alphabets.items()
+                            for character in characters)
+            write_text(folder / f"vinyals_{split}_labels.json", json.dumps(labels))
+        os.replace(tmp, folder / "data.hdf5")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return folder
+
+
+PREPARERS = {"omniglot": prepare_omniglot}

@@ -1,0 +1,126 @@
+"""Offline dataset preparation: the real Omniglot zips into exactly what torchmeta reads, and no
+partial output when preparation fails."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffopt.data.prepare as prepare_module
+from diffopt.cli import main
+from diffopt.data.prepare import omniglot_files, prepare_omniglot
+
+SHARED_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """The shared zips prepared once into a cache outside the source tree (keyed by zip sizes)."""
+    if not SHARED_OMNIGLOT.is_dir():
+        pytest.skip(f"the shared Omniglot copy is not at {SHARED_OMNIGLOT}")
+    key = "-".join(str((SHARED_OMNIGLOT / f"{g}.zip").stat().st_size)
+                   for g in ("images_background", "images_evaluation"))
+    root = CACHE / f"omniglot-{key}"
+    prepare_omniglot(SHARED_OMNIGLOT, root)
+    return root
+
+
+@pytest.mark.slow
+def test_prepared_omniglot_is_the_real_data_in_torchmetas_layout(omniglot_root):
+    folder = omniglot_root / "omniglot"
+    assert all(path.is_file() for path in omniglot_files(omniglot_root))
+    with h5py.File(folder / "data.hdf5", "r") as hdf5:
+        for group, npz_name, split in [("images_background", "images_background.npz", "train"),
+                                       ("images_evaluation", "images_evaluation.npz", "test")]:
+            labels = json.loads((folder / f"{split}_labels.json").read_text())
+            reference = np.load(SHARED_OMNIGLOT / npz_name)["images"]  # True = white background
+            with open(SHARED_OMNIGLOT / "omniglot_characters.csv") as handle:  # the npz's order
+                order = [(r["alphabet"], r["character_dir"]) for r in csv.DictReader(handle)
+                         if f"images_{r['set']}" == group]
+            assert len(labels) == len(order) == reference.shape[0]
+            assert {name for name, _, _ in labels} == {group}
+            for _, alphabet, character in labels[:: len(labels) // 7]:
+                images = hdf5[f"{group}/{alphabet}/{character}"][:]
+                assert images.dtype == np.uint8 and images.shape == (20, 105, 105)
+                reference_images = reference[order.index((alphabet, character))]
+                np.testing.assert_array_equal(images == 255, ~reference_images)
+                assert set(np.unique(images)) == {0, 255}
+    vinyals = {s: json.loads((folder / f"vinyals_{s}_labels.json").read_text())
+               for s in ("train", "val", "test")}
+    assert sum(map(len, vinyals.values())) == 964 + 659
+    assert not set(map(tuple, vinyals["train"])) & set(map(tuple, vinyals["test"]))
+
+
+@pytest.mark.slow
+def test_torchmeta_reads_the_prepared_folder(omniglot_root):
+    from torchmeta.datasets.helpers import omniglot
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    dataset = omniglot(str(omniglot_root), ways=5, shots=1, test_shots=15, meta_test=True,
+                       download=False)
+    batch = next(iter(BatchMetaDataLoader(dataset, batch_size=2, num_workers=0)))
+    assert tuple(batch["train"][0].shape) == (2, 5, 1, 28, 28)
+    assert tuple(batch["test"][0].shape) == (2, 75, 1, 28, 28)
+    assert 0 <= batch["train"][0].min() and batch["train"][0].max() <= 1
+    assert (batch["train"][0] > 0.5).float().mean() < 0.5  # strokes bright on a dark background
+
+
+def fake_omniglot_zips(folder: Path) -> None:
+    """Two tiny zips in the official layout: 2 alphabets x 2 characters x 3 drawings."""
+    rng = np.random.default_rng(0)
+    for group in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(folder / f"{group}.zip", "w") as archive:
+            for alphabet in ("Alpha", "Beta"):
+                for character in ("character01", "character02"):
+                    for drawing in range(3):
+                        path = folder / "png.png"
+                        Image.fromarray(rng.random((105, 105)) > 0.1).save(path)
+                        archive.write(path, f"{group}/{alphabet}/{character}/{drawing:04d}_01.png")
+
+
+def test_failed_prepare_leaves_no_dataset_behind(tmp_path, monkeypatch):
+    fake_omniglot_zips(tmp_path)
+    real = prepare_module._read_omniglot_zip
+    calls = []
+
+    def fail_on_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path)
+
+    monkeypatch.setattr(prepare_module, "_read_omniglot_zip", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_omniglot(tmp_path, tmp_path / "root")
+    folder = tmp_path / "root" / "omniglot"
+    assert not (folder / "data.hdf5").exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary left
+    monkeypatch.setattr(prepare_module, "_read_omniglot_zip", real)
+    assert prepare_omniglot(tmp_path, tmp_path / "root") == folder  # a rerun completes
+    with h5py.File(folder / "data.hdf5", "r") as hdf5:
+        assert hdf5["images_evaluation/Beta/character02"].shape == (3, 105, 105)
+    assert oct((folder / "data.hdf5").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_prepare_command_errors_are_one_line(tmp_path, capsys):
+    assert main(["data", "prepare", "omniglot", "--source", str(tmp_path), "--root", str(tmp_path)]) == 2
+    assert "no Omniglot zip at" in capsys.readouterr().err
+    assert main(["data", "prepare", "imagenet", "--source", str(tmp_path)]) == 2
+    assert "unknown dataset to prepare 'imagenet'; choose one of: omniglot" in capsys.readouterr().err
+    assert main(["data", "prepare", "omniglot"]) == 2
+    assert "--source DIR" in capsys.readouterr().err
