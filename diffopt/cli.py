@@ -98,7 +98,7 @@ def evaluate(
     restore_module(algorithm, payload["algorithm"], run)
     evaluation = run_evaluation(
         algorithm, get_dataset(config.dataset), shots=config.shots, test_shots=test_shots,
-        tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device,
+        tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
     )
     summary = {}
     for step in sorted(evaluation.scores):
@@ -229,6 +229,7 @@ def gradcheck(
     loader = get_dataset(config.dataset).loader(
         "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
         ways=config.ways, batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size,
+        root=config.data_root,
     )
     episode = Episode.from_torchmeta(next(iter(loader)))
     result = check_meta_gradient(meta_learner, episode, eps=eps)

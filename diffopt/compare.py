@@ -86,6 +86,7 @@ def compare(
         evaluation = evaluate(
             result.algorithm, spec, shots=config.shots, test_shots=eval_test_shots,
             tasks=eval_tasks, steps=eval_steps, seed=eval_seed, device=config.device,
+            ways=config.ways, root=config.data_root,
         )
         row = Row(label, config.shots, result.seconds_per_iteration,
                   {s: v.tolist() for s, v in evaluation.scores.items()}, str(run_dir), train_seconds)

@@ -31,7 +31,8 @@ class TrainConfig:
     """Everything a meta-training run depends on; saved in its checkpoint."""
 
     algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
-    dataset: str = option("sinusoid", "dataset: sinusoid")
+    dataset: str = option("sinusoid", "dataset: sinusoid, omniglot")
+    data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
     shots: int = option(10, "support examples per task (K); per class for classification")
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
     ways: int | None = option(None, "classes per task (classification datasets only)")

@@ -53,6 +53,7 @@ def evaluate(
     ways: int | None = None,
     batch_size: int = 25,
     device: str = "cpu",
+    root: str = "data",
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
@@ -68,7 +69,7 @@ def evaluate(
                             for step, fmodel in enumerate(unrolled) if step in steps])
 
     loader = spec.loader("test", seed=seed, shots=shots, test_shots=test_shots, ways=ways,
-                         batch_size=batch_size, num_tasks=tasks)
+                         batch_size=batch_size, num_tasks=tasks, root=root)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
     rows = []  # [tasks, len(steps)]

@@ -35,10 +35,9 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     """The algorithm (model and inner loop) a config describes, freshly initialised from its seed."""
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
-        steps=config.inner_steps, **spec.model_io
-    )
+    io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
+    model = build_model(config.model, hidden=config.hidden, activation=config.activation,
+                        norm=config.norm, steps=config.inner_steps, **io)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize)
     try:
@@ -80,15 +79,16 @@ def default_run_dir(config: TrainConfig) -> Path:
 def train(config: TrainConfig) -> TrainResult:
     """Meta-train as ``config`` says; write the run folder; return the trained algorithm."""
     spec = get_dataset(config.dataset)
+    loader = spec.loader(  # first: a missing dataset is reported before anything else happens
+        "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
+        ways=config.ways, batch_size=config.meta_batch_size,
+        num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
+        root=config.data_root,
+    )
     algorithm = build(config)
     if config.init_from is not None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
     optimizer, scheduler = outer_optimizer(config, algorithm)
-    loader = spec.loader(
-        "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
-        ways=config.ways, batch_size=config.meta_batch_size,
-        num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
-    )
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     if (run_dir / CHECKPOINT_NAME).exists():
         raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.data.episode import Episode, Task
+from diffopt.data.omniglot import omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
 from diffopt.errors import unknown_name
 
@@ -33,13 +34,19 @@ def mse_per_task(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (prediction - target).pow(2).flatten(-2).mean(-1)
 
 
+def accuracy_per_task(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction classified right per task: [B, N, C] x [B, N] -> [B] (or [N, C] x [N] -> [])."""
+    return (logits.argmax(-1) == labels).to(logits.dtype).mean(-1)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the rest of diffopt needs to know about a dataset."""
 
     name: str
     make_loader: Callable[..., Any]
-    """(shots, test_shots, batch_size, num_tasks, seed, num_workers) -> loader of torchmeta batches."""
+    """(split, shots, test_shots, batch_size, num_tasks, seed, num_workers, root[, ways]) -> loader
+    of torchmeta batches."""
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """Differentiable task loss: (prediction [N, ...], target [N, ...]) -> scalar."""
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,8 +54,9 @@ class DatasetSpec:
     metric: str
     lower_is_better: bool
     classification: bool
-    model_io: dict[str, int] = field(default_factory=dict)
-    """Model keyword arguments fixed by the data (input and output sizes)."""
+    model_io: dict[str, Any] = field(default_factory=dict)
+    """Model keyword arguments fixed by the data (input sizes; the output size too for regression,
+    while classifiers output ``ways`` logits)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Training options this dataset's literature uses (overridden by explicit flags)."""
     algorithm_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -56,13 +64,15 @@ class DatasetSpec:
 
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
-        num_tasks: int, num_workers: int = 0, ways: int | None = None,
+        num_tasks: int, num_workers: int = 0, ways: int | None = None, root: str = "data",
     ):
-        """Loader over ``num_tasks`` tasks of ``split``, in an order fixed by ``seed``."""
+        """Loader over ``num_tasks`` tasks of ``split``, in an order fixed by ``seed``; image
+        datasets are read from ``root`` (as prepared by ``diffopt data prepare``)."""
         kwargs = dict(ways=ways) if self.classification else {}
         return self.make_loader(
-            shots=shots, test_shots=test_shots, batch_size=batch_size, num_tasks=num_tasks,
-            seed=split_seed(seed, split), num_workers=num_workers, **kwargs,
+            split=split, shots=shots, test_shots=test_shots, batch_size=batch_size,
+            num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,
+            **kwargs,
         )
 
 
@@ -85,6 +95,20 @@ DATASETS: dict[str, DatasetSpec] = {
             reptile=dict(inner_steps=5, inner_lr=0.01, outer_optimizer="sgd",
                          meta_lr=1.0, meta_lr_final=0.0),
         ),
+    ),
+    "omniglot": DatasetSpec(
+        name="omniglot",
+        make_loader=omniglot_loader,
+        loss=F.cross_entropy,
+        score=accuracy_per_task,
+        metric="accuracy",
+        lower_is_better=False,
+        classification=True,
+        model_io=dict(in_channels=1, image_size=28, pool=False),
+        # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
+        # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
+        defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", ways=5,
+                      shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
     ),
 }
 

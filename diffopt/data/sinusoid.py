@@ -12,9 +12,12 @@ from diffopt.errors import DiffoptError
 
 
 def sinusoid_loader(
-    *, shots: int, test_shots: int, batch_size: int, num_tasks: int, seed: int, num_workers: int = 0
+    *, shots: int, test_shots: int, batch_size: int, num_tasks: int, seed: int, num_workers: int = 0,
+    split: str = "train", root: str | None = None,
 ) -> DataLoader:
     """Batches of ``batch_size`` Sinusoid tasks, ``num_tasks`` in all, in a fixed order.
+
+    Generated data: ``split`` only selects the seed (``DatasetSpec.loader``), ``root`` is unused.
 
     Each batch is ``{'train': (x, y), 'test': (x, y)}`` with x, y of shape [B, shots or
     test_shots, 1] (float64). The task stream depends on ``seed`` alone.

@@ -1,0 +1,117 @@
+"""Omniglot (Lake et al. 2015) through torchmeta's ``omniglot`` helper and ``BatchMetaDataLoader``.
+
+28x28 images (Resize, as MAML), classes rotated by 90, 180 and 270 degrees as new classes
+(torchmeta's default, as MAML), the Vinyals et al. split of characters into meta-train /
+meta-val / meta-test. The data must be prepared first (``diffopt data prepare omniglot``).
+
+Task i of a stream is a function of (seed, i) alone: ``TaskSampler`` draws its classes from a
+generator seeded by (seed, i), and ``IndexedTasks`` reseeds torchmeta's splitter by (seed, i)
+before building it. So a stream can start anywhere (resuming) or be split between processes
+and still be the same tasks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from diffopt.data.prepare import omniglot_files
+from diffopt.data.torchmeta_compat import load as load_torchmeta
+from diffopt.errors import DiffoptError
+
+TORCHMETA_SPLITS = {"train": "meta_train", "val": "meta_val", "test": "meta_test"}
+
+
+def task_seed(seed: int, index: int) -> int:
+    """A 32-bit seed for task ``index`` of the stream ``seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class TaskSampler(Sampler):
+    """Yields (i, classes) for i in [start, num_tasks): ``ways`` distinct classes of ``num_classes``."""
+
+    def __init__(self, num_classes: int, ways: int, num_tasks: int, seed: int, start: int = 0) -> None:
+        if ways > num_classes:
+            raise DiffoptError(f"--ways {ways} is more than the {num_classes} classes of this split")
+        self.num_classes, self.ways, self.num_tasks = num_classes, ways, num_tasks
+        self.seed, self.start = seed, start
+
+    def __iter__(self):
+        for index in range(self.start, self.num_tasks):
+            rng = np.random.default_rng(task_seed(self.seed, index))
+            yield index, tuple(int(c) for c in rng.choice(self.num_classes, self.ways, replace=False))
+
+    def __len__(self) -> int:
+        return self.num_tasks - self.start
+
+
+class Examples(Dataset):
+    """A task split's (image, label) pairs, already read."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
+
+    def __getitem__(self, index: int):
+        return self.examples[index]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class IndexedTasks(Dataset):
+    """A torchmeta ``CombinationMetaDataset`` addressed by (i, classes), reseeded per task.
+
+    torchmeta draws two things from shared state: the splitter shuffles each split with its own
+    generator, and ``Categorical`` permutes the labels with ``torch.randperm`` on torch's global
+    generator, lazily, when the loader's collate reads the first example. Both are seeded by
+    (seed, i) here, and the task's examples are read at once inside ``torch.random.fork_rng``,
+    so the labels are fixed and the caller's torch random state is left as it was.
+    """
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __getitem__(self, key):
+        index, classes = key
+        seed = task_seed(self.seed, index)
+        self.dataset.seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            task = self.dataset[classes]  # {'train': examples, 'test': examples}
+            return OrderedDict((split, Examples([examples[i] for i in range(len(examples))]))
+                               for split, examples in task.items())
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def prepare_hint(root: str) -> str:
+    return (f"Omniglot is not prepared in {Path(root) / 'omniglot'}: run `diffopt data prepare "
+            f"omniglot --source DIR --root {root}` (DIR: the folder with the two Omniglot zips)")
+
+
+def omniglot_loader(
+    *, split: str, ways: int, shots: int, test_shots: int, batch_size: int, num_tasks: int, seed: int,
+    root: str, num_workers: int = 0, start: int = 0,
+):
+    """Batches of ``batch_size`` tasks from the ``split`` characters, ``num_tasks`` in all.
+
+    Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots), 1,
+    28, 28] float in [0, 1] (strokes 1), y [B, ...] int64 labels 0..ways-1.
+    """
+    missing = [path for path in omniglot_files(root) if not path.is_file()]
+    if missing:
+        raise DiffoptError(f"{prepare_hint(root)}; missing {missing[0].name}")
+    load_torchmeta()
+    from torchmeta.datasets.helpers import omniglot
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    dataset = omniglot(str(root), ways=ways, shots=shots, test_shots=test_shots,
+                       **{TORCHMETA_SPLITS[split]: True}, download=False)
+    sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
+    return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
+                               shuffle=False, num_workers=num_workers)
