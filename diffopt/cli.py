@@ -30,18 +30,28 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     return tuple(values)
 
 
-def train(**options: Any) -> None:
+def train(resume: str | None = None, **options: Any) -> None:
     """Meta-train one algorithm; writes config.json, metrics.jsonl and checkpoint.pt to a run folder."""
-    config = resolve_config(**options)
+    from diffopt.train import resume as resume_training
     from diffopt.train import train as run_training
 
-    result = run_training(config)
+    if resume is not None:
+        other = sorted(set(options) - {"progress"})
+        if other:
+            raise DiffoptError(f"--resume continues a run with the options it was started with; "
+                               f"drop --{other[0]}")
+        result = resume_training(resume, progress=options.get("progress"))
+    else:
+        result = run_training(resolve_config(**options))
     print(f"run folder: {result.run_dir}  (median {result.seconds_per_iteration:.4f} s / meta-iteration, "
           f"final loss {result.final_loss:.4f})")
 
 
 def _train_help() -> tuple[inspect.Signature, str]:
-    params, lines = [], []
+    params = [inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=str | None)]
+    lines = ["    resume: continue the run in this folder from its last checkpoint, exactly (no other "
+             "options but --progress)"]
     types = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,

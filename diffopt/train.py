@@ -7,11 +7,13 @@ and ``checkpoint.pt`` (see ``diffopt.checkpoint``).
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -23,8 +25,9 @@ from diffopt.checkpoint import (
     restore_module,
     save_checkpoint,
     write_json,
+    write_text,
 )
-from diffopt.config import TrainConfig
+from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
@@ -76,39 +79,102 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.dataset}-{config.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Meta-train as ``config`` says; write the run folder; return the trained algorithm."""
+def _random_state() -> dict:
+    """Every global random state a run may touch (python, numpy, torch), as checkpointable values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "position": position, "has_gauss": has_gauss, "gauss": gauss}}
+
+
+def _set_random_state(state: dict) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"],
+                         n["has_gauss"], n["gauss"]))
+
+
+def _as_tuples(value):
+    """Lists back to the nested tuples ``random.setstate`` wants."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _metrics_up_to(path: Path, iteration: int) -> str:
+    """The complete lines of a metrics log that belong to iterations <= ``iteration``."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if record.get("iteration", iteration + 1) <= iteration:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
+def resume(run_dir: str | Path, *, progress: bool | None = None) -> TrainResult:
+    """Continue the run in ``run_dir`` from its checkpoint, exactly as if it had never stopped.
+
+    The checkpoint holds the config, the meta-parameters (and buffers), the outer optimizer and
+    schedule, the iteration and every global random state; the task stream restarts at the next
+    task. Metrics logged after the checkpoint are dropped and recomputed.
+    """
+    run_dir = Path(run_dir)
+    payload = load_checkpoint(run_dir)
+    options = dict(payload["config"], run_dir=str(run_dir))
+    if progress is not None:
+        options["progress"] = progress
+    return train(resolve_config(**options), resume_from=payload)
+
+
+def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResult:
+    """Meta-train as ``config`` says; write the run folder; return the trained algorithm.
+
+    ``resume_from``: a checkpoint of this run to continue from (see ``resume``).
+    """
     spec = get_dataset(config.dataset)
+    done = 0 if resume_from is None else int(resume_from["iteration"])
     loader = spec.loader(  # first: a missing dataset is reported before anything else happens
         "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
         ways=config.ways, batch_size=config.meta_batch_size,
         num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
-        root=config.data_root,
+        root=config.data_root, start=done * config.meta_batch_size,
     )
     algorithm = build(config)
-    if config.init_from is not None:
+    if config.init_from is not None and resume_from is None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
     optimizer, scheduler = outer_optimizer(config, algorithm)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    if (run_dir / CHECKPOINT_NAME).exists():
-        raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume_from is None:
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
+                               f"continue it with `diffopt train --resume {run_dir}`")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config.to_dict())
+        write_text(metrics_path, "")
+    else:
+        restore_module(algorithm, resume_from["algorithm"], run_dir)
+        optimizer.load_state_dict(resume_from["outer_optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        _set_random_state(resume_from["random_state"])
+        write_text(metrics_path, _metrics_up_to(metrics_path, done))
 
     def checkpoint(iteration: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": scheduler.state_dict(), "random_state": _random_state(),
         })
 
     durations: list[float] = []
     metrics: dict[str, float] = {}
-    bar = tqdm(total=config.iterations, disable=not config.progress, desc=config.algorithm,
-               dynamic_ncols=True, leave=False)
-    with open(run_dir / "metrics.jsonl", "w") as log:
+    bar = tqdm(total=config.iterations, initial=done, disable=not config.progress,
+               desc=config.algorithm, dynamic_ncols=True, leave=False)
+    with open(metrics_path, "a") as log:
         start = time.perf_counter()
-        for iteration, batch in enumerate(loader, start=1):
+        for iteration, batch in enumerate(loader, start=done + 1):
             episode = Episode.from_torchmeta(batch, device=config.device)
             if isinstance(algorithm, MAML):
                 apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
@@ -129,7 +195,9 @@ def train(config: TrainConfig) -> TrainResult:
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                log.flush()  # the log reaches the checkpoint's iteration before the checkpoint does
                 checkpoint(iteration)
     bar.close()
     checkpoint(config.iterations)
-    return TrainResult(run_dir, algorithm, statistics.median(durations), metrics["loss"])
+    median = statistics.median(durations) if durations else float("nan")
+    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")))

@@ -45,8 +45,8 @@ class DatasetSpec:
 
     name: str
     make_loader: Callable[..., Any]
-    """(split, shots, test_shots, batch_size, num_tasks, seed, num_workers, root[, ways]) -> loader
-    of torchmeta batches."""
+    """(split, shots, test_shots, batch_size, num_tasks, seed, num_workers, root, start[, ways]) ->
+    loader of torchmeta batches of tasks start .. num_tasks - 1."""
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     """Differentiable task loss: (prediction [N, ...], target [N, ...]) -> scalar."""
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,14 +65,15 @@ class DatasetSpec:
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
         num_tasks: int, num_workers: int = 0, ways: int | None = None, root: str = "data",
+        start: int = 0,
     ):
-        """Loader over ``num_tasks`` tasks of ``split``, in an order fixed by ``seed``; image
-        datasets are read from ``root`` (as prepared by ``diffopt data prepare``)."""
+        """Loader over tasks ``start`` .. ``num_tasks - 1`` of ``split``, in an order fixed by
+        ``seed``; image datasets are read from ``root`` (as ``diffopt data prepare`` wrote it)."""
         kwargs = dict(ways=ways) if self.classification else {}
         return self.make_loader(
             split=split, shots=shots, test_shots=test_shots, batch_size=batch_size,
             num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,
-            **kwargs,
+            start=start, **kwargs,
         )
 
 

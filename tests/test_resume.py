@@ -1,0 +1,76 @@
+"""Resuming: a run killed with SIGKILL mid-run and resumed ends bit-identical to one never
+interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffopt.checkpoint import load_checkpoint
+from diffopt.cli import main
+
+OPTIONS = ["--iterations", "300", "--meta_batch_size", "4", "--shots", "3", "--hidden", "16,16",
+           "--inner_optimizer", "lslr", "--inner_steps", "2", "--checkpoint_every", "7",
+           "--meta_lr_schedule", "cosine", "--meta_lr_final", "1e-4", "--progress", "False"]
+
+
+def diffopt(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "diffopt", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def checkpoint_iteration(run: Path) -> int:
+    try:
+        return load_checkpoint(run)["iteration"]
+    except Exception:  # not written yet
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = diffopt("train", *OPTIONS, "--run_dir", str(whole))
+    victim = diffopt("train", *OPTIONS, "--run_dir", str(killed))
+    deadline = time.monotonic() + 120
+    while checkpoint_iteration(killed) < 30 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    stopped_at = checkpoint_iteration(killed)
+    assert 30 <= stopped_at < 300, stopped_at  # killed mid-run, after a checkpoint
+    assert reference.wait() == 0, reference.stderr.read().decode()
+
+    assert main(["train", "--resume", str(killed), "--progress", "False"]) == 0
+    a, b = load_checkpoint(whole), load_checkpoint(killed)
+    assert a["iteration"] == b["iteration"] == 300
+    for name, tensor in a["algorithm"].items():
+        assert torch.equal(tensor, b["algorithm"][name]), name
+    for key in ("state", "param_groups"):
+        assert str(a["outer_optimizer"][key]) == str(b["outer_optimizer"][key])
+    logs = [[(r["iteration"], r["loss"], r["lr"]) for r in map(json.loads, (run / "metrics.jsonl").open())]
+            for run in (whole, killed)]
+    assert logs[0] == logs[1] and [i for i, _, _ in logs[1]] == list(range(1, 301))
+
+
+def test_resume_takes_no_other_options_and_needs_a_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--iterations", "5"]) == 2
+    assert "drop --iterations" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"no checkpoint at {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err
+
+
+def test_starting_over_an_existing_run_points_to_resume(tmp_path, capsys):
+    args = ["train", "--iterations", "1", "--meta_batch_size", "2", "--run_dir", str(tmp_path),
+            "--progress", "False"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert f"continue it with `diffopt train --resume {tmp_path}`" in capsys.readouterr().err
