@@ -40,8 +40,9 @@ def test_per_step_batch_norm_meta_gradient_matches_finite_differences(steps, rul
     assert not algorithm.vectorized  # buffers: the loop over tasks
     # Batch norm over 5 examples makes the meta-loss sharply curved: with eps 1e-6 the central
     # difference's truncation error reached 1.1e-5 (it fell as eps^2: 1.1e-3 at 1e-5, 1.1e-7 at
-    # 1e-7, seed 0, 1 sgd step, lr 1/64), so this check uses eps 1e-7.
-    result = check_meta_gradient(algorithm, random_episode(seed, 2, 5, 5), eps=1e-7)
+    # 1e-7; seed 0, 1 sgd step, lr 1/64), while at eps 1e-7 round-off reached 1.7e-5 on a tensor
+    # with a small gradient (seed 183, 2 sgd steps, lr 0.103). Each tensor takes its better eps.
+    result = check_meta_gradient(algorithm, random_episode(seed, 2, 5, 5), eps=(1e-6, 1e-7))
     assert result.max_rel_error < 1e-5, result.per_parameter
     norm_weight = result.per_parameter["model.1.weight"]
     assert norm_weight.grad_scale > 0
