@@ -36,7 +36,10 @@ class TrainConfig:
     shots: int = option(10, "support examples per task (K); per class for classification")
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
     ways: int | None = option(None, "classes per task (classification datasets only)")
-    iterations: int = option(1000, "meta-iterations (outer steps)")
+    iterations: int = option(1000, "meta-iterations (outer steps); with --max_seconds, the most")
+    max_seconds: float | None = option(
+        None, "wall-clock budget: stop after the meta-iteration that brings the training time "
+        "(summed over resumes, evaluation excluded) to this many seconds")
     meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
@@ -160,6 +163,8 @@ def validate(config: TrainConfig) -> None:
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
+    if config.max_seconds is not None:
+        check_float("max_seconds", config.max_seconds, positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):
         if getattr(config, name) and config.algorithm != "maml":
             raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")

@@ -73,6 +73,10 @@ class TrainResult:
     seconds_per_iteration: float
     """Median wall-clock seconds of a meta-iteration (data, meta-gradient, outer step)."""
     final_loss: float
+    iterations: int
+    """Meta-iterations completed (fewer than configured when --max_seconds ran out)."""
+    train_seconds: float
+    """Training time summed over the run's sessions (the --max_seconds clock)."""
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -161,20 +165,26 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         _set_random_state(resume_from["random_state"])
         write_text(metrics_path, _metrics_up_to(metrics_path, done))
 
+    clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
+
     def checkpoint(iteration: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "random_state": _random_state(),
+            "train_seconds": clock,
         })
 
     durations: list[float] = []
     metrics: dict[str, float] = {}
+    completed = done
     bar = tqdm(total=config.iterations, initial=done, disable=not config.progress,
                desc=config.algorithm, dynamic_ncols=True, leave=False)
     with open(metrics_path, "a") as log:
         start = time.perf_counter()
         for iteration, batch in enumerate(loader, start=done + 1):
+            if config.max_seconds is not None and clock >= config.max_seconds:
+                break
             episode = Episode.from_torchmeta(batch, device=config.device)
             if isinstance(algorithm, MAML):
                 apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
@@ -186,9 +196,11 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             scheduler.step()
             now = time.perf_counter()
             durations.append(now - start)
+            clock += durations[-1]
             start = now
+            completed = iteration
             record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": durations[-1]}
+                      "seconds": durations[-1], "train_seconds": clock}
             if isinstance(algorithm, MAML):
                 record["first_order"] = algorithm.first_order
             log.write(json.dumps(record) + "\n")
@@ -198,6 +210,6 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 log.flush()  # the log reaches the checkpoint's iteration before the checkpoint does
                 checkpoint(iteration)
     bar.close()
-    checkpoint(config.iterations)
+    checkpoint(completed)
     median = statistics.median(durations) if durations else float("nan")
-    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")))
+    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock)

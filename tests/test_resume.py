@@ -74,3 +74,19 @@ def test_starting_over_an_existing_run_points_to_resume(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 2
     assert f"continue it with `diffopt train --resume {tmp_path}`" in capsys.readouterr().err
+
+
+def test_time_budget_stops_the_run_and_resume_respects_it(tmp_path):
+    from diffopt.config import resolve_config
+    from diffopt.train import resume, train
+
+    config = resolve_config(iterations=50, meta_batch_size=2, max_seconds=1e-9, checkpoint_every=1,
+                            run_dir=str(tmp_path), progress=False)
+    result = train(config)
+    assert result.iterations == 1 and result.train_seconds > 0  # the first iteration spends it
+    payload = load_checkpoint(tmp_path)
+    assert payload["iteration"] == 1 and payload["train_seconds"] == result.train_seconds
+    again = resume(tmp_path)
+    assert again.iterations == 1  # nothing left of the budget
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1]
