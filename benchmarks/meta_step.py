@@ -24,7 +24,7 @@ from diffopt.algorithms import build_algorithm
 from diffopt.data import Episode
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP
-from diffopt.report import write_section
+from diffopt.report import machine_description, write_section
 
 CONFIGS = [  # (label, algorithm, inner rule, inner steps)
     ("MAML, sgd, 1 step", "maml", "sgd", 1),
@@ -79,7 +79,7 @@ def main(rounds: int = 30, warmup: int = 5, threads: int = 2, write: str | None 
                      f"{diff:.1e} |")
     body = "\n".join([
         f"Command: `python benchmarks/meta_step.py --rounds {rounds} --threads {threads}`. "
-        f"{platform.processor() or platform.machine()}, {threads} torch threads, torch "
+        f"{machine_description()}, {threads} torch threads, torch "
         f"{torch.__version__}, Python {platform.python_version()}; measured "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Median of {rounds} interleaved "
         f"rounds after {warmup} warm-up rounds; seconds per meta-gradient of one meta-batch "

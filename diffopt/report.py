@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -21,3 +23,16 @@ def write_section(path: str | Path, key: str, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + f"\n\n## {title}\n\n{section}\n"
     write_text(path, text)
+
+
+def machine_description() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"

@@ -29,7 +29,7 @@ import torch
 import diffopt
 from diffopt.compare import compare
 from diffopt.evaluate import EVAL_SEED, mean_ci95
-from diffopt.report import write_section
+from diffopt.report import machine_description, write_section
 
 PAPER = {  # Park & Oliva 2019, table 1 (MAML and Meta-SGD as reported by Li et al. 2017)
     "maml": {5: "0.69 +- 0.07", 10: "0.44 +- 0.04"},
@@ -50,6 +50,16 @@ def paper_bound(text: str) -> float:
     """Upper end of a 'mean +- interval' string."""
     mean, interval = (float(v) for v in text.split("+-"))
     return mean + interval
+
+
+def summary(scores) -> str:
+    """'mean +- interval', or how many tasks diverged (a rule learned for 1 step, run for 10)."""
+    scores = np.asarray(scores)
+    bad = int((~np.isfinite(scores)).sum())
+    if bad:
+        return f"diverges on {bad} of {scores.size} tasks"
+    mean, ci = mean_ci95(scores)
+    return f"{mean:.3f} +- {ci:.3f}"
 
 
 def main(
@@ -85,12 +95,11 @@ def main(
     means = {}
     for row in sorted(rows, key=lambda r: (r.shots, methods.index(r.label))):
         one, ci = mean_ci95(row.scores[1])
-        ten, ci10 = mean_ci95(row.scores[10])
         means[row.label, row.shots] = one
         paper = PAPER.get(row.label, {}).get(row.shots)
         within = "-" if paper is None else ("yes" if one <= paper_bound(paper) else "**no**")
         lines.append(f"| {row.label} | {row.shots} | {paper or '-'} | {one:.3f} +- {ci:.3f} | "
-                     f"{ten:.3f} +- {ci10:.3f} | {within} | {row.train_seconds / 60:.1f} min | "
+                     f"{summary(row.scores[10])} | {within} | {row.train_seconds / 60:.1f} min | "
                      f"{row.seconds_per_iteration:.4f} |")
     order = []
     for k in shots:
@@ -106,7 +115,7 @@ def main(
         f"{iterations} meta-iterations per run, meta-batch 25, training seed {seed}; MSE on "
         f"{eval_tasks} held-out tasks (evaluation seed {EVAL_SEED}, {eval_test_shots} query points "
         "each), mean +- 95% interval. Machine: "
-        f"{platform.processor() or platform.machine()}, {threads} torch thread(s), Python "
+        f"{machine_description()}, {threads} torch thread(s), Python "
         f"{platform.python_version()}, torch {torch.__version__}, higher {metadata.version('higher')}, "
         f"numpy {np.__version__}, diffopt {diffopt.__version__}. "
         f"Finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; this invocation took "
