@@ -73,6 +73,7 @@ def evaluate(
     test_shots: int = 100,
     seed: int = EVAL_SEED,
     device: str = "cpu",
+    transductive: bool = True,
 ) -> None:
     """Adapt a trained run to held-out tasks and report the metric after each number of steps.
 
@@ -84,6 +85,8 @@ def evaluate(
         test_shots: query examples per task that are scored
         seed: evaluation seed; the same seed gives the same tasks to every run
         device: torch device
+        transductive: score the query set as one batch (MAML); False: each query example in a
+            batch with the support set alone (Reptile's non-transductive protocol)
     """
     from diffopt.checkpoint import load_checkpoint, restore_module, write_json
     from diffopt.config import validate
@@ -94,6 +97,8 @@ def evaluate(
     steps = _as_tuple("steps", steps, int)
     for name, value, minimum in [("tasks", tasks, 2), ("test_shots", test_shots, 1), ("seed", seed, 0)]:
         check_int(name, value, minimum)
+    if not isinstance(transductive, bool):
+        raise DiffoptError(f"--transductive must be True or False; got {transductive!r}")
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     payload = load_checkpoint(run)
@@ -109,6 +114,7 @@ def evaluate(
     evaluation = run_evaluation(
         algorithm, get_dataset(config.dataset), shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
+        transductive=transductive,
     )
     summary = {}
     for step in sorted(evaluation.scores):

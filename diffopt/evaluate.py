@@ -54,18 +54,29 @@ def evaluate(
     batch_size: int = 25,
     device: str = "cpu",
     root: str = "data",
+    transductive: bool = True,
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
     Adaptation runs the algorithm's own inner loop on the support set (first order, as no
     meta-gradient is needed); the score is ``spec.score`` on the query set. The model's
     buffers (running statistics) are restored afterwards.
+
+    ``transductive`` (as MAML): the query set goes through the model as one batch, so batch
+    norm normalises it with its own statistics. Otherwise (the Reptile paper's protocol) each
+    query example is predicted in a batch with the support set alone, so no query example
+    sees another.
     """
     steps = sorted(set(steps))
 
+    def predict(fmodel, task: Task) -> torch.Tensor:
+        if transductive:
+            return fmodel(task.query_x)
+        return torch.cat([fmodel(torch.cat([task.support_x, x[None]]))[-1:] for x in task.query_x])
+
     def task_scores(task: Task) -> torch.Tensor:  # [len(steps)]
         unrolled = algorithm.unroll(task.support_x, task.support_y, steps=steps[-1])
-        return torch.stack([spec.score(fmodel(task.query_x), task.query_y)
+        return torch.stack([spec.score(predict(fmodel, task), task.query_y)
                             for step, fmodel in enumerate(unrolled) if step in steps])
 
     loader = spec.loader("test", seed=seed, shots=shots, test_shots=test_shots, ways=ways,

@@ -3,6 +3,7 @@ differences, per-step running statistics that accumulate in the model, and the C
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 from diffopt.algorithms import build_algorithm
 from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
-from diffopt.data import get_dataset
+from diffopt.data import Episode, get_dataset
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
@@ -112,3 +113,24 @@ def test_train_flag_builds_per_step_norms(tmp_path, capsys):
 def test_norm_models_are_not_vmapped(norm):
     model = MLP(1, 1, (3,), norm=norm)
     assert not build_algorithm("maml", model, InnerLoop("sgd"), F.mse_loss, "auto").vectorized
+
+
+def test_non_transductive_evaluation_predicts_each_query_with_the_support_set_alone():
+    torch.manual_seed(0)
+    spec = get_dataset("sinusoid")
+    kwargs = dict(shots=4, test_shots=6, tasks=3, steps=(0, 1), batch_size=3)
+    batch_norm = build_algorithm("maml", MLP(1, 1, (5,), norm="batch"), InnerLoop("sgd", 0.1, 1),
+                                 F.mse_loss)
+    together = evaluate(batch_norm, spec, **kwargs)
+    alone = evaluate(batch_norm, spec, transductive=False, **kwargs)
+    assert not np.allclose(together.scores[1], alone.scores[1])  # batch statistics differ
+    # By hand for the first task, before adaptation: query j in a batch with the support set.
+    task = next(iter(Episode.from_torchmeta(next(iter(spec.loader(
+        "test", seed=2017, shots=4, test_shots=6, batch_size=3, num_tasks=3))))))
+    with torch.no_grad():
+        predictions = torch.cat([batch_norm.model(torch.cat([task.support_x, x[None]]))[-1:]
+                                 for x in task.query_x])
+    assert alone.scores[0][0] == pytest.approx(spec.score(predictions, task.query_y).item(), rel=1e-6)
+    plain = build_algorithm("maml", MLP(1, 1, (5,)), InnerLoop("sgd", 0.1, 1), F.mse_loss)
+    np.testing.assert_allclose(evaluate(plain, spec, **kwargs).scores[1],
+                               evaluate(plain, spec, transductive=False, **kwargs).scores[1], rtol=1e-5)
