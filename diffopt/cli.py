@@ -70,7 +70,7 @@ def evaluate(
     tasks: int = 500,
     steps: Sequence[int] = (0, 1, 10),
     shots: int | None = None,
-    test_shots: int = 100,
+    test_shots: int | None = None,
     seed: int = EVAL_SEED,
     device: str = "cpu",
     transductive: bool = True,
@@ -82,37 +82,39 @@ def evaluate(
         tasks: number of held-out test tasks
         steps: numbers of inner steps after which to score, e.g. 0,1,10
         shots: support examples per task (default: the run's)
-        test_shots: query examples per task that are scored
+        test_shots: query examples per task (per class) that are scored (default: the dataset's,
+            sinusoid 100, omniglot 15)
         seed: evaluation seed; the same seed gives the same tasks to every run
         device: torch device
         transductive: score the query set as one batch (MAML); False: each query example in a
             batch with the support set alone (Reptile's non-transductive protocol)
     """
     from diffopt.checkpoint import load_checkpoint, restore_module, write_json
-    from diffopt.config import validate
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate as run_evaluation
     from diffopt.train import build
 
     steps = _as_tuple("steps", steps, int)
-    for name, value, minimum in [("tasks", tasks, 2), ("test_shots", test_shots, 1), ("seed", seed, 0)]:
+    for name, value, minimum in [("tasks", tasks, 2), ("seed", seed, 0)]:
         check_int(name, value, minimum)
+    if test_shots is not None:
+        check_int("test_shots", test_shots, 1)
     if not isinstance(transductive, bool):
         raise DiffoptError(f"--transductive must be True or False; got {transductive!r}")
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     payload = load_checkpoint(run)
-    try:
-        config = TrainConfig(**{**payload["config"], "device": device})
-        if shots is not None:
-            config = TrainConfig(**{**config.to_dict(), "shots": shots})
-        validate(config)
-    except TypeError as error:
+    overrides = {"device": device, **({} if shots is None else {"shots": shots})}
+    try:  # resolved again: options added since the run was written take their defaults
+        config = resolve_config(**{**payload["config"], **overrides})
+    except (DiffoptError, TypeError) as error:
         raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
+    spec = get_dataset(config.dataset)
+    test_shots = spec.eval_test_shots if test_shots is None else test_shots
     algorithm = build(config)
     restore_module(algorithm, payload["algorithm"], run)
     evaluation = run_evaluation(
-        algorithm, get_dataset(config.dataset), shots=config.shots, test_shots=test_shots,
+        algorithm, spec, shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
         transductive=transductive,
     )

@@ -35,6 +35,9 @@ class TrainConfig:
     data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
     shots: int = option(10, "support examples per task (K); per class for classification")
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
+    train_shots: int | None = option(
+        None, "support examples per task while meta-training, if more than at test (Reptile); "
+        "default: shots")
     ways: int | None = option(None, "classes per task (classification datasets only)")
     iterations: int = option(1000, "meta-iterations (outer steps); with --max_seconds, the most")
     max_seconds: float | None = option(
@@ -51,6 +54,8 @@ class TrainConfig:
         None, f"inner-loop update rule: {', '.join(inner_rule_names())}")
     inner_lr: float | None = option(None, "inner-loop step size")
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
+    inner_batch_size: int | None = option(
+        None, "examples per inner step, cycling through the task's data (Reptile); default: all")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
@@ -163,6 +168,9 @@ def validate(config: TrainConfig) -> None:
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
+    for name in ("train_shots", "inner_batch_size"):
+        if getattr(config, name) is not None:
+            check_int(name, getattr(config, name), 1)
     if config.max_seconds is not None:
         check_float("max_seconds", config.max_seconds, positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):

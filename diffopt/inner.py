@@ -53,8 +53,21 @@ class FunctionalModel:
         return self.params
 
 
+def minibatch(x: torch.Tensor, y: torch.Tensor, step: int, size: int | None):
+    """The examples inner step ``step`` trains on: all of them, or the ``step``-th run of ``size``
+    consecutive examples, cycling through (x, y) (whose order the loader already randomised)."""
+    count = x.shape[0]
+    if size is None or size >= count:
+        return x, y
+    index = (torch.arange(size, device=x.device) + step * size) % count
+    return x[index], y[index]
+
+
 class InnerLoop(nn.Module):
-    """``steps`` full-batch steps of an inner update rule with (initial) step size ``lr``.
+    """``steps`` steps of an inner update rule with (initial) step size ``lr``.
+
+    Each step uses all the adaptation data, or with ``batch_size`` a mini-batch of it
+    (``minibatch``: Reptile's inner mini-batches).
 
     ``optimizer``: a torch optimizer name (sgd, momentum, adam), a learned rule's name
     (``diffopt.optim.LEARNED_RULES``; ``model`` is then needed to size it), or an
@@ -63,9 +76,9 @@ class InnerLoop(nn.Module):
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
-                 model: nn.Module | None = None) -> None:
+                 model: nn.Module | None = None, batch_size: int | None = None) -> None:
         super().__init__()
-        self.lr, self.steps = lr, steps
+        self.lr, self.steps, self.batch_size = lr, steps, batch_size
         if isinstance(optimizer, UpdateRule):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
@@ -127,7 +140,8 @@ class InnerLoop(nn.Module):
         set_inner_step(fmodel, 0)
         yield fmodel
         for step in range(steps):
-            diffopt.step(loss_fn(fmodel(x), y))
+            xb, yb = minibatch(x, y, step, self.batch_size)
+            diffopt.step(loss_fn(fmodel(xb), yb))
             set_inner_step(fmodel, step + 1)
             yield fmodel
 
@@ -146,15 +160,16 @@ class InnerLoop(nn.Module):
         names = [name for name, _ in model.named_parameters()]
         params = list(model.parameters())
 
-        def inner_loss(weights: list[torch.Tensor]) -> torch.Tensor:
-            return loss_fn(FunctionalModel(model, names, weights)(x), y)
+        def inner_loss(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return loss_fn(FunctionalModel(model, names, weights)(xb), yb)
 
         set_inner_step(model, 0)
         yield FunctionalModel(model, names, params)
         state = rule.init(params)
         for step in range(steps):
             constant = detach_inner_grads or not track  # no graph through the inner gradient
-            grads = torch.func.grad(inner_loss)(_detach_all(params) if constant else params)
+            grads = torch.func.grad(inner_loss)(_detach_all(params) if constant else params,
+                                                *minibatch(x, y, step, self.batch_size))
             updates, state = rule.update(list(grads), state, params, step)
             if not track:
                 updates = _detach_all(updates)
@@ -211,4 +226,5 @@ class InnerLoop(nn.Module):
         return adapted
 
     def extra_repr(self) -> str:
-        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
+        batch = "" if self.batch_size is None else f", batch_size={self.batch_size}"
+        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}"

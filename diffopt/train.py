@@ -41,7 +41,8 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
     model = build_model(config.model, hidden=config.hidden, activation=config.activation,
                         norm=config.norm, steps=config.inner_steps, **io)
-    inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model)
+    inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
+                      batch_size=config.inner_batch_size)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize)
     try:
         return algorithm.to(config.device)
@@ -140,8 +141,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     spec = get_dataset(config.dataset)
     done = 0 if resume_from is None else int(resume_from["iteration"])
     loader = spec.loader(  # first: a missing dataset is reported before anything else happens
-        "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
-        ways=config.ways, batch_size=config.meta_batch_size,
+        "train", seed=config.seed, shots=config.train_shots or config.shots,
+        test_shots=config.test_shots, ways=config.ways, batch_size=config.meta_batch_size,
         num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
         root=config.data_root, start=done * config.meta_batch_size,
     )

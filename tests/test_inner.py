@@ -48,10 +48,11 @@ def test_momentum_step_formula():
             torch.testing.assert_close(weights[t + 1][i], w - 0.1 * buffers[i], rtol=1e-12, atol=1e-14)
 
 
-def test_adam_step_follows_highers_formula():
+@pytest.mark.parametrize("optimizer,beta1", [("adam", 0.9), ("adam_beta1_0", 0.0)])
+def test_adam_step_follows_highers_formula(optimizer, beta1):
     # higher's differentiable Adam adds eps before the bias correction (pre-1.5 torch formula).
-    lr, beta1, beta2, eps = 0.05, 0.9, 0.999, 1e-8
-    weights, grads = trajectory("adam", lr, 2)
+    lr, beta2, eps = 0.05, 0.999, 1e-8
+    weights, grads = trajectory(optimizer, lr, 2)
     m = [torch.zeros_like(g) for g in grads[0]]
     v = [torch.zeros_like(g) for g in grads[0]]
     for t in range(2):
@@ -110,3 +111,22 @@ def test_cache_is_not_state_and_survives_copy_and_pickle():
 def test_unknown_inner_optimizer():
     with pytest.raises(DiffoptError, match="unknown inner optimizer 'rprop'; choose one of: adam"):
         InnerLoop("rprop")
+
+
+@pytest.mark.parametrize("vectorize", ["never", "always"])
+def test_inner_mini_batches_cycle_through_the_data(vectorize):
+    """batch_size 3 over 5 examples: steps use examples 0-2, 3,4,0, 1-3 (Reptile's mini-batches)."""
+    algorithm = small_algorithm("reptile", "sgd", 0.2, 3, vectorize=vectorize)
+    algorithm.inner.batch_size = 3
+    task = first_task()
+    x, y = task.support_x, task.support_y
+    assert x.shape[0] == 5
+    adapted = algorithm.adapt(x, y)
+    model = copy.deepcopy(algorithm.model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.2)
+    for index in ([0, 1, 2], [3, 4, 0], [1, 2, 3]):
+        sgd.zero_grad()
+        F.mse_loss(model(x[index]), y[index]).backward()
+        sgd.step()
+    for a, b in zip(adapted.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -175,3 +175,16 @@ def test_unprepared_omniglot_names_the_prepare_command(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert f"run `diffopt data prepare omniglot --source DIR --root {tmp_path}`" in err
+
+
+@pytest.mark.slow
+def test_omniglot_reptile_with_its_papers_protocol(omniglot_root, tmp_path):
+    from diffopt.config import resolve_config
+    from diffopt.train import train
+
+    config = resolve_config(dataset="omniglot", algorithm="reptile", data_root=str(omniglot_root),
+                            iterations=2, meta_batch_size=2, run_dir=str(tmp_path), progress=False)
+    assert (config.train_shots, config.inner_batch_size, config.inner_optimizer, config.inner_steps,
+            config.inner_lr) == (5, 10, "adam_beta1_0", 5, 0.001)
+    result = train(config)
+    assert result.iterations == 2 and np.isfinite(result.final_loss)

@@ -54,6 +54,8 @@ class DatasetSpec:
     metric: str
     lower_is_better: bool
     classification: bool
+    eval_test_shots: int = 15
+    """Query examples (per class) scored per evaluation task by default."""
     model_io: dict[str, Any] = field(default_factory=dict)
     """Model keyword arguments fixed by the data (input sizes; the output size too for regression,
     while classifiers output ``ways`` logits)."""
@@ -86,6 +88,7 @@ DATASETS: dict[str, DatasetSpec] = {
         metric="mse",
         lower_is_better=True,
         classification=False,
+        eval_test_shots=100,
         model_io=dict(in_features=1, out_features=1),
         # Finn et al. 2017, section 5.1: 1-40-40-1 ReLU MLP, inner lr 0.01, meta-batch 25, Adam 1e-3.
         defaults=dict(model="mlp", hidden=(40, 40), activation="relu", meta_batch_size=25),
@@ -110,6 +113,14 @@ DATASETS: dict[str, DatasetSpec] = {
         # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
         defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", ways=5,
                       shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
+        # Nichol et al. 2018, Omniglot 5-way: 10 examples per class per task while meta-training
+        # (here 5 support + 5 query, as Reptile trains on both), inner Adam with beta1 = 0, lr
+        # 0.001, 5 steps on mini-batches of 10, meta-batch 5, outer step 1 annealed to 0.
+        algorithm_defaults=dict(
+            reptile=dict(train_shots=5, test_shots=5, inner_optimizer="adam_beta1_0",
+                         inner_lr=0.001, inner_steps=5, inner_batch_size=10, meta_batch_size=5,
+                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0),
+        ),
     ),
 }
 

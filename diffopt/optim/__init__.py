@@ -32,6 +32,8 @@ INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
     # higher's differentiable Adam uses the pre-1.5 torch formula (eps before bias correction).
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    # Nichol et al. 2018 (Reptile): inner Adam without momentum.
+    "adam_beta1_0": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999)),
 }
 
 RuleFactory = Callable[[Sequence[torch.Tensor], float, int], UpdateRule]
