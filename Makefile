@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check diffopt examples tests
+	$(VENV)/bin/ruff check diffopt examples benchmarks tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -19,7 +19,8 @@ import diffopt.data.prepare as prepare_module
 from diffopt.cli import main
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
 
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
+SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the project (README)
+    "DIFFOPT_OMNIGLOT_SOURCE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"))
 CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))
 
 
