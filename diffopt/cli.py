@@ -25,6 +25,8 @@ from diffopt.evaluate import EVAL_SEED
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     """Fire gives ``5`` for ``--x 5`` and ``(5, 10)`` for ``--x 5,10``: always a tuple of ``kind``."""
     values = value if isinstance(value, (tuple, list)) else (value,)
+    if kind is float:  # fire reads 0 and 1 as ints
+        values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
         raise DiffoptError(f"--{name} takes a comma-separated list of {kind.__name__}s; got {value!r}")
     return tuple(values)
@@ -195,11 +197,13 @@ def gradcheck(
     inner_steps: int = 2,
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
+    norm: str = "none",
+    vectorize: str = "auto",
     shots: int = 5,
     test_shots: int = 5,
     tasks: int = 2,
     seed: int = 0,
-    eps: float = 1e-6,
+    eps: float | Sequence[float] = 1e-6,
     rtol: float = 1e-5,
     run: str | None = None,
 ) -> None:
@@ -216,11 +220,14 @@ def gradcheck(
         inner_steps: inner-loop steps
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
+        norm: normalisation after each hidden layer: none, batch, per_step_batch
+        vectorize: check the vmapped meta-batch (auto, always) or the loop over tasks (never)
         shots: support examples per task
         test_shots: query examples per task
         tasks: tasks in the checked meta-batch
         seed: seed for the model and the tasks
-        eps: finite-difference step
+        eps: finite-difference step, or several (e.g. 1e-6,1e-7: each tensor takes its best;
+            for sharply curved meta-losses such as batch norm over few examples)
         rtol: pass threshold for the worst relative error
         run: check this trained run's model (its own options) instead of a fresh small one
     """
@@ -236,10 +243,13 @@ def gradcheck(
     else:
         config = resolve_config(
             algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
-            inner_steps=inner_steps, hidden=hidden, activation=activation, shots=shots,
-            test_shots=test_shots, meta_batch_size=tasks, seed=seed,
+            inner_steps=inner_steps, hidden=hidden, activation=activation, norm=norm,
+            vectorize=vectorize, shots=shots, test_shots=test_shots, meta_batch_size=tasks,
+            seed=seed,
         )
-    check_float("eps", eps, positive=True)
+    eps = _as_tuple("eps", eps, float)
+    for step in eps:
+        check_float("eps", step, positive=True)
     check_float("rtol", rtol, positive=True)
     meta_learner = build(config)
     if run is not None:
@@ -251,9 +261,11 @@ def gradcheck(
     )
     episode = Episode.from_torchmeta(next(iter(loader)))
     result = check_meta_gradient(meta_learner, episode, eps=eps)
+    eps = ",".join(f"{step:g}" for step in eps)
+    path = "vmap over tasks" if meta_learner.vectorized else "loop over tasks"
     print(f"{config.algorithm}: inner {config.inner_optimizer} lr={config.inner_lr} "
-          f"steps={config.inner_steps}, hidden={config.hidden} {config.activation}, "
-          f"{config.meta_batch_size} tasks, eps={eps}, float64")
+          f"steps={config.inner_steps}, hidden={config.hidden} {config.activation} norm={config.norm}, "
+          f"{config.meta_batch_size} tasks, {path}, eps={eps}, float64")
     for name, error in result.per_parameter.items():
         print(f"  {name:<24} abs {error.abs_error:.2e}  rel {error.rel_error:.2e}  "
               f"(|grad| up to {error.grad_scale:.2e})")
