@@ -42,6 +42,7 @@ CONFIGS = {
     "meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_sgd"},
     "meta_curvature": {"algorithm": "maml", "inner_optimizer": "meta_curvature"},
     "lslr": {"algorithm": "maml", "inner_optimizer": "lslr"},
+    "meta_curvature+meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_curvature+meta_sgd"},
     "reptile": {"algorithm": "reptile"},
 }
 
