@@ -3,7 +3,8 @@
     python examples/sinusoid_table.py                      # 70,000 meta-iterations, as the paper
     python examples/sinusoid_table.py --iterations 2000 --results none   # a quick look
 
-Trains MAML, Meta-SGD, Meta-Curvature, LSLR and Reptile at K = 5 and 10 on torchmeta's Sinusoid
+Trains MAML, Meta-SGD, Meta-Curvature, LSLR, Meta-Curvature with Meta-SGD step sizes and Reptile
+at K = 5 and 10 on torchmeta's Sinusoid
 (amplitude [0.1, 5], phase [0, pi]) through ``diffopt.compare``: the same training seed and
 task stream, the same budget, and the same held-out evaluation tasks for every method. Then
 writes the table, diffopt's numbers beside the paper's, into RESULTS.md (between the
