@@ -12,6 +12,7 @@ import torch
 
 from diffopt.cli import main
 from diffopt.config import TrainConfig
+from diffopt.optim import inner_rule_names
 
 TINY = ["--iterations", "3", "--meta_batch_size", "2", "--hidden", "8", "--progress", "False"]
 
@@ -90,8 +91,8 @@ def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, reptile"]),
     (["--dataset", "cifar"], ["unknown dataset 'cifar'", "sinusoid"]),
-    (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer", "adam, lslr, meta_curvature,",
-                                        "meta_sgd_per_step, momentum, sgd"]),
+    (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer",
+                                        ", ".join(sorted(inner_rule_names()))]),
     (["--outer_optimizer", "lbfgs"], ["unknown outer optimizer", "adam, sgd"]),
     (["--activation", "gelu"], ["unknown activation"]),
     (["--shots", "0"], ["--shots must be a whole number >= 1; got 0"]),
@@ -197,11 +198,11 @@ def test_train_help_lists_every_option():
 
 
 @pytest.mark.parametrize("command, options", [
-    ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device"]),
+    ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive"]),
     ("compare", ["dataset", "algorithms", "shots", "iterations", "eval_tasks", "eval_steps",
                  "eval_test_shots", "seed", "eval_seed", "out", "progress"]),
     ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",
-                   "shots", "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
+                   "norm", "vectorize", "shots", "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
 ])
 def test_other_commands_help_lists_every_option(command, options):
     import inspect
