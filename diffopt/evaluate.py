@@ -83,17 +83,16 @@ def evaluate(
                          batch_size=batch_size, num_tasks=tasks, root=root)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
-    rows = []  # [tasks, len(steps)]
+    rows = []  # one [batch, len(steps)] tensor per batch of tasks
     for batch in loader:
         episode = Episode.from_torchmeta(batch, device=device, dtype=dtype)
         if algorithm.vectorized:
             with torch.no_grad():  # torch.func.grad still computes the inner gradients
                 rows.append(over_tasks(task_scores, episode))
         else:
-            rows += [task_scores(task).detach() for task in episode]
+            rows.append(torch.stack([task_scores(task).detach() for task in episode]))
     with torch.no_grad():  # test tasks leave no trace in running statistics
         for name, buffer in algorithm.named_buffers():
             buffer.copy_(buffers[name])
-    table = torch.cat(rows) if algorithm.vectorized else torch.stack(rows)
-    table = table.cpu().double().numpy()
+    table = torch.cat(rows).cpu().double().numpy()
     return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)})

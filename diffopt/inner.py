@@ -220,9 +220,11 @@ class InnerLoop(nn.Module):
         steps: int | None = None,
         *,
         track_higher_grads: bool = True,
-    ) -> higher.patch._MonkeyPatchBase:
+        functional: bool = False,
+    ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
         """The functional model after ``steps`` steps (see ``unroll``)."""
-        *_, adapted = self.unroll(model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads)
+        *_, adapted = self.unroll(model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
+                                  functional=functional)
         return adapted
 
     def extra_repr(self) -> str:

@@ -224,26 +224,26 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert result.stderr.strip().startswith("diffopt: error: unknown algorithm 'nope'")
 
 
-def test_example_script_runs():
+def run_example(script: str) -> subprocess.CompletedProcess:
+    """examples/<script> with a tiny budget; it must succeed."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, str(root / "examples" / "sinusoid_maml.py"), "--iterations", "3",
+        [sys.executable, str(root / "examples" / script), "--iterations", "3",
          "--meta_batch_size", "2", "--eval_tasks", "4"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_example_script_runs():
+    result = run_example("sinusoid_maml.py")
     lines = [line for line in result.stdout.splitlines() if line.startswith("MSE after")]
     assert len(lines) == 3 and lines[-1].startswith("MSE after 10 inner steps")
 
 
 def test_custom_rule_example_checks_and_trains_its_rule():
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, str(root / "examples" / "custom_rule.py"), "--iterations", "3",
-         "--meta_batch_size", "2", "--eval_tasks", "4"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_example("custom_rule.py")
     check = next(line for line in result.stdout.splitlines() if line.startswith("gradcheck:"))
     assert float(check.split()[4]) < 1e-5
     alphas = next(line for line in result.stdout.splitlines() if line.startswith("learned alpha"))

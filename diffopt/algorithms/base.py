@@ -45,12 +45,12 @@ class MetaAlgorithm(nn.Module):
 
     def unroll(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
-        track_higher_grads: bool = False,
+        track_higher_grads: bool = False, detach_inner_grads: bool = False,
     ) -> Iterator[higher.patch._MonkeyPatchBase | FunctionalModel]:
         """The model before and after each inner step on (x [K, *x], y [K, *y])."""
         return self.inner.unroll(
             self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
-            functional=self.vectorized,
+            detach_inner_grads=detach_inner_grads, functional=self.vectorized,
         )
 
     def adapt(
@@ -58,8 +58,8 @@ class MetaAlgorithm(nn.Module):
         track_higher_grads: bool = False,
     ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
         """The model adapted to (x, y) by the inner loop."""
-        *_, adapted = self.unroll(x, y, steps, track_higher_grads=track_higher_grads)
-        return adapted
+        return self.inner.adapt(self.model, self.loss_fn, x, y, steps,
+                                track_higher_grads=track_higher_grads, functional=self.vectorized)
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""

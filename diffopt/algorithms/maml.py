@@ -39,10 +39,9 @@ class MAML(MetaAlgorithm):
         """Query loss after adapting on the support set (or the weighted per-step sum); a scalar."""
         weights = self.step_weights
         total = None
-        unrolled = self.inner.unroll(self.model, self.loss_fn, task.support_x, task.support_y,
-                                     track_higher_grads=track_higher_grads,
-                                     detach_inner_grads=self.first_order,
-                                     functional=self.vectorized)
+        unrolled = self.unroll(task.support_x, task.support_y,
+                               track_higher_grads=track_higher_grads,
+                               detach_inner_grads=self.first_order)
         for step, fmodel in enumerate(unrolled):
             if weights is not None and step > 0:
                 loss = weights[step - 1] * self.loss_fn(fmodel(task.query_x), task.query_y)

@@ -26,7 +26,9 @@ class Reptile(MetaAlgorithm):
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
         fmodel = self.adapt(x, y, track_higher_grads=False)
-        return list(fmodel.parameters()), self.loss_fn(fmodel(x), y)
+        with torch.no_grad():  # a metric: no graph
+            loss = self.loss_fn(fmodel(x), y)
+        return list(fmodel.parameters()), loss
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean loss on the task data after adaptation."""
