@@ -78,6 +78,12 @@ class TrainConfig:
     num_workers: int = option(0, "data-loader worker processes")
     run_dir: str | None = option(None, "output folder (default: runs/<dataset>-<algorithm>-<time>)")
     checkpoint_every: int = option(500, "write a checkpoint every N meta-iterations (0: only at the end)")
+    validate_every_seconds: float | None = option(
+        None, "score the validation split every N seconds of training time (the --max_seconds "
+        "clock, which excludes validation) into validation.jsonl; also before and after training")
+    validation_tasks: int = option(100, "validation tasks per validation (the same tasks each time)")
+    validation_steps: int | None = option(None, "inner steps before scoring a validation task "
+                                          "(default: 10; Reptile on Omniglot: 50)")
     init_from: str | None = option(None, "initialise the meta-parameters from this checkpoint or run folder")
     progress: bool = option(True, "show a progress bar")
 
@@ -88,7 +94,7 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1,
-    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
+    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None, validation_steps=10,
 )
 
 
@@ -153,7 +159,8 @@ def validate(config: TrainConfig) -> None:
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
-                          ("multi_step_loss_epochs", 0), ("first_order_epochs", 0)]:
+                          ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
+                          ("validation_tasks", 2), ("validation_steps", 0)]:
         check_int(name, getattr(config, name), minimum)
     if spec.classification:
         check_int("ways", config.ways, 2)
@@ -171,8 +178,9 @@ def validate(config: TrainConfig) -> None:
     for name in ("train_shots", "inner_batch_size"):
         if getattr(config, name) is not None:
             check_int(name, getattr(config, name), 1)
-    if config.max_seconds is not None:
-        check_float("max_seconds", config.max_seconds, positive=True)
+    for name in ("max_seconds", "validate_every_seconds"):
+        if getattr(config, name) is not None:
+            check_float(name, getattr(config, name), positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):
         if getattr(config, name) and config.algorithm != "maml":
             raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")

@@ -55,6 +55,7 @@ def evaluate(
     device: str = "cpu",
     root: str = "data",
     transductive: bool = True,
+    split: str = "test",
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
@@ -65,7 +66,7 @@ def evaluate(
     ``transductive`` (as MAML): the query set goes through the model as one batch, so batch
     norm normalises it with its own statistics. Otherwise (the Reptile paper's protocol) each
     query example is predicted in a batch with the support set alone, so no query example
-    sees another.
+    sees another. ``split``: 'val' scores validation tasks (learning curves, model selection).
     """
     steps = sorted(set(steps))
 
@@ -79,7 +80,7 @@ def evaluate(
         return torch.stack([spec.score(predict(fmodel, task), task.query_y)
                             for step, fmodel in enumerate(unrolled) if step in steps])
 
-    loader = spec.loader("test", seed=seed, shots=shots, test_shots=test_shots, ways=ways,
+    loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
                          batch_size=batch_size, num_tasks=tasks, root=root)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}

@@ -7,6 +7,7 @@ and ``checkpoint.pt`` (see ``diffopt.checkpoint``).
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import time
@@ -30,6 +31,7 @@ from diffopt.checkpoint import (
 from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
+from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.models import build_model
 
@@ -50,21 +52,26 @@ def build(config: TrainConfig) -> MetaAlgorithm:
         raise DiffoptError(f"--device {config.device!r} is not usable here ({error})") from None
 
 
-def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm):
-    """The outer optimizer and its per-iteration learning-rate schedule (stepped each iteration)."""
+def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
+    """The outer optimizer, at the schedule's initial learning rate."""
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.outer_optimizer]
-    optimizer = cls(algorithm.parameters(), lr=config.meta_lr)
+    return cls(algorithm.parameters(), lr=config.meta_lr)
+
+
+def meta_learning_rate(config: TrainConfig, progress: float) -> float:
+    """The outer learning rate after ``progress`` (0 .. 1) of the run.
+
+    ``linear`` and ``cosine`` (MAML++) anneal from ``meta_lr`` to ``meta_lr_final``; progress is
+    the fraction of meta-iterations done or, with ``--max_seconds``, of the time budget used if
+    that is further along, so a wall-clock-budgeted run still ends its schedule at the final rate.
+    """
     final = config.meta_lr if config.meta_lr_final is None else config.meta_lr_final
-    if config.meta_lr_schedule == "cosine":  # MAML++: cosine annealing to the final rate
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.iterations, eta_min=final)
-        return optimizer, scheduler
-
-    def factor(iteration: int) -> float:  # linear from meta_lr to final over the run (or constant)
-        done = min(iteration / config.iterations, 1.0) if config.meta_lr_schedule == "linear" else 0.0
-        return (1 - done) + done * final / config.meta_lr
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    progress = min(max(progress, 0.0), 1.0)
+    if config.meta_lr_schedule == "linear":
+        return config.meta_lr + progress * (final - config.meta_lr)
+    if config.meta_lr_schedule == "cosine":
+        return final + (config.meta_lr - final) * (1 + math.cos(math.pi * progress)) / 2
+    return config.meta_lr
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,10 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     algorithm = build(config)
     if config.init_from is not None and resume_from is None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
-    optimizer, scheduler = outer_optimizer(config, algorithm)
+    optimizer = outer_optimizer(config, algorithm)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     metrics_path = run_dir / "metrics.jsonl"
+    validation_path = run_dir / "validation.jsonl"
     if resume_from is None:
         if (run_dir / CHECKPOINT_NAME).exists():
             raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
@@ -159,12 +167,13 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", config.to_dict())
         write_text(metrics_path, "")
+        write_text(validation_path, "")
     else:
         restore_module(algorithm, resume_from["algorithm"], run_dir)
         optimizer.load_state_dict(resume_from["outer_optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
         _set_random_state(resume_from["random_state"])
         write_text(metrics_path, _metrics_up_to(metrics_path, done))
+        write_text(validation_path, _metrics_up_to(validation_path, done))
 
     clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
 
@@ -172,13 +181,34 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "random_state": _random_state(),
+            "random_state": _random_state(),
             "train_seconds": clock,
         })
+
+    every = config.validate_every_seconds
+    next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
+
+    def validate(iteration: int) -> None:
+        """Score the validation tasks; the training random streams are left untouched."""
+        state = _random_state()
+        evaluation = evaluate(
+            algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots, ways=config.ways,
+            tasks=config.validation_tasks, steps=(config.validation_steps,), split="val",
+            device=config.device, root=config.data_root)
+        _set_random_state(state)
+        mean, ci95 = evaluation.summary(config.validation_steps)
+        with open(validation_path, "a") as out:
+            out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
+                                  "steps": config.validation_steps, evaluation.metric: mean,
+                                  "ci95": ci95}) + "\n")
 
     durations: list[float] = []
     metrics: dict[str, float] = {}
     completed = done
+    validated = done if resume_from is not None else None
+    if every is not None and resume_from is None:
+        validate(0)
+        validated = 0
     bar = tqdm(total=config.iterations, initial=done, disable=not config.progress,
                desc=config.algorithm, dynamic_ncols=True, leave=False)
     with open(metrics_path, "a") as log:
@@ -191,10 +221,14 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
                              multi_step_loss_epochs=config.multi_step_loss_epochs,
                              first_order_epochs=config.first_order_epochs)
+            progress = (iteration - 1) / config.iterations
+            if config.max_seconds is not None:
+                progress = max(progress, clock / config.max_seconds)
+            for group in optimizer.param_groups:
+                group["lr"] = meta_learning_rate(config, progress)
             optimizer.zero_grad(set_to_none=True)
             metrics = algorithm.meta_gradient(episode)
             optimizer.step()
-            scheduler.step()
             now = time.perf_counter()
             durations.append(now - start)
             clock += durations[-1]
@@ -207,10 +241,17 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             log.write(json.dumps(record) + "\n")
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if every is not None and clock >= next_validation:
+                validate(iteration)
+                validated = iteration
+                next_validation = (math.floor(clock / every) + 1) * every
+                start = time.perf_counter()  # validation is not training time
             if config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 log.flush()  # the log reaches the checkpoint's iteration before the checkpoint does
                 checkpoint(iteration)
     bar.close()
+    if every is not None and validated != completed:
+        validate(completed)
     checkpoint(completed)
     median = statistics.median(durations) if durations else float("nan")
     return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock)

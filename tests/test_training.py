@@ -13,7 +13,7 @@ from diffopt.compare import compare, format_table
 from diffopt.config import resolve_config
 from diffopt.data import Episode, get_dataset, split_seed
 from diffopt.evaluate import evaluate, mean_ci95
-from diffopt.train import build, train
+from diffopt.train import build, meta_learning_rate, outer_optimizer, train
 
 SINUSOID = get_dataset("sinusoid")
 
@@ -86,8 +86,54 @@ def test_reptile_outer_step_is_annealed_linearly(tmp_path):
     assert (config.outer_optimizer, config.meta_lr, config.meta_lr_final) == ("sgd", 1.0, 0.0)
     train(config)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    # lr logged after each step's scheduler update: eps_t = 1 - t / 4
-    np.testing.assert_allclose(lrs, [1 - t / 4 for t in range(1, 5)])
+    # the step size iteration t used: eps_t = 1 - (t - 1) / 4
+    np.testing.assert_allclose(lrs, [1 - (t - 1) / 4 for t in range(1, 5)])
+
+
+def test_time_budget_drives_the_schedule(tmp_path):
+    config = resolve_config(algorithm="reptile", iterations=10**6, meta_batch_size=2, hidden=(4,),
+                            max_seconds=1.0, run_dir=str(tmp_path), progress=False)
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) >= 2
+    clock_before = [0.0] + [r["train_seconds"] for r in records[:-1]]
+    # eps = 1 -> 0 over the time budget, which runs out long before 10**6 iterations
+    expected = [1 - max((r["iteration"] - 1) / 10**6, clock / 1.0)
+                for r, clock in zip(records, clock_before, strict=True)]
+    np.testing.assert_allclose([r["lr"] for r in records], np.clip(expected, 0, 1))
+
+
+def test_cosine_schedule_matches_torch():
+    config = resolve_config(meta_lr=1e-3, meta_lr_final=1e-5, meta_lr_schedule="cosine", iterations=10)
+    optimizer = outer_optimizer(config, build(config))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-5)
+    for t in range(11):
+        assert meta_learning_rate(config, t / 10) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+
+def test_validation_is_logged_and_leaves_training_untouched(tmp_path):
+    common = dict(iterations=4, meta_batch_size=2, hidden=(8,), progress=False)
+    plain = train(resolve_config(run_dir=str(tmp_path / "plain"), **common))
+    config = resolve_config(run_dir=str(tmp_path / "val"), validate_every_seconds=1e-9,
+                            validation_tasks=6, validation_steps=2, **common)
+    validated = train(config)
+    for a, b in zip(plain.algorithm.parameters(), validated.algorithm.parameters(), strict=True):
+        assert torch.equal(a, b)  # validation consumes no training randomness
+    records = [json.loads(line) for line in (tmp_path / "val" / "validation.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4]
+    logged = [0.0] + [json.loads(line)["train_seconds"]
+                      for line in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_seconds"] for r in records] == logged
+
+    def score(algorithm, split):
+        return evaluate(algorithm, SINUSOID, shots=config.shots, test_shots=SINUSOID.eval_test_shots,
+                        tasks=6, steps=(2,), split=split).summary(2)
+
+    assert (records[0]["mse"], records[0]["ci95"]) == pytest.approx(score(build(config), "val"))
+    assert (records[-1]["mse"], records[-1]["ci95"]) == pytest.approx(score(validated.algorithm, "val"))
+    assert records[-1]["mse"] != pytest.approx(score(validated.algorithm, "test")[0])
 
 
 def test_compare_scores_every_run_on_the_same_tasks_and_reports_them(tmp_path):

@@ -119,7 +119,8 @@ DATASETS: dict[str, DatasetSpec] = {
         algorithm_defaults=dict(
             reptile=dict(train_shots=5, test_shots=5, inner_optimizer="adam_beta1_0",
                          inner_lr=0.001, inner_steps=5, inner_batch_size=10, meta_batch_size=5,
-                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0),
+                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0,
+                         validation_steps=50),
         ),
     ),
 }
