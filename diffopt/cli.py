@@ -280,10 +280,11 @@ def prepare(name: str, source: str | None = None, root: str = "data", download: 
     """Prepare a dataset offline into ROOT, the folder later given to torchmeta as its root.
 
     Args:
-        name: dataset to prepare: omniglot
+        name: dataset to prepare: omniglot, miniimagenet
         source: folder holding the original distribution (omniglot: images_background.zip and
-            images_evaluation.zip)
-        root: output root; omniglot is written to ROOT/omniglot
+            images_evaluation.zip; miniimagenet: images/ with train.csv, val.csv, test.csv, or
+            mini-imagenet-cache-{train,val,test}.pkl)
+        root: output root; the dataset is written to ROOT/NAME
         download: fetch with torchmeta's own download instead (needs internet; no --source)
     """
     from diffopt.data.prepare import PREPARERS
@@ -294,9 +295,9 @@ def prepare(name: str, source: str | None = None, root: str = "data", download: 
     if download == (source is not None):
         raise DiffoptError("give either --source DIR (offline) or --download (torchmeta's download)")
     if download:
-        from torchmeta.datasets import Omniglot
+        from torchmeta.datasets import MiniImagenet, Omniglot
 
-        Omniglot(root, meta_train=True, download=True)
+        {"omniglot": Omniglot, "miniimagenet": MiniImagenet}[name](root, meta_train=True, download=True)
         folder = Path(root) / name
     else:
         folder = PREPARERS[name](source, root)

@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from diffopt.algorithms import ALGORITHMS
-from diffopt.data import get_dataset
+from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models import ACTIVATIONS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
@@ -31,7 +31,7 @@ class TrainConfig:
     """Everything a meta-training run depends on; saved in its checkpoint."""
 
     algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
-    dataset: str = option("sinusoid", "dataset: sinusoid, omniglot")
+    dataset: str = option("sinusoid", f"dataset: {', '.join(DATASETS)}")
     data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
     shots: int = option(10, "support examples per task (K); per class for classification")
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
@@ -83,7 +83,7 @@ class TrainConfig:
         "clock, which excludes validation) into validation.jsonl; also before and after training")
     validation_tasks: int = option(100, "validation tasks per validation (the same tasks each time)")
     validation_steps: int | None = option(None, "inner steps before scoring a validation task "
-                                          "(default: 10; Reptile on Omniglot: 50)")
+                                          "(default: 10; Reptile on images: 50)")
     init_from: str | None = option(None, "initialise the meta-parameters from this checkpoint or run folder")
     progress: bool = option(True, "show a progress bar")
 

@@ -123,7 +123,8 @@ def test_prepare_command_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "prepare", "omniglot", "--source", str(tmp_path), "--root", str(tmp_path)]) == 2
     assert "no Omniglot zip at" in capsys.readouterr().err
     assert main(["data", "prepare", "imagenet", "--source", str(tmp_path)]) == 2
-    assert "unknown dataset to prepare 'imagenet'; choose one of: omniglot" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown dataset to prepare 'imagenet'; choose one of: miniimagenet, omniglot" in err
     assert main(["data", "prepare", "omniglot"]) == 2
     assert "--source DIR" in capsys.readouterr().err
 
@@ -158,7 +159,7 @@ def test_omniglot_end_to_end_maml_conv4(omniglot_root, tmp_path):
 
 @pytest.mark.slow
 def test_omniglot_task_i_is_the_same_wherever_the_stream_starts(omniglot_root):
-    from diffopt.data.omniglot import omniglot_loader
+    from diffopt.data.images import omniglot_loader
 
     kwargs = dict(split="val", ways=3, shots=1, test_shots=2, batch_size=1, num_tasks=4, seed=7,
                   root=str(omniglot_root))

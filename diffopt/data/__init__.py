@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.data.episode import Episode, Task
-from diffopt.data.omniglot import omniglot_loader
+from diffopt.data.images import miniimagenet_loader, omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
 from diffopt.errors import unknown_name
 
@@ -119,6 +119,29 @@ DATASETS: dict[str, DatasetSpec] = {
         algorithm_defaults=dict(
             reptile=dict(train_shots=5, test_shots=5, inner_optimizer="adam_beta1_0",
                          inner_lr=0.001, inner_steps=5, inner_batch_size=10, meta_batch_size=5,
+                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0,
+                         validation_steps=50),
+        ),
+    ),
+    "miniimagenet": DatasetSpec(
+        name="miniimagenet",
+        make_loader=miniimagenet_loader,
+        loss=F.cross_entropy,
+        score=accuracy_per_task,
+        metric="accuracy",
+        lower_is_better=False,
+        classification=True,
+        model_io=dict(in_channels=3, image_size=84, pool=True),
+        # Finn et al. 2017, appendix A.1: conv-4 with 32 filters, 2x2 max-pooling and batch norm,
+        # 5-way, meta-batch 4 (1-shot), inner lr 0.01, 5 inner steps while meta-training, Adam 1e-3.
+        defaults=dict(model="conv4", hidden=(32,), activation="relu", norm="batch", ways=5,
+                      shots=1, test_shots=15, meta_batch_size=4, inner_lr=0.01, inner_steps=5),
+        # Nichol et al. 2018, Mini-ImageNet 5-way: 15 examples per class per task while
+        # meta-training (here 10 support + 5 query), inner Adam with beta1 = 0, lr 0.001, 8 steps
+        # on mini-batches of 10, meta-batch 5, outer step 1 annealed to 0, 50 steps at evaluation.
+        algorithm_defaults=dict(
+            reptile=dict(train_shots=10, test_shots=5, inner_optimizer="adam_beta1_0",
+                         inner_lr=0.001, inner_steps=8, inner_batch_size=10, meta_batch_size=5,
                          outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0,
                          validation_steps=50),
         ),

@@ -8,13 +8,22 @@ in file-name order) and the label files torchmeta reads: ``train_labels.json`` /
 (the split of Vinyals et al., from torchmeta's own assets). Every file is written under a
 temporary name and renamed when complete, the hdf5 last: an interrupted prepare never leaves a
 file torchmeta would take for a prepared dataset.
+
+``diffopt data prepare miniimagenet --source DIR --root ROOT`` reads the standard distribution,
+either ``DIR/images/*.jpg`` with the Ravi & Larochelle ``DIR/{train,val,test}.csv`` (rows
+``filename,label``; images resized to 84x84 RGB where they are not already) or the
+``DIR/mini-imagenet-cache-{split}.pkl`` files, and writes ``ROOT/miniimagenet/``: per split,
+``{split}_labels.json`` (sorted class names) and ``{split}_data.hdf5`` (group ``datasets``, one
+uint8 [n, 84, 84, 3] array per class, images in file order), the hdf5 files last.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
+import pickle
 import zipfile
 from collections import defaultdict
 from pathlib import Path
@@ -97,4 +106,88 @@ def prepare_omniglot(source: str | os.PathLike, root: str | os.PathLike) -> Path
     return folder
 
 
-PREPARERS = {"omniglot": prepare_omniglot}
+MINIIMAGENET_SPLITS = ("train", "val", "test")
+MINIIMAGENET_SIZE = 84
+
+
+def miniimagenet_files(root: str | os.PathLike) -> list[Path]:
+    """Every file ``torchmeta.datasets.MiniImagenet`` needs under ``root`` (the hdf5 files last)."""
+    folder = Path(root) / "miniimagenet"
+    return ([folder / f"{split}_labels.json" for split in MINIIMAGENET_SPLITS]
+            + [folder / f"{split}_data.hdf5" for split in MINIIMAGENET_SPLITS])
+
+
+def _read_miniimagenet_csv(source: Path, split: str) -> dict[str, np.ndarray]:
+    """class -> uint8 [n, 84, 84, 3] from ``split.csv`` and the ``images/`` folder."""
+    from PIL import Image
+
+    names: dict[str, list[str]] = defaultdict(list)
+    with open(source / f"{split}.csv", newline="") as rows:
+        for row in csv.DictReader(rows):
+            names[row["label"]].append(row["filename"])
+    size = (MINIIMAGENET_SIZE, MINIIMAGENET_SIZE)
+
+    def read(name: str) -> np.ndarray:
+        path = source / "images" / name
+        if not path.is_file():
+            raise DiffoptError(f"{split}.csv lists {name}, which is not in {source / 'images'}")
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            return np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR))
+
+    return {label: np.stack([read(name) for name in files]) for label, files in names.items()}
+
+
+def _read_miniimagenet_pkl(source: Path, split: str) -> dict[str, np.ndarray]:
+    """class -> uint8 [n, 84, 84, 3] from ``mini-imagenet-cache-{split}.pkl``."""
+    with open(source / f"mini-imagenet-cache-{split}.pkl", "rb") as file:
+        cache = pickle.load(file)  # the distribution's own format: only prepare trusted files
+    images = np.asarray(cache["image_data"], dtype=np.uint8)
+    return {label: images[np.asarray(indices)] for label, indices in cache["class_dict"].items()}
+
+
+def prepare_miniimagenet(source: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """Write ``root/miniimagenet`` from the images + csv or the pkl distribution in ``source``;
+    return the folder. Already prepared: nothing is rewritten."""
+    import h5py
+
+    files = miniimagenet_files(root)
+    folder = files[0].parent
+    if all(f.is_file() for f in files):
+        return folder
+    source = Path(source)
+    if (source / "images").is_dir() and all((source / f"{s}.csv").is_file() for s in MINIIMAGENET_SPLITS):
+        read = _read_miniimagenet_csv
+    elif all((source / f"mini-imagenet-cache-{s}.pkl").is_file() for s in MINIIMAGENET_SPLITS):
+        read = _read_miniimagenet_pkl
+    else:
+        raise DiffoptError(f"no Mini-ImageNet in {source}: --source must hold images/ with train.csv, "
+                           "val.csv and test.csv, or mini-imagenet-cache-{train,val,test}.pkl")
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in MINIIMAGENET_SPLITS:
+        classes = read(source, split)
+        shapes = {images.shape[1:] for images in classes.values()}
+        if shapes != {(MINIIMAGENET_SIZE, MINIIMAGENET_SIZE, 3)}:
+            raise DiffoptError(f"Mini-ImageNet {split} images must be 84x84 RGB; found {sorted(shapes)}")
+        write_text(folder / f"{split}_labels.json", json.dumps(sorted(classes)))
+        target = folder / f"{split}_data.hdf5"
+        tmp = temporary_sibling(target)
+        try:
+            with h5py.File(tmp, "w") as hdf5:
+                group = hdf5.create_group("datasets")
+                for label in sorted(classes):
+                    group.create_dataset(label, data=classes[label])
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return folder
+
+
+PREPARERS = {"omniglot": prepare_omniglot, "miniimagenet": prepare_miniimagenet}
+PREPARED_FILES = {"omniglot": omniglot_files, "miniimagenet": miniimagenet_files}
+SOURCES = {
+    "omniglot": "the folder with images_background.zip and images_evaluation.zip",
+    "miniimagenet": "the folder with images/ and train.csv, val.csv, test.csv, "
+                    "or mini-imagenet-cache-{train,val,test}.pkl",
+}
+"""What ``--source`` must hold, per dataset."""

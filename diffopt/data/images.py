@@ -1,8 +1,10 @@
-"""Omniglot (Lake et al. 2015) through torchmeta's ``omniglot`` helper and ``BatchMetaDataLoader``.
+"""Few-shot image datasets through torchmeta's helpers and ``BatchMetaDataLoader``.
 
-28x28 images (Resize, as MAML), classes rotated by 90, 180 and 270 degrees as new classes
-(torchmeta's default, as MAML), the Vinyals et al. split of characters into meta-train /
-meta-val / meta-test. The data must be prepared first (``diffopt data prepare omniglot``).
+Omniglot (Lake et al. 2015, torchmeta's ``omniglot``): 28x28 images (Resize, as MAML), classes
+rotated by 90, 180 and 270 degrees as new classes (as MAML), the Vinyals et al. split of
+characters into meta-train / meta-val / meta-test. Mini-ImageNet (Vinyals et al. 2016,
+torchmeta's ``miniimagenet``): 84x84 RGB images, the Ravi & Larochelle 64 / 16 / 20 class split.
+Both must be prepared first (``diffopt data prepare NAME``).
 
 Task i of a stream is a function of (seed, i) alone: ``TaskSampler`` draws its classes from a
 generator seeded by (seed, i), and ``IndexedTasks`` reseeds torchmeta's splitter by (seed, i)
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from diffopt.data.prepare import omniglot_files
+from diffopt.data.prepare import PREPARED_FILES, SOURCES
 from diffopt.data.torchmeta_compat import load as load_torchmeta
 from diffopt.errors import DiffoptError
 
@@ -89,29 +91,41 @@ class IndexedTasks(Dataset):
         return len(self.dataset)
 
 
-def prepare_hint(root: str) -> str:
-    return (f"Omniglot is not prepared in {Path(root) / 'omniglot'}: run `diffopt data prepare "
-            f"omniglot --source DIR --root {root}` (DIR: the folder with the two Omniglot zips)")
+def prepare_hint(name: str, root: str) -> str:
+    """What to run when dataset ``name`` is not (completely) prepared under ``root``."""
+    return (f"{name} is not prepared in {Path(root) / name}: run `diffopt data prepare {name} "
+            f"--source DIR --root {root}` (DIR: {SOURCES[name]})")
 
 
-def omniglot_loader(
-    *, split: str, ways: int, shots: int, test_shots: int, batch_size: int, num_tasks: int, seed: int,
-    root: str, num_workers: int = 0, start: int = 0,
+def torchmeta_loader(
+    name: str, *, split: str, ways: int, shots: int, test_shots: int, batch_size: int,
+    num_tasks: int, seed: int, root: str, num_workers: int = 0, start: int = 0,
 ):
-    """Batches of ``batch_size`` tasks from the ``split`` characters, ``num_tasks`` in all.
+    """Batches of ``batch_size`` tasks of torchmeta's ``name`` helper from the ``split`` classes,
+    tasks ``start`` .. ``num_tasks - 1``.
 
-    Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots), 1,
-    28, 28] float in [0, 1] (strokes 1), y [B, ...] int64 labels 0..ways-1.
+    Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots),
+    C, H, W] float in [0, 1], y [B, ...] int64 labels 0..ways-1.
     """
-    missing = [path for path in omniglot_files(root) if not path.is_file()]
+    missing = [path for path in PREPARED_FILES[name](root) if not path.is_file()]
     if missing:
-        raise DiffoptError(f"{prepare_hint(root)}; missing {missing[0].name}")
+        raise DiffoptError(f"{prepare_hint(name, root)}; missing {missing[0].name}")
     load_torchmeta()
-    from torchmeta.datasets.helpers import omniglot
+    from torchmeta.datasets import helpers
     from torchmeta.utils.data import BatchMetaDataLoader
 
-    dataset = omniglot(str(root), ways=ways, shots=shots, test_shots=test_shots,
-                       **{TORCHMETA_SPLITS[split]: True}, download=False)
+    dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
+                                     **{TORCHMETA_SPLITS[split]: True}, download=False)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
     return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
                                shuffle=False, num_workers=num_workers)
+
+
+def omniglot_loader(**kwargs):
+    """Omniglot tasks: x [B, N, 1, 28, 28], strokes 1. See ``torchmeta_loader``."""
+    return torchmeta_loader("omniglot", **kwargs)
+
+
+def miniimagenet_loader(**kwargs):
+    """Mini-ImageNet tasks: x [B, N, 3, 84, 84]. See ``torchmeta_loader``."""
+    return torchmeta_loader("miniimagenet", **kwargs)
