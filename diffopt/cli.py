@@ -76,6 +76,7 @@ def evaluate(
     seed: int = EVAL_SEED,
     device: str = "cpu",
     transductive: bool = True,
+    inner_batch_size: int | None = None,
 ) -> None:
     """Adapt a trained run to held-out tasks and report the metric after each number of steps.
 
@@ -90,6 +91,8 @@ def evaluate(
         device: torch device
         transductive: score the query set as one batch (MAML); False: each query example in a
             batch with the support set alone (Reptile's non-transductive protocol)
+        inner_batch_size: examples per inner step at evaluation (default: the run's; Reptile's
+            --eval-batch)
     """
     from diffopt.checkpoint import load_checkpoint, restore_module, write_json
     from diffopt.data import get_dataset
@@ -106,7 +109,8 @@ def evaluate(
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     payload = load_checkpoint(run)
-    overrides = {"device": device, **({} if shots is None else {"shots": shots})}
+    overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     try:  # resolved again: options added since the run was written take their defaults
         config = resolve_config(**{**payload["config"], **overrides})
     except (DiffoptError, TypeError) as error:

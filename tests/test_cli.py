@@ -71,6 +71,26 @@ def test_evaluate_run_folder_and_checkpoint(trained_run, capsys):
     assert code == 0 and out2 == out  # same tasks, same numbers
 
 
+def test_evaluate_inner_batch_size_overrides_the_runs(trained_run, capsys):
+    """Reptile's --eval-batch: inner steps at evaluation on mini-batches of the support set."""
+    from diffopt.checkpoint import load_checkpoint, restore_module
+    from diffopt.config import resolve_config
+    from diffopt.data import get_dataset
+    from diffopt.evaluate import evaluate
+    from diffopt.train import build
+
+    args = ["evaluate", str(trained_run), "--tasks", "4", "--steps", "2"]
+    code, full, _ = run_cli(capsys, *args)
+    code3, batched, _ = run_cli(capsys, *args, "--inner_batch_size", "3")
+    assert code == code3 == 0 and full != batched
+    payload = load_checkpoint(trained_run)
+    algorithm = build(resolve_config(**{**payload["config"], "inner_batch_size": 3}))
+    restore_module(algorithm, payload["algorithm"], trained_run)
+    mean, ci = evaluate(algorithm, get_dataset("sinusoid"), shots=10, test_shots=100, tasks=4,
+                        steps=(2,)).summary(2)
+    assert f"{mean:.4f} +- {ci:.4f}" in batched
+
+
 def test_init_from_another_architecture_is_one_line(trained_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *TINY[:-4], "--hidden", "16", "--progress", "False",
                            "--init_from", str(trained_run), "--run_dir", str(tmp_path / "x"))
@@ -198,7 +218,8 @@ def test_train_help_lists_every_option():
 
 
 @pytest.mark.parametrize("command, options", [
-    ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive"]),
+    ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive",
+                  "inner_batch_size"]),
     ("compare", ["dataset", "algorithms", "shots", "iterations", "eval_tasks", "eval_steps",
                  "eval_test_shots", "seed", "eval_seed", "out", "progress"]),
     ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",

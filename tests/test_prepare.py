@@ -190,3 +190,35 @@ def test_omniglot_reptile_with_its_papers_protocol(omniglot_root, tmp_path):
             config.inner_lr) == (5, 10, "adam_beta1_0", 5, 0.001)
     result = train(config)
     assert result.iterations == 2 and np.isfinite(result.final_loss)
+
+
+@pytest.mark.slow
+def test_omniglot_loader_workers_give_the_same_tasks(omniglot_root):
+    from diffopt.data.images import omniglot_loader
+
+    kwargs = dict(split="train", ways=5, shots=1, test_shots=2, batch_size=2, num_tasks=6, seed=11,
+                  root=str(omniglot_root))
+    alone = list(omniglot_loader(**kwargs))
+    workers = list(omniglot_loader(**kwargs, num_workers=2))
+    assert len(alone) == len(workers) == 3
+    for a, b in zip(alone, workers, strict=True):
+        for split in ("train", "test"):
+            assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
+
+
+@pytest.mark.slow
+def test_omniglot_rotations_are_new_classes(omniglot_root):
+    """As MAML: each character rotated by 90, 180 and 270 degrees is a class of its own."""
+    from diffopt.data.images import omniglot_loader
+
+    loader = omniglot_loader(split="train", ways=5, shots=1, test_shots=1, batch_size=1, num_tasks=1,
+                             seed=0, root=str(omniglot_root))
+    classes = loader.dataset.dataset.dataset  # IndexedTasks -> ClassSplitter'd dataset -> classes
+    characters = len(json.loads((omniglot_root / "omniglot" / "vinyals_train_labels.json").read_text()))
+    assert len(classes) == 4 * characters
+    for k in (1, 2, 3):
+        original, _ = classes[7][0]
+        rotated, _ = classes[7 + k * characters][0]
+        assert original.shape == rotated.shape == (1, 28, 28)
+        torch.testing.assert_close(rotated, torch.rot90(original, k, dims=(1, 2)), atol=0.02, rtol=0)
+        assert not torch.allclose(rotated, original, atol=0.02)

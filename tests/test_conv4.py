@@ -1,0 +1,44 @@
+"""Conv-4 (Omniglot's strided and Mini-ImageNet's pooled variants) with every algorithm and every
+inner rule that algorithm accepts: one meta-iteration gives finite meta-gradients that reach
+every meta-parameter (model weights, and a learned rule's own parameters under MAML)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffopt.algorithms import ALGORITHMS, build_algorithm
+from diffopt.data import Episode
+from diffopt.inner import InnerLoop
+from diffopt.models import build_model
+from diffopt.optim import INNER_OPTIMIZERS, inner_rule_names
+
+VARIANTS = {  # name -> (model options, image shape)
+    "omniglot": (dict(in_channels=1, image_size=28, pool=False, hidden=(8,)), (1, 28, 28)),
+    "miniimagenet": (dict(in_channels=3, image_size=84, pool=True, hidden=(4,)), (3, 84, 84)),
+}
+COMBINATIONS = [(a, r) for a in ALGORITHMS for r in inner_rule_names()
+                if ALGORITHMS[a].learns_update_rule or r in INNER_OPTIMIZERS]
+
+
+def image_episode(shape: tuple[int, ...], ways: int = 3, tasks: int = 2) -> Episode:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(ways).repeat(tasks, 2)  # [tasks, 2 * ways]: 2 shots per class
+    x = torch.rand(tasks, 2 * ways, *shape, generator=g)
+    return Episode(x[:, :ways], labels[:, :ways], x[:, ways:], labels[:, ways:])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("algorithm, rule", COMBINATIONS)
+def test_conv4_meta_iteration_with_every_algorithm_and_rule(variant, algorithm, rule):
+    options, shape = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = build_model("conv4", out_features=3, activation="relu", norm="batch", steps=2, **options)
+    inner = InnerLoop(rule, 0.1 if "adam" not in rule else 0.001, 2, model=model)
+    meta = build_algorithm(algorithm, model, inner, F.cross_entropy)
+    metrics = meta.meta_gradient(image_episode(shape))
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    for name, parameter in meta.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
