@@ -94,10 +94,10 @@ def evaluate(
         inner_batch_size: examples per inner step at evaluation (default: the run's; Reptile's
             --eval-batch)
     """
-    from diffopt.checkpoint import load_checkpoint, restore_module, write_json
+    from diffopt.checkpoint import write_json
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate as run_evaluation
-    from diffopt.train import build
+    from diffopt.train import load_trained
 
     steps = _as_tuple("steps", steps, int)
     for name, value, minimum in [("tasks", tasks, 2), ("seed", seed, 0)]:
@@ -108,17 +108,10 @@ def evaluate(
         raise DiffoptError(f"--transductive must be True or False; got {transductive!r}")
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
-    payload = load_checkpoint(run)
     overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:  # resolved again: options added since the run was written take their defaults
-        config = resolve_config(**{**payload["config"], **overrides})
-    except (DiffoptError, TypeError) as error:
-        raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
+    config, algorithm, _ = load_trained(run, **{k: v for k, v in overrides.items() if v is not None})
     spec = get_dataset(config.dataset)
     test_shots = spec.eval_test_shots if test_shots is None else test_shots
-    algorithm = build(config)
-    restore_module(algorithm, payload["algorithm"], run)
     evaluation = run_evaluation(
         algorithm, spec, shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
@@ -235,15 +228,12 @@ def gradcheck(
         rtol: pass threshold for the worst relative error
         run: check this trained run's model (its own options) instead of a fresh small one
     """
-    from diffopt.checkpoint import load_checkpoint, restore_module
     from diffopt.data import Episode, get_dataset
     from diffopt.gradcheck import check_meta_gradient
-    from diffopt.train import build
+    from diffopt.train import build, load_trained
 
     if run is not None:
-        payload = load_checkpoint(run)
-        config = resolve_config(**{**payload["config"], "meta_batch_size": tasks,
-                                   "run_dir": None, "init_from": None})
+        config, meta_learner, _ = load_trained(run, meta_batch_size=tasks, run_dir=None, init_from=None)
     else:
         config = resolve_config(
             algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
@@ -255,9 +245,8 @@ def gradcheck(
     for step in eps:
         check_float("eps", step, positive=True)
     check_float("rtol", rtol, positive=True)
-    meta_learner = build(config)
-    if run is not None:
-        restore_module(meta_learner, payload["algorithm"], run)
+    if run is None:
+        meta_learner = build(config)
     loader = get_dataset(config.dataset).loader(
         "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
         ways=config.ways, batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size,

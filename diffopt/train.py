@@ -52,6 +52,19 @@ def build(config: TrainConfig) -> MetaAlgorithm:
         raise DiffoptError(f"--device {config.device!r} is not usable here ({error})") from None
 
 
+def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorithm, dict]:
+    """(config, algorithm with the trained meta-parameters, checkpoint payload) of a run folder
+    or checkpoint file; ``overrides`` replace options of the saved config (e.g. ``device``)."""
+    payload = load_checkpoint(run)
+    try:  # resolved again: options added since the run was written take their defaults
+        config = resolve_config(**{**payload["config"], **overrides})
+    except (DiffoptError, TypeError) as error:
+        raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
+    algorithm = build(config)
+    restore_module(algorithm, payload["algorithm"], run)
+    return config, algorithm, payload
+
+
 def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
     """The outer optimizer, at the schedule's initial learning rate."""
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.outer_optimizer]
