@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
+from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
 
@@ -222,3 +225,29 @@ def test_omniglot_rotations_are_new_classes(omniglot_root):
         assert original.shape == rotated.shape == (1, 28, 28)
         torch.testing.assert_close(rotated, torch.rot90(original, k, dims=(1, 2)), atol=0.02, rtol=0)
         assert not torch.allclose(rotated, original, atol=0.02)
+
+
+@pytest.mark.slow
+def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
+    """examples/omniglot_table.py at a tiny budget: three runs, then the table and the plot."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "omniglot_table.py"
+    out, results, plot = tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "curve.png"
+    common = dict(capture_output=True, text=True, timeout=600)
+    trained = subprocess.run([sys.executable, str(script), "train", "--budget", "1", "--validate_every",
+                              "0.5", "--validation_tasks", "3", "--out", str(out), "--data_root",
+                              str(omniglot_root)], **common)
+    assert trained.returncode == 0, trained.stderr
+    for method in ("maml", "fomaml", "reptile"):
+        records = [json.loads(x) for x in (out / method / "validation.jsonl").read_text().splitlines()]
+        assert records[0]["iteration"] == 0 and records[-1]["iteration"] >= 1
+        assert load_checkpoint(out / method)["train_seconds"] >= 1
+    reported = subprocess.run([sys.executable, str(script), "report", "--tasks", "3", "--out", str(out),
+                               "--results", str(results), "--plot", str(plot)], **common)
+    assert reported.returncode == 0, reported.stderr
+    table = [line for line in results.read_text().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in table[1:]] == ["| MAML", "| first-order MAML", "| Reptile"]
+    with Image.open(plot) as image:
+        assert image.size[0] > 500 and len(np.unique(np.asarray(image.convert("L")))) > 10
+    again = subprocess.run([sys.executable, str(script), "train", "--budget", "1", "--out", str(out)],
+                           **common)
+    assert again.returncode == 0 and again.stdout.count("finished") == 3  # finished runs are kept
