@@ -7,6 +7,7 @@ Every command validates its options before it creates a file, and bad input ends
 from __future__ import annotations
 
 import inspect
+import shlex
 import sys
 import time
 import typing
@@ -132,58 +133,105 @@ def evaluate(
 
 
 def compare(
-    dataset: str = "sinusoid",
-    algorithms: Sequence[str] = ("maml", "fomaml", "reptile"),
-    shots: Sequence[int] = (5, 10),
-    iterations: int = 1000,
-    eval_tasks: int = 500,
-    eval_steps: Sequence[int] = (0, 1, 10),
-    eval_test_shots: int = 100,
-    seed: int = 0,
-    eval_seed: int = EVAL_SEED,
+    config: str | None = None,
+    dataset: str | None = None,
+    algorithms: Sequence[str] | None = None,
+    inner_optimizers: Sequence[str] | None = None,
+    inner_steps: Sequence[int] | None = None,
+    shots: Sequence[int] | None = None,
+    ways: int | None = None,
+    seeds: int | None = None,
+    iterations: int | None = None,
+    max_seconds: float | None = None,
+    eval_tasks: int | None = None,
+    eval_steps: Sequence[int] | None = None,
+    eval_test_shots: int | None = None,
+    eval_seed: int | None = None,
+    validate_every: int | None = None,
+    validation_tasks: int | None = None,
     out: str | None = None,
     progress: bool = True,
+    tensorboard: bool = False,
 ) -> None:
-    """Train each algorithm at each shot count with the same seed and budget, score all on the same
-    held-out tasks, and print the table (also written to OUT/report.md and OUT/results.json).
+    """Train a grid of configurations at each shot count and seed on the same tasks, under the
+    same budget; score all on the same held-out tasks; write OUT/report.md, OUT/results.json and
+    the plots. Finished runs are reused, interrupted ones resumed.
 
     Args:
-        dataset: dataset name
-        algorithms: comma-separated algorithm names
-        shots: comma-separated support-set sizes K; one model is trained per K
-        iterations: meta-iterations per training run
-        eval_tasks: held-out tasks each model is scored on
-        eval_steps: numbers of inner steps after which to score
-        eval_test_shots: query points scored per evaluation task
-        seed: training seed (model initialisation and task stream), the same for every run
+        config: YAML or JSON grid file: `configs` (label -> train options) and any option below
+        dataset: dataset name (default: sinusoid)
+        algorithms: comma-separated algorithms (default: maml,fomaml,reptile); with
+            --inner_optimizers and --inner_steps, their product (replaces the file's configs)
+        inner_optimizers: comma-separated inner rules to cross with the algorithms
+        inner_steps: comma-separated inner-step counts to cross with them
+        shots: comma-separated support-set sizes K (default: 5,10); one model per K
+        ways: classes per task (classification datasets)
+        seeds: training seeds 0..N-1 per configuration (default: 1)
+        iterations: meta-iterations per run (default: 1000); with --max_seconds, the most
+        max_seconds: budget in seconds of training time per run instead of iterations
+        eval_tasks: held-out tasks each model is scored on (default: 500)
+        eval_steps: numbers of inner steps after which to score (default: 0,1,10)
+        eval_test_shots: query examples scored per evaluation task (default: the dataset's)
         eval_seed: seed of the held-out task stream, the same for every run
+        validate_every: validate every N meta-iterations for the learning curves (default: 20
+            points per run)
+        validation_tasks: validation tasks per validation (default: 100)
         out: output folder (default: runs/compare-<dataset>-<time>)
-        progress: show progress bars
+        progress: show progress bars (the grid, and the running configuration)
+        tensorboard: also write TensorBoard event files (needs the tensorboard extra)
     """
+    from diffopt.compare import Settings, format_table, load_grid_file, product_configs
     from diffopt.compare import compare as run_comparison
-    from diffopt.compare import format_table
+    from diffopt.data import get_dataset
 
-    algorithms = _as_tuple("algorithms", algorithms, str)
-    shots = _as_tuple("shots", shots, int)
-    eval_steps = _as_tuple("eval_steps", eval_steps, int)
-    for name, value, minimum in [("eval_tasks", eval_tasks, 2), ("eval_test_shots", eval_test_shots, 1),
-                                 ("eval_seed", eval_seed, 0)]:
+    grid = load_grid_file(config) if config is not None else {}
+    given = dict(dataset=dataset, algorithms=algorithms, inner_optimizers=inner_optimizers,
+                 inner_steps=inner_steps, shots=shots, ways=ways, seeds=seeds, iterations=iterations,
+                 max_seconds=max_seconds, eval_tasks=eval_tasks, eval_steps=eval_steps,
+                 eval_test_shots=eval_test_shots, eval_seed=eval_seed, validate_every=validate_every,
+                 validation_tasks=validation_tasks)
+    options = {**grid, **{k: v for k, v in given.items() if v is not None}}
+    defaults = dict(dataset="sinusoid", shots=(5, 10), seeds=1, iterations=1000, eval_tasks=500,
+                    eval_steps=(0, 1, 10), eval_seed=EVAL_SEED, validation_tasks=100)
+    options = {**defaults, **options}
+    spec = get_dataset(options["dataset"])
+    if any(given[k] is not None for k in ("algorithms", "inner_optimizers", "inner_steps")) \
+            or "configs" not in options:
+        configs = product_configs(
+            _as_tuple("algorithms", options.get("algorithms", ("maml", "fomaml", "reptile")), str),
+            _as_tuple("inner_optimizers", options["inner_optimizers"], str)
+            if options.get("inner_optimizers") is not None else None,
+            _as_tuple("inner_steps", options["inner_steps"], int)
+            if options.get("inner_steps") is not None else None)
+    else:
+        configs = options["configs"]
+    shots = _as_tuple("shots", options["shots"], int)
+    eval_steps = _as_tuple("eval_steps", options["eval_steps"], int)
+    eval_test_shots = options.get("eval_test_shots", spec.eval_test_shots)
+    for name, value, minimum in [("eval_tasks", options["eval_tasks"], 2), ("seeds", options["seeds"], 1),
+                                 ("eval_test_shots", eval_test_shots, 1),
+                                 ("eval_seed", options["eval_seed"], 0),
+                                 ("iterations", options["iterations"], 1)]:
         check_int(name, value, minimum)
     if min(eval_steps) < 0:
         raise DiffoptError(f"--eval_steps must be >= 0; got {eval_steps!r}")
-    out_dir = Path(out) if out else Path("runs") / f"compare-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not configs:
+        raise DiffoptError("the grid has no configuration; give --algorithms or configs in --config")
+    if options.get("max_seconds") is not None:
+        check_float("max_seconds", options["max_seconds"], positive=True)
+    name = options["dataset"]
+    out_dir = Path(out) if out else Path("runs") / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = run_comparison(
-        dataset=dataset, configs={name: {"algorithm": name} for name in algorithms}, shots=shots,
-        iterations=iterations,
-        eval_tasks=eval_tasks, eval_steps=eval_steps, eval_test_shots=eval_test_shots, seed=seed,
-        eval_seed=eval_seed, out=out_dir, progress=progress,
+        dataset=name, configs=configs, shots=shots, seeds=tuple(range(options["seeds"])),
+        iterations=options["iterations"], max_seconds=options.get("max_seconds"),
+        ways=options.get("ways"),
+        settings=Settings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
+                          options["eval_seed"]),
+        validate_every=options.get("validate_every"), validation_tasks=options["validation_tasks"],
+        out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND,
     )
-    from diffopt.data import get_dataset
-
     print()
-    print(f"{dataset}: {iterations} meta-iterations per run; {get_dataset(dataset).metric} on "
-          f"{eval_tasks} held-out tasks, mean +- 95% interval")
-    print(format_table(rows, get_dataset(dataset).metric, eval_steps))
+    print(format_table(rows, spec.metric, eval_steps))
     print(f"\nreport: {out_dir / 'report.md'}")
 
 
@@ -301,10 +349,17 @@ COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "gradcheck
             "data": {"prepare": prepare}}
 
 
+_COMMAND = ""
+"""The command line being run (reports quote it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffopt`` console script."""
+    global _COMMAND
+    args = list(sys.argv[1:] if argv is None else argv)
+    _COMMAND = shlex.join(["diffopt", *args])
     try:
-        fire.Fire(COMMANDS, command=list(sys.argv[1:] if argv is None else argv), name="diffopt")
+        fire.Fire(COMMANDS, command=args, name="diffopt")
     except DiffoptError as error:
         print(f"diffopt: error: {error}", file=sys.stderr)
         return 2

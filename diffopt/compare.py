@@ -1,43 +1,205 @@
-"""Side-by-side comparison: train each configuration at each shot count, score all on the same tasks.
+"""Side-by-side comparison: a grid of configurations x shot counts x seeds, trained on the same
+task streams under the same budget and scored on exactly the same evaluation tasks.
 
-A configuration is a label and the ``diffopt train`` flags that differ from the defaults, e.g.
-``{"meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_sgd"}}``. Every run uses the same
-training seed, budget and evaluation tasks. A run whose ``evaluation.json`` matches its
-configuration and evaluation settings is finished and is not run again when the comparison is
-re-run; an unfinished one is started afresh.
+A configuration is a label and the ``diffopt train`` options that differ from the defaults, e.g.
+``{"meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_sgd"}}``. Each (configuration,
+K, seed) run is trained and evaluated in a process of its own (so its peak memory is its own),
+in ``OUT/runs/<label>-k<K>-seed<S>``; its ``evaluation.json`` records the config, the settings
+and the result. Re-running the comparison skips finished runs, resumes interrupted ones from
+their checkpoint, and restarts runs whose configuration changed. The grid's ``results.json``
+holds every run's per-task scores; ``report.md`` and the plots are computed from it alone
+(``aggregate``), so any table can be recomputed.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from diffopt.checkpoint import write_json
+import numpy as np
+from tqdm import tqdm
+
+from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json, write_text
 from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
-from diffopt.evaluate import EVAL_SEED, evaluate, mean_ci95
-from diffopt.train import train
+from diffopt.evaluate import EVAL_SEED, mean_ci95
 
 EVALUATION_NAME = "evaluation.json"
 
 
 @dataclass(frozen=True)
+class Settings:
+    """What every run of a comparison shares besides its configuration."""
+
+    eval_tasks: int
+    eval_steps: list[int]
+    eval_test_shots: int
+    eval_seed: int = EVAL_SEED
+
+
+@dataclass(frozen=True)
 class Row:
+    """One (configuration, K) of the table, aggregated over its seeds."""
+
     label: str
     shots: int
+    seeds: list[int]
+    mean: dict[int, float]
+    """inner steps -> mean over seeds of the mean score over tasks."""
+    ci95_seeds: dict[int, float]
+    """inner steps -> 95% interval of that mean across seeds (Student t; NaN for one seed)."""
+    ci95_tasks: dict[int, float]
+    """inner steps -> 95% interval across tasks of the per-task score averaged over seeds."""
+    iterations: float
     seconds_per_iteration: float
-    scores: dict[int, list[float]]
-    """inner steps -> per-task scores on the shared evaluation tasks."""
-    run_dir: str
+    peak_memory_mb: float
+    meta_parameters: int
     train_seconds: float
-    """Wall time of the training run (evaluation excluded)."""
+
+
+GRID_KEYS = ("dataset", "configs", "algorithms", "inner_optimizers", "inner_steps", "shots", "ways",
+             "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
+             "eval_seed", "validate_every", "validation_tasks")
+"""What a grid file may set (the same names as ``diffopt compare``'s options)."""
+
+
+def load_grid_file(path: str | Path) -> dict[str, Any]:
+    """A comparison grid from a YAML or JSON file: ``configs`` (label -> train options) and any
+    of ``GRID_KEYS``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffoptError(f"no grid file at {path}")
+    try:
+        grid = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as error:
+        raise DiffoptError(f"{path} is not valid YAML or JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(grid, dict):
+        raise DiffoptError(f"{path} must hold a mapping of options, e.g. configs: {{maml: {{}}}}")
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise DiffoptError(f"unknown key {unknown[0]!r} in {path}; choose from {', '.join(GRID_KEYS)}")
+    configs = grid.get("configs", {})
+    if not isinstance(configs, dict) or not all(isinstance(v, dict | None) for v in configs.values()):
+        raise DiffoptError(f"'configs' in {path} must map labels to train options, e.g. "
+                           "lslr: {algorithm: maml, inner_optimizer: lslr}")
+    if configs:
+        grid["configs"] = {str(label): dict(flags or {}) for label, flags in configs.items()}
+    return grid
+
+
+def product_configs(algorithms: Sequence[str], inner_optimizers: Sequence[str] | None = None,
+                    inner_steps: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Every algorithm x inner rule x inner steps that is well defined, labelled by what varies
+    (first-order MAML, Reptile and the pre-trained baseline skip learned rules)."""
+    from diffopt.algorithms import ALGORITHMS
+    from diffopt.optim import INNER_OPTIMIZERS
+
+    configs = {}
+    for algorithm in algorithms:
+        for rule in inner_optimizers or (None,):
+            if rule is not None and rule not in INNER_OPTIMIZERS and algorithm in ALGORITHMS \
+                    and not ALGORITHMS[algorithm].learns_update_rule:
+                continue
+            for steps in inner_steps or (None,):
+                flags: dict[str, Any] = {"algorithm": algorithm}
+                label = [algorithm]
+                if rule is not None:
+                    flags["inner_optimizer"] = rule
+                    if len(inner_optimizers) > 1:
+                        label.append(rule)
+                if steps is not None:
+                    flags["inner_steps"] = steps
+                    if len(inner_steps) > 1:
+                        label.append(f"{steps}steps")
+                configs["+".join(label)] = flags
+    return configs
+
+
+def run_name(label: str, shots: int, seed: int) -> str:
+    return f"{label}-k{shots}-seed{seed}"
+
+
+def student_t_ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% interval of the mean of ``values`` (Student t, n - 1 dof)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return math.nan
+    return float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
+    """The table's rows from the per-run records of ``results.json`` (first-appearance order)."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["label"], run["shots"]), []).append(run)
+    rows = []
+    for (label, shots), members in groups.items():
+        steps = sorted(int(s) for s in members[0]["scores"])
+        mean, ci_seeds, ci_tasks = {}, {}, {}
+        for step in steps:
+            table = np.array([run["scores"][str(step)] for run in members], dtype=np.float64)
+            seed_means = table.mean(1)
+            mean[step] = float(seed_means.mean())
+            ci_seeds[step] = student_t_ci95(seed_means)
+            ci_tasks[step] = mean_ci95(table.mean(0))[1]
+        rows.append(Row(
+            label, shots, [run["seed"] for run in members], mean, ci_seeds, ci_tasks,
+            float(np.mean([run["iterations"] for run in members])),
+            float(np.median([run["seconds_per_iteration"] for run in members])),
+            float(max(run["peak_memory_mb"] for run in members)),
+            int(members[0]["meta_parameters"]),
+            float(np.mean([run["train_seconds"] for run in members])),
+        ))
+    return rows
+
+
+def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
+    """Markdown table: one row per (configuration, K); each score is mean +- seeds / +- tasks."""
+    steps = sorted(set(steps))
+    header = ["configuration", "K", "seeds"]
+    header += [f"{metric} after {s} step{'s' * (s != 1)}" for s in steps]
+    header += ["meta-iterations", "s / meta-iter", "peak memory (MB)", "meta-parameters"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.label, str(row.shots), str(len(row.seeds))]
+        for s in steps:
+            seeds = "" if math.isnan(row.ci95_seeds[s]) else f" +- {row.ci95_seeds[s]:.3f}"
+            cells.append(f"{row.mean[s]:.3f}{seeds} (tasks +- {row.ci95_tasks[s]:.3f})")
+        cells += [f"{row.iterations:.0f}", f"{row.seconds_per_iteration:.4f}",
+                  f"{row.peak_memory_mb:.0f}", f"{row.meta_parameters:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    import torch
+
+    names = ["higher", "torchmeta", "numpy"]
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in names:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    from diffopt import __version__
+
+    return ", ".join(parts + [f"diffopt {__version__}"])
 
 
 def compare(
@@ -45,74 +207,123 @@ def compare(
     dataset: str,
     configs: Mapping[str, Mapping[str, Any]],
     shots: Sequence[int],
-    iterations: int,
-    eval_tasks: int,
-    eval_steps: Sequence[int],
-    eval_test_shots: int,
-    seed: int,
-    eval_seed: int = EVAL_SEED,
+    seeds: Sequence[int] = (0,),
+    iterations: int = 1000,
+    max_seconds: float | None = None,
+    ways: int | None = None,
+    settings: Settings,
+    validate_every: int | None = None,
+    validation_tasks: int = 100,
     out: Path,
     progress: bool = True,
+    tensorboard: bool = False,
+    command: str = "",
 ) -> list[Row]:
-    """Train every (configuration, shots) pair with the same seed and budget, then evaluate each
-    on the same ``eval_tasks`` held-out tasks. Writes ``out/results.json`` and ``out/report.md``.
+    """Train and evaluate every (configuration, K, seed); write ``results.json``, ``report.md``
+    and the plots into ``out``; return the table's rows.
+
+    The budget is ``iterations`` meta-iterations or, with ``max_seconds``, that much training
+    time (``iterations`` then caps it, and sizes the task stream). Every run with the same seed meets the same
+    training tasks in the same order; every run is scored on the same ``settings.eval_tasks``
+    tasks. Validation (``validate_every`` iterations; default: 20 points per run) gives the
+    learning curves.
     """
     out = Path(out)
     spec = get_dataset(dataset)
-    runs = [  # validate the whole grid before any training starts
-        (label, resolve_config(**{**flags, "dataset": dataset, "shots": k, "iterations": iterations,
-                                  "seed": seed, "run_dir": str(out / f"{label}-k{k}"),
-                                  "progress": progress}))
-        for k in shots for label, flags in configs.items()
-    ]
-    settings = dict(eval_tasks=eval_tasks, eval_steps=sorted(set(eval_steps)),
-                    eval_test_shots=eval_test_shots, eval_seed=eval_seed)
+    if validate_every is None:
+        validate_every = 0 if max_seconds is not None else max(1, iterations // 20)
+    budget: dict[str, Any] = {"iterations": iterations, "max_seconds": max_seconds,
+                              "validate_every": validate_every, "validation_tasks": validation_tasks}
+    if max_seconds is not None:
+        budget["validate_every_seconds"] = max_seconds / 20
+    if ways is not None:
+        budget["ways"] = ways
+    grid = []  # validate the whole grid before any training starts
+    for k in shots:
+        for label, flags in configs.items():
+            for seed in seeds:
+                name = run_name(label, k, seed)
+                grid.append((label, k, seed, resolve_config(**{
+                    **flags, **budget, "dataset": dataset, "shots": k, "seed": seed,
+                    "run_dir": str(out / "runs" / name), "progress": False})))
+    if tensorboard:
+        _require_tensorboard()
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for label, config in runs:
-        run_dir = Path(config.run_dir)
-        done = _finished(run_dir, config, settings)
-        if done is not None:
-            rows.append(done)
-            if progress:
-                print(f"finished before: {label} K={config.shots}", file=sys.stderr, flush=True)
-            continue
-        if run_dir.exists():
-            print(f"restarting unfinished run {run_dir}", file=sys.stderr, flush=True)
-            shutil.rmtree(run_dir)
-        start = time.perf_counter()
-        result = train(config)
-        train_seconds = time.perf_counter() - start
-        evaluation = evaluate(
-            result.algorithm, spec, shots=config.shots, test_shots=eval_test_shots,
-            tasks=eval_tasks, steps=eval_steps, seed=eval_seed, device=config.device,
-            ways=config.ways, root=config.data_root,
-        )
-        row = Row(label, config.shots, result.seconds_per_iteration,
-                  {s: v.tolist() for s, v in evaluation.scores.items()}, str(run_dir), train_seconds)
-        write_json(run_dir / EVALUATION_NAME,
-                   {"config": config.to_dict(), "settings": settings, "row": asdict(row)})
-        rows.append(row)
-        if progress:
-            print(f"done: {label} K={config.shots}", file=sys.stderr, flush=True)
-    table = format_table(rows, spec.metric, eval_steps)
-    write_json(out / "results.json", {
-        "dataset": dataset, "metric": spec.metric, "iterations": iterations, "seed": seed,
-        "configs": {label: dict(flags) for label, flags in configs.items()}, **settings,
-        "rows": [asdict(row) for row in rows],
-    })
-    (out / "report.md").write_text(
-        f"# {dataset}: {', '.join(configs)}\n\n"
-        f"{iterations} meta-iterations each, seed {seed}; {spec.metric} on the query set of "
-        f"{eval_tasks} held-out tasks (evaluation seed {eval_seed}, {eval_test_shots} query "
-        f"points), mean +- 95% interval; written {time.strftime('%Y-%m-%d %H:%M')}.\n\n"
-        f"{table}\n"
-    )
+    runs = []
+    grid_bar = tqdm(total=len(grid), desc="grid", disable=not progress, position=0, dynamic_ncols=True)
+    for label, k, seed, config in grid:
+        name = run_name(label, k, seed)
+        grid_bar.set_postfix_str(name)
+        record = _finished(Path(config.run_dir), config, settings)
+        if record is None:
+            record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
+        runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
+        if tensorboard:
+            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), spec.metric, record)
+        grid_bar.update()
+    grid_bar.close()
+
+    results = {
+        "command": command, "versions": _versions(), "dataset": dataset, "metric": spec.metric,
+        "lower_is_better": spec.lower_is_better, "shots": list(shots), "seeds": list(seeds),
+        "budget": budget, "settings": asdict(settings),
+        "configs": {label: dict(flags) for label, flags in configs.items()}, "runs": runs,
+    }
+    write_json(out / "results.json", results)
+    return write_report(out)
+
+
+def write_report(out: Path) -> list[Row]:
+    """``report.md`` and the plots of ``out``, computed from ``out/results.json`` alone."""
+    from diffopt import plots
+
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text())
+    rows = aggregate(results["runs"])
+    settings, budget = results["settings"], results["budget"]
+    steps = settings["eval_steps"]
+    metric = results["metric"]
+    figures = plots.comparison_figures(out, results, rows)
+    from diffopt.report import machine_description
+
+    if budget.get("max_seconds") is not None:
+        budget_text = f"{budget['max_seconds']:g} s of training time per run"
+    else:
+        budget_text = f"{budget['iterations']} meta-iterations per run"
+    lines = [
+        f"# {results['dataset']}: {', '.join(results['configs'])}",
+        "",
+        f"Command: `{results['command']}`" if results["command"] else "",
+        "",
+        f"{budget_text}; training seeds {', '.join(map(str, results['seeds']))} (every run with "
+        f"the same seed meets the same training tasks). {metric} on the query sets of the same "
+        f"{settings['eval_tasks']} held-out tasks for every run (evaluation seed "
+        f"{settings['eval_seed']}, {settings['eval_test_shots']} query examples), after each "
+        "number of inner steps: mean over seeds +- the 95% interval across seeds (Student t), "
+        "and in brackets the 95% interval across tasks of the per-task score averaged over seeds.",
+        "",
+        f"Machine: {machine_description()}. {results['versions']}. Written "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        format_table(rows, metric, steps),
+        "",
+        "Configurations: " + "; ".join(
+            f"`{label}`: " + (", ".join(f"{k}={v}" for k, v in flags.items()) or "defaults")
+            for label, flags in results["configs"].items()) + ".",
+        "",
+        *[f"![{title}]({path.relative_to(out)})\n" for title, path in figures],
+    ]
+    write_text(out / "report.md", "\n".join(lines).replace("\n\n\n", "\n\n") + "\n")
     return rows
 
 
-def _finished(run_dir: Path, config: TrainConfig, settings: dict) -> Row | None:
-    """The recorded row of a finished run with this config and these settings, else None.
+def same_run(a: TrainConfig, b: TrainConfig) -> bool:
+    """Whether two configs train the same run (where the folder is, and progress bars, aside)."""
+    return a == replace(b, run_dir=a.run_dir, progress=a.progress)
+
+
+def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | None:
+    """The record of a finished run with this config and these settings, else None.
 
     The recorded config is resolved again, so a run recorded before an option existed counts as
     having used that option's default.
@@ -125,24 +336,113 @@ def _finished(run_dir: Path, config: TrainConfig, settings: dict) -> Row | None:
         recorded = resolve_config(**record["config"])
     except (DiffoptError, KeyError, TypeError):
         return None
-    if recorded != config or record.get("settings") != settings:
+    if not same_run(recorded, config) or record.get("settings") != asdict(settings):
         return None
-    row = record["row"]
-    row["scores"] = {int(s): v for s, v in row["scores"].items()}
-    return Row(**row)
+    return record
 
 
-def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
-    """Markdown table: one row per (configuration, shots), one column per number of inner steps."""
-    steps = sorted(set(steps))
-    header = ["configuration", "K"] + [f"{metric} after {s} step{'s' * (s != 1)}" for s in steps]
-    header.append("s / meta-iter")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row.label, str(row.shots)]
-        for s in steps:
-            mean, ci = mean_ci95(row.scores[s])
-            cells.append(f"{mean:.3f} +- {ci:.3f}")
-        cells.append(f"{row.seconds_per_iteration:.4f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progress: bool) -> dict:
+    """Train (or resume) and evaluate one run in a fresh process; its record."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(config.run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    job = json.dumps({"config": config.to_dict(), "settings": asdict(settings)})
+    bar = tqdm(total=config.max_seconds or config.iterations, desc=run_dir.name, position=1,
+               leave=False, disable=not progress, dynamic_ncols=True,
+               unit="s" if config.max_seconds else "it")
+    with open(log, "a") as output:
+        child = subprocess.Popen([sys.executable, "-m", "diffopt.compare", job], stdout=output,
+                                 stderr=subprocess.STDOUT, env=dict(os.environ))
+        while child.poll() is None:
+            time.sleep(0.5)
+            bar.n = _progress_of(metrics, bool(config.max_seconds))
+            bar.refresh()
+    bar.close()
+    if child.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise DiffoptError(f"run {run_dir.name} failed ({tail[0]}); full log: {log}")
+    return json.loads((run_dir / EVALUATION_NAME).read_text())
+
+
+def _progress_of(metrics: Path, seconds: bool) -> float:
+    """Iterations (or training seconds) a running run's metrics log has reached."""
+    try:
+        with open(metrics, "rb") as file:
+            file.seek(max(0, file.seek(0, 2) - 4096))
+            lines = file.read().decode(errors="ignore").splitlines()
+        record = json.loads(lines[-1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return round(record["train_seconds"], 1) if seconds else record["iteration"]
+
+
+def run_one(config: TrainConfig, settings: Settings) -> dict:
+    """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
+    from diffopt.evaluate import evaluate
+    from diffopt.train import resume, train
+
+    run_dir = Path(config.run_dir)
+    result = None
+    if (run_dir / CHECKPOINT_NAME).exists():
+        try:
+            saved = resolve_config(**load_checkpoint(run_dir)["config"])
+        except DiffoptError:
+            saved = None
+        if saved is not None and same_run(saved, config):
+            result = resume(run_dir, progress=False)
+    if result is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        result = train(config)
+    spec = get_dataset(config.dataset)
+    evaluation = evaluate(
+        result.algorithm, spec, shots=config.shots, test_shots=settings.eval_test_shots,
+        tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
+        device=config.device, ways=config.ways, root=config.data_root)
+    record = {
+        "config": config.to_dict(), "settings": asdict(settings),
+        "result": {
+            "iterations": result.iterations, "train_seconds": result.train_seconds,
+            "seconds_per_iteration": result.seconds_per_iteration,
+            "peak_memory_mb": result.peak_memory_mb,
+            "meta_parameters": sum(p.numel() for p in result.algorithm.parameters()),
+            "scores": {str(s): v.tolist() for s, v in evaluation.scores.items()},
+            "task_keys": evaluation.task_keys,
+        },
+    }
+    write_json(run_dir / EVALUATION_NAME, record)
+    return record
+
+
+def _require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise DiffoptError("--tensorboard needs the tensorboard package: "
+                           "pip install 'diffopt[tensorboard]' (or pip install tensorboard)") from None
+
+
+def _write_tensorboard(log_dir: Path, run_dir: Path, metric: str, record: dict) -> None:
+    """The run's training loss, validation curve and final scores as TensorBoard scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if log_dir.exists():
+        shutil.rmtree(log_dir)
+    with SummaryWriter(str(log_dir)) as writer:
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            writer.add_scalar("train/loss", entry["loss"], entry["iteration"])
+        validation = run_dir / "validation.jsonl"
+        for line in validation.read_text().splitlines() if validation.exists() else []:
+            entry = json.loads(line)
+            writer.add_scalar(f"validation/{metric}", entry[metric], entry["iteration"])
+            writer.add_scalar(f"validation/{metric}_by_seconds", entry[metric],
+                              int(round(entry["train_seconds"] * 1000)))
+        for step, scores in record["result"]["scores"].items():
+            writer.add_scalar(f"test/{metric}_after_{step}_steps", float(np.mean(scores)),
+                              record["result"]["iterations"])
+
+
+if __name__ == "__main__":  # one run of a comparison, in its own process (see _run_in_subprocess)
+    job = json.loads(sys.argv[1])
+    run_one(resolve_config(**job["config"]), Settings(**job["settings"]))

@@ -78,6 +78,9 @@ class TrainConfig:
     num_workers: int = option(0, "data-loader worker processes")
     run_dir: str | None = option(None, "output folder (default: runs/<dataset>-<algorithm>-<time>)")
     checkpoint_every: int = option(500, "write a checkpoint every N meta-iterations (0: only at the end)")
+    validate_every: int = option(
+        0, "score the validation split every N meta-iterations into validation.jsonl (0: off); "
+        "also before and after training")
     validate_every_seconds: float | None = option(
         None, "score the validation split every N seconds of training time (the --max_seconds "
         "clock, which excludes validation) into validation.jsonl; also before and after training")
@@ -160,7 +163,8 @@ def validate(config: TrainConfig) -> None:
                           ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
                           ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
-                          ("validation_tasks", 2), ("validation_steps", 0)]:
+                          ("validation_tasks", 2), ("validation_steps", 0),
+                          ("validate_every", 0)]:
         check_int(name, getattr(config, name), minimum)
     if spec.classification:
         check_int("ways", config.ways, 2)

@@ -6,6 +6,7 @@ with the same seed, shots and task count is scored on exactly the same tasks.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,16 @@ from diffopt.vectorize import over_tasks
 
 EVAL_SEED = 2017
 """Default seed of the held-out test-task stream (independent of every training seed)."""
+
+
+def task_key(task: Task) -> str:
+    """A 16-hex-digit fingerprint of a task's support and query tensors (values, shapes, dtypes)."""
+    digest = hashlib.sha1()
+    for tensor in (task.support_x, task.support_y, task.query_x, task.query_y):
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -36,6 +47,9 @@ class Evaluation:
     metric: str
     scores: dict[int, np.ndarray]
     """steps -> [tasks] score of the query set after that many inner steps."""
+    task_keys: list[str]
+    """A fingerprint of each task's data (support and query sets), in score order: two
+    evaluations scored the same tasks exactly when their keys are equal."""
 
     def summary(self, steps: int) -> tuple[float, float]:
         return mean_ci95(self.scores[steps])
@@ -85,8 +99,10 @@ def evaluate(
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
     rows = []  # one [batch, len(steps)] tensor per batch of tasks
+    keys = []
     for batch in loader:
         episode = Episode.from_torchmeta(batch, device=device, dtype=dtype)
+        keys += [task_key(task) for task in episode]
         if algorithm.vectorized:
             with torch.no_grad():  # torch.func.grad still computes the inner gradients
                 rows.append(over_tasks(task_scores, episode))
@@ -96,4 +112,4 @@ def evaluate(
         for name, buffer in algorithm.named_buffers():
             buffer.copy_(buffers[name])
     table = torch.cat(rows).cpu().double().numpy()
-    return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)})
+    return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)

@@ -98,6 +98,18 @@ class TrainResult:
     """Meta-iterations completed (fewer than configured when --max_seconds ran out)."""
     train_seconds: float
     """Training time summed over the run's sessions (the --max_seconds clock)."""
+    peak_memory_mb: float
+    """Peak memory of training: resident set size of the process (the most any session of the
+    run reached) or, on CUDA, the most device memory allocated."""
+
+
+def peak_memory_mb(device: str) -> float:
+    """This process's peak resident set size in MiB, or on CUDA its peak allocated device memory."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -189,17 +201,19 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         write_text(validation_path, _metrics_up_to(validation_path, done))
 
     clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
+    previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
 
     def checkpoint(iteration: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
             "random_state": _random_state(),
-            "train_seconds": clock,
+            "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
         })
 
     every = config.validate_every_seconds
     next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
+    validating = every is not None or config.validate_every > 0
 
     def validate(iteration: int) -> None:
         """Score the validation tasks; the training random streams are left untouched."""
@@ -219,7 +233,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     metrics: dict[str, float] = {}
     completed = done
     validated = done if resume_from is not None else None
-    if every is not None and resume_from is None:
+    if validating and resume_from is None:
         validate(0)
         validated = 0
     bar = tqdm(total=config.iterations, initial=done, disable=not config.progress,
@@ -252,19 +266,22 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             if isinstance(algorithm, MAML):
                 record["first_order"] = algorithm.first_order
             log.write(json.dumps(record) + "\n")
+            log.flush()  # followers (diffopt compare's progress bar) see every iteration
             bar.update()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if every is not None and clock >= next_validation:
+            if (every is not None and clock >= next_validation) or (
+                    config.validate_every and iteration % config.validate_every == 0):
                 validate(iteration)
                 validated = iteration
-                next_validation = (math.floor(clock / every) + 1) * every
+                if every is not None:
+                    next_validation = (math.floor(clock / every) + 1) * every
                 start = time.perf_counter()  # validation is not training time
             if config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                log.flush()  # the log reaches the checkpoint's iteration before the checkpoint does
-                checkpoint(iteration)
+                checkpoint(iteration)  # after the log line: the log reaches the checkpoint
     bar.close()
-    if every is not None and validated != completed:
+    if validating and validated != completed:
         validate(completed)
     checkpoint(completed)
     median = statistics.median(durations) if durations else float("nan")
-    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock)
+    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock,
+                       max(previous_peak, peak_memory_mb(config.device)))

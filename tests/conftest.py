@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 
 from diffopt.algorithms import build_algorithm
 from diffopt.data import Episode
+from diffopt.data.prepare import prepare_omniglot
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP
 
@@ -39,3 +44,20 @@ def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1,
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden, activation).to(dtype)
     return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss, vectorize)
+
+
+SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the project (README)
+    "DIFFOPT_OMNIGLOT_SOURCE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"))
+CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """The shared zips prepared once into a cache outside the source tree (keyed by zip sizes)."""
+    if not SHARED_OMNIGLOT.is_dir():
+        pytest.skip(f"the shared Omniglot copy is not at {SHARED_OMNIGLOT}")
+    key = "-".join(str((SHARED_OMNIGLOT / f"{g}.zip").stat().st_size)
+                   for g in ("images_background", "images_evaluation"))
+    root = CACHE / f"omniglot-{key}"
+    prepare_omniglot(SHARED_OMNIGLOT, root)
+    return root

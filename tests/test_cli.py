@@ -109,7 +109,7 @@ def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, reptile"]),
+    (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, pretrain, reptile"]),
     (["--dataset", "cifar"], ["unknown dataset 'cifar'", "sinusoid"]),
     (["--inner_optimizer", "rmsprop"], ["unknown inner optimizer",
                                         ", ".join(sorted(inner_rule_names()))]),
@@ -220,8 +220,9 @@ def test_train_help_lists_every_option():
 @pytest.mark.parametrize("command, options", [
     ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive",
                   "inner_batch_size"]),
-    ("compare", ["dataset", "algorithms", "shots", "iterations", "eval_tasks", "eval_steps",
-                 "eval_test_shots", "seed", "eval_seed", "out", "progress"]),
+    ("compare", ["config", "dataset", "algorithms", "inner_optimizers", "inner_steps", "shots", "ways",
+                 "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
+                 "eval_seed", "validate_every", "validation_tasks", "out", "progress", "tensorboard"]),
     ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",
                    "norm", "vectorize", "shots", "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
 ])

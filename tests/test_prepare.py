@@ -15,28 +15,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_OMNIGLOT
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
 from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
-
-SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the project (README)
-    "DIFFOPT_OMNIGLOT_SOURCE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"))
-CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))
-
-
-@pytest.fixture(scope="session")
-def omniglot_root() -> Path:
-    """The shared zips prepared once into a cache outside the source tree (keyed by zip sizes)."""
-    if not SHARED_OMNIGLOT.is_dir():
-        pytest.skip(f"the shared Omniglot copy is not at {SHARED_OMNIGLOT}")
-    key = "-".join(str((SHARED_OMNIGLOT / f"{g}.zip").stat().st_size)
-                   for g in ("images_background", "images_evaluation"))
-    root = CACHE / f"omniglot-{key}"
-    prepare_omniglot(SHARED_OMNIGLOT, root)
-    return root
 
 
 @pytest.mark.slow

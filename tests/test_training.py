@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffopt.compare import compare, format_table
 from diffopt.config import resolve_config
 from diffopt.data import Episode, get_dataset, split_seed
 from diffopt.evaluate import evaluate, mean_ci95
@@ -134,48 +133,3 @@ def test_validation_is_logged_and_leaves_training_untouched(tmp_path):
     assert (records[0]["mse"], records[0]["ci95"]) == pytest.approx(score(build(config), "val"))
     assert (records[-1]["mse"], records[-1]["ci95"]) == pytest.approx(score(validated.algorithm, "val"))
     assert records[-1]["mse"] != pytest.approx(score(validated.algorithm, "test")[0])
-
-
-def test_compare_scores_every_run_on_the_same_tasks_and_reports_them(tmp_path):
-    rows = compare(dataset="sinusoid", configs={"maml": {}, "reptile": {"algorithm": "reptile"}},
-                   shots=(3,), iterations=2,
-                   eval_tasks=5, eval_steps=(0, 1), eval_test_shots=10, seed=0, out=tmp_path,
-                   progress=False)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["label"] for r in results["rows"]] == ["maml", "reptile"]
-    # The report's table is exactly the one recomputed from results.json.
-    report = (tmp_path / "report.md").read_text()
-    assert format_table(rows, "mse", (0, 1)) in report
-    for row in results["rows"]:
-        for scores in row["scores"].values():
-            mean, ci = mean_ci95(scores)
-            assert f"{mean:.3f} +- {ci:.3f}" in report
-            assert len(scores) == 5
-    # Same evaluation tasks: with 0 inner steps, each score is the initial model's error on the
-    # same task; both runs start from the same seed, so their errors rise and fall together.
-    maml0, reptile0 = (np.asarray(r["scores"]["0"]) for r in results["rows"])
-    assert np.corrcoef(maml0, reptile0)[0, 1] > 0.9
-
-
-def test_compare_reuses_finished_runs_and_restarts_unfinished_ones(tmp_path, monkeypatch, capsys):
-    import diffopt.compare as compare_module
-
-    kwargs = dict(dataset="sinusoid", shots=(2,), iterations=2, eval_tasks=3, eval_steps=(1,),
-                  eval_test_shots=4, seed=0, out=tmp_path, progress=True)
-    configs = {"a": {}, "b": {"inner_optimizer": "lslr"}}
-    first = compare(configs=configs, **kwargs)
-    (tmp_path / "b-k2" / "evaluation.json").unlink()  # as if killed before evaluation
-    trained = []
-    real_train = compare_module.train
-    monkeypatch.setattr(compare_module, "train", lambda config: trained.append(config) or real_train(config))
-    second = compare(configs=configs, **kwargs)
-    assert [c.run_dir for c in trained] == [str(tmp_path / "b-k2")]
-    # Same seed, same tasks: the rerun reproduces the lost row's scores exactly.
-    assert [(r.label, r.scores) for r in first] == [(r.label, r.scores) for r in second]
-    assert first[0] == second[0]  # the reused row, timings included
-    err = capsys.readouterr().err
-    assert "finished before: a K=2" in err and f"restarting unfinished run {tmp_path / 'b-k2'}" in err
-    # A different evaluation setting is a different experiment: nothing is reused.
-    trained.clear()
-    compare(configs=configs, **{**kwargs, "eval_tasks": 4})
-    assert len(trained) == 2

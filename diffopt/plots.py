@@ -1,0 +1,168 @@
+"""The comparison's figures (matplotlib, PNG): learning curves, final scores, sinusoid fits.
+
+Everything is drawn from a comparison folder: ``results.json`` and the runs' own
+``validation.jsonl`` files and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _validation(out: Path, run: str) -> list[dict]:
+    path = out / "runs" / run / "validation.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path | None:
+    """Validation metric against meta-iterations and against training time: one line per
+    (configuration, K), the mean over seeds, shaded by the 95% interval across seeds (one seed:
+    across the validation tasks)."""
+    from diffopt.compare import student_t_ci95
+
+    metric = results["metric"]
+    groups: dict[str, list[list[dict]]] = {}
+    for run in results["runs"]:
+        records = _validation(out, run["run"])
+        if records:
+            groups.setdefault(f"{run['label']} K={run['shots']}", []).append(records)
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, seeds in groups.items():
+        length = min(len(records) for records in seeds)  # validation k of every seed
+        values = np.array([[r[metric] for r in records[:length]] for records in seeds])
+        iterations = np.mean([[r["iteration"] for r in records[:length]] for records in seeds], 0)
+        seconds = np.mean([[r["train_seconds"] for r in records[:length]] for records in seeds], 0)
+        mean = values.mean(0)
+        if len(seeds) > 1:
+            band = np.array([student_t_ci95(values[:, i]) for i in range(length)])
+        else:
+            band = np.array([r["ci95"] for r in seeds[0][:length]])
+        for axis, x in zip(axes, (iterations, seconds), strict=True):
+            (line,) = axis.plot(x, mean, marker="o", markersize=2.5, label=name)
+            axis.fill_between(x, mean - band, mean + band, alpha=0.15, color=line.get_color())
+    axes[0].set_xlabel("meta-iterations")
+    axes[1].set_xlabel("training time (s)")
+    steps = seeds[0][0]["steps"]
+    axes[0].set_ylabel(f"validation {metric} after {steps} steps")
+    if results.get("lower_is_better"):
+        for axis in axes:
+            axis.set_yscale("log")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{results['dataset']}: learning curves (mean over seeds, 95% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) -> Path:
+    """Bar chart of the final metric (after the most evaluation steps), one group per K."""
+    plt = _pyplot()
+    step = max(results["settings"]["eval_steps"])
+    shots = sorted({row.shots for row in rows})
+    labels = list(dict.fromkeys(row.label for row in rows))
+    width = 0.8 / len(labels)
+    fig, axis = plt.subplots(figsize=(max(6, 1.3 * len(labels) * len(shots)), 4.5))
+    for i, label in enumerate(labels):
+        picked = {row.shots: row for row in rows if row.label == label}
+        x = [shots.index(k) + (i - (len(labels) - 1) / 2) * width for k in picked]
+        heights = [picked[k].mean[step] for k in picked]
+        errors = [picked[k].ci95_seeds[step] if not math.isnan(picked[k].ci95_seeds[step])
+                  else picked[k].ci95_tasks[step] for k in picked]
+        axis.bar(x, heights, width, yerr=errors, capsize=3, label=label)
+    axis.set_xticks(range(len(shots)), [f"K = {k}" for k in shots])
+    axis.set_ylabel(f"{results['metric']} after {step} steps")
+    axis.legend(fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    axis.set_title(f"{results['dataset']}: held-out {results['metric']}, 95% interval across seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sinusoid_task(seed: int, shots: int, test_shots: int = 10, index: int = 0):
+    """Held-out task ``index`` of the evaluation stream ``seed``: (support x [K, 1], support y
+    [K, 1], true function x -> y) as numpy, the function from torchmeta's amplitude and phase."""
+    from diffopt.data import get_dataset
+
+    loader = get_dataset("sinusoid").loader("test", seed=seed, shots=shots, test_shots=test_shots,
+                                            batch_size=1, num_tasks=index + 1)
+    batch = list(loader)[index]
+    amplitude, phase = loader.dataset.amplitudes[index], loader.dataset.phases[index]
+    x, y = (t[0].numpy() for t in batch["train"])
+    return x, y, lambda grid: amplitude * np.sin(grid - phase)
+
+
+def sinusoid_fits(out: Path, results: Mapping[str, Any], path: Path, steps: Sequence[int] = (1, 10)) -> Path:
+    """Finn et al.'s figure 2 for every configuration: the true function of one held-out task,
+    its K support points, and the prediction before adaptation and after ``steps`` inner steps
+    (first K and first seed of the comparison)."""
+    from diffopt.train import load_trained
+
+    plt = _pyplot()
+    k, seed = results["shots"][0], results["seeds"][0]
+    x, y, truth = sinusoid_task(results["settings"]["eval_seed"], k)
+    grid = np.linspace(-5, 5, 200)
+    labels = list(results["configs"])
+    columns = min(3, len(labels))
+    rows = math.ceil(len(labels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for axis, label in zip(axes.flat, labels, strict=False):
+        _, algorithm, _ = load_trained(out / "runs" / f"{label}-k{k}-seed{seed}")
+        dtype = next(algorithm.parameters()).dtype
+        support = [torch.as_tensor(v, dtype=dtype) for v in (x, y)]
+        query = torch.as_tensor(grid[:, None], dtype=dtype)
+        axis.plot(grid, truth(grid), color="red", label="ground truth")
+        for step, fmodel in enumerate(algorithm.unroll(*support, steps=max(steps))):
+            if step == 0 or step in steps:
+                with torch.no_grad():
+                    prediction = fmodel(query).squeeze(-1).numpy()
+                axis.plot(grid, prediction, linestyle=":" if step == 0 else "-",
+                          label="before adaptation" if step == 0 else f"after {step} step{'s' * (step > 1)}")
+        axis.scatter(x[:, 0], y[:, 0], marker="^", color="black", zorder=3, label=f"{k} support points")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(labels):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"One held-out sinusoid task (K = {k}, seed {seed})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def comparison_figures(out: Path, results: Mapping[str, Any], rows: Sequence[Any]) -> list[tuple[str, Path]]:
+    """Every figure of a comparison folder, as (title, path)."""
+    figures = []
+    curves = learning_curves(out, results, out / "learning_curves.png")
+    if curves is not None:
+        figures.append(("learning curves", curves))
+    figures.append(("final scores", final_scores(results, rows, out / "final_scores.png")))
+    if results["dataset"] == "sinusoid":
+        figures.append(("sinusoid fits", sinusoid_fits(out, results, out / "sinusoid_fits.png")))
+    return figures
+

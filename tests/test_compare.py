@@ -1,0 +1,199 @@
+"""diffopt compare: a grid x seeds on the same tasks, a report recomputable from results.json,
+plots, resumption, grid files, TensorBoard, and the pre-trained baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_episode
+from PIL import Image
+
+import diffopt.compare as compare_module
+from diffopt.cli import main
+from diffopt.compare import Settings, aggregate, compare, format_table, load_grid_file, product_configs
+from diffopt.config import resolve_config
+from diffopt.errors import DiffoptError
+from diffopt.gradcheck import check_meta_gradient
+
+SETTINGS = Settings(eval_tasks=6, eval_steps=[0, 1], eval_test_shots=10)
+GRID = dict(dataset="sinusoid", configs={"maml": {"hidden": [8]}, "pretrain": {"algorithm": "pretrain",
+                                                                            "hidden": [8]}},
+            shots=(3,), seeds=(0, 1), iterations=4, settings=SETTINGS, progress=False)
+
+
+def assert_real_png(path) -> None:
+    with Image.open(path) as image:
+        assert image.size[0] >= 600 and image.size[1] >= 300
+        assert len(np.unique(np.asarray(image.convert("L")))) > 20  # drawn, not blank
+
+
+@pytest.fixture(scope="module")
+def sinusoid_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    rows = compare(**GRID, out=out)
+    return out, rows
+
+
+def test_every_run_is_scored_on_the_same_tasks(sinusoid_grid):
+    out, _ = sinusoid_grid
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["label"], r["seed"]) for r in runs] == [("maml", 0), ("maml", 1), ("pretrain", 0),
+                                                        ("pretrain", 1)]
+    keys = {tuple(r["task_keys"]) for r in runs}
+    assert len(keys) == 1 and len(next(iter(keys))) == 6 and len(set(next(iter(keys)))) == 6
+    # seeds differ (initialisation and task stream), so their scores do
+    assert runs[0]["scores"]["0"] != runs[1]["scores"]["0"]
+
+
+def test_the_report_is_recomputed_from_results_json(sinusoid_grid):
+    out, rows = sinusoid_grid
+    results = json.loads((out / "results.json").read_text())
+    recomputed = aggregate(results["runs"])
+    assert recomputed == rows
+    report = (out / "report.md").read_text()
+    assert format_table(recomputed, "mse", [0, 1]) in report
+    for row in recomputed:  # the numbers, from the per-task scores by hand
+        members = [r for r in results["runs"] if r["label"] == row.label]
+        for step in (0, 1):
+            seed_means = [np.mean(r["scores"][str(step)]) for r in members]
+            assert row.mean[step] == pytest.approx(np.mean(seed_means))
+            t = math.tan(math.pi * 0.475)  # Student t quantile 0.975 with 1 degree of freedom
+            assert row.ci95_seeds[step] == pytest.approx(t * np.std(seed_means, ddof=1) / math.sqrt(2))
+            per_task = np.mean([r["scores"][str(step)] for r in members], 0)
+            assert row.ci95_tasks[step] == pytest.approx(1.96 * per_task.std(ddof=1) / math.sqrt(6))
+        assert row.meta_parameters == sum(p.numel() for p in torch.nn.Linear(1, 8).parameters()) + 9
+        assert row.iterations == 4 and row.peak_memory_mb > 10
+    assert results["versions"].startswith("Python ") and "torch " in results["versions"]
+
+
+def test_the_plots_are_real_images(sinusoid_grid):
+    out, _ = sinusoid_grid
+    report = (out / "report.md").read_text()
+    for name in ("learning_curves.png", "final_scores.png", "sinusoid_fits.png"):
+        assert_real_png(out / name)
+        assert f"]({name})" in report
+    validation = (out / "runs" / "maml-k3-seed0" / "validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in validation] == [0, 1, 2, 3, 4]
+
+
+def test_the_plotted_sinusoid_is_the_tasks_function():
+    from diffopt.plots import sinusoid_task
+
+    x, y, truth = sinusoid_task(seed=2017, shots=5)
+    np.testing.assert_allclose(truth(x), y, rtol=0, atol=1e-9)
+    assert x.shape == (5, 1)
+
+
+def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tmp_path, monkeypatch):
+    source, rows = sinusoid_grid
+    out = tmp_path / "copy"
+    shutil.copytree(source, out)
+    lost = out / "runs" / "pretrain-k3-seed1"
+    (lost / "evaluation.json").unlink()  # as if killed during evaluation
+    metrics = (lost / "metrics.jsonl").read_text()
+    ran = []
+    real = compare_module._run_in_subprocess
+    monkeypatch.setattr(compare_module, "_run_in_subprocess",
+                        lambda config, *a: ran.append(config.run_dir) or real(config, *a))
+    again = compare(**GRID, out=out)
+    assert ran == [str(lost)]
+    assert (lost / "metrics.jsonl").read_text() == metrics  # resumed from its checkpoint, not retrained
+    assert [(r.label, r.mean) for r in again] == [(r.label, r.mean) for r in rows]
+    record = json.loads((lost / "evaluation.json").read_text())
+    config = resolve_config(**record["config"])
+    assert compare_module._finished(lost, config, SETTINGS) is not None
+    assert compare_module._finished(lost, config, Settings(7, [0, 1], 10)) is None  # another experiment
+    assert compare_module._finished(lost, replace(config, inner_lr=0.5), SETTINGS) is None
+
+
+def test_grid_file_and_command_line(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("dataset: sinusoid\nshots: [2]\nseeds: 1\niterations: 2\neval_tasks: 3\n"
+                    "eval_steps: [1]\nconfigs:\n  plain: {hidden: [4]}\n"
+                    "  learned: {inner_optimizer: lslr, hidden: [4]}\n")
+    out = tmp_path / "out"
+    assert main(["compare", "--config", str(grid), "--out", str(out), "--progress", "False"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in results["runs"]] == ["plain", "learned"]
+    assert results["configs"]["learned"] == {"inner_optimizer": "lslr", "hidden": [4]}
+    assert results["command"].startswith("diffopt compare --config")
+    assert "| plain | 2 | 1 |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"configs": {"a": {}}, "sheds": 3}')
+    assert main(["compare", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "unknown key 'sheds'" in capsys.readouterr().err
+
+
+def test_product_of_algorithms_rules_and_steps_skips_what_is_undefined():
+    configs = product_configs(["maml", "fomaml"], ["sgd", "lslr"], [1, 5])
+    assert list(configs) == ["maml+sgd+1steps", "maml+sgd+5steps", "maml+lslr+1steps",
+                             "maml+lslr+5steps", "fomaml+sgd+1steps", "fomaml+sgd+5steps"]
+    assert configs["maml+lslr+5steps"] == {"algorithm": "maml", "inner_optimizer": "lslr",
+                                           "inner_steps": 5}
+    assert list(product_configs(["maml", "reptile"])) == ["maml", "reptile"]
+
+
+def test_bad_grid_files_are_one_line_errors(tmp_path):
+    with pytest.raises(DiffoptError, match="no grid file"):
+        load_grid_file(tmp_path / "none.yaml")
+    (tmp_path / "list.yaml").write_text("- maml\n")
+    with pytest.raises(DiffoptError, match="must hold a mapping"):
+        load_grid_file(tmp_path / "list.yaml")
+    (tmp_path / "configs.yaml").write_text("configs: [maml]\n")
+    with pytest.raises(DiffoptError, match="must map labels to train options"):
+        load_grid_file(tmp_path / "configs.yaml")
+
+
+def test_tensorboard_event_files(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    compare(**{**GRID, "seeds": (0,), "configs": {"maml": {"hidden": [8]}}}, out=tmp_path,
+            tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "maml-k3-seed0"))
+    events.Reload()
+    validation = [e.value for e in events.Scalars("validation/mse")]
+    recorded = [json.loads(x)["mse"] for x in
+                (tmp_path / "runs" / "maml-k3-seed0" / "validation.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(validation, recorded, rtol=1e-6)
+    assert len(events.Scalars("train/loss")) == 4
+
+
+def test_pretrain_meta_gradient_is_the_joint_loss_gradient():
+    from diffopt.algorithms import Pretrain
+    from diffopt.inner import InnerLoop
+    from diffopt.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(1, 1, hidden=(6,), activation="tanh").double()
+    learner = Pretrain(model, InnerLoop("sgd", 0.1, 2), torch.nn.functional.mse_loss)
+    episode = random_episode(seed=3, tasks=3, shots=4, queries=5)
+    assert check_meta_gradient(learner, episode).max_rel_error < 1e-6
+    # fine-tuning at evaluation is the ordinary inner loop on the support set
+    task = next(iter(episode))
+    adapted = learner.adapt(task.support_x, task.support_y)
+    before = torch.nn.functional.mse_loss(model(task.support_x), task.support_y)
+    after = torch.nn.functional.mse_loss(adapted(task.support_x), task.support_y)
+    assert after < before
+
+
+@pytest.mark.slow
+def test_omniglot_grid_on_the_shared_data(omniglot_root, tmp_path):
+    rows = compare(dataset="omniglot", configs={"maml": {"data_root": str(omniglot_root)},
+                                                "fomaml": {"algorithm": "fomaml",
+                                                           "data_root": str(omniglot_root)}},
+                   shots=(1,), seeds=(0, 1), iterations=2, settings=Settings(4, [0, 1], 2),
+                   validate_every=1, validation_tasks=2,
+                   out=tmp_path, progress=False, **{"ways": 3})
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len({tuple(r["task_keys"]) for r in results["runs"]}) == 1
+    assert aggregate(results["runs"]) == rows
+    assert format_table(rows, "accuracy", [0, 1]) in (tmp_path / "report.md").read_text()
+    for run in results["runs"]:
+        assert all(abs(s * 6 - round(s * 6)) < 1e-5 for s in run["scores"]["1"])  # 3 ways x 2 queries
+    for name in ("learning_curves.png", "final_scores.png"):
+        assert_real_png(tmp_path / name)
