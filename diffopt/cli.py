@@ -366,6 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffopt: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "allocate" not in str(error):
+            raise
+        print("diffopt: error: out of memory; make the run smaller (--meta_batch_size, --shots, "
+              "--test_shots, --hidden, --inner_steps, --iterations)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -70,6 +70,11 @@ class TrainConfig:
     first_order_epochs: int = option(
         0, "MAML++ derivative-order annealing: first order for this many epochs, then second order "
         "(0: off; maml only)")
+    max_grad_norm: float | None = option(
+        None, "clip the meta-gradient (all meta-parameters together) to this norm before the outer step")
+    max_bad_steps: int = option(
+        10, "a meta-iteration with a non-finite meta-loss or meta-gradient is skipped (logged with "
+        "skipped: true); after more than this many in a row the run stops")
     vectorize: str = option(
         "auto", "run the meta-batch as one torch.func.vmap over tasks: auto (where proven "
         "correct, else loop with a notice), always (error if not possible), never")
@@ -164,7 +169,7 @@ def validate(config: TrainConfig) -> None:
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
                           ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
                           ("validation_tasks", 2), ("validation_steps", 0),
-                          ("validate_every", 0)]:
+                          ("validate_every", 0), ("max_bad_steps", 0)]:
         check_int(name, getattr(config, name), minimum)
     if spec.classification:
         check_int("ways", config.ways, 2)
@@ -182,7 +187,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("train_shots", "inner_batch_size"):
         if getattr(config, name) is not None:
             check_int(name, getattr(config, name), 1)
-    for name in ("max_seconds", "validate_every_seconds"):
+    for name in ("max_seconds", "validate_every_seconds", "max_grad_norm"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):

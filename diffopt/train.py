@@ -202,6 +202,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
 
     clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
     previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
+    skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
+    bad_in_row = 0
 
     def checkpoint(iteration: int) -> None:
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
@@ -209,6 +211,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
             "random_state": _random_state(),
             "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
+            "skipped_steps": skipped,
         })
 
     every = config.validate_every_seconds
@@ -254,15 +257,29 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             for group in optimizer.param_groups:
                 group["lr"] = meta_learning_rate(config, progress)
             optimizer.zero_grad(set_to_none=True)
+            buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
             metrics = algorithm.meta_gradient(episode)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(
+                algorithm.parameters(), config.max_grad_norm or math.inf)
+            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
+            if finite:
+                optimizer.step()
+                bad_in_row = 0
+            else:  # skipped: the parameters, optimizer state and running statistics stay as they were
+                with torch.no_grad():
+                    for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
+                        buffer.copy_(saved)
+                skipped += 1
+                bad_in_row += 1
             now = time.perf_counter()
             durations.append(now - start)
             clock += durations[-1]
             start = now
             completed = iteration
             record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": durations[-1], "train_seconds": clock}
+                      "grad_norm": float(norm), "seconds": durations[-1], "train_seconds": clock}
+            if not finite:
+                record["skipped"] = True
             if isinstance(algorithm, MAML):
                 record["first_order"] = algorithm.first_order
             log.write(json.dumps(record) + "\n")
@@ -276,6 +293,12 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 if every is not None:
                     next_validation = (math.floor(clock / every) + 1) * every
                 start = time.perf_counter()  # validation is not training time
+            if bad_in_row > config.max_bad_steps:
+                checkpoint(iteration)  # the last good parameters: skipped steps changed nothing
+                raise DiffoptError(
+                    f"{bad_in_row} meta-iterations in a row (up to {iteration}) gave a non-finite "
+                    f"meta-loss or meta-gradient; {run_dir / CHECKPOINT_NAME} holds the last good "
+                    "parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
             if config.checkpoint_every and iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)  # after the log line: the log reaches the checkpoint
     bar.close()

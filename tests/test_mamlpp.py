@@ -98,7 +98,8 @@ def test_cosine_schedule(tmp_path):
                             run_dir=str(tmp_path / "r"), progress=False)
     train(config)
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    expected = [1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(1, 9)]
+    # the rate iteration t (1-based) used: the cosine at progress (t - 1) / 8
+    expected = [1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * (t - 1) / 8)) / 2 for t in range(1, 9)]
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 

@@ -1,0 +1,129 @@
+"""Bad numbers: non-finite meta-iterations are skipped, counted and bounded; meta-gradient
+clipping. Bad arguments: a Hypothesis fuzz of the CLI's options ends in one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import diffopt.train as train_module
+from diffopt.checkpoint import load_checkpoint
+from diffopt.cli import main
+from diffopt.config import TrainConfig, resolve_config
+from diffopt.errors import DiffoptError
+
+TINY = dict(iterations=6, meta_batch_size=2, hidden=(4,), progress=False)
+
+
+def poison(monkeypatch, bad_iterations: set[int]) -> None:
+    """Make the meta-gradient NaN at the given (1-based) iterations."""
+    real_build = train_module.build
+
+    def build(config):
+        algorithm = real_build(config)
+        real = algorithm.meta_gradient
+        calls = []
+
+        def meta_gradient(episode):
+            calls.append(1)
+            metrics = real(episode)
+            if len(calls) in bad_iterations:
+                next(algorithm.parameters()).grad.fill_(math.nan)
+            return metrics
+
+        algorithm.meta_gradient = meta_gradient
+        return algorithm
+
+    monkeypatch.setattr(train_module, "build", build)
+
+
+def test_a_non_finite_meta_gradient_is_skipped_and_logged(tmp_path, monkeypatch):
+    clean = train_module.train(resolve_config(run_dir=str(tmp_path / "clean"), **TINY))
+    poison(monkeypatch, {3})
+    result = train_module.train(resolve_config(run_dir=str(tmp_path / "bad"), **TINY))
+    records = [json.loads(x) for x in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False, False, False]
+    payload = load_checkpoint(tmp_path / "bad")
+    assert payload["skipped_steps"] == 1
+    for tensor in payload["algorithm"].values():
+        assert torch.isfinite(tensor).all()
+    # the skipped step changed nothing: one step fewer than the clean run, so they differ
+    first = next(iter(result.algorithm.parameters()))
+    assert not torch.equal(first, next(iter(clean.algorithm.parameters())))
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_a_finite_checkpoint(tmp_path, monkeypatch, capsys):
+    poison(monkeypatch, {2, 3, 4, 5, 6})
+    config = resolve_config(run_dir=str(tmp_path), max_bad_steps=2, **TINY)
+    with pytest.raises(DiffoptError, match="3 meta-iterations in a row .up to 4. gave a non-finite"):
+        train_module.train(config)
+    payload = load_checkpoint(tmp_path)
+    assert payload["iteration"] == 4 and payload["skipped_steps"] == 3
+    assert all(torch.isfinite(t).all() for t in payload["algorithm"].values())
+
+
+def test_meta_gradient_clipping_bounds_the_outer_step(tmp_path):
+    config = resolve_config(run_dir=str(tmp_path), outer_optimizer="sgd", meta_lr=1.0,
+                            max_grad_norm=1e-3, **{**TINY, "iterations": 1})
+    before = [p.detach().clone() for p in train_module.build(config).parameters()]
+    after = list(train_module.train(config).algorithm.parameters())
+    moved = math.sqrt(sum(float((a.detach() - b).pow(2).sum()) for a, b in zip(after, before, strict=True)))
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm"]
+    assert logged > 1e-3  # the raw meta-gradient was larger than the clip
+    assert moved == pytest.approx(1e-3, rel=1e-4)
+
+
+# Every option of `diffopt train` with values that are wrong for it.
+BAD_VALUES = st.one_of(st.sampled_from([-1, 0, 10**12, -1e300, math.nan, math.inf, "nope", "", "1,2,x",
+                                        "True", "[]", "{}", "None"]),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
+                       st.integers(-10**15, 10**15))
+OPTIONS = sorted(f.name for f in TrainConfig.__dataclass_fields__.values()
+                 if f.name not in ("run_dir", "progress"))
+
+
+@settings(max_examples=150)
+@given(option=st.sampled_from(OPTIONS), value=BAD_VALUES, other=st.sampled_from(OPTIONS),
+       other_value=BAD_VALUES)
+def test_fuzzed_train_options_are_one_line_errors_or_valid(option, value, other, other_value,
+                                                           tmp_path_factory):
+    """Any combination of two options with odd values is either a valid configuration or a
+    one-line error; never a traceback, never a run folder. (Training itself is stubbed: valid
+    huge values, such as 10**12 inner steps, are a run's business; running out of memory is a
+    one-line error of its own.)"""
+    import contextlib
+    import io
+
+    trained = []
+    run_dir = tmp_path_factory.mktemp("fuzz") / "run"
+    argv = ["train", "--iterations", "1", "--meta_batch_size", "2", "--progress", "False",
+            "--run_dir", str(run_dir), f"--{option}", str(value), f"--{other}", str(other_value)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "train", lambda config, **_: trained.append(config) or 1 / 0)
+        try:
+            code = main(argv)
+        except ZeroDivisionError:  # the stub: the options were valid and training would start
+            code = None
+        except SystemExit as exit_:  # fire's own usage errors (e.g. a malformed flag)
+            code = exit_.code
+    text = err.getvalue()
+    assert not run_dir.exists()
+    if code is None:
+        assert len(trained) == 1 and isinstance(trained[0], TrainConfig)
+    else:
+        assert code == 2 and text.startswith("diffopt: error: "), text
+        assert len(text.strip().splitlines()) == 1, text
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, capsys):
+    code = main(["train", "--iterations", "1", "--meta_batch_size", "2", "--hidden", str(10**13),
+                 "--run_dir", str(tmp_path / "r"), "--progress", "False"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("diffopt: error: out of memory") and err.count("\n") == 1
