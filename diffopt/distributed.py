@@ -15,6 +15,8 @@ every function here is a no-op or the identity.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,6 +156,20 @@ def gather_shards(pieces: list[T]) -> list[list[T]]:
     with _collective("gathering the scores"):
         dist.all_gather_object(everyone, pieces)
     return [list(batch) for batch in zip(*everyone, strict=True)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a one-machine rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_launcher(processes: int) -> list[str]:
+    """The command prefix (torchrun, as ``python -m torch.distributed.run``) that starts
+    ``processes`` ranks on this machine, meeting on a free local port; append ``-m diffopt ...``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
 def _collective_device() -> torch.device:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,12 +42,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def environment(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "DIFFOPT_DIST_TIMEOUT": "30", **extra}
@@ -57,10 +50,8 @@ def environment(**extra: str) -> dict[str, str]:
 def torchrun(*command: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 COMMAND`` on this machine; COMMAND: ``-m diffopt ...``, a
     script, or ``--no-python`` and a program."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return subprocess.run([*launcher, *command], env=environment(**env), capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run([*distributed.local_launcher(2), *command], env=environment(**env),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def losses(run: Path) -> list[float]:
@@ -124,7 +115,7 @@ def test_the_survivor_of_a_dead_peer_reports_it_in_one_line(tmp_path):
     """Without torchrun to stop it, rank 0's collective fails (or times out) with a clear error."""
     script = tmp_path / "dying.py"
     script.write_text(DYING)
-    rendezvous = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    rendezvous = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed.free_port()),
                       DIE_AT="2", DIFFOPT_DIST_TIMEOUT="20")
     command = [sys.executable, str(script), "train", *MAML, "--run_dir", str(tmp_path / "run")]
     ranks = [subprocess.Popen(command, env=environment(**rendezvous, RANK=str(r), LOCAL_RANK=str(r)),
