@@ -18,6 +18,7 @@ from typing import Any
 
 import fire
 
+from diffopt import distributed
 from diffopt.config import TrainConfig, check_float, check_int, resolve_config
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
@@ -46,6 +47,8 @@ def train(resume: str | None = None, **options: Any) -> None:
         result = resume_training(resume, progress=options.get("progress"))
     else:
         result = run_training(resolve_config(**options))
+    if not distributed.is_main():
+        return
     print(f"run folder: {result.run_dir}  (median {result.seconds_per_iteration:.4f} s / meta-iteration, "
           f"final loss {result.final_loss:.4f})")
 
@@ -118,6 +121,8 @@ def evaluate(
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
         transductive=transductive,
     )
+    if not distributed.is_main():
+        return
     summary = {}
     for step in sorted(evaluation.scores):
         mean, ci = evaluation.summary(step)
@@ -372,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("diffopt: error: out of memory; make the run smaller (--meta_batch_size, --shots, "
               "--test_shots, --hidden, --inner_steps, --iterations)", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

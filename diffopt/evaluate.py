@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm
 from diffopt.data import DatasetSpec, Episode, Task
 from diffopt.vectorize import over_tasks
@@ -81,8 +82,12 @@ def evaluate(
     norm normalises it with its own statistics. Otherwise (the Reptile paper's protocol) each
     query example is predicted in a batch with the support set alone, so no query example
     sees another. ``split``: 'val' scores validation tasks (learning curves, model selection).
+
+    Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
+    scores, in task order.
     """
     steps = sorted(set(steps))
+    distributed.init(device)
 
     def predict(fmodel, task: Task) -> torch.Tensor:
         if transductive:
@@ -98,18 +103,21 @@ def evaluate(
                          batch_size=batch_size, num_tasks=tasks, root=root)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
-    rows = []  # one [batch, len(steps)] tensor per batch of tasks
-    keys = []
+    shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)
     for batch in loader:
-        episode = Episode.from_torchmeta(batch, device=device, dtype=dtype)
-        keys += [task_key(task) for task in episode]
-        if algorithm.vectorized:
+        episode = distributed.shard(Episode.from_torchmeta(batch, device=device, dtype=dtype))
+        if len(episode) == 0:  # a batch with fewer tasks than ranks
+            scores = torch.empty(0, len(steps))
+        elif algorithm.vectorized:
             with torch.no_grad():  # torch.func.grad still computes the inner gradients
-                rows.append(over_tasks(task_scores, episode))
+                scores = over_tasks(task_scores, episode)
         else:
-            rows.append(torch.stack([task_scores(task).detach() for task in episode]))
+            scores = torch.stack([task_scores(task).detach() for task in episode])
+        shards.append((scores.cpu(), [task_key(task) for task in episode]))
     with torch.no_grad():  # test tasks leave no trace in running statistics
         for name, buffer in algorithm.named_buffers():
             buffer.copy_(buffers[name])
-    table = torch.cat(rows).cpu().double().numpy()
+    pieces = [piece for batch in distributed.gather_shards(shards) for piece in batch]  # task order
+    table = torch.cat([scores for scores, _ in pieces]).double().numpy()
+    keys = [key for _, batch_keys in pieces for key in batch_keys]
     return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)

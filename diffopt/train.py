@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffopt import distributed
 from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
 from diffopt.algorithms.mamlpp import apply_recipe
 from diffopt.checkpoint import (
@@ -169,8 +171,12 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     """Meta-train as ``config`` says; write the run folder; return the trained algorithm.
 
     ``resume_from``: a checkpoint of this run to continue from (see ``resume``).
+
+    Under torchrun each rank trains on its shard of every meta-batch and the meta-gradients are
+    averaged before the outer step (``diffopt.distributed``); rank 0 alone writes the run folder.
     """
     spec = get_dataset(config.dataset)
+    distributed.check_meta_batch(config.meta_batch_size)
     done = 0 if resume_from is None else int(resume_from["iteration"])
     loader = spec.loader(  # first: a missing dataset is reported before anything else happens
         "train", seed=config.seed, shots=config.train_shots or config.shots,
@@ -178,6 +184,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
         root=config.data_root, start=done * config.meta_batch_size,
     )
+    distributed.init(config.device)
+    main = distributed.is_main()
     algorithm = build(config)
     if config.init_from is not None and resume_from is None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
@@ -189,16 +197,19 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         if (run_dir / CHECKPOINT_NAME).exists():
             raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
                                f"continue it with `diffopt train --resume {run_dir}`")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config.to_dict())
-        write_text(metrics_path, "")
-        write_text(validation_path, "")
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", config.to_dict())
+            write_text(metrics_path, "")
+            write_text(validation_path, "")
     else:
         restore_module(algorithm, resume_from["algorithm"], run_dir)
         optimizer.load_state_dict(resume_from["outer_optimizer"])
         _set_random_state(resume_from["random_state"])
-        write_text(metrics_path, _metrics_up_to(metrics_path, done))
-        write_text(validation_path, _metrics_up_to(validation_path, done))
+        if main:
+            write_text(metrics_path, _metrics_up_to(metrics_path, done))
+            write_text(validation_path, _metrics_up_to(validation_path, done))
+    distributed.broadcast_module(algorithm)
 
     clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
     previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
@@ -206,6 +217,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     bad_in_row = 0
 
     def checkpoint(iteration: int) -> None:
+        if not main:
+            return
         save_checkpoint(run_dir / CHECKPOINT_NAME, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
@@ -227,7 +240,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             device=config.device, root=config.data_root)
         _set_random_state(state)
         mean, ci95 = evaluation.summary(config.validation_steps)
-        with open(validation_path, "a") as out:
+        with open(validation_path if main else os.devnull, "a") as out:
             out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
                                   "steps": config.validation_steps, evaluation.metric: mean,
                                   "ci95": ci95}) + "\n")
@@ -239,14 +252,14 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     if validating and resume_from is None:
         validate(0)
         validated = 0
-    bar = tqdm(total=config.iterations, initial=done, disable=not config.progress,
+    bar = tqdm(total=config.iterations, initial=done, disable=not (config.progress and main),
                desc=config.algorithm, dynamic_ncols=True, leave=False)
-    with open(metrics_path, "a") as log:
+    with open(metrics_path if main else os.devnull, "a") as log:
         start = time.perf_counter()
         for iteration, batch in enumerate(loader, start=done + 1):
             if config.max_seconds is not None and clock >= config.max_seconds:
                 break
-            episode = Episode.from_torchmeta(batch, device=config.device)
+            episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
             if isinstance(algorithm, MAML):
                 apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
                              multi_step_loss_epochs=config.multi_step_loss_epochs,
@@ -259,6 +272,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             optimizer.zero_grad(set_to_none=True)
             buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
             metrics = algorithm.meta_gradient(episode)
+            distributed.all_reduce_grads(algorithm)
+            metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
             norm = torch.nn.utils.clip_grad_norm_(
                 algorithm.parameters(), config.max_grad_norm or math.inf)
             finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
@@ -272,7 +287,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 skipped += 1
                 bad_in_row += 1
             now = time.perf_counter()
-            durations.append(now - start)
+            metrics = distributed.mean_over_ranks({**metrics, "seconds": now - start})
+            durations.append(metrics.pop("seconds"))  # the same clock on every rank
             clock += durations[-1]
             start = now
             completed = iteration
