@@ -62,6 +62,11 @@ class Row:
     """inner steps -> 95% interval of that mean across seeds (Student t; NaN for one seed)."""
     ci95_tasks: dict[int, float]
     """inner steps -> 95% interval across tasks of the per-task score averaged over seeds."""
+    diverged: dict[int, int]
+    """inner steps -> how many of the ``scored`` (seed, task) scores are not finite (the
+    statistics are then NaN)."""
+    scored: int
+    """(seed, task) scores per number of inner steps: seeds x evaluation tasks."""
     iterations: float
     seconds_per_iteration: float
     peak_memory_mb: float
@@ -151,15 +156,18 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
     rows = []
     for (label, shots), members in groups.items():
         steps = sorted(int(s) for s in members[0]["scores"])
-        mean, ci_seeds, ci_tasks = {}, {}, {}
+        mean, ci_seeds, ci_tasks, diverged = {}, {}, {}, {}
         for step in steps:
             table = np.array([run["scores"][str(step)] for run in members], dtype=np.float64)
-            seed_means = table.mean(1)
-            mean[step] = float(seed_means.mean())
-            ci_seeds[step] = student_t_ci95(seed_means)
-            ci_tasks[step] = mean_ci95(table.mean(0))[1]
+            diverged[step] = int((~np.isfinite(table)).sum())
+            with np.errstate(invalid="ignore", over="ignore"):
+                seed_means = table.mean(1)
+                mean[step] = float(seed_means.mean())
+                ci_seeds[step] = student_t_ci95(seed_means)
+                ci_tasks[step] = mean_ci95(table.mean(0))[1]
         rows.append(Row(
-            label, shots, [run["seed"] for run in members], mean, ci_seeds, ci_tasks,
+            label, shots, [run["seed"] for run in members], mean, ci_seeds, ci_tasks, diverged,
+            sum(len(run["task_keys"]) for run in members),
             float(np.mean([run["iterations"] for run in members])),
             float(np.median([run["seconds_per_iteration"] for run in members])),
             float(max(run["peak_memory_mb"] for run in members)),
@@ -179,6 +187,9 @@ def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
     for row in rows:
         cells = [row.label, str(row.shots), str(len(row.seeds))]
         for s in steps:
+            if row.diverged[s]:
+                cells.append(f"diverges on {row.diverged[s]} of {row.scored} (seed, task) pairs")
+                continue
             seeds = "" if math.isnan(row.ci95_seeds[s]) else f" +- {row.ci95_seeds[s]:.3f}"
             cells.append(f"{row.mean[s]:.3f}{seeds} (tasks +- {row.ci95_tasks[s]:.3f})")
         cells += [f"{row.iterations:.0f}", f"{row.seconds_per_iteration:.4f}",

@@ -90,8 +90,9 @@ class TrainConfig:
         None, "score the validation split every N seconds of training time (the --max_seconds "
         "clock, which excludes validation) into validation.jsonl; also before and after training")
     validation_tasks: int = option(100, "validation tasks per validation (the same tasks each time)")
-    validation_steps: int | None = option(None, "inner steps before scoring a validation task "
-                                          "(default: 10; Reptile on images: 50)")
+    validation_steps: int | None = option(
+        None, "inner steps before scoring a validation task (default: the training inner steps, "
+        "which a learned rule was meta-learned for; Reptile on images: 50)")
     init_from: str | None = option(None, "initialise the meta-parameters from this checkpoint or run folder")
     progress: bool = option(True, "show a progress bar")
 
@@ -102,7 +103,7 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1,
-    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None, validation_steps=10,
+    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
 
@@ -146,6 +147,8 @@ def resolve_config(**flags: Any) -> TrainConfig:
         values["hidden"] = tuple(values["hidden"])
     if values["test_shots"] is None:
         values["test_shots"] = values["shots"]
+    if values["validation_steps"] is None:
+        values["validation_steps"] = values["inner_steps"]
     if values["meta_lr_schedule"] is None:
         values["meta_lr_schedule"] = "constant" if values["meta_lr_final"] is None else "linear"
     config = TrainConfig(**values)

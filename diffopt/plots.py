@@ -51,11 +51,12 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
         values = np.array([[r[metric] for r in records[:length]] for records in seeds])
         iterations = np.mean([[r["iteration"] for r in records[:length]] for records in seeds], 0)
         seconds = np.mean([[r["train_seconds"] for r in records[:length]] for records in seeds], 0)
-        mean = values.mean(0)
-        if len(seeds) > 1:
-            band = np.array([student_t_ci95(values[:, i]) for i in range(length)])
-        else:
-            band = np.array([r["ci95"] for r in seeds[0][:length]])
+        with np.errstate(invalid="ignore", over="ignore"):  # diverged validations are inf / NaN
+            mean = values.mean(0)
+            if len(seeds) > 1:
+                band = np.array([student_t_ci95(values[:, i]) for i in range(length)])
+            else:
+                band = np.array([r["ci95"] for r in seeds[0][:length]])
         for axis, x in zip(axes, (iterations, seconds), strict=True):
             (line,) = axis.plot(x, mean, marker="o", markersize=2.5, label=name)
             axis.fill_between(x, mean - band, mean + band, alpha=0.15, color=line.get_color())
@@ -63,9 +64,12 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
     axes[1].set_xlabel("training time (s)")
     steps = seeds[0][0]["steps"]
     axes[0].set_ylabel(f"validation {metric} after {steps} steps")
-    if results.get("lower_is_better"):
+    if results.get("lower_is_better"):  # diverging validations (a rule run past the steps it
+        # learned) leave the axis rather than squash every other curve
+        start = max(float(np.nanmax([seeds[0][0][metric] for seeds in groups.values()])), 1e-12)
         for axis in axes:
             axis.set_yscale("log")
+            axis.set_ylim(top=3 * start)
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
@@ -87,7 +91,7 @@ def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) ->
     for i, label in enumerate(labels):
         picked = {row.shots: row for row in rows if row.label == label}
         x = [shots.index(k) + (i - (len(labels) - 1) / 2) * width for k in picked]
-        heights = [picked[k].mean[step] for k in picked]
+        heights = [picked[k].mean[step] if not picked[k].diverged[step] else 0.0 for k in picked]
         errors = [picked[k].ci95_seeds[step] if not math.isnan(picked[k].ci95_seeds[step])
                   else picked[k].ci95_tasks[step] for k in picked]
         axis.bar(x, heights, width, yerr=errors, capsize=3, label=label)

@@ -197,3 +197,14 @@ def test_omniglot_grid_on_the_shared_data(omniglot_root, tmp_path):
         assert all(abs(s * 6 - round(s * 6)) < 1e-5 for s in run["scores"]["1"])  # 3 ways x 2 queries
     for name in ("learning_curves.png", "final_scores.png"):
         assert_real_png(tmp_path / name)
+
+
+def test_diverging_scores_are_counted_not_averaged():
+    runs = [{"label": "rule", "shots": 5, "seed": seed, "scores": {"1": [0.5, 0.7], "10": [0.4, bad]},
+             "task_keys": ["a", "b"], "iterations": 3, "seconds_per_iteration": 0.1,
+             "peak_memory_mb": 1.0, "meta_parameters": 9, "train_seconds": 1.0}
+            for seed, bad in [(0, math.inf), (1, 0.3)]]
+    (row,) = aggregate(runs)
+    assert row.diverged == {1: 0, 10: 1} and row.scored == 4
+    table = format_table([row], "mse", [1, 10])
+    assert "diverges on 1 of 4 (seed, task) pairs" in table and "0.600 +- 0.000" in table

@@ -133,3 +133,9 @@ def test_validation_is_logged_and_leaves_training_untouched(tmp_path):
     assert (records[0]["mse"], records[0]["ci95"]) == pytest.approx(score(build(config), "val"))
     assert (records[-1]["mse"], records[-1]["ci95"]) == pytest.approx(score(validated.algorithm, "val"))
     assert records[-1]["mse"] != pytest.approx(score(validated.algorithm, "test")[0])
+
+
+def test_validation_steps_default_to_the_training_steps():
+    assert resolve_config(inner_steps=3).validation_steps == 3
+    assert resolve_config(inner_steps=3, validation_steps=7).validation_steps == 7
+    assert resolve_config(dataset="omniglot", algorithm="reptile").validation_steps == 50
