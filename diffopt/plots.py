@@ -81,25 +81,34 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
 
 
 def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) -> Path:
-    """Bar chart of the final metric (after the most evaluation steps), one group per K."""
+    """Bar charts of the held-out metric, one panel per number of evaluation steps (> 0), one
+    group per K; a configuration that diverged on some task is marked instead of drawn."""
     plt = _pyplot()
-    step = max(results["settings"]["eval_steps"])
+    steps = [s for s in results["settings"]["eval_steps"] if s > 0] or results["settings"]["eval_steps"]
     shots = sorted({row.shots for row in rows})
     labels = list(dict.fromkeys(row.label for row in rows))
     width = 0.8 / len(labels)
-    fig, axis = plt.subplots(figsize=(max(6, 1.3 * len(labels) * len(shots)), 4.5))
-    for i, label in enumerate(labels):
-        picked = {row.shots: row for row in rows if row.label == label}
-        x = [shots.index(k) + (i - (len(labels) - 1) / 2) * width for k in picked]
-        heights = [picked[k].mean[step] if not picked[k].diverged[step] else 0.0 for k in picked]
-        errors = [picked[k].ci95_seeds[step] if not math.isnan(picked[k].ci95_seeds[step])
-                  else picked[k].ci95_tasks[step] for k in picked]
-        axis.bar(x, heights, width, yerr=errors, capsize=3, label=label)
-    axis.set_xticks(range(len(shots)), [f"K = {k}" for k in shots])
-    axis.set_ylabel(f"{results['metric']} after {step} steps")
-    axis.legend(fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
-    axis.set_title(f"{results['dataset']}: held-out {results['metric']}, 95% interval across seeds")
+    fig, axes = plt.subplots(1, len(steps), squeeze=False,
+                             figsize=(max(6, 1.1 * len(labels) * len(shots)) * len(steps) / 1.5, 4.5))
+    for axis, step in zip(axes[0], steps, strict=True):
+        for i, label in enumerate(labels):
+            picked = {row.shots: row for row in rows if row.label == label}
+            x = [shots.index(k) + (i - (len(labels) - 1) / 2) * width for k in picked]
+            good = [not picked[k].diverged[step] for k in picked]
+            heights = [picked[k].mean[step] if ok else 0.0 for k, ok in zip(picked, good, strict=True)]
+            errors = [picked[k].ci95_seeds[step] if not math.isnan(picked[k].ci95_seeds[step])
+                      else picked[k].ci95_tasks[step] for k in picked]
+            errors = [e if ok else 0.0 for e, ok in zip(errors, good, strict=True)]
+            bars = axis.bar(x, heights, width, yerr=errors, capsize=3, label=label)
+            for bar, ok in zip(bars, good, strict=True):
+                if not ok:
+                    axis.annotate("diverges", (bar.get_x() + bar.get_width() / 2, 0), rotation=90,
+                                  ha="center", va="bottom", fontsize=7, color=bar.get_facecolor())
+        axis.set_xticks(range(len(shots)), [f"K = {k}" for k in shots])
+        axis.set_ylabel(f"{results['metric']} after {step} step{'s' * (step > 1)}")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['dataset']}: held-out {results['metric']}, 95% interval across seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
