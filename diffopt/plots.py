@@ -89,7 +89,7 @@ def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) ->
     labels = list(dict.fromkeys(row.label for row in rows))
     width = 0.8 / len(labels)
     fig, axes = plt.subplots(1, len(steps), squeeze=False,
-                             figsize=(max(6, 1.1 * len(labels) * len(shots)) * len(steps) / 1.5, 4.5))
+                             figsize=(max(6.0, 2 + 0.7 * len(labels) * len(shots) * len(steps)), 4.5))
     for axis, step in zip(axes[0], steps, strict=True):
         for i, label in enumerate(labels):
             picked = {row.shots: row for row in rows if row.label == label}
