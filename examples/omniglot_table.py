@@ -135,7 +135,7 @@ def _plot(curves: dict[str, list[dict]], path: Path) -> None:
             axis.fill_between(x, accuracy - ci, accuracy + ci, alpha=0.2)
     axes[0].set_xlabel("training time (minutes)")
     axes[1].set_xlabel("meta-iterations")
-    axes[1].set_xscale("log")
+    axes[1].set_xscale("symlog", linthresh=50)
     axes[0].set_ylabel("meta-val accuracy (%), 100 tasks")
     for axis in axes:
         axis.grid(alpha=0.3)
