@@ -183,6 +183,15 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
     for width in config.hidden:
         check_int("hidden", width, 1)
+    shots = (config.train_shots or config.shots) + config.test_shots
+    if spec.examples_per_class is not None and shots > spec.examples_per_class:
+        raise DiffoptError(
+            f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
+            f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
+            "must not exceed it: lower --shots, --train_shots or --test_shots")
+    if config.model == "conv4" and len(config.hidden) not in (1, 4):
+        raise DiffoptError(f"--hidden for conv4 is one filter count or four, e.g. 64 or 32,32,64,64; "
+                           f"got {','.join(map(str, config.hidden))}")
     check_float("inner_lr", config.inner_lr, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:

@@ -56,6 +56,8 @@ class DatasetSpec:
     classification: bool
     eval_test_shots: int = 15
     """Query examples (per class) scored per evaluation task by default."""
+    examples_per_class: int | None = None
+    """Examples of each class (classification): a task's support and query shots must fit."""
     model_io: dict[str, Any] = field(default_factory=dict)
     """Model keyword arguments fixed by the data (input sizes; the output size too for regression,
     while classifiers output ``ways`` logits)."""
@@ -108,6 +110,7 @@ DATASETS: dict[str, DatasetSpec] = {
         metric="accuracy",
         lower_is_better=False,
         classification=True,
+        examples_per_class=20,
         model_io=dict(in_channels=1, image_size=28, pool=False),
         # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
         # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
@@ -131,6 +134,7 @@ DATASETS: dict[str, DatasetSpec] = {
         metric="accuracy",
         lower_is_better=False,
         classification=True,
+        examples_per_class=600,
         model_io=dict(in_channels=3, image_size=84, pool=True),
         # Finn et al. 2017, appendix A.1: conv-4 with 32 filters, 2x2 max-pooling and batch norm,
         # 5-way, meta-batch 4 (1-shot), inner lr 0.01, 5 inner steps while meta-training, Adam 1e-3.
