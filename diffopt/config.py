@@ -183,12 +183,6 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
     for width in config.hidden:
         check_int("hidden", width, 1)
-    shots = (config.train_shots or config.shots) + config.test_shots
-    if spec.examples_per_class is not None and shots > spec.examples_per_class:
-        raise DiffoptError(
-            f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
-            f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
-            "must not exceed it: lower --shots, --train_shots or --test_shots")
     if config.model == "conv4" and len(config.hidden) not in (1, 4):
         raise DiffoptError(f"--hidden for conv4 is one filter count or four, e.g. 64 or 32,32,64,64; "
                            f"got {','.join(map(str, config.hidden))}")
@@ -199,6 +193,12 @@ def validate(config: TrainConfig) -> None:
     for name in ("train_shots", "inner_batch_size"):
         if getattr(config, name) is not None:
             check_int(name, getattr(config, name), 1)
+    shots = (config.train_shots or config.shots) + config.test_shots
+    if spec.examples_per_class is not None and shots > spec.examples_per_class:
+        raise DiffoptError(
+            f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
+            f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
+            "must not exceed it: lower --shots, --train_shots or --test_shots")
     for name in ("max_seconds", "validate_every_seconds", "max_grad_norm"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)

@@ -87,7 +87,7 @@ OPTIONS = sorted(f.name for f in TrainConfig.__dataclass_fields__.values()
                  if f.name not in ("run_dir", "progress"))
 
 
-@settings(max_examples=150)
+@settings(max_examples=500)
 @given(option=st.sampled_from(OPTIONS), value=BAD_VALUES, other=st.sampled_from(OPTIONS),
        other_value=BAD_VALUES)
 def test_fuzzed_train_options_are_one_line_errors_or_valid(option, value, other, other_value,
