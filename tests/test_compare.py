@@ -208,3 +208,13 @@ def test_diverging_scores_are_counted_not_averaged():
     assert row.diverged == {1: 0, 10: 1} and row.scored == 4
     table = format_table([row], "mse", [1, 10])
     assert "diverges on 1 of 4 (seed, task) pairs" in table and "0.600 +- 0.000" in table
+
+
+def test_a_wall_clock_budget_is_the_same_for_every_configuration(tmp_path):
+    compare(**{**GRID, "seeds": (0,), "iterations": 10**4}, max_seconds=0.5, out=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["budget"]["max_seconds"] == 0.5
+    for run in results["runs"]:
+        assert 0.5 <= run["train_seconds"] < 0.5 + 10 * run["seconds_per_iteration"] + 1
+        assert 1 <= run["iterations"] < 10**4
+    assert "0.5 s of training time per run" in (tmp_path / "report.md").read_text()
