@@ -18,7 +18,6 @@ implementation once, in turn; the table reports the median over rounds after ``w
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from diffopt.algorithms import MAML
 from diffopt.data import Episode
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP, Conv4
-from diffopt.report import machine_description, write_section
+from diffopt.report import library_versions, machine_description, write_section
 
 WORKLOADS = {  # name -> (description, model factory, episode factory, inner lr, steps, loss)
     "W1": ("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
@@ -145,8 +144,7 @@ def main(workloads: tuple[str, ...] = ("W1", "W2", "W3"), rounds: int = 10, warm
         f"Command: `python benchmarks/peers.py --workloads {','.join(workloads)} --rounds {rounds} "
         f"--threads {threads}`. Median seconds per second-order MAML meta-step over {rounds} "
         f"interleaved rounds after {warmup} warm-up rounds. Machine: {machine_description()}, "
-        f"{threads} torch threads, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"higher {higher.__version__ if hasattr(higher, '__version__') else '0.2.1'}; measured "
+        f"{threads} torch threads, {library_versions(('higher',))}; measured "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         *lines,

@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, mean_ci95
+from diffopt.report import library_versions, machine_description
 
 EVALUATION_NAME = "evaluation.json"
 
@@ -198,21 +197,6 @@ def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> str:
-    import torch
-
-    names = ["higher", "torchmeta", "numpy"]
-    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
-    for name in names:
-        try:
-            parts.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pass
-    from diffopt import __version__
-
-    return ", ".join(parts + [f"diffopt {__version__}"])
-
-
 def compare(
     *,
     dataset: str,
@@ -275,7 +259,7 @@ def compare(
     grid_bar.close()
 
     results = {
-        "command": command, "versions": _versions(), "dataset": dataset, "metric": spec.metric,
+        "command": command, "versions": library_versions(), "dataset": dataset, "metric": spec.metric,
         "lower_is_better": spec.lower_is_better, "shots": list(shots), "seeds": list(seeds),
         "budget": budget, "settings": asdict(settings),
         "configs": {label: dict(flags) for label, flags in configs.items()}, "runs": runs,
@@ -295,8 +279,6 @@ def write_report(out: Path) -> list[Row]:
     steps = settings["eval_steps"]
     metric = results["metric"]
     figures = plots.comparison_figures(out, results, rows)
-    from diffopt.report import machine_description
-
     if budget.get("max_seconds") is not None:
         budget_text = f"{budget['max_seconds']:g} s of training time per run"
     else:

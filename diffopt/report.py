@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+from importlib import metadata
 from pathlib import Path
 
 from diffopt.checkpoint import write_text
@@ -36,3 +37,18 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores"
+
+
+def library_versions(names: tuple[str, ...] = ("higher", "torchmeta", "numpy")) -> str:
+    """'Python 3.11.7, torch 2.14.1, higher 0.2.1, ..., diffopt 0.1.0' (installed ones only)."""
+    import torch
+
+    from diffopt import __version__
+
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in names:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(parts + [f"diffopt {__version__}"])

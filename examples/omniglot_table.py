@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import fire
 import numpy as np
 import torch
 
-import diffopt
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json
 from diffopt.data import get_dataset
 from diffopt.evaluate import EVAL_SEED, evaluate
-from diffopt.report import machine_description, write_section
+from diffopt.report import library_versions, machine_description, write_section
 from diffopt.train import load_trained
 
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
@@ -180,9 +177,8 @@ def report(
         "",
         f"Test accuracy (%) on the same {tasks} meta-test tasks (evaluation seed {EVAL_SEED}, 15 "
         "query images per class), mean +- 95% interval over tasks; training seed 0. Machine: "
-        f"{machine_description()}; the three runs shared it, one torch thread each. Python "
-        f"{platform.python_version()}, torch {torch.__version__}, higher {metadata.version('higher')}, "
-        f"torchmeta {metadata.version('torchmeta')}, diffopt {diffopt.__version__}. Written "
+        f"{machine_description()}; the three runs shared it, one torch thread each. "
+        f"{library_versions()}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "| method | transductive | paper | non-transductive | paper | eval steps | meta-iterations |"

@@ -19,18 +19,15 @@ per weight with the step size fixed at 0.01.
 
 from __future__ import annotations
 
-import platform
 import time
-from importlib import metadata
 
 import fire
 import numpy as np
 import torch
 
-import diffopt
 from diffopt.compare import compare
 from diffopt.evaluate import EVAL_SEED, mean_ci95
-from diffopt.report import machine_description, write_section
+from diffopt.report import library_versions, machine_description, write_section
 
 PAPER = {  # Park & Oliva 2019, table 1 (MAML and Meta-SGD as reported by Li et al. 2017)
     "maml": {5: "0.69 +- 0.07", 10: "0.44 +- 0.04"},
@@ -117,9 +114,7 @@ def main(
         f"{iterations} meta-iterations per run, meta-batch 25, training seed {seed}; MSE on "
         f"{eval_tasks} held-out tasks (evaluation seed {EVAL_SEED}, {eval_test_shots} query points "
         "each), mean +- 95% interval. Machine: "
-        f"{machine_description()}, {threads} torch thread(s), Python "
-        f"{platform.python_version()}, torch {torch.__version__}, higher {metadata.version('higher')}, "
-        f"numpy {np.__version__}, diffopt {diffopt.__version__}. "
+        f"{machine_description()}, {threads} torch thread(s), {library_versions()}. "
         f"Finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; this invocation took "
         f"{(time.time() - started) / 60:.1f} min.",
         "",
