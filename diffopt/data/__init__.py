@@ -81,6 +81,20 @@ class DatasetSpec:
         )
 
 
+def _image_classification(**fields: Any) -> DatasetSpec:
+    """A few-shot image classification dataset: cross-entropy, scored by accuracy."""
+    return DatasetSpec(loss=F.cross_entropy, score=accuracy_per_task, metric="accuracy",
+                       lower_is_better=False, classification=True, **fields)
+
+
+REPTILE_IMAGES: dict[str, Any] = dict(
+    inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, meta_batch_size=5,
+    outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
+"""Reptile's image protocol (Nichol et al. 2018, Omniglot and Mini-ImageNet alike): inner Adam
+with beta1 = 0, lr 0.001, on mini-batches of 10; meta-batch 5; outer step 1 annealed to 0; 50
+inner steps at evaluation."""
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "sinusoid": DatasetSpec(
         name="sinusoid",
@@ -102,14 +116,9 @@ DATASETS: dict[str, DatasetSpec] = {
                          meta_lr=1.0, meta_lr_final=0.0),
         ),
     ),
-    "omniglot": DatasetSpec(
+    "omniglot": _image_classification(
         name="omniglot",
         make_loader=omniglot_loader,
-        loss=F.cross_entropy,
-        score=accuracy_per_task,
-        metric="accuracy",
-        lower_is_better=False,
-        classification=True,
         examples_per_class=20,
         model_io=dict(in_channels=1, image_size=28, pool=False),
         # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
@@ -117,23 +126,12 @@ DATASETS: dict[str, DatasetSpec] = {
         defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", ways=5,
                       shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
         # Nichol et al. 2018, Omniglot 5-way: 10 examples per class per task while meta-training
-        # (here 5 support + 5 query, as Reptile trains on both), inner Adam with beta1 = 0, lr
-        # 0.001, 5 steps on mini-batches of 10, meta-batch 5, outer step 1 annealed to 0.
-        algorithm_defaults=dict(
-            reptile=dict(train_shots=5, test_shots=5, inner_optimizer="adam_beta1_0",
-                         inner_lr=0.001, inner_steps=5, inner_batch_size=10, meta_batch_size=5,
-                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0,
-                         validation_steps=50),
-        ),
+        # (here 5 support + 5 query, as Reptile trains on both), 5 inner steps.
+        algorithm_defaults=dict(reptile=dict(REPTILE_IMAGES, train_shots=5, test_shots=5, inner_steps=5)),
     ),
-    "miniimagenet": DatasetSpec(
+    "miniimagenet": _image_classification(
         name="miniimagenet",
         make_loader=miniimagenet_loader,
-        loss=F.cross_entropy,
-        score=accuracy_per_task,
-        metric="accuracy",
-        lower_is_better=False,
-        classification=True,
         examples_per_class=600,
         model_io=dict(in_channels=3, image_size=84, pool=True),
         # Finn et al. 2017, appendix A.1: conv-4 with 32 filters, 2x2 max-pooling and batch norm,
@@ -141,14 +139,8 @@ DATASETS: dict[str, DatasetSpec] = {
         defaults=dict(model="conv4", hidden=(32,), activation="relu", norm="batch", ways=5,
                       shots=1, test_shots=15, meta_batch_size=4, inner_lr=0.01, inner_steps=5),
         # Nichol et al. 2018, Mini-ImageNet 5-way: 15 examples per class per task while
-        # meta-training (here 10 support + 5 query), inner Adam with beta1 = 0, lr 0.001, 8 steps
-        # on mini-batches of 10, meta-batch 5, outer step 1 annealed to 0, 50 steps at evaluation.
-        algorithm_defaults=dict(
-            reptile=dict(train_shots=10, test_shots=5, inner_optimizer="adam_beta1_0",
-                         inner_lr=0.001, inner_steps=8, inner_batch_size=10, meta_batch_size=5,
-                         outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0,
-                         validation_steps=50),
-        ),
+        # meta-training (here 10 support + 5 query), 8 inner steps.
+        algorithm_defaults=dict(reptile=dict(REPTILE_IMAGES, train_shots=10, test_shots=5, inner_steps=8)),
     ),
 }
 
