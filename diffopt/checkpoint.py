@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +37,24 @@ def temporary_sibling(path: Path) -> str:
     return tmp
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: never a partial file."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    handle = os.open(tmp, os.O_WRONLY)
+@contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary file name next to ``path``, for writers that want a name (h5py): renamed to
+    ``path`` when the block ends normally, removed when it raises. Never a partial ``path``."""
+    tmp = temporary_sibling(Path(path))
     try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, synced, then rename: never a partial file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        write(stream)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def write_text(path: Path, text: str) -> None:

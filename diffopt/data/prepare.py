@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffopt.checkpoint import temporary_sibling, write_text
+from diffopt.checkpoint import atomic_path, write_text
 from diffopt.errors import DiffoptError
 
 OMNIGLOT_GROUPS = {"images_background": "train", "images_evaluation": "test"}
@@ -83,8 +83,7 @@ def prepare_omniglot(source: str | os.PathLike, root: str | os.PathLike) -> Path
         raise DiffoptError(f"no Omniglot zip at {missing[0]}: --source must be the folder holding "
                            "images_background.zip and images_evaluation.zip")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(files[-1])
-    try:
+    with atomic_path(files[-1]) as tmp:  # data.hdf5 appears last, once everything is written
         with h5py.File(tmp, "w") as hdf5:
             for group, split in OMNIGLOT_GROUPS.items():
                 characters = _read_omniglot_zip(zips[group])
@@ -100,9 +99,6 @@ def prepare_omniglot(source: str | os.PathLike, root: str | os.PathLike) -> Path
                             for alphabet, characters in alphabets.items()
                             for character in characters)
             write_text(folder / f"vinyals_{split}_labels.json", json.dumps(labels))
-        os.replace(tmp, folder / "data.hdf5")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return folder
 
 
@@ -170,16 +166,10 @@ def prepare_miniimagenet(source: str | os.PathLike, root: str | os.PathLike) -> 
         if shapes != {(MINIIMAGENET_SIZE, MINIIMAGENET_SIZE, 3)}:
             raise DiffoptError(f"Mini-ImageNet {split} images must be 84x84 RGB; found {sorted(shapes)}")
         write_text(folder / f"{split}_labels.json", json.dumps(sorted(classes)))
-        target = folder / f"{split}_data.hdf5"
-        tmp = temporary_sibling(target)
-        try:
-            with h5py.File(tmp, "w") as hdf5:
-                group = hdf5.create_group("datasets")
-                for label in sorted(classes):
-                    group.create_dataset(label, data=classes[label])
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(folder / f"{split}_data.hdf5") as tmp, h5py.File(tmp, "w") as hdf5:
+            group = hdf5.create_group("datasets")
+            for label in sorted(classes):
+                group.create_dataset(label, data=classes[label])
     return folder
 
 
