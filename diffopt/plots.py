@@ -31,12 +31,8 @@ def _validation(out: Path, run: str) -> list[dict]:
 
 
 def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path | None:
-    """Validation metric against meta-iterations and against training time: one line per
-    (configuration, K), the mean over seeds, shaded by the 95% interval across seeds (one seed:
-    across the validation tasks)."""
-    from diffopt.compare import student_t_ci95
-
-    metric = results["metric"]
+    """A comparison's validation curves (``validation_curves``), one line per (configuration, K);
+    None when no run validated."""
     groups: dict[str, list[list[dict]]] = {}
     for run in results["runs"]:
         records = _validation(out, run["run"])
@@ -44,11 +40,30 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
             groups.setdefault(f"{run['label']} K={run['shots']}", []).append(records)
     if not groups:
         return None
+    return validation_curves(groups, results["metric"], path, lower_is_better=results["lower_is_better"],
+                             title=f"{results['dataset']}: learning curves (mean over seeds, 95% interval)")
+
+
+def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], metric: str, path: Path,
+                      *, title: str, lower_is_better: bool = False, percent: bool = False,
+                      log_iterations: bool = False) -> Path:
+    """Validation metric against meta-iterations and against training time (minutes beyond ten).
+
+    ``groups``: line label -> one ``validation.jsonl`` record list per seed. Each line is the
+    mean over seeds, shaded by the 95% interval across seeds (one seed: across the validation
+    tasks). ``percent`` plots a fraction as a percentage; ``log_iterations`` a symmetric-log
+    iteration axis.
+    """
+    from diffopt.compare import student_t_ci95
+
+    scale = 100.0 if percent else 1.0
+    longest = max(r["train_seconds"] for seeds in groups.values() for records in seeds for r in records)
+    per_unit, unit = (60.0, "minutes") if longest > 600 else (1.0, "s")
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, seeds in groups.items():
         length = min(len(records) for records in seeds)  # validation k of every seed
-        values = np.array([[r[metric] for r in records[:length]] for records in seeds])
+        values = scale * np.array([[r[metric] for r in records[:length]] for records in seeds])
         iterations = np.mean([[r["iteration"] for r in records[:length]] for records in seeds], 0)
         seconds = np.mean([[r["train_seconds"] for r in records[:length]] for records in seeds], 0)
         with np.errstate(invalid="ignore", over="ignore"):  # diverged validations are inf / NaN
@@ -56,25 +71,30 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
             if len(seeds) > 1:
                 band = np.array([student_t_ci95(values[:, i]) for i in range(length)])
             else:
-                band = np.array([r["ci95"] for r in seeds[0][:length]])
-        for axis, x in zip(axes, (iterations, seconds), strict=True):
+                band = scale * np.array([r["ci95"] for r in seeds[0][:length]])
+        for axis, x in zip(axes, (iterations, seconds / per_unit), strict=True):
             (line,) = axis.plot(x, mean, marker="o", markersize=2.5, label=name)
             axis.fill_between(x, mean - band, mean + band, alpha=0.15, color=line.get_color())
     axes[0].set_xlabel("meta-iterations")
-    axes[1].set_xlabel("training time (s)")
-    steps = seeds[0][0]["steps"]
-    axes[0].set_ylabel(f"validation {metric} after {steps} steps")
-    if results.get("lower_is_better"):  # diverging validations (a rule run past the steps it
-        # learned) leave the axis rather than squash every other curve
+    axes[1].set_xlabel(f"training time ({unit})")
+    if log_iterations:
+        axes[0].set_xscale("symlog", linthresh=50)
+        axes[0].set_xlim(left=0)
+    steps = sorted({seeds[0][0]["steps"] for seeds in groups.values()})
+    after = f"after {steps[0]} steps" if len(steps) == 1 else "after each line's validation steps"
+    axes[0].set_ylabel(f"validation {metric}{' (%)' if percent else ''} {after}")
+    if lower_is_better:  # diverging validations (a rule run past the steps it learned) leave the
+        # axis rather than squash every other curve
         start = max(float(np.nanmax([seeds[0][0][metric] for seeds in groups.values()])), 1e-12)
         for axis in axes:
             axis.set_yscale("log")
-            axis.set_ylim(top=3 * start)
+            axis.set_ylim(top=3 * scale * start)
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"{results['dataset']}: learning curves (mean over seeds, 95% interval)")
+    fig.suptitle(title)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

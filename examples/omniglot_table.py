@@ -35,7 +35,8 @@ import torch
 
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json
 from diffopt.data import get_dataset
-from diffopt.evaluate import EVAL_SEED, evaluate
+from diffopt.evaluate import EVAL_SEED, evaluate, mean_ci95
+from diffopt.plots import validation_curves
 from diffopt.report import library_versions, machine_description, write_section
 from diffopt.train import load_trained
 
@@ -92,15 +93,16 @@ def train(
         raise SystemExit(f"{', '.join(failed)} failed; see {out}/<method>.log")
 
 
-def _scores(run: Path, method: str, tasks: int, transductive: bool) -> np.ndarray:
-    """Per-task test accuracy after the method's evaluation steps (cached in the run folder)."""
+def _scores(run: Path, method: str, tasks: int, transductive: bool, iteration: int) -> np.ndarray:
+    """Per-task test accuracy after the method's evaluation steps, cached in the run folder for
+    the checkpoint at ``iteration`` (the model is loaded only to fill the cache)."""
     steps = EVAL_STEPS[method]
     cache = run / f"test-{tasks}-steps{steps}-{'trans' if transductive else 'nontrans'}.json"
-    config, algorithm, payload = load_trained(run)
     if cache.exists():
         saved = json.loads(cache.read_text())
-        if saved["iteration"] == payload["iteration"]:
+        if saved["iteration"] == iteration:
             return np.asarray(saved["scores"])
+    config, algorithm, payload = load_trained(run)
     spec = get_dataset("omniglot")
     evaluation = evaluate(algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots,
                           ways=config.ways, tasks=tasks, steps=(steps,), root=config.data_root,
@@ -110,38 +112,8 @@ def _scores(run: Path, method: str, tasks: int, transductive: bool) -> np.ndarra
 
 
 def _interval(scores: np.ndarray) -> str:
-    from diffopt.evaluate import mean_ci95
-
     mean, ci = mean_ci95(np.asarray(scores) * 100)
     return f"{mean:.2f} +- {ci:.2f}"
-
-
-def _plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for method, records in curves.items():
-        accuracy = np.array([r["accuracy"] for r in records]) * 100
-        ci = np.array([r["ci95"] for r in records]) * 100
-        for axis, x in zip(axes, ([r["train_seconds"] / 60 for r in records],
-                                  [r["iteration"] for r in records]), strict=True):
-            axis.plot(x, accuracy, marker="o", markersize=3, label=METHODS[method])
-            axis.fill_between(x, accuracy - ci, accuracy + ci, alpha=0.2)
-    axes[0].set_xlabel("training time (minutes)")
-    axes[1].set_xlabel("meta-iterations")
-    axes[1].set_xscale("symlog", linthresh=50)
-    axes[0].set_ylabel("meta-val accuracy (%), 100 tasks")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Omniglot 5-way 1-shot, one CPU thread each, side by side")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def report(
@@ -160,8 +132,8 @@ def report(
         payload = load_checkpoint(run)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves[method] = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
-        transductive = _scores(run, method, tasks, transductive=True)
-        inductive = _scores(run, method, tasks, transductive=False)
+        transductive = _scores(run, method, tasks, True, payload["iteration"])
+        inductive = _scores(run, method, tasks, False, payload["iteration"])
         paper = PAPER[method]
         rows.append(
             f"| {METHODS[method]} | {_interval(transductive)} | {paper[0]} | {_interval(inductive)} | "
@@ -169,7 +141,9 @@ def report(
             f"{payload['train_seconds'] / 60:.1f} | "
             f"{statistics.median(m['seconds'] for m in metrics):.2f} | "
             f"{100 * curves[method][-1]['accuracy']:.1f} |")
-    _plot(curves, Path(plot))
+    validation_curves({METHODS[m]: [records] for m, records in curves.items()}, "accuracy", Path(plot),
+                      title="Omniglot 5-way 1-shot, one CPU thread each, side by side", percent=True,
+                      log_iterations=True)
     relative = os.path.relpath(plot, Path(results).parent)
     body = "\n".join([
         "Commands: `python examples/omniglot_table.py train` (the three runs side by side), then "
