@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json, wri
 from diffopt.config import TrainConfig, resolve_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
-from diffopt.evaluate import EVAL_SEED, mean_ci95
+from diffopt.evaluate import EVAL_SEED, mean_ci95, student_t_ci95
 from diffopt.report import library_versions, machine_description
 
 EVALUATION_NAME = "evaluation.json"
@@ -135,16 +134,6 @@ def product_configs(algorithms: Sequence[str], inner_optimizers: Sequence[str] |
 
 def run_name(label: str, shots: int, seed: int) -> str:
     return f"{label}-k{shots}-seed{seed}"
-
-
-def student_t_ci95(values: Sequence[float]) -> float:
-    """Half-width of the 95% interval of the mean of ``values`` (Student t, n - 1 dof)."""
-    from scipy.stats import t
-
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        return math.nan
-    return float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
@@ -345,7 +334,7 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
                unit="s" if config.max_seconds else "it")
     with open(log, "a") as output:
         child = subprocess.Popen([sys.executable, "-m", "diffopt.compare", job], stdout=output,
-                                 stderr=subprocess.STDOUT, env=dict(os.environ))
+                                 stderr=subprocess.STDOUT)
         while child.poll() is None:
             time.sleep(0.5)
             bar.n = _progress_of(metrics, bool(config.max_seconds))

@@ -41,6 +41,16 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
 
 
+def student_t_ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% interval of the mean of ``values`` (Student t, n - 1 dof)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return math.nan
+    return float(t.ppf(0.975, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Per-task scores after each requested number of inner steps."""

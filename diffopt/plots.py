@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffopt.evaluate import student_t_ci95
+
 
 def _pyplot():
     import matplotlib
@@ -54,8 +56,6 @@ def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]
     tasks). ``percent`` plots a fraction as a percentage; ``log_iterations`` a symmetric-log
     iteration axis.
     """
-    from diffopt.compare import student_t_ci95
-
     scale = 100.0 if percent else 1.0
     longest = max(r["train_seconds"] for seeds in groups.values() for records in seeds for r in records)
     per_unit, unit = (60.0, "minutes") if longest > 600 else (1.0, "s")

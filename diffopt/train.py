@@ -248,10 +248,9 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     durations: list[float] = []
     metrics: dict[str, float] = {}
     completed = done
-    validated = done if resume_from is not None else None
+    validated = done  # the last iteration validated: a resumed run validated up to its checkpoint
     if validating and resume_from is None:
         validate(0)
-        validated = 0
     bar = tqdm(total=config.iterations, initial=done, disable=not (config.progress and main),
                desc=config.algorithm, dynamic_ncols=True, leave=False)
     with open(metrics_path if main else os.devnull, "a") as log:
