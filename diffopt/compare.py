@@ -226,17 +226,16 @@ def compare(
     for k in shots:
         for label, flags in configs.items():
             for seed in seeds:
-                name = run_name(label, k, seed)
                 grid.append((label, k, seed, resolve_config(**{
                     **flags, **budget, "dataset": dataset, "shots": k, "seed": seed,
-                    "run_dir": str(out / "runs" / name), "progress": False})))
+                    "run_dir": str(out / "runs" / run_name(label, k, seed)), "progress": False})))
     if tensorboard:
         _require_tensorboard()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     grid_bar = tqdm(total=len(grid), desc="grid", disable=not progress, position=0, dynamic_ncols=True)
     for label, k, seed, config in grid:
-        name = run_name(label, k, seed)
+        name = Path(config.run_dir).name
         grid_bar.set_postfix_str(name)
         record = _finished(Path(config.run_dir), config, settings)
         if record is None:
