@@ -200,14 +200,14 @@ def compare(
                     eval_steps=(0, 1, 10), eval_seed=EVAL_SEED, validation_tasks=100)
     options = {**defaults, **options}
     spec = get_dataset(options["dataset"])
+
+    def listed(name: str, kind: type) -> tuple | None:
+        return None if options.get(name) is None else _as_tuple(name, options[name], kind)
+
     if any(given[k] is not None for k in ("algorithms", "inner_optimizers", "inner_steps")) \
             or "configs" not in options:
-        configs = product_configs(
-            _as_tuple("algorithms", options.get("algorithms", ("maml", "fomaml", "reptile")), str),
-            _as_tuple("inner_optimizers", options["inner_optimizers"], str)
-            if options.get("inner_optimizers") is not None else None,
-            _as_tuple("inner_steps", options["inner_steps"], int)
-            if options.get("inner_steps") is not None else None)
+        configs = product_configs(listed("algorithms", str) or ("maml", "fomaml", "reptile"),
+                                  listed("inner_optimizers", str), listed("inner_steps", int))
     else:
         configs = options["configs"]
     shots = _as_tuple("shots", options["shots"], int)
