@@ -78,6 +78,9 @@ class TrainConfig:
     vectorize: str = option(
         "auto", "run the meta-batch as one torch.func.vmap over tasks: auto (where proven "
         "correct, else loop with a notice), always (error if not possible), never")
+    task_threads: int = option(
+        0, "looping over tasks, run this many tasks at once on threads (0: auto, torch's thread "
+        "count where the model allows: no buffers, no dropout, on the CPU); same result for any value")
     seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     num_workers: int = option(0, "data-loader worker processes")
@@ -172,7 +175,7 @@ def validate(config: TrainConfig) -> None:
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
                           ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
                           ("validation_tasks", 2), ("validation_steps", 0),
-                          ("validate_every", 0), ("max_bad_steps", 0)]:
+                          ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0)]:
         check_int(name, getattr(config, name), minimum)
     if spec.classification:
         check_int("ways", config.ways, 2)

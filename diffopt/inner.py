@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -181,19 +182,21 @@ class InnerLoop(nn.Module):
         """``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model.
 
         Building the functional model dominates a small model's inner loop, so it is cached
-        (outside the module tree) and reset here exactly as ``monkeypatch`` initialises it:
-        empty fast-weight history, fast weights that are clones of the current parameters, and
-        the train/eval mode of ``model``; buffers are shared with ``model`` (not copied). One
-        unroll per model may be in progress at a time.
+        (outside the module tree, one per thread: ``diffopt.vectorize.map_tasks``) and reset here
+        exactly as ``monkeypatch`` initialises it: empty fast-weight history, fast weights that
+        are clones of the current parameters, and the train/eval mode of ``model``; buffers are
+        shared with ``model`` (not copied). One unroll per model and thread may be in progress
+        at a time.
         """
         key = [id(p) for p in model.parameters()]
-        cached = self.__dict__.get("_functional_cache")
+        per_thread = self.__dict__.setdefault("_functional_cache", threading.local())
+        cached = getattr(per_thread, "entry", None)
         if cached is None or cached[0]() is not model or cached[1] != key:
             fmodel = higher.monkeypatch(
                 model, copy_initial_weights=False, track_higher_grads=track
             )
             _share_buffers(model, fmodel)
-            self.__dict__["_functional_cache"] = (weakref.ref(model), key, fmodel)
+            per_thread.entry = (weakref.ref(model), key, fmodel)
             return fmodel
         fmodel = cached[2]
         # A fresh monkeypatch starts with no fast-weight history; higher appends to it while

@@ -47,7 +47,8 @@ def build(config: TrainConfig) -> MetaAlgorithm:
                         norm=config.norm, steps=config.inner_steps, **io)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size)
-    algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize)
+    algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
+                                config.task_threads)
     try:
         return algorithm.to(config.device)
     except (RuntimeError, AssertionError) as error:

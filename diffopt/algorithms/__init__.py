@@ -19,8 +19,9 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FO
 
 
 def build_algorithm(name: str, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
-                    vectorize: str = "auto") -> MetaAlgorithm:
-    """The registered algorithm ``name`` around ``model`` (``vectorize``: see MetaAlgorithm)."""
+                    vectorize: str = "auto", task_threads: int = 0) -> MetaAlgorithm:
+    """The registered algorithm ``name`` around ``model`` (``vectorize``, ``task_threads``: see
+    MetaAlgorithm)."""
     if name not in ALGORITHMS:
         raise unknown_name("algorithm", name, ALGORITHMS)
-    return ALGORITHMS[name](model, inner, loss_fn, vectorize=vectorize)
+    return ALGORITHMS[name](model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar
 
 import higher
 import torch
 from torch import nn
 
-from diffopt.data.episode import Episode
+from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
 from diffopt.inner import FunctionalModel, InnerLoop, LossFn
-from diffopt.vectorize import resolve_vectorize
+from diffopt.vectorize import map_tasks, resolve_task_threads, resolve_vectorize
+
+TaskGradient = tuple[list[torch.Tensor | None], torch.Tensor]
+"""One task's contribution: a gradient per meta-parameter (None: none) and its loss (a scalar)."""
 
 
 class MetaAlgorithm(nn.Module):
@@ -25,6 +28,8 @@ class MetaAlgorithm(nn.Module):
 
     ``vectorize`` (auto, always, never): whether the meta-batch runs as one ``torch.func.vmap``
     over tasks (``self.vectorized``; see ``diffopt.vectorize``) or as a loop over tasks.
+    ``task_threads``: tasks the loop runs at once, on threads (0: auto, see
+    ``diffopt.vectorize.resolve_task_threads``); the result does not depend on it.
     """
 
     name: ClassVar[str]
@@ -33,7 +38,7 @@ class MetaAlgorithm(nn.Module):
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
-                 vectorize: str = "auto") -> None:
+                 vectorize: str = "auto", task_threads: int = 0) -> None:
         super().__init__()
         if inner.learned and not self.learns_update_rule:
             raise DiffoptError(
@@ -42,6 +47,8 @@ class MetaAlgorithm(nn.Module):
             )
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.vectorized = resolve_vectorize(vectorize, model, inner)
+        resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training
+        self.task_threads = task_threads
 
     def unroll(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
@@ -69,10 +76,24 @@ class MetaAlgorithm(nn.Module):
         """The scalar whose gradient ``meta_gradient`` computes (exact algorithms only)."""
         raise NotImplementedError(f"{self.name} has no meta-loss whose gradient it computes")
 
+    def accumulate_tasks(self, task_gradient: Callable[[Task], TaskGradient], episode: Episode,
+                         params: list[torch.Tensor]) -> float:
+        """Add ``task_gradient(task)``'s gradients, for every task of ``episode``, into the
+        ``.grad`` of ``params`` in task order (so the sum does not depend on the threads that
+        computed them: ``task_threads``); return the summed loss."""
+        threads = resolve_task_threads(self.task_threads, self.model)
+        total = 0.0
+        for grads, loss in map_tasks(task_gradient, episode, threads):
+            accumulate_grad(params, grads)
+            total += loss.item()
+        return total
 
-def accumulate_grad(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> None:
-    """``p.grad += g`` for each pair, creating ``p.grad`` where it is None."""
+
+def accumulate_grad(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> None:
+    """``p.grad += g`` for each pair, creating ``p.grad`` where it is None; a None ``g`` adds nothing."""
     for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            continue
         if param.grad is None:
             param.grad = grad.detach().clone()
         else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import higher
 import torch
 
-from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
+from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
 from diffopt.data.episode import Episode, Task
+from diffopt.inner import FunctionalModel
 from diffopt.vectorize import over_tasks
 
 
@@ -21,20 +23,23 @@ class FOMAML(MetaAlgorithm):
 
     name = "fomaml"
 
-    def _query_loss(self, task: Task) -> torch.Tensor:
+    def _adapted_query_loss(
+        self, task: Task
+    ) -> tuple[higher.patch._MonkeyPatchBase | FunctionalModel, torch.Tensor]:
+        """(adapted model, query loss at the adapted weights)."""
         fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
-        return self.loss_fn(fmodel(task.query_x), task.query_y)
+        return fmodel, self.loss_fn(fmodel(task.query_x), task.query_y)
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean post-adaptation query loss."""
         if self.vectorized:
-            loss = over_tasks(self._query_loss, episode).mean()
+            loss = over_tasks(lambda task: self._adapted_query_loss(task)[1], episode).mean()
             loss.backward()
             return {"loss": loss.item()}
-        total = 0.0
-        for task in episode:
-            fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
-            loss = self.loss_fn(fmodel(task.query_x), task.query_y) / len(episode)
-            accumulate_grad(self.model.parameters(), torch.autograd.grad(loss, fmodel.parameters()))
-            total += loss.item()
-        return {"loss": total}
+
+        def task_gradient(task: Task) -> TaskGradient:
+            fmodel, loss = self._adapted_query_loss(task)
+            loss = loss / len(episode)
+            return list(torch.autograd.grad(loss, fmodel.parameters())), loss.detach()
+
+        return {"loss": self.accumulate_tasks(task_gradient, episode, list(self.model.parameters()))}

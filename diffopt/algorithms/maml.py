@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffopt.algorithms.base import MetaAlgorithm
+from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
 from diffopt.data.episode import Episode, Task
 from diffopt.vectorize import over_tasks
 
@@ -14,8 +14,8 @@ class MAML(MetaAlgorithm):
 
     Meta-loss: the mean over the episode's tasks of the query loss of the model adapted on the
     task's support set. Its gradient flows through every inner step (second order) into the
-    initial weights and any learned inner-rule parameters. One backward per task keeps only one
-    task's graph alive at a time.
+    initial weights and any learned inner-rule parameters. Looping over tasks, one backward per
+    task keeps only one task's graph alive at a time (``task_threads`` of them with threads).
 
     Two settings (the MAML++ recipe sets them per iteration, see ``mamlpp``):
     ``step_weights`` (one per inner step) makes the meta-loss the weighted sum of the query
@@ -63,9 +63,10 @@ class MAML(MetaAlgorithm):
             loss = self.meta_loss(episode)
             loss.backward()
             return {"loss": loss.item()}
-        total = 0.0
-        for task in episode:
+        params = [p for p in self.parameters() if p.requires_grad]
+
+        def task_gradient(task: Task) -> TaskGradient:
             loss = self.query_loss(task) / len(episode)
-            loss.backward()
-            total += loss.item()
-        return {"loss": total}
+            return list(torch.autograd.grad(loss, params, allow_unused=True)), loss.detach()
+
+        return {"loss": self.accumulate_tasks(task_gradient, episode, params)}

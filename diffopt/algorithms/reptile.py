@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
+from diffopt.algorithms.base import MetaAlgorithm, TaskGradient, accumulate_grad
 from diffopt.data.episode import Episode, Task
 from diffopt.vectorize import over_tasks
 
@@ -38,10 +38,10 @@ class Reptile(MetaAlgorithm):
                 adapted, losses = over_tasks(self._adapt_on_all, episode)
             accumulate_grad(initial, [phi - w.mean(0) for phi, w in zip(initial, adapted, strict=True)])
             return {"loss": losses.mean().item()}
-        total = 0.0
-        for task in episode:
+
+        def task_gradient(task: Task) -> TaskGradient:
             adapted, loss = self._adapt_on_all(task)
-            accumulate_grad(
-                initial, [(phi - w) / len(episode) for phi, w in zip(initial, adapted, strict=True)])
-            total += loss.item() / len(episode)
-        return {"loss": total}
+            scale = 1 / len(episode)
+            return [(phi - w).detach() * scale for phi, w in zip(initial, adapted, strict=True)], loss * scale
+
+        return {"loss": self.accumulate_tasks(task_gradient, episode, initial)}
