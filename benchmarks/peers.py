@@ -1,52 +1,66 @@
-"""Second-order MAML meta-step: diffopt against the hand-written loop and naive higher, side by side.
+"""Meta-step speed and memory: diffopt against its peers, side by side.
 
-    python benchmarks/peers.py                          # W1, W2, W3; prints the table
-    python benchmarks/peers.py --workloads W2 --rounds 10 --write BENCHMARKS.md
+    python benchmarks/peers.py speed                      # every workload and algorithm; prints tables
+    python benchmarks/peers.py speed --workloads W2 --algorithms maml,fomaml --rounds 5
+    python benchmarks/peers.py memory                     # peak memory, a process per implementation
+    python benchmarks/peers.py scaling                    # memory vs inner steps; a long run's memory
+    python benchmarks/peers.py all --write BENCHMARKS.md  # the three, written into BENCHMARKS.md
 
 Workloads (random data of the real shapes, float32):
 W1 sinusoid 1-40-40-1 ReLU MLP, meta-batch 25, K=10 support + 10 query, 1 inner step (lr 0.01);
 W2 Omniglot conv-4 (64 filters, batch norm), 5-way 1-shot, 15 queries per class, meta-batch 32,
-1 inner step (lr 0.4); W3 the same conv-4, meta-batch 8, 5 inner steps.
+1 inner step (lr 0.4); W3 the same conv-4, meta-batch 8, 5 inner steps; MI Mini-ImageNet conv-4
+(32 filters, max-pooling), 5-way 1-shot on 84x84 RGB images, 15 queries per class, meta-batch 4,
+5 inner steps (lr 0.01).
 
-Implementations: diffopt's MAML (``--vectorize auto``: vmap where proven correct, else a loop
-with one backward per task); the hand-written loop (``torch.func.functional_call`` and
-``torch.autograd.grad(create_graph=True)`` over the tasks, one backward of the summed
-meta-loss); naive higher (a new ``innerloop_ctx`` per task, backward per task). Before timing,
-every implementation's meta-gradient is compared with diffopt's. Each round times every
-implementation once, in turn; the table reports the median over rounds after ``warmup``.
+Implementations: diffopt (defaults: vmap where proven correct, else the loop over tasks with
+``task_threads`` = torch's thread count), diffopt one task at a time (``task_threads=1``), and
+the peers of ``references.py`` (hand-written loops, naive higher, learn2learn, torchopt, where
+installed: ``make bench-setup``). Speed: every round times every implementation once, in turn
+(interleaved, so drift hits all alike); the median over rounds after ``warmup``. Before timing,
+every implementation's meta-gradient (of the model's weights) is compared with diffopt's.
+Memory: each implementation in a fresh process; the growth of the peak resident set size over
+the resident size before the first meta-step, during ``steps`` meta-steps.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import fire
-import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
-from diffopt.algorithms import MAML
-from diffopt.data import Episode
-from diffopt.inner import InnerLoop
-from diffopt.models import MLP, Conv4
-from diffopt.report import library_versions, machine_description, write_section
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from references import MISSING, available  # noqa: E402
 
-WORKLOADS = {  # name -> (description, model factory, episode factory, inner lr, steps, loss)
-    "W1": ("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
-           lambda: MLP(1, 1, (40, 40), "relu"),
-           lambda g: Episode(*(torch.rand(25, 10, 1, generator=g) * 10 - 5 for _ in range(4))),
-           0.01, 1, F.mse_loss),
-    "W2": ("Omniglot conv-4 5-way 1-shot, 15 query, meta-batch 32, 1 step",
-           lambda: Conv4(1, 5, 64, 28, pool=False),
-           lambda g: _images(g, 32, 5, 1, 15, (1, 28, 28)), 0.4, 1, F.cross_entropy),
-    "W3": ("same conv-4, meta-batch 8, 5 steps",
-           lambda: Conv4(1, 5, 64, 28, pool=False),
-           lambda g: _images(g, 8, 5, 1, 15, (1, 28, 28)), 0.4, 5, F.cross_entropy),
-}
+from diffopt.algorithms import build_algorithm  # noqa: E402
+from diffopt.data import Episode  # noqa: E402
+from diffopt.inner import InnerLoop  # noqa: E402
+from diffopt.models import MLP, Conv4  # noqa: E402
+from diffopt.report import library_versions, machine_description, write_section  # noqa: E402
+
+PEER_LIBRARIES = ("higher", "learn2learn", "torchopt")
+
+
+@dataclass(frozen=True)
+class Workload:
+    description: str
+    model: Callable[[], nn.Module]
+    episode: Callable[[torch.Generator], Episode]
+    lr: float
+    steps: int
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _images(g: torch.Generator, tasks: int, ways: int, shots: int, queries: int, shape) -> Episode:
@@ -56,103 +70,235 @@ def _images(g: torch.Generator, tasks: int, ways: int, shots: int, queries: int,
                    torch.rand(tasks, ways * queries, *shape, generator=g), query_y.clone())
 
 
-def diffopt_maml(model: nn.Module, lr: float, steps: int, loss_fn) -> Callable[[Episode], None]:
-    learner = MAML(model, InnerLoop("sgd", lr, steps), loss_fn)
-    return learner.meta_gradient
+WORKLOADS = {
+    "W1": Workload("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
+                   lambda: MLP(1, 1, (40, 40), "relu"),
+                   lambda g: Episode(*(torch.rand(25, 10, 1, generator=g) * 10 - 5 for _ in range(4))),
+                   0.01, 1, F.mse_loss),
+    "W2": Workload("Omniglot conv-4 5-way 1-shot, 15 query, meta-batch 32, 1 step",
+                   lambda: Conv4(1, 5, 64, 28, pool=False),
+                   lambda g: _images(g, 32, 5, 1, 15, (1, 28, 28)), 0.4, 1, F.cross_entropy),
+    "W3": Workload("same conv-4, meta-batch 8, 5 steps",
+                   lambda: Conv4(1, 5, 64, 28, pool=False),
+                   lambda g: _images(g, 8, 5, 1, 15, (1, 28, 28)), 0.4, 5, F.cross_entropy),
+    "MI": Workload("Mini-ImageNet conv-4 (32 filters) 5-way 1-shot 84x84, 15 query, meta-batch 4, 5 steps",
+                   lambda: Conv4(3, 5, 32, 84, pool=True),
+                   lambda g: _images(g, 4, 5, 1, 15, (3, 84, 84)), 0.01, 5, F.cross_entropy),
+}
+
+ALGORITHMS = {  # label -> (diffopt algorithm, inner rule, references.py key)
+    "maml": ("maml", "sgd", "maml"),
+    "lslr": ("maml", "lslr", "lslr"),
+    "meta_curvature": ("maml", "meta_curvature", None),
+    "fomaml": ("fomaml", "sgd", "fomaml"),
+    "reptile": ("reptile", "sgd", "reptile"),
+}
+ALGORITHM_NAMES = {"maml": "MAML (sgd)", "lslr": "MAML + LSLR", "meta_curvature": "MAML + Meta-Curvature",
+                   "fomaml": "first-order MAML", "reptile": "Reptile"}
+DIFFOPT, DIFFOPT_SERIAL, HAND = "diffopt", "diffopt, one task at a time", "hand-written loop"
 
 
-def hand_written(model: nn.Module, lr: float, steps: int, loss_fn) -> Callable[[Episode], None]:
-    def meta_gradient(episode: Episode) -> None:
-        initial = dict(model.named_parameters())
-        total = 0.0
-        for task in episode:
-            params = initial
-            for _ in range(steps):
-                loss = loss_fn(functional_call(model, params, (task.support_x,)), task.support_y)
-                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-                params = {n: p - lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
-            total = total + loss_fn(functional_call(model, params, (task.query_x,)), task.query_y)
-        (total / len(episode)).backward()
+def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[nn.Module], Callable]]:
+    """label -> (model -> meta_gradient(episode)), diffopt's first."""
+    name, rule, peers = ALGORITHMS[algorithm]
 
-    return meta_gradient
+    def diffopt(task_threads: int) -> Callable[[nn.Module], Callable]:
+        def build(model: nn.Module) -> Callable:
+            inner = InnerLoop(rule, workload.lr, workload.steps, model=model)
+            return build_algorithm(name, model, inner, workload.loss, "auto", task_threads).meta_gradient
+        return build
 
-
-def naive_higher(model: nn.Module, lr: float, steps: int, loss_fn) -> Callable[[Episode], None]:
-    inner = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def meta_gradient(episode: Episode) -> None:
-        for task in episode:
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fmodel, diffopt):
-                for _ in range(steps):
-                    diffopt.step(loss_fn(fmodel(task.support_x), task.support_y))
-                (loss_fn(fmodel(task.query_x), task.query_y) / len(episode)).backward()
-
-    return meta_gradient
+    result = {DIFFOPT: diffopt(0)}
+    probe = build_algorithm(name, workload.model(), InnerLoop(rule, workload.lr, workload.steps,
+                                                              model=workload.model()),
+                            workload.loss, "auto")
+    if not probe.vectorized and torch.get_num_threads() > 1:
+        result[DIFFOPT_SERIAL] = diffopt(1)
+    for label, builder in (available(peers) if peers else {}).items():
+        result[label] = lambda model, builder=builder: builder(model, workload.lr, workload.steps,
+                                                               workload.loss)
+    return result
 
 
-IMPLEMENTATIONS = {"diffopt MAML": diffopt_maml, "hand-written loop": hand_written,
-                   "higher (naive)": naive_higher}
+def _setup(workload: Workload, build: Callable) -> tuple[nn.Module, Callable, Episode]:
+    torch.manual_seed(0)
+    model = workload.model()
+    return model, build(model), workload.episode(torch.Generator().manual_seed(0))
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def main(workloads: tuple[str, ...] = ("W1", "W2", "W3"), rounds: int = 10, warmup: int = 2,
-         threads: int = 2, write: str | None = None) -> None:
-    """Time every implementation on every workload; print (and optionally write) the table."""
-    workloads = (workloads,) if isinstance(workloads, str) else tuple(workloads)
-    torch.set_num_threads(threads)
-    lines = ["| workload | " + " | ".join(f"{name} (s)" for name in IMPLEMENTATIONS)
-             + " | diffopt vs hand-written | max meta-gradient difference |",
-             "|---|" + "---|" * (len(IMPLEMENTATIONS) + 2)]
-    for name in workloads:
-        description, make_model, make_episode, lr, steps, loss_fn = WORKLOADS[name]
-        episode = make_episode(torch.Generator().manual_seed(0))
-        models, steps_of = {}, {}
-        for label, build in IMPLEMENTATIONS.items():
-            torch.manual_seed(0)
-            models[label] = make_model()
-            steps_of[label] = build(models[label], lr, steps, loss_fn)
-        reference = None
-        worst = 0.0
-        for label, step in steps_of.items():  # the meta-gradients agree before anything is timed
-            models[label].zero_grad(set_to_none=True)
+def _time_group(workload: Workload, algorithm: str, rounds: int, warmup: int) -> list[dict]:
+    impls = implementations(algorithm, workload)
+    built = {label: _setup(workload, build) for label, build in impls.items()}
+    reference, rows = None, []
+    for label, (model, step, episode) in built.items():  # the meta-gradients agree before timing
+        model.zero_grad(set_to_none=True)
+        step(episode)
+        grads = _grads(model)
+        reference = grads if reference is None else reference
+        scale = max(float(g.abs().max()) for g in reference)
+        worst = max(float((a - b).abs().max()) for a, b in zip(grads, reference, strict=True)) / scale
+        rows.append({"implementation": label, "agreement": worst, "times": []})
+    for round_ in range(warmup + rounds):
+        for row, (model, step, episode) in zip(rows, built.values(), strict=True):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
             step(episode)
-            grads = _grads(models[label])
-            if reference is None:
-                reference = grads
-            else:
-                scale = max(float(g.abs().max()) for g in reference)
-                worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(grads, reference,
-                                                                                   strict=True)) / scale)
-        times: dict[str, list[float]] = {label: [] for label in IMPLEMENTATIONS}
-        for round_ in range(warmup + rounds):
-            for label, step in steps_of.items():
-                models[label].zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                step(episode)
-                if round_ >= warmup:
-                    times[label].append(time.perf_counter() - start)
-        medians = {label: statistics.median(t) for label, t in times.items()}
-        ratio = medians["hand-written loop"] / medians["diffopt MAML"]
-        lines.append(f"| {name}: {description} | "
-                     + " | ".join(f"{medians[label]:.4f}" for label in IMPLEMENTATIONS)
-                     + f" | {ratio:.2f}x | {worst:.1e} (relative to the largest) |")
-        print(lines[-1], flush=True)
-    body = "\n".join([
-        f"Command: `python benchmarks/peers.py --workloads {','.join(workloads)} --rounds {rounds} "
-        f"--threads {threads}`. Median seconds per second-order MAML meta-step over {rounds} "
-        f"interleaved rounds after {warmup} warm-up rounds. Machine: {machine_description()}, "
-        f"{threads} torch threads, {library_versions(('higher',))}; measured "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "",
-        *lines,
-    ])
-    print(body)
+            if round_ >= warmup:
+                row["times"].append(time.perf_counter() - start)
+    for row in rows:
+        row["seconds"] = statistics.median(row.pop("times"))
+    return rows
+
+
+def _as_tuple(value) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _header(command: str, threads: int, what: str) -> str:
+    return (f"Command: `{command}`. {what} Machine: {machine_description()}, {threads} torch "
+            f"threads, {library_versions(PEER_LIBRARIES)}; measured "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+            + (f" Not installed: {', '.join(MISSING)}." if MISSING else ""))
+
+
+def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), rounds: int = 5,
+          warmup: int = 1, threads: int = 2, write: str | None = None) -> str:
+    """Median seconds per meta-step of every implementation; a table per workload."""
+    torch.set_num_threads(threads)
+    workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
+    out = [_header(f"python benchmarks/peers.py speed --rounds {rounds} --threads {threads}", threads,
+                   f"Median seconds per meta-step (meta-gradient of one meta-batch, outer step "
+                   f"excluded) over {rounds} interleaved rounds after {warmup} warm-up.")]
+    for name in workloads:
+        workload = WORKLOADS[name]
+        out += ["", f"**{name}: {workload.description}**", "",
+                "| algorithm | implementation | s / meta-step | speed-up over the hand-written loop "
+                "| max meta-gradient difference (relative to the largest) |", "|---|---|---|---|---|"]
+        for algorithm in algorithms:
+            rows = _time_group(workload, algorithm, rounds, warmup)
+            hand = next((r["seconds"] for r in rows if r["implementation"] == HAND), None)
+            for row in rows:
+                ratio = "" if hand is None else f"{hand / row['seconds']:.2f}x"
+                out.append(f"| {ALGORITHM_NAMES[algorithm]} | {row['implementation']} | "
+                           f"{row['seconds']:.4f} | {ratio} | {row['agreement']:.1e} |")
+                print(out[-1], flush=True)
+    body = "\n".join(out)
     if write:
-        write_section(write, "peers", "MAML meta-step: diffopt, the hand-written loop, naive higher", body)
+        write_section(write, "peers-speed", "Meta-step speed: diffopt and its peers", body)
+    return body
+
+
+def _memory_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {key: int(kib) // 1024 for key, kib in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", text)}
+
+
+def memory_of(workload: str, algorithm: str, implementation: str, steps: int = 3,
+              threads: int = 2, inner_steps: int | None = None) -> None:
+    """(In a fresh process) print the JSON {peak_growth_mb, ...} of ``steps`` meta-steps
+    (``inner_steps``: instead of the workload's)."""
+    torch.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    spec = spec if inner_steps is None else replace(spec, steps=inner_steps)
+    model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _memory_status()["VmRSS"]
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        step(episode)
+    print(json.dumps({"peak_growth_mb": _memory_status()["VmHWM"] - before, "rss_before_mb": before}))
+
+
+def _child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), steps: int = 3,
+           threads: int = 2, write: str | None = None) -> str:
+    """Peak memory growth of every implementation, each in a fresh process."""
+    torch.set_num_threads(threads)
+    workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
+    out = [_header(f"python benchmarks/peers.py memory --steps {steps} --threads {threads}", threads,
+                   f"Growth of the peak resident set size during {steps} meta-steps over the "
+                   "resident size before them (a fresh process per implementation, model and data "
+                   "already built)."), "",
+           "| workload | algorithm | implementation | peak growth (MB) |", "|---|---|---|---|"]
+    for name in workloads:
+        for algorithm in algorithms:
+            for label in implementations(algorithm, WORKLOADS[name]):
+                result = _child("memory_of", name, algorithm, label, f"--steps={steps}",
+                                f"--threads={threads}")
+                growth = result["peak_growth_mb"]
+                out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} | {growth} |")
+                print(out[-1], flush=True)
+    body = "\n".join(out)
+    if write:
+        write_section(write, "peers-memory", "Meta-step memory: diffopt and its peers", body)
+    return body
+
+
+def long_run_of(workload: str, iterations: int, every: int, threads: int = 2) -> None:
+    """(In a fresh process) diffopt MAML training with an outer Adam step; print the JSON list of
+    the resident set size (MB) every ``every`` meta-iterations."""
+    torch.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model = spec.model()
+    learner = build_algorithm("maml", model, InnerLoop("sgd", spec.lr, spec.steps), spec.loss, "never")
+    outer = torch.optim.Adam(learner.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    trace = []
+    for iteration in range(1, iterations + 1):
+        outer.zero_grad(set_to_none=True)
+        learner.meta_gradient(spec.episode(g))  # a new meta-batch every iteration
+        outer.step()
+        if iteration % every == 0:
+            trace.append([iteration, _memory_status()["VmRSS"]])
+    print(json.dumps(trace))
+
+
+def scaling(workload: str = "W3", max_steps: int = 5, long_workload: str = "W3",
+            iterations: int = 300, every: int = 25, threads: int = 2, write: str | None = None) -> str:
+    """Second-order MAML memory against inner steps (fresh process each), and the resident size
+    along a long training run."""
+    out = [_header(f"python benchmarks/peers.py scaling --workload {workload} --max_steps {max_steps} "
+                   f"--long_workload {long_workload} --iterations {iterations}", threads,
+                   "Peak growth over 2 meta-steps, diffopt MAML (sgd), a fresh process per count of "
+                   "inner steps; then the resident set size along one training run (a new meta-batch "
+                   "and an Adam outer step every iteration)."), "",
+           f"| inner steps ({workload} otherwise) | diffopt peak growth (MB) | per step added (MB) |",
+           "|---|---|---|"]
+    previous = None
+    for steps in range(1, max_steps + 1):
+        growth = _child("memory_of", workload, "maml", DIFFOPT, "--steps=2", f"--threads={threads}",
+                        f"--inner_steps={steps}")["peak_growth_mb"]
+        added = "" if previous is None else str(growth - previous)
+        out.append(f"| {steps} | {growth} | {added} |")
+        print(out[-1], flush=True)
+        previous = growth
+    trace = _child("long_run_of", long_workload, str(iterations), str(every), f"--threads={threads}")
+    out += ["", f"Resident set size along {iterations} meta-iterations of diffopt MAML on {long_workload}:",
+            "", "| meta-iteration | " + " | ".join(str(i) for i, _ in trace) + " |",
+            "|---|" + "---|" * len(trace), "| RSS (MB) | " + " | ".join(str(m) for _, m in trace) + " |"]
+    body = "\n".join(out)
+    if write:
+        write_section(write, "peers-scaling", "Meta-step memory: inner steps and long runs", body)
+    return body
+
+
+def all(write: str | None = None, rounds: int = 5, threads: int = 2) -> None:  # noqa: A001
+    """speed, memory and scaling, each written into ``write``."""
+    speed(rounds=rounds, threads=threads, write=write)
+    memory(threads=threads, write=write)
+    scaling(threads=threads, write=write)
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire({"speed": speed, "memory": memory, "scaling": scaling, "all": all,
+               "memory_of": memory_of, "long_run_of": long_run_of})

@@ -106,6 +106,7 @@ class InnerLoop(nn.Module):
         track_higher_grads: bool = True,
         detach_inner_grads: bool = False,
         functional: bool = False,
+        losses: list[torch.Tensor] | None = None,
     ) -> Iterator[higher.patch._MonkeyPatchBase | FunctionalModel]:
         """Yield the functional model before adaptation and after each of ``steps`` steps.
 
@@ -119,6 +120,8 @@ class InnerLoop(nn.Module):
         with per-step layers (``diffopt.models.norm``) told how many steps it has taken. Buffers
         are shared with ``model``: running statistics accumulate there.
 
+        ``losses``: each step's inner loss (detached, before the step's update) is appended to it.
+
         ``functional``: run the same steps with ``torch.func`` instead of higher (for
         ``torch.func.vmap``; update rules only, see ``functional_rule``). Without
         ``track_higher_grads`` the weights then move by detached updates, so the adapted
@@ -127,7 +130,7 @@ class InnerLoop(nn.Module):
         steps = self.steps if steps is None else steps
         if functional:
             yield from self._unroll_functional(
-                model, loss_fn, x, y, steps, track_higher_grads, detach_inner_grads)
+                model, loss_fn, x, y, steps, track_higher_grads, detach_inner_grads, losses)
             return
         if self.rule is not None:
             template = RuleOptimizer(model.parameters(), self.rule)
@@ -142,7 +145,10 @@ class InnerLoop(nn.Module):
         yield fmodel
         for step in range(steps):
             xb, yb = minibatch(x, y, step, self.batch_size)
-            diffopt.step(loss_fn(fmodel(xb), yb))
+            loss = loss_fn(fmodel(xb), yb)
+            if losses is not None:
+                losses.append(loss.detach())
+            diffopt.step(loss)
             set_inner_step(fmodel, step + 1)
             yield fmodel
 
@@ -153,7 +159,7 @@ class InnerLoop(nn.Module):
             return self.rule
         return SGD(self.lr) if self.optimizer == "sgd" else None
 
-    def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads):
+    def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads, losses):
         rule = self.functional_rule
         if rule is None:
             raise DiffoptError(f"the inner optimizer {self.optimizer!r} has no functional form; "
@@ -169,8 +175,10 @@ class InnerLoop(nn.Module):
         state = rule.init(params)
         for step in range(steps):
             constant = detach_inner_grads or not track  # no graph through the inner gradient
-            grads = torch.func.grad(inner_loss)(_detach_all(params) if constant else params,
-                                                *minibatch(x, y, step, self.batch_size))
+            grads, loss = torch.func.grad_and_value(inner_loss)(
+                _detach_all(params) if constant else params, *minibatch(x, y, step, self.batch_size))
+            if losses is not None:
+                losses.append(loss.detach())
             updates, state = rule.update(list(grads), state, params, step)
             if not track:
                 updates = _detach_all(updates)
@@ -224,10 +232,11 @@ class InnerLoop(nn.Module):
         *,
         track_higher_grads: bool = True,
         functional: bool = False,
+        losses: list[torch.Tensor] | None = None,
     ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
         """The functional model after ``steps`` steps (see ``unroll``)."""
         *_, adapted = self.unroll(model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
-                                  functional=functional)
+                                  functional=functional, losses=losses)
         return adapted
 
     def extra_repr(self) -> str:

@@ -130,3 +130,17 @@ def test_inner_mini_batches_cycle_through_the_data(vectorize):
         sgd.step()
     for a, b in zip(adapted.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_unroll_reports_each_steps_loss_before_its_update(functional):
+    algorithm = small_algorithm("maml", "sgd", 0.3, 3)
+    task = first_task()
+    losses: list[torch.Tensor] = []
+    expected = []
+    for fmodel in algorithm.inner.unroll(algorithm.model, F.mse_loss, task.support_x, task.support_y,
+                                         losses=losses, functional=functional):
+        expected.append(float(F.mse_loss(fmodel(task.support_x), task.support_y).detach()))
+    assert [float(loss) for loss in losses] == pytest.approx(expected[:-1], rel=1e-12)
+    assert len(losses) == 3 and not any(loss.requires_grad for loss in losses)
+    assert expected[0] > expected[-1]  # the steps did move the weights

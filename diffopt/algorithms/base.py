@@ -62,11 +62,11 @@ class MetaAlgorithm(nn.Module):
 
     def adapt(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
-        track_higher_grads: bool = False,
+        track_higher_grads: bool = False, losses: list[torch.Tensor] | None = None,
     ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
-        """The model adapted to (x, y) by the inner loop."""
-        return self.inner.adapt(self.model, self.loss_fn, x, y, steps,
-                                track_higher_grads=track_higher_grads, functional=self.vectorized)
+        """The model adapted to (x, y) by the inner loop (``losses``: see ``InnerLoop.unroll``)."""
+        return self.inner.adapt(self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
+                                functional=self.vectorized, losses=losses)
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""
