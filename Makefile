@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffopt-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench-setup bench
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the benchmark peers (learn2learn, torchopt): optional, never needed by demo or test
+bench-setup: setup
+	benchmarks/install_peers.sh $(PY)
+
+bench: bench-setup
+	$(PY) benchmarks/peers.py all --write BENCHMARKS.md
 
 lint: setup
 	$(VENV)/bin/ruff check diffopt examples benchmarks tests

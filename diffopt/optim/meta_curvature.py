@@ -45,8 +45,11 @@ class MetaCurvature(UpdateRule):
                 return m_out @ g @ m_in
             if g.dim() == 4:
                 m_out, m_in, m_filter = factors
-                out = torch.einsum("ao,bi,cf,oif->abc", m_out, m_in, m_filter, g.flatten(2))
-                return out.view_as(g)
+                # one mode product at a time: a single four-operand einsum contracts left to
+                # right through an [out, out, in, in, k, k] outer product (5 GB for 64 filters)
+                out = torch.einsum("ao,oif->aif", m_out, g.flatten(2))
+                out = torch.einsum("bi,aif->abf", m_in, out)
+                return (out @ m_filter.T).view_as(g)
             return factors[0] * g
 
         return tensor_map(precondition, grads), state
