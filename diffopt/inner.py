@@ -136,12 +136,13 @@ class InnerLoop(nn.Module):
             template = RuleOptimizer(model.parameters(), self.rule)
         else:
             template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
-        fmodel = self._functional(model, track_higher_grads)
+        fmodel, per_step = self._functional(model, track_higher_grads)
         diffopt = higher.optim.get_diff_optim(
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
             grad_callback=_detach_all if detach_inner_grads else None,
         )
-        set_inner_step(fmodel, 0)
+        if per_step:
+            set_inner_step(fmodel, 0)
         yield fmodel
         for step in range(steps):
             xb, yb = minibatch(x, y, step, self.batch_size)
@@ -149,7 +150,8 @@ class InnerLoop(nn.Module):
             if losses is not None:
                 losses.append(loss.detach())
             diffopt.step(loss)
-            set_inner_step(fmodel, step + 1)
+            if per_step:
+                set_inner_step(fmodel, step + 1)
             yield fmodel
 
     @property
@@ -186,8 +188,9 @@ class InnerLoop(nn.Module):
             set_inner_step(model, step + 1)
             yield FunctionalModel(model, names, params)
 
-    def _functional(self, model: nn.Module, track: bool) -> higher.patch._MonkeyPatchBase:
-        """``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model.
+    def _functional(self, model: nn.Module, track: bool) -> tuple[higher.patch._MonkeyPatchBase, bool]:
+        """(``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model; whether
+        it has per-step layers (``set_inner_step``)).
 
         Building the functional model dominates a small model's inner loop, so it is cached
         (outside the module tree, one per thread: ``diffopt.vectorize.map_tasks``) and reset here
@@ -204,19 +207,22 @@ class InnerLoop(nn.Module):
                 model, copy_initial_weights=False, track_higher_grads=track
             )
             _share_buffers(model, fmodel)
-            per_thread.entry = (weakref.ref(model), key, fmodel)
-            return fmodel
-        fmodel = cached[2]
+            has_buffers = any(True for _ in model.buffers())
+            per_step = any(hasattr(module, "inner_step") for module in fmodel.modules())
+            per_thread.entry = (weakref.ref(model), key, fmodel, has_buffers, per_step)
+            return fmodel, per_step
+        _, _, fmodel, has_buffers, per_step = cached
         # A fresh monkeypatch starts with no fast-weight history; higher appends to it while
         # tracking and reads its last entry, so a stale history would leak graphs and weights.
         # Same order as monkeypatch: first weights set while tracking, then the mode.
         fmodel._fast_params = None
         fmodel.track_higher_grads = True
         fmodel.train(model.training)
-        _share_buffers(model, fmodel)
+        if has_buffers:  # re-shared: model.to(...) replaces its buffer tensors
+            _share_buffers(model, fmodel)
         fmodel.update_params([p.clone() for p in model.parameters()])
         fmodel.track_higher_grads = track
-        return fmodel
+        return fmodel, per_step
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
