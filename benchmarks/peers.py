@@ -70,17 +70,20 @@ def _images(g: torch.Generator, tasks: int, ways: int, shots: int, queries: int,
                    torch.rand(tasks, ways * queries, *shape, generator=g), query_y.clone())
 
 
+def _omniglot(description: str, tasks: int, shots: int, steps: int) -> Workload:
+    """Omniglot-shaped conv-4 (64 filters, strided), 5-way, 15 queries per class, inner lr 0.4."""
+    return Workload(description, lambda: Conv4(1, 5, 64, 28, pool=False),
+                    lambda g: _images(g, tasks, 5, shots, 15, (1, 28, 28)), 0.4, steps, F.cross_entropy)
+
+
 WORKLOADS = {
     "W1": Workload("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
                    lambda: MLP(1, 1, (40, 40), "relu"),
                    lambda g: Episode(*(torch.rand(25, 10, 1, generator=g) * 10 - 5 for _ in range(4))),
                    0.01, 1, F.mse_loss),
-    "W2": Workload("Omniglot conv-4 5-way 1-shot, 15 query, meta-batch 32, 1 step",
-                   lambda: Conv4(1, 5, 64, 28, pool=False),
-                   lambda g: _images(g, 32, 5, 1, 15, (1, 28, 28)), 0.4, 1, F.cross_entropy),
-    "W3": Workload("same conv-4, meta-batch 8, 5 steps",
-                   lambda: Conv4(1, 5, 64, 28, pool=False),
-                   lambda g: _images(g, 8, 5, 1, 15, (1, 28, 28)), 0.4, 5, F.cross_entropy),
+    "W2": _omniglot("Omniglot conv-4 5-way 1-shot, 15 query, meta-batch 32, 1 step", 32, 1, 1),
+    "W3": _omniglot("same conv-4, meta-batch 8, 5 steps", 8, 1, 5),
+    "W3-10shot": _omniglot("same conv-4, meta-batch 8, 5-way 10-shot (50 support images), 5 steps", 8, 10, 5),
     "MI": Workload("Mini-ImageNet conv-4 (32 filters) 5-way 1-shot 84x84, 15 query, meta-batch 4, 5 steps",
                    lambda: Conv4(3, 5, 32, 84, pool=True),
                    lambda g: _images(g, 4, 5, 1, 15, (3, 84, 84)), 0.01, 5, F.cross_entropy),
@@ -263,27 +266,30 @@ def long_run_of(workload: str, iterations: int, every: int, threads: int = 2) ->
     print(json.dumps(trace))
 
 
-def scaling(workload: str = "W3", max_steps: int = 5, long_workload: str = "W3",
+def scaling(workloads=("W3", "W3-10shot"), max_steps: int = 5, long_workload: str = "W3",
             iterations: int = 300, every: int = 25, threads: int = 2, write: str | None = None) -> str:
     """Second-order MAML memory against inner steps (fresh process each), and the resident size
     along a long training run."""
-    out = [_header(f"python benchmarks/peers.py scaling --workload {workload} --max_steps {max_steps} "
-                   f"--long_workload {long_workload} --iterations {iterations}", threads,
+    workloads = _as_tuple(workloads)
+    out = [_header(f"python benchmarks/peers.py scaling --workloads {','.join(workloads)} --max_steps "
+                   f"{max_steps} --long_workload {long_workload} --iterations {iterations}", threads,
                    "Peak growth over 2 meta-steps, diffopt MAML (sgd), a fresh process per count of "
                    "inner steps; then the resident set size along one training run (a new meta-batch "
-                   "and an Adam outer step every iteration)."), "",
-           f"| inner steps ({workload} otherwise) | diffopt peak growth (MB) | per step added (MB) |",
-           "|---|---|---|"]
-    previous = None
-    for steps in range(1, max_steps + 1):
-        growth = _child("memory_of", workload, "maml", DIFFOPT, "--steps=2", f"--threads={threads}",
-                        f"--inner_steps={steps}")["peak_growth_mb"]
-        added = "" if previous is None else str(growth - previous)
-        out.append(f"| {steps} | {growth} | {added} |")
-        print(out[-1], flush=True)
-        previous = growth
+                   "and an Adam outer step every iteration)."), ""]
+    for workload in workloads:
+        out += [f"{workload}: {WORKLOADS[workload].description} (inner steps varied)", "",
+                "| inner steps | diffopt peak growth (MB) | added by the step (MB) |", "|---|---|---|"]
+        previous = None
+        for steps in range(1, max_steps + 1):
+            growth = _child("memory_of", workload, "maml", DIFFOPT, "--steps=2", f"--threads={threads}",
+                            f"--inner_steps={steps}")["peak_growth_mb"]
+            added = "" if previous is None else str(growth - previous)
+            out.append(f"| {steps} | {growth} | {added} |")
+            print(out[-1], flush=True)
+            previous = growth
+        out.append("")
     trace = _child("long_run_of", long_workload, str(iterations), str(every), f"--threads={threads}")
-    out += ["", f"Resident set size along {iterations} meta-iterations of diffopt MAML on {long_workload}:",
+    out += [f"Resident set size along {iterations} meta-iterations of diffopt MAML on {long_workload}:",
             "", "| meta-iteration | " + " | ".join(str(i) for i, _ in trace) + " |",
             "|---|" + "---|" * len(trace), "| RSS (MB) | " + " | ".join(str(m) for _, m in trace) + " |"]
     body = "\n".join(out)

@@ -79,17 +79,22 @@ def maml_hand_written(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) 
     return meta_gradient
 
 
-def maml_hand_written_per_task(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) -> MetaGradient:
-    """The hand-written loop with one backward per task (each task's graph freed at once)."""
+def _per_task(model: nn.Module, lr: float, steps: int, loss_fn: LossFn, second_order: bool) -> MetaGradient:
+    """Adapt with ``_sgd`` and backward the query loss, one task at a time."""
 
     def meta_gradient(episode: Episode) -> None:
         initial = dict(model.named_parameters())
         for task in episode:
-            params = _sgd(model, initial, task.support_x, task.support_y, lr, steps, loss_fn, True)
+            params = _sgd(model, initial, task.support_x, task.support_y, lr, steps, loss_fn, second_order)
             loss = loss_fn(functional_call(model, params, (task.query_x,)), task.query_y)
             (loss / len(episode)).backward()
 
     return meta_gradient
+
+
+def maml_hand_written_per_task(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) -> MetaGradient:
+    """The hand-written loop with one backward per task (each task's graph freed at once)."""
+    return _per_task(model, lr, steps, loss_fn, second_order=True)
 
 
 def maml_higher(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) -> MetaGradient:
@@ -175,15 +180,7 @@ def lslr_hand_written(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) 
 def fomaml_hand_written(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) -> MetaGradient:
     """Inner gradients without a graph, so adapted = initial - lr * (constant); the query loss's
     gradient at the adapted weights reaches the initial ones unchanged. Backward per task."""
-
-    def meta_gradient(episode: Episode) -> None:
-        initial = dict(model.named_parameters())
-        for task in episode:
-            params = _sgd(model, initial, task.support_x, task.support_y, lr, steps, loss_fn, False)
-            loss = loss_fn(functional_call(model, params, (task.query_x,)), task.query_y)
-            (loss / len(episode)).backward()
-
-    return meta_gradient
+    return _per_task(model, lr, steps, loss_fn, second_order=False)
 
 
 def fomaml_learn2learn(model: nn.Module, lr: float, steps: int, loss_fn: LossFn) -> MetaGradient:
