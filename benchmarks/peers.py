@@ -223,22 +223,26 @@ def _child(*args: str) -> dict:
 
 
 def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), steps: int = 3,
-           threads: int = 2, write: str | None = None) -> str:
-    """Peak memory growth of every implementation, each in a fresh process."""
+           repeats: int = 3, threads: int = 2, write: str | None = None) -> str:
+    """Peak memory growth of every implementation: the median (and range) over ``repeats`` fresh
+    processes each (one process's figure varies by about +-5%: the allocator)."""
     torch.set_num_threads(threads)
     workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
-    out = [_header(f"python benchmarks/peers.py memory --steps {steps} --threads {threads}", threads,
+    out = [_header(f"python benchmarks/peers.py memory --workloads {','.join(workloads)} --algorithms "
+                   f"{','.join(algorithms)} --steps {steps} --repeats {repeats} --threads {threads}",
+                   threads,
                    f"Growth of the peak resident set size during {steps} meta-steps over the "
-                   "resident size before them (a fresh process per implementation, model and data "
-                   "already built)."), "",
-           "| workload | algorithm | implementation | peak growth (MB) |", "|---|---|---|---|"]
+                   "resident size before them (model and data already built); median and range over "
+                   f"{repeats} fresh processes per implementation."), "",
+           "| workload | algorithm | implementation | peak growth (MB), median | range |",
+           "|---|---|---|---|---|"]
     for name in workloads:
         for algorithm in algorithms:
             for label in implementations(algorithm, WORKLOADS[name]):
-                result = _child("memory_of", name, algorithm, label, f"--steps={steps}",
-                                f"--threads={threads}")
-                growth = result["peak_growth_mb"]
-                out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} | {growth} |")
+                growths = sorted(_child("memory_of", name, algorithm, label, f"--steps={steps}",
+                                        f"--threads={threads}")["peak_growth_mb"] for _ in range(repeats))
+                out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} | "
+                           f"{statistics.median(growths):.0f} | {growths[0]}-{growths[-1]} |")
                 print(out[-1], flush=True)
     body = "\n".join(out)
     if write:
