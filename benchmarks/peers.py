@@ -5,6 +5,7 @@
     python benchmarks/peers.py memory                     # peak memory, a process per implementation
     python benchmarks/peers.py scaling                    # memory vs inner steps; a long run's memory
     python benchmarks/peers.py all --write BENCHMARKS.md  # the three, written into BENCHMARKS.md
+    python benchmarks/peers.py speed_of W3 maml diffopt   # one implementation alone in a process
 
 Workloads (random data of the real shapes, float32):
 W1 sinusoid 1-40-40-1 ReLU MLP, meta-batch 25, K=10 support + 10 query, 1 inner step (lr 0.01);
@@ -195,6 +196,23 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
     return body
 
 
+def speed_of(workload: str, algorithm: str, implementation: str, rounds: int = 6,
+             threads: int = 2) -> float:
+    """One implementation alone in this process: the median seconds per meta-step over ``rounds``
+    after one warm-up (a cross-check of the interleaved ``speed`` without other implementations'
+    threads in the process)."""
+    torch.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
+    times = []
+    for _ in range(rounds + 1):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step(episode)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def _memory_status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
     return {key: int(kib) // 1024 for key, kib in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", text)}
@@ -310,5 +328,5 @@ def all(write: str | None = None, rounds: int = 5, threads: int = 2) -> None:  #
 
 
 if __name__ == "__main__":
-    fire.Fire({"speed": speed, "memory": memory, "scaling": scaling, "all": all,
+    fire.Fire({"speed": speed, "speed_of": speed_of, "memory": memory, "scaling": scaling, "all": all,
                "memory_of": memory_of, "long_run_of": long_run_of})
