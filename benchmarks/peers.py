@@ -158,6 +158,14 @@ def _time_group(workload: Workload, algorithm: str, rounds: int, warmup: int) ->
     return rows
 
 
+def _finish(lines: list[str], write: str | None, key: str, title: str) -> str:
+    """The section's text; also written into ``write`` (a markdown file) under ``key``."""
+    body = "\n".join(lines)
+    if write:
+        write_section(write, key, title, body)
+    return body
+
+
 def _as_tuple(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
@@ -190,10 +198,7 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
                 out.append(f"| {ALGORITHM_NAMES[algorithm]} | {row['implementation']} | "
                            f"{row['seconds']:.4f} | {ratio} | {row['agreement']:.1e} |")
                 print(out[-1], flush=True)
-    body = "\n".join(out)
-    if write:
-        write_section(write, "peers-speed", "Meta-step speed: diffopt and its peers", body)
-    return body
+    return _finish(out, write, "peers-speed", "Meta-step speed: diffopt and its peers")
 
 
 def speed_of(workload: str, algorithm: str, implementation: str, rounds: int = 6,
@@ -262,10 +267,7 @@ def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), ste
                 out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} | "
                            f"{statistics.median(growths):.0f} | {growths[0]}-{growths[-1]} |")
                 print(out[-1], flush=True)
-    body = "\n".join(out)
-    if write:
-        write_section(write, "peers-memory", "Meta-step memory: diffopt and its peers", body)
-    return body
+    return _finish(out, write, "peers-memory", "Meta-step memory: diffopt and its peers")
 
 
 def long_run_of(workload: str, iterations: int, every: int, threads: int = 2) -> None:
@@ -314,10 +316,7 @@ def scaling(workloads=("W3", "W3-10shot"), max_steps: int = 5, long_workload: st
     out += [f"Resident set size along {iterations} meta-iterations of diffopt MAML on {long_workload}:",
             "", "| meta-iteration | " + " | ".join(str(i) for i, _ in trace) + " |",
             "|---|" + "---|" * len(trace), "| RSS (MB) | " + " | ".join(str(m) for _, m in trace) + " |"]
-    body = "\n".join(out)
-    if write:
-        write_section(write, "peers-scaling", "Meta-step memory: inner steps and long runs", body)
-    return body
+    return _finish(out, write, "peers-scaling", "Meta-step memory: inner steps and long runs")
 
 
 def all(write: str | None = None, rounds: int = 5, threads: int = 2) -> None:  # noqa: A001
