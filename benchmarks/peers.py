@@ -50,6 +50,7 @@ from diffopt.data import Episode  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
 from diffopt.models import MLP, Conv4  # noqa: E402
 from diffopt.report import library_versions, machine_description, write_section  # noqa: E402
+from diffopt.vectorize import vmap_obstacle  # noqa: E402
 
 PEER_LIBRARIES = ("higher", "learn2learn", "torchopt")
 
@@ -113,10 +114,9 @@ def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[n
         return build
 
     result = {DIFFOPT: diffopt(0)}
-    probe = build_algorithm(name, workload.model(), InnerLoop(rule, workload.lr, workload.steps,
-                                                              model=workload.model()),
-                            workload.loss, "auto")
-    if not probe.vectorized and torch.get_num_threads() > 1:
+    model = workload.model()
+    loops = vmap_obstacle(model, InnerLoop(rule, workload.lr, workload.steps, model=model)) is not None
+    if loops and torch.get_num_threads() > 1:  # threads apply to the loop over tasks only
         result[DIFFOPT_SERIAL] = diffopt(1)
     for label, builder in (available(peers) if peers else {}).items():
         result[label] = lambda model, builder=builder: builder(model, workload.lr, workload.steps,
