@@ -5,7 +5,6 @@
     python benchmarks/peers.py memory                     # peak memory, a process per implementation
     python benchmarks/peers.py scaling                    # memory vs inner steps; a long run's memory
     python benchmarks/peers.py all --write BENCHMARKS.md  # the three, written into BENCHMARKS.md
-    python benchmarks/peers.py speed_of W3 maml diffopt   # one implementation alone in a process
 
 Workloads (random data of the real shapes, float32):
 W1 sinusoid 1-40-40-1 ReLU MLP, meta-batch 25, K=10 support + 10 query, 1 inner step (lr 0.01);
@@ -17,8 +16,9 @@ W2 Omniglot conv-4 (64 filters, batch norm), 5-way 1-shot, 15 queries per class,
 Implementations: diffopt (defaults: vmap where proven correct, else the loop over tasks with
 ``task_threads`` = torch's thread count), diffopt one task at a time (``task_threads=1``), and
 the peers of ``references.py`` (hand-written loops, naive higher, learn2learn, torchopt, where
-installed: ``make bench-setup``). Speed: every round times every implementation once, in turn
-(interleaved, so drift hits all alike); the median over rounds after ``warmup``. Before timing,
+installed: ``make bench-setup``). Speed: each implementation runs in its own process; every
+round times every implementation once, in turn (interleaved, so drift hits all alike); the
+median over rounds after ``warmup``. Before timing,
 every implementation's meta-gradient (of the model's weights) is compared with diffopt's.
 Memory: each implementation in a fresh process; the growth of the peak resident set size over
 the resident size before the first meta-step, during ``steps`` meta-steps.
@@ -134,28 +134,66 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _time_group(workload: Workload, algorithm: str, rounds: int, warmup: int) -> list[dict]:
-    impls = implementations(algorithm, workload)
-    built = {label: _setup(workload, build) for label, build in impls.items()}
+def _time_group(workload: str, algorithm: str, rounds: int, warmup: int, threads: int) -> list[dict]:
+    """Check that the implementations' meta-gradients agree (in this process), then time them:
+    each in its own worker process (``timing_worker``), interleaved round by round.
+
+    A process per implementation, because one implementation's threads change another's speed
+    in a shared process: once a thread pool has run OpenMP regions, libgomp counts more threads
+    than cores and stops spin-waiting, which slowed a later single-threaded loop by half (measured).
+    """
+    spec = WORKLOADS[workload]
+    impls = implementations(algorithm, spec)
     reference, rows = None, []
-    for label, (model, step, episode) in built.items():  # the meta-gradients agree before timing
-        model.zero_grad(set_to_none=True)
+    for label, build in impls.items():
+        model, step, episode = _setup(spec, build)
         step(episode)
         grads = _grads(model)
         reference = grads if reference is None else reference
         scale = max(float(g.abs().max()) for g in reference)
         worst = max(float((a - b).abs().max()) for a, b in zip(grads, reference, strict=True)) / scale
         rows.append({"implementation": label, "agreement": worst, "times": []})
-    for round_ in range(warmup + rounds):
-        for row, (model, step, episode) in zip(rows, built.values(), strict=True):
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            step(episode)
-            if round_ >= warmup:
-                row["times"].append(time.perf_counter() - start)
+    workers = [subprocess.Popen([sys.executable, __file__, "timing_worker", workload, algorithm, label,
+                                 f"--threads={threads}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for label in impls]
+    try:
+        for worker in workers:  # built and ready
+            _worker_reply(worker)
+        for round_ in range(warmup + rounds):
+            for row, worker in zip(rows, workers, strict=True):
+                worker.stdin.write("step\n")
+                worker.stdin.flush()
+                seconds = float(_worker_reply(worker))
+                if round_ >= warmup:
+                    row["times"].append(seconds)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
     for row in rows:
         row["seconds"] = statistics.median(row.pop("times"))
     return rows
+
+
+def _worker_reply(worker: subprocess.Popen) -> str:
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"timing worker {worker.args[3:6]} ended (exit {worker.wait()}); see its stderr")
+    return line.strip()
+
+
+def timing_worker(workload: str, algorithm: str, implementation: str, threads: int = 2) -> None:
+    """(A child of ``speed``) build one implementation, print ``ready``, then for every line
+    ``step`` on stdin run one meta-step and print its seconds."""
+    torch.set_num_threads(threads)
+    spec = WORKLOADS[workload]
+    model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step(episode)
+        print(time.perf_counter() - start, flush=True)
 
 
 def _finish(lines: list[str], write: str | None, key: str, title: str) -> str:
@@ -184,14 +222,15 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
     workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
     out = [_header(f"python benchmarks/peers.py speed --rounds {rounds} --threads {threads}", threads,
                    f"Median seconds per meta-step (meta-gradient of one meta-batch, outer step "
-                   f"excluded) over {rounds} interleaved rounds after {warmup} warm-up.")]
+                   f"excluded) over {rounds} rounds after {warmup} warm-up; each implementation in its "
+                   f"own process, the processes taking turns (interleaved) round by round.")]
     for name in workloads:
         workload = WORKLOADS[name]
         out += ["", f"**{name}: {workload.description}**", "",
                 "| algorithm | implementation | s / meta-step | speed-up over the hand-written loop "
                 "| max meta-gradient difference (relative to the largest) |", "|---|---|---|---|---|"]
         for algorithm in algorithms:
-            rows = _time_group(workload, algorithm, rounds, warmup)
+            rows = _time_group(name, algorithm, rounds, warmup, threads)
             hand = next((r["seconds"] for r in rows if r["implementation"] == HAND), None)
             for row in rows:
                 ratio = "" if hand is None else f"{hand / row['seconds']:.2f}x"
@@ -199,23 +238,6 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
                            f"{row['seconds']:.4f} | {ratio} | {row['agreement']:.1e} |")
                 print(out[-1], flush=True)
     return _finish(out, write, "peers-speed", "Meta-step speed: diffopt and its peers")
-
-
-def speed_of(workload: str, algorithm: str, implementation: str, rounds: int = 6,
-             threads: int = 2) -> float:
-    """One implementation alone in this process: the median seconds per meta-step over ``rounds``
-    after one warm-up (a cross-check of the interleaved ``speed`` without other implementations'
-    threads in the process)."""
-    torch.set_num_threads(threads)
-    spec = WORKLOADS[workload]
-    model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
-    times = []
-    for _ in range(rounds + 1):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step(episode)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def _memory_status() -> dict[str, int]:
@@ -327,5 +349,5 @@ def all(write: str | None = None, rounds: int = 5, threads: int = 2) -> None:  #
 
 
 if __name__ == "__main__":
-    fire.Fire({"speed": speed, "speed_of": speed_of, "memory": memory, "scaling": scaling, "all": all,
-               "memory_of": memory_of, "long_run_of": long_run_of})
+    fire.Fire({"speed": speed, "memory": memory, "scaling": scaling, "all": all,
+               "timing_worker": timing_worker, "memory_of": memory_of, "long_run_of": long_run_of})

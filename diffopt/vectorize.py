@@ -11,8 +11,10 @@ LayerNorm and refuses BatchNorm with running statistics, so those models take th
 
 The loop (``map_tasks``) runs ``task_threads`` tasks concurrently, each on its own thread with
 its own functional copy of the model; the per-task results come back in task order, so the
-summed meta-gradient is the same, bit for bit, for any number of threads. On a CPU this fills
-the cores better than one task at a time (small convolutions parallelise poorly inside one op).
+summed meta-gradient is the same, bit for bit, for any number of threads. Whether that beats
+one task at a time with torch's own intra-op threads depends on the CPU (BENCHMARKS.md: up to
+1.2x on conv-4 on an AMD EPYC, no gain on an Intel Xeon); it keeps ``task_threads`` tasks'
+graphs alive at once.
 Models with buffers (running statistics, updated in place) or random layers (dropout) run one
 task at a time, since their results would depend on the threads' interleaving.
 """
@@ -105,9 +107,6 @@ def resolve_task_threads(requested: int, model: nn.Module) -> int:
     return requested
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
 def map_tasks(fn: Callable[[Task], T], episode: Episode, threads: int = 1) -> Iterator[T]:
     """``fn(task)`` for every task of ``episode``, in task order, ``threads`` tasks at a time
     (the next tasks start while the caller consumes a result).
@@ -118,19 +117,20 @@ def map_tasks(fn: Callable[[Task], T], episode: Episode, threads: int = 1) -> It
     if threads <= 1 or len(episode) <= 1:
         yield from map(fn, episode)
         return
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="diffopt-task")
     grad_enabled = torch.is_grad_enabled()
 
     def run(task: Task) -> T:
         with torch.set_grad_enabled(grad_enabled):
             return fn(task)
 
-    pending: deque = deque()  # at most ``threads`` results wait: memory as for ``threads`` tasks
-    for task in episode:
-        pending.append(pool.submit(run, task))
-        if len(pending) == threads:
+    # A pool per call, its threads ending with it: idle threads that have run OpenMP regions
+    # leave libgomp counting more threads than cores, so it stops spin-waiting, which slowed the
+    # caller's later single-threaded work by half (benchmarks: a hand-written loop, 0.76 -> 1.19 s).
+    with ThreadPoolExecutor(threads, thread_name_prefix="diffopt-task") as pool:
+        pending: deque = deque()  # at most ``threads`` results wait: memory as for ``threads`` tasks
+        for task in episode:
+            pending.append(pool.submit(run, task))
+            if len(pending) == threads:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()

@@ -80,6 +80,17 @@ def test_tasks_really_run_concurrently_and_in_order():
     assert list(map_tasks(fn, episode, threads=2)) == [float(t.support_x.sum()) for t in episode]
 
 
+def test_task_threads_end_with_the_call():
+    """Idle pool threads that ran OpenMP regions slow the caller's later work (libgomp stops
+    spin-waiting once it counts more threads than cores), so none may outlive ``map_tasks``."""
+    def task_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("diffopt-task")]
+
+    seen = list(map_tasks(lambda task: len(task_threads()), random_episode(0, tasks=4), threads=2))
+    assert max(seen) >= 1  # the tasks did run on pool threads
+    assert task_threads() == []
+
+
 def test_tasks_run_under_the_callers_grad_mode():
     x = torch.ones(1, requires_grad=True)
     with torch.no_grad():
