@@ -13,8 +13,8 @@ W2 Omniglot conv-4 (64 filters, batch norm), 5-way 1-shot, 15 queries per class,
 (32 filters, max-pooling), 5-way 1-shot on 84x84 RGB images, 15 queries per class, meta-batch 4,
 5 inner steps (lr 0.01).
 
-Implementations: diffopt (defaults: vmap where proven correct, else the loop over tasks with
-``task_threads`` = torch's thread count), diffopt one task at a time (``task_threads=1``), and
+Implementations: diffopt (defaults: vmap where proven correct, else the loop over tasks, one
+task at a time), diffopt with tasks on threads (``task_threads=0``: torch's thread count), and
 the peers of ``references.py`` (hand-written loops, naive higher, learn2learn, torchopt, where
 installed: ``make bench-setup``). Speed: each implementation runs in its own process; every
 round times every implementation once, in turn (interleaved, so drift hits all alike); the
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from references import MISSING, available  # noqa: E402
 
 from diffopt.algorithms import build_algorithm  # noqa: E402
+from diffopt.allocator import keep_freed_memory  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
 from diffopt.models import MLP, Conv4  # noqa: E402
@@ -100,7 +101,9 @@ ALGORITHMS = {  # label -> (diffopt algorithm, inner rule, references.py key)
 }
 ALGORITHM_NAMES = {"maml": "MAML (sgd)", "lslr": "MAML + LSLR", "meta_curvature": "MAML + Meta-Curvature",
                    "fomaml": "first-order MAML", "reptile": "Reptile"}
-DIFFOPT, DIFFOPT_SERIAL, HAND = "diffopt", "diffopt, one task at a time", "hand-written loop"
+DIFFOPT, DIFFOPT_THREADS, HAND = "diffopt", "diffopt, tasks on torch's threads", "hand-written loop"
+MALLOC_SETTINGS = ("default", "kept")
+"""glibc malloc as it comes, or told to keep freed memory (``diffopt.allocator``)."""
 
 
 def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[nn.Module], Callable]]:
@@ -113,11 +116,11 @@ def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[n
             return build_algorithm(name, model, inner, workload.loss, "auto", task_threads).meta_gradient
         return build
 
-    result = {DIFFOPT: diffopt(0)}
+    result = {DIFFOPT: diffopt(1)}
     model = workload.model()
     loops = vmap_obstacle(model, InnerLoop(rule, workload.lr, workload.steps, model=model)) is not None
     if loops and torch.get_num_threads() > 1:  # threads apply to the loop over tasks only
-        result[DIFFOPT_SERIAL] = diffopt(1)
+        result[DIFFOPT_THREADS] = diffopt(0)
     for label, builder in (available(peers) if peers else {}).items():
         result[label] = lambda model, builder=builder: builder(model, workload.lr, workload.steps,
                                                                workload.loss)
@@ -134,7 +137,8 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-def _time_group(workload: str, algorithm: str, rounds: int, warmup: int, threads: int) -> list[dict]:
+def _time_group(workload: str, algorithm: str, rounds: int, warmup: int, threads: int,
+                mallocs: tuple[str, ...]) -> list[dict]:
     """Check that the implementations' meta-gradients agree (in this process), then time them:
     each in its own worker process (``timing_worker``), interleaved round by round.
 
@@ -152,26 +156,27 @@ def _time_group(workload: str, algorithm: str, rounds: int, warmup: int, threads
         reference = grads if reference is None else reference
         scale = max(float(g.abs().max()) for g in reference)
         worst = max(float((a - b).abs().max()) for a, b in zip(grads, reference, strict=True)) / scale
-        rows.append({"implementation": label, "agreement": worst, "times": []})
-    workers = [subprocess.Popen([sys.executable, __file__, "timing_worker", workload, algorithm, label,
-                                 f"--threads={threads}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True) for label in impls]
+        rows.append({"implementation": label, "agreement": worst, "times": {m: [] for m in mallocs}})
+    workers = {(row["implementation"], malloc): subprocess.Popen(
+        [sys.executable, __file__, "timing_worker", workload, algorithm, row["implementation"],
+         f"--threads={threads}", f"--malloc={malloc}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True) for row in rows for malloc in mallocs}
     try:
-        for worker in workers:  # built and ready
+        for worker in workers.values():  # built and ready
             _worker_reply(worker)
         for round_ in range(warmup + rounds):
-            for row, worker in zip(rows, workers, strict=True):
+            for (label, malloc), worker in workers.items():
                 worker.stdin.write("step\n")
                 worker.stdin.flush()
                 seconds = float(_worker_reply(worker))
                 if round_ >= warmup:
-                    row["times"].append(seconds)
+                    next(r for r in rows if r["implementation"] == label)["times"][malloc].append(seconds)
     finally:
-        for worker in workers:
+        for worker in workers.values():
             worker.kill()
             worker.wait()
     for row in rows:
-        row["seconds"] = statistics.median(row.pop("times"))
+        row["seconds"] = {m: statistics.median(times) for m, times in row.pop("times").items()}
     return rows
 
 
@@ -182,10 +187,19 @@ def _worker_reply(worker: subprocess.Popen) -> str:
     return line.strip()
 
 
-def timing_worker(workload: str, algorithm: str, implementation: str, threads: int = 2) -> None:
+def _use_malloc(setting: str) -> None:
+    if setting not in MALLOC_SETTINGS:
+        raise ValueError(f"malloc setting must be one of {', '.join(MALLOC_SETTINGS)}; got {setting!r}")
+    if setting == "kept" and not keep_freed_memory():
+        raise RuntimeError("this C library has no mallopt (not glibc): use --mallocs default")
+
+
+def timing_worker(workload: str, algorithm: str, implementation: str, threads: int = 2,
+                  malloc: str = "default") -> None:
     """(A child of ``speed``) build one implementation, print ``ready``, then for every line
     ``step`` on stdin run one meta-step and print its seconds."""
     torch.set_num_threads(threads)
+    _use_malloc(malloc)
     spec = WORKLOADS[workload]
     model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
     print("ready", flush=True)
@@ -215,27 +229,37 @@ def _header(command: str, threads: int, what: str) -> str:
             + (f" Not installed: {', '.join(MISSING)}." if MISSING else ""))
 
 
+MALLOC_LABELS = {"default": "glibc malloc as it comes", "kept": "freed memory kept"}
+
+
 def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), rounds: int = 5,
-          warmup: int = 1, threads: int = 2, write: str | None = None) -> str:
-    """Median seconds per meta-step of every implementation; a table per workload."""
+          warmup: int = 1, threads: int = 2, mallocs=MALLOC_SETTINGS, write: str | None = None) -> str:
+    """Median seconds per meta-step of every implementation under every malloc setting
+    (``MALLOC_SETTINGS``); a table per workload."""
     torch.set_num_threads(threads)
-    workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
-    out = [_header(f"python benchmarks/peers.py speed --rounds {rounds} --threads {threads}", threads,
+    workloads, algorithms, mallocs = _as_tuple(workloads), _as_tuple(algorithms), _as_tuple(mallocs)
+    out = [_header(f"python benchmarks/peers.py speed --rounds {rounds} --threads {threads} --mallocs "
+                   f"{','.join(mallocs)}", threads,
                    f"Median seconds per meta-step (meta-gradient of one meta-batch, outer step "
-                   f"excluded) over {rounds} rounds after {warmup} warm-up; each implementation in its "
-                   f"own process, the processes taking turns (interleaved) round by round.")]
+                   f"excluded) over {rounds} rounds after {warmup} warm-up; each implementation and "
+                   f"malloc setting in its own process, the processes taking turns (interleaved) "
+                   f"round by round. Malloc settings: "
+                   + "; ".join(f"{m}: {MALLOC_LABELS[m]}" for m in mallocs) + " (diffopt.allocator).")]
+    columns = "".join(f" s / meta-step ({m}) | speed-up over the hand-written loop ({m}) |" for m in mallocs)
     for name in workloads:
         workload = WORKLOADS[name]
         out += ["", f"**{name}: {workload.description}**", "",
-                "| algorithm | implementation | s / meta-step | speed-up over the hand-written loop "
-                "| max meta-gradient difference (relative to the largest) |", "|---|---|---|---|---|"]
+                f"| algorithm | implementation |{columns} max meta-gradient difference (relative to the "
+                "largest) |", "|---|---|" + "---|---|" * len(mallocs) + "---|"]
         for algorithm in algorithms:
-            rows = _time_group(name, algorithm, rounds, warmup, threads)
+            rows = _time_group(name, algorithm, rounds, warmup, threads, mallocs)
             hand = next((r["seconds"] for r in rows if r["implementation"] == HAND), None)
             for row in rows:
-                ratio = "" if hand is None else f"{hand / row['seconds']:.2f}x"
-                out.append(f"| {ALGORITHM_NAMES[algorithm]} | {row['implementation']} | "
-                           f"{row['seconds']:.4f} | {ratio} | {row['agreement']:.1e} |")
+                cells = "".join(f" {row['seconds'][m]:.4f} | "
+                                + ("" if hand is None else f"{hand[m] / row['seconds'][m]:.2f}x") + " |"
+                                for m in mallocs)
+                out.append(f"| {ALGORITHM_NAMES[algorithm]} | {row['implementation']} |{cells} "
+                           f"{row['agreement']:.1e} |")
                 print(out[-1], flush=True)
     return _finish(out, write, "peers-speed", "Meta-step speed: diffopt and its peers")
 
@@ -246,10 +270,11 @@ def _memory_status() -> dict[str, int]:
 
 
 def memory_of(workload: str, algorithm: str, implementation: str, steps: int = 3,
-              threads: int = 2, inner_steps: int | None = None) -> None:
+              threads: int = 2, inner_steps: int | None = None, malloc: str = "default") -> None:
     """(In a fresh process) print the JSON {peak_growth_mb, ...} of ``steps`` meta-steps
     (``inner_steps``: instead of the workload's)."""
     torch.set_num_threads(threads)
+    _use_malloc(malloc)
     spec = WORKLOADS[workload]
     spec = spec if inner_steps is None else replace(spec, steps=inner_steps)
     model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])

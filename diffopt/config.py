@@ -79,8 +79,12 @@ class TrainConfig:
         "auto", "run the meta-batch as one torch.func.vmap over tasks: auto (where proven "
         "correct, else loop with a notice), always (error if not possible), never")
     task_threads: int = option(
-        0, "looping over tasks, run this many tasks at once on threads (0: auto, torch's thread "
-        "count where the model allows: no buffers, no dropout, on the CPU); same result for any value")
+        1, "looping over tasks, run this many tasks at once on threads (0: torch's thread count "
+        "where the model allows: no buffers, no dropout, on the CPU); same result for any value; "
+        "each thread keeps a task's graph alive, and the gain depends on the CPU (BENCHMARKS.md)")
+    keep_freed_memory: bool = option(
+        True, "tell glibc malloc to keep freed memory for reuse (diffopt.allocator): a faster loop "
+        "over tasks on the CPU, the resident size staying near its peak")
     seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
     num_workers: int = option(0, "data-loader worker processes")
@@ -212,5 +216,6 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
-    if not isinstance(config.progress, bool):
-        raise DiffoptError(f"--progress must be True or False; got {config.progress!r}")
+    for name in ("progress", "keep_freed_memory"):
+        if not isinstance(getattr(config, name), bool):
+            raise DiffoptError(f"--{name} must be True or False; got {getattr(config, name)!r}")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from diffopt import distributed
 from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
 from diffopt.algorithms.mamlpp import apply_recipe
+from diffopt.allocator import keep_freed_memory
 from diffopt.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -178,6 +179,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     """
     spec = get_dataset(config.dataset)
     distributed.check_meta_batch(config.meta_batch_size)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     done = 0 if resume_from is None else int(resume_from["iteration"])
     loader = spec.loader(  # first: a missing dataset is reported before anything else happens
         "train", seed=config.seed, shots=config.train_shots or config.shots,

@@ -126,6 +126,7 @@ def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
     (["--meta_lr", "nan"], ["--meta_lr must be a finite number > 0"]),
     (["--hidden", "0,4"], ["--hidden must be a whole number >= 1"]),
     (["--num_workers", "2"], ["use --num_workers 0"]),
+    (["--keep_freed_memory", "sometimes"], ["--keep_freed_memory must be True or False", "'sometimes'"]),
     (["--model", "conv4", "--hidden", "40,40"], ["--hidden for conv4 is one filter count or four"]),
     (["--dataset", "omniglot", "--shots", "10", "--test_shots", "15", "--hidden", "64"],
      ["omniglot has 20 examples per class", "(10 + 15)"]),

@@ -19,7 +19,7 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FO
 
 
 def build_algorithm(name: str, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
-                    vectorize: str = "auto", task_threads: int = 0) -> MetaAlgorithm:
+                    vectorize: str = "auto", task_threads: int = 1) -> MetaAlgorithm:
     """The registered algorithm ``name`` around ``model`` (``vectorize``, ``task_threads``: see
     MetaAlgorithm)."""
     if name not in ALGORITHMS:

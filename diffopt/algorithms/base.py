@@ -28,7 +28,7 @@ class MetaAlgorithm(nn.Module):
 
     ``vectorize`` (auto, always, never): whether the meta-batch runs as one ``torch.func.vmap``
     over tasks (``self.vectorized``; see ``diffopt.vectorize``) or as a loop over tasks.
-    ``task_threads``: tasks the loop runs at once, on threads (0: auto, see
+    ``task_threads``: tasks the loop runs at once, on threads (0: as many as torch's threads, see
     ``diffopt.vectorize.resolve_task_threads``); the result does not depend on it.
     """
 
@@ -38,7 +38,7 @@ class MetaAlgorithm(nn.Module):
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
-                 vectorize: str = "auto", task_threads: int = 0) -> None:
+                 vectorize: str = "auto", task_threads: int = 1) -> None:
         super().__init__()
         if inner.learned and not self.learns_update_rule:
             raise DiffoptError(
