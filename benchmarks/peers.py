@@ -64,6 +64,9 @@ class Workload:
     lr: float
     steps: int
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    steps_per_turn: int = 1
+    """Meta-steps a timing worker runs back to back per turn; with more than one, the first (cold:
+    the worker has idled while the others ran) is dropped and the median of the rest reported."""
 
 
 def _images(g: torch.Generator, tasks: int, ways: int, shots: int, queries: int, shape) -> Episode:
@@ -83,7 +86,7 @@ WORKLOADS = {
     "W1": Workload("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, 1 step",
                    lambda: MLP(1, 1, (40, 40), "relu"),
                    lambda g: Episode(*(torch.rand(25, 10, 1, generator=g) * 10 - 5 for _ in range(4))),
-                   0.01, 1, F.mse_loss),
+                   0.01, 1, F.mse_loss, steps_per_turn=20),
     "W2": _omniglot("Omniglot conv-4 5-way 1-shot, 15 query, meta-batch 32, 1 step", 32, 1, 1),
     "W3": _omniglot("same conv-4, meta-batch 8, 5 steps", 8, 1, 5),
     "W3-10shot": _omniglot("same conv-4, meta-batch 8, 5-way 10-shot (50 support images), 5 steps", 8, 10, 5),
@@ -197,17 +200,20 @@ def _use_malloc(setting: str) -> None:
 def timing_worker(workload: str, algorithm: str, implementation: str, threads: int = 2,
                   malloc: str = "default") -> None:
     """(A child of ``speed``) build one implementation, print ``ready``, then for every line
-    ``step`` on stdin run one meta-step and print its seconds."""
+    ``step`` on stdin run the workload's ``steps_per_turn`` meta-steps and print the seconds of one."""
     torch.set_num_threads(threads)
     _use_malloc(malloc)
     spec = WORKLOADS[workload]
     model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
     print("ready", flush=True)
     for _ in sys.stdin:
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step(episode)
-        print(time.perf_counter() - start, flush=True)
+        times = []
+        for _ in range(spec.steps_per_turn):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step(episode)
+            times.append(time.perf_counter() - start)
+        print(statistics.median(times[1:] or times), flush=True)
 
 
 def _finish(lines: list[str], write: str | None, key: str, title: str) -> str:
@@ -293,34 +299,39 @@ def _child(*args: str) -> dict:
 
 
 def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), steps: int = 3,
-           repeats: int = 3, threads: int = 2, write: str | None = None) -> str:
-    """Peak memory growth of every implementation: the median (and range) over ``repeats`` fresh
-    processes each (one process's figure varies by about +-5%: the allocator)."""
+           repeats: int = 3, threads: int = 2, mallocs=MALLOC_SETTINGS, write: str | None = None) -> str:
+    """Peak memory growth of every implementation under every malloc setting: the median (and
+    range) over ``repeats`` fresh processes each (one process's figure varies by about +-5%)."""
     torch.set_num_threads(threads)
-    workloads, algorithms = _as_tuple(workloads), _as_tuple(algorithms)
+    workloads, algorithms, mallocs = _as_tuple(workloads), _as_tuple(algorithms), _as_tuple(mallocs)
+    columns = "".join(f" peak growth (MB, {m}), median | range |" for m in mallocs)
     out = [_header(f"python benchmarks/peers.py memory --workloads {','.join(workloads)} --algorithms "
-                   f"{','.join(algorithms)} --steps {steps} --repeats {repeats} --threads {threads}",
-                   threads,
+                   f"{','.join(algorithms)} --steps {steps} --repeats {repeats} --threads {threads} "
+                   f"--mallocs {','.join(mallocs)}", threads,
                    f"Growth of the peak resident set size during {steps} meta-steps over the "
                    "resident size before them (model and data already built); median and range over "
-                   f"{repeats} fresh processes per implementation."), "",
-           "| workload | algorithm | implementation | peak growth (MB), median | range |",
-           "|---|---|---|---|---|"]
+                   f"{repeats} fresh processes per implementation and malloc setting ("
+                   + "; ".join(f"{m}: {MALLOC_LABELS[m]}" for m in mallocs) + ")."), "",
+           f"| workload | algorithm | implementation |{columns}", "|---|---|---|" + "---|---|" * len(mallocs)]
     for name in workloads:
         for algorithm in algorithms:
             for label in implementations(algorithm, WORKLOADS[name]):
-                growths = sorted(_child("memory_of", name, algorithm, label, f"--steps={steps}",
-                                        f"--threads={threads}")["peak_growth_mb"] for _ in range(repeats))
-                out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} | "
-                           f"{statistics.median(growths):.0f} | {growths[0]}-{growths[-1]} |")
+                cells = ""
+                for malloc in mallocs:
+                    growths = sorted(_child("memory_of", name, algorithm, label, f"--steps={steps}",
+                                            f"--threads={threads}", f"--malloc={malloc}")["peak_growth_mb"]
+                                     for _ in range(repeats))
+                    cells += f" {statistics.median(growths):.0f} | {growths[0]}-{growths[-1]} |"
+                out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} |{cells}")
                 print(out[-1], flush=True)
     return _finish(out, write, "peers-memory", "Meta-step memory: diffopt and its peers")
 
 
-def long_run_of(workload: str, iterations: int, every: int, threads: int = 2) -> None:
+def long_run_of(workload: str, iterations: int, every: int, threads: int = 2, malloc: str = "kept") -> None:
     """(In a fresh process) diffopt MAML training with an outer Adam step; print the JSON list of
     the resident set size (MB) every ``every`` meta-iterations."""
     torch.set_num_threads(threads)
+    _use_malloc(malloc)
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     model = spec.model()
@@ -346,14 +357,15 @@ def scaling(workloads=("W3", "W3-10shot"), max_steps: int = 5, long_workload: st
                    f"{max_steps} --long_workload {long_workload} --iterations {iterations}", threads,
                    "Peak growth over 2 meta-steps, diffopt MAML (sgd), a fresh process per count of "
                    "inner steps; then the resident set size along one training run (a new meta-batch "
-                   "and an Adam outer step every iteration)."), ""]
+                   "and an Adam outer step every iteration); freed memory kept, as the trainer "
+                   "does."), ""]
     for workload in workloads:
         out += [f"{workload}: {WORKLOADS[workload].description} (inner steps varied)", "",
                 "| inner steps | diffopt peak growth (MB) | added by the step (MB) |", "|---|---|---|"]
         previous = None
         for steps in range(1, max_steps + 1):
             growth = _child("memory_of", workload, "maml", DIFFOPT, "--steps=2", f"--threads={threads}",
-                            f"--inner_steps={steps}")["peak_growth_mb"]
+                            f"--inner_steps={steps}", "--malloc=kept")["peak_growth_mb"]
             added = "" if previous is None else str(growth - previous)
             out.append(f"| {steps} | {growth} | {added} |")
             print(out[-1], flush=True)
