@@ -39,6 +39,18 @@ def test_conv4_meta_iteration_with_every_algorithm_and_rule(variant, algorithm, 
     meta = build_algorithm(algorithm, model, inner, F.cross_entropy)
     metrics = meta.meta_gradient(image_episode(shape))
     assert torch.isfinite(torch.tensor(metrics["loss"]))
+    shift_free = biases_before_batch_norm(model)
     for name, parameter in meta.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-        assert parameter.grad.abs().sum() > 0, name
+        if name not in shift_free:
+            assert parameter.grad.abs().sum() > 0, name
+
+
+def biases_before_batch_norm(model: torch.nn.Sequential) -> set[str]:
+    """Names (as meta-parameters) of the conv biases that batch norm directly follows: batch norm
+    removes a constant shift, so their true gradient is zero and a float32 one is 0 or rounding
+    noise (which an inner Adam scales up to full steps): not a sign of a broken graph."""
+    children = list(model.named_children())
+    pairs = zip(children, children[1:], strict=False)
+    return {f"model.{name}.bias" for (name, module), (_, following) in pairs
+            if isinstance(module, torch.nn.Conv2d) and isinstance(following, torch.nn.BatchNorm2d)}
