@@ -105,8 +105,8 @@ ALGORITHMS = {  # label -> (diffopt algorithm, inner rule, references.py key)
 ALGORITHM_NAMES = {"maml": "MAML (sgd)", "lslr": "MAML + LSLR", "meta_curvature": "MAML + Meta-Curvature",
                    "fomaml": "first-order MAML", "reptile": "Reptile"}
 DIFFOPT, DIFFOPT_THREADS, HAND = "diffopt", "diffopt, tasks on torch's threads", "hand-written loop"
-MALLOC_SETTINGS = ("default", "kept")
-"""glibc malloc as it comes, or told to keep freed memory (``diffopt.allocator``)."""
+MALLOC_SETTINGS = {"default": "glibc malloc as it comes", "kept": "freed memory kept"}
+"""setting -> what it means (``kept``: ``diffopt.allocator.keep_freed_memory``)."""
 
 
 def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[nn.Module], Callable]]:
@@ -159,27 +159,28 @@ def _time_group(workload: str, algorithm: str, rounds: int, warmup: int, threads
         reference = grads if reference is None else reference
         scale = max(float(g.abs().max()) for g in reference)
         worst = max(float((a - b).abs().max()) for a, b in zip(grads, reference, strict=True)) / scale
-        rows.append({"implementation": label, "agreement": worst, "times": {m: [] for m in mallocs}})
-    workers = {(row["implementation"], malloc): subprocess.Popen(
-        [sys.executable, __file__, "timing_worker", workload, algorithm, row["implementation"],
-         f"--threads={threads}", f"--malloc={malloc}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True) for row in rows for malloc in mallocs}
+        rows.append({"implementation": label, "agreement": worst})
+    workers = {(label, malloc): subprocess.Popen(
+        [sys.executable, __file__, "timing_worker", workload, algorithm, label, f"--threads={threads}",
+         f"--malloc={malloc}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for label in impls for malloc in mallocs}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in workers}
     try:
         for worker in workers.values():  # built and ready
             _worker_reply(worker)
         for round_ in range(warmup + rounds):
-            for (label, malloc), worker in workers.items():
+            for key, worker in workers.items():
                 worker.stdin.write("step\n")
                 worker.stdin.flush()
                 seconds = float(_worker_reply(worker))
                 if round_ >= warmup:
-                    next(r for r in rows if r["implementation"] == label)["times"][malloc].append(seconds)
+                    times[key].append(seconds)
     finally:
         for worker in workers.values():
             worker.kill()
             worker.wait()
     for row in rows:
-        row["seconds"] = {m: statistics.median(times) for m, times in row.pop("times").items()}
+        row["seconds"] = {m: statistics.median(times[row["implementation"], m]) for m in mallocs}
     return rows
 
 
@@ -190,10 +191,19 @@ def _worker_reply(worker: subprocess.Popen) -> str:
     return line.strip()
 
 
-def _use_malloc(setting: str) -> None:
+def _check_malloc(setting: str) -> str:
     if setting not in MALLOC_SETTINGS:
         raise ValueError(f"malloc setting must be one of {', '.join(MALLOC_SETTINGS)}; got {setting!r}")
-    if setting == "kept" and not keep_freed_memory():
+    return setting
+
+
+def _malloc_legend(mallocs: tuple[str, ...]) -> str:
+    """``setting: meaning; ...``, checking each setting (in the parent, before any worker starts)."""
+    return "; ".join(f"{m}: {MALLOC_SETTINGS[_check_malloc(m)]}" for m in mallocs)
+
+
+def _use_malloc(setting: str) -> None:
+    if _check_malloc(setting) == "kept" and not keep_freed_memory():
         raise RuntimeError("this C library has no mallopt (not glibc): use --mallocs default")
 
 
@@ -235,11 +245,8 @@ def _header(command: str, threads: int, what: str) -> str:
             + (f" Not installed: {', '.join(MISSING)}." if MISSING else ""))
 
 
-MALLOC_LABELS = {"default": "glibc malloc as it comes", "kept": "freed memory kept"}
-
-
 def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), rounds: int = 5,
-          warmup: int = 1, threads: int = 2, mallocs=MALLOC_SETTINGS, write: str | None = None) -> str:
+          warmup: int = 1, threads: int = 2, mallocs=tuple(MALLOC_SETTINGS), write: str | None = None) -> str:
     """Median seconds per meta-step of every implementation under every malloc setting
     (``MALLOC_SETTINGS``); a table per workload."""
     torch.set_num_threads(threads)
@@ -249,8 +256,7 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
                    f"Median seconds per meta-step (meta-gradient of one meta-batch, outer step "
                    f"excluded) over {rounds} rounds after {warmup} warm-up; each implementation and "
                    f"malloc setting in its own process, the processes taking turns (interleaved) "
-                   f"round by round. Malloc settings: "
-                   + "; ".join(f"{m}: {MALLOC_LABELS[m]}" for m in mallocs) + " (diffopt.allocator).")]
+                   f"round by round. Malloc settings: {_malloc_legend(mallocs)} (diffopt.allocator).")]
     columns = "".join(f" s / meta-step ({m}) | speed-up over the hand-written loop ({m}) |" for m in mallocs)
     for name in workloads:
         workload = WORKLOADS[name]
@@ -299,7 +305,8 @@ def _child(*args: str) -> dict:
 
 
 def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), steps: int = 3,
-           repeats: int = 3, threads: int = 2, mallocs=MALLOC_SETTINGS, write: str | None = None) -> str:
+           repeats: int = 3, threads: int = 2, mallocs=tuple(MALLOC_SETTINGS),
+           write: str | None = None) -> str:
     """Peak memory growth of every implementation under every malloc setting: the median (and
     range) over ``repeats`` fresh processes each (one process's figure varies by about +-5%)."""
     torch.set_num_threads(threads)
@@ -310,8 +317,8 @@ def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), ste
                    f"--mallocs {','.join(mallocs)}", threads,
                    f"Growth of the peak resident set size during {steps} meta-steps over the "
                    "resident size before them (model and data already built); median and range over "
-                   f"{repeats} fresh processes per implementation and malloc setting ("
-                   + "; ".join(f"{m}: {MALLOC_LABELS[m]}" for m in mallocs) + ")."), "",
+                   f"{repeats} fresh processes per implementation and malloc setting "
+                   f"({_malloc_legend(mallocs)})."), "",
            f"| workload | algorithm | implementation |{columns}", "|---|---|---|" + "---|---|" * len(mallocs)]
     for name in workloads:
         for algorithm in algorithms:

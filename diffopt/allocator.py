@@ -4,7 +4,7 @@ A loop over tasks frees every task's activations (megabytes each) and allocates 
 the next task. glibc's malloc serves such blocks with fresh ``mmap`` pages above its mmap
 threshold and hands a freed heap top back to the system beyond its trim threshold, so each task
 pays the page faults again (costly in virtual machines). Raising both thresholds keeps that
-memory in the heap, ready for the next task: on the benchmark machine a Omniglot conv-4 MAML
+memory in the heap, ready for the next task: on the benchmark machine an Omniglot conv-4 MAML
 meta-step ran about 20% faster, for diffopt and for the hand-written per-task loop alike
 (BENCHMARKS.md). The peak resident size does not grow; the resident size stays near its peak
 between tasks instead of shrinking. PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
