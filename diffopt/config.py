@@ -14,6 +14,7 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
+from diffopt.inner import INNER_STATES
 from diffopt.models import ACTIVATIONS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
@@ -56,6 +57,11 @@ class TrainConfig:
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
     inner_batch_size: int | None = option(
         None, "examples per inner step, cycling through the task's data (Reptile); default: all")
+    inner_state: str | None = option(
+        None, "what a stateful inner optimizer (adam's moments, momentum) starts each meta-training "
+        "task from: reset (a fresh state) or persist (the previous task's final state, as "
+        "supervised-reptile; evaluation tasks start from it and leave it unchanged); default: "
+        "persist for Reptile on images, else reset")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
@@ -96,6 +102,10 @@ class TrainConfig:
     validate_every_seconds: float | None = option(
         None, "score the validation split every N seconds of training time (the --max_seconds "
         "clock, which excludes validation) into validation.jsonl; also before and after training")
+    snapshot_every_seconds: float | None = option(
+        None, "keep a copy of the checkpoint every N seconds of training time (the --max_seconds "
+        "clock; writing it is not counted) in snapshots/<iteration>.pt: accuracy against "
+        "wall-clock afterwards (benchmarks/time_to_accuracy.py)")
     validation_tasks: int = option(100, "validation tasks per validation (the same tasks each time)")
     validation_steps: int | None = option(
         None, "inner steps before scoring a validation task (default: the training inner steps, "
@@ -109,7 +119,7 @@ class TrainConfig:
 
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
-    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1,
+    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
@@ -171,6 +181,7 @@ def validate(config: TrainConfig) -> None:
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
     _check_name("norm", "norm", config.norm, NORMS)
     _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
+    _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
@@ -206,12 +217,18 @@ def validate(config: TrainConfig) -> None:
             f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
             f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
             "must not exceed it: lower --shots, --train_shots or --test_shots")
-    for name in ("max_seconds", "validate_every_seconds", "max_grad_norm"):
+    for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds", "max_grad_norm"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):
         if getattr(config, name) and config.algorithm != "maml":
             raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")
+    if config.inner_state == "persist" and not ALGORITHMS[config.algorithm].carries_inner_state:
+        carriers = ", ".join(name for name, cls in ALGORITHMS.items() if cls.carries_inner_state)
+        raise DiffoptError(f"--inner_state persist is for algorithms that carry the inner state from "
+                           f"task to task ({carriers}); use --inner_state reset with {config.algorithm}")
+    if config.inner_state == "persist" and config.task_threads != 1:
+        raise DiffoptError("--inner_state persist runs tasks in order, one at a time: use --task_threads 1")
     if config.meta_lr_schedule != "constant" and config.meta_lr_final is None:
         raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models.norm import set_inner_step
 from diffopt.optim import (
     LEARNED_RULES,
@@ -23,6 +24,11 @@ from diffopt.optim import (
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+INNER_STATES = ("reset", "persist")
+"""What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
+``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
+(supervised-reptile: its Adam state is not among the variables reset after a task)."""
 
 
 def _detach_all(grads):
@@ -54,32 +60,65 @@ class FunctionalModel:
         return self.params
 
 
-def minibatch(x: torch.Tensor, y: torch.Tensor, step: int, size: int | None):
-    """The examples inner step ``step`` trains on: all of them, or the ``step``-th run of ``size``
-    consecutive examples, cycling through (x, y) (whose order the loader already randomised)."""
+def batch_order(x: torch.Tensor, y: torch.Tensor, steps: int, size: int | None) -> torch.Tensor | None:
+    """[steps, size] indices of the examples each inner step trains on, or None (all of them).
+
+    As supervised-reptile's ``_mini_batches`` (reptile.py): the examples are shuffled, taken
+    ``size`` at a time, and reshuffled whenever they run out (a batch may span two shuffles).
+    The shuffles are seeded by a fingerprint of (x, y), so a task's batches are a function of
+    its data alone: of (seed, i) for task i of a loader, whatever process or worker built it,
+    and the same at every evaluation. Loaders return a task's examples grouped by class
+    (torchmeta's ``ClassSplitter``), so consecutive runs would each see one or two classes.
+    """
     count = x.shape[0]
-    if size is None or size >= count:
+    if size is None or size >= count or steps == 0:
+        return None
+    if torch._C._functorch.is_batchedtensor(x):
+        raise DiffoptError("inner mini-batches are shuffled per task, which torch.func.vmap cannot "
+                           "do: loop over tasks (vectorize='never')")
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in (x, y):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    passes = -(-steps * size // count)  # ceil
+    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(passes)])
+    return order[: steps * size].view(steps, size).to(x.device)
+
+
+def minibatch(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, step: int):
+    """The examples of inner step ``step`` under ``order`` (``batch_order``): all of them if None."""
+    if order is None:
         return x, y
-    index = (torch.arange(size, device=x.device) + step * size) % count
-    return x[index], y[index]
+    return x[order[step]], y[order[step]]
 
 
 class InnerLoop(nn.Module):
     """``steps`` steps of an inner update rule with (initial) step size ``lr``.
 
-    Each step uses all the adaptation data, or with ``batch_size`` a mini-batch of it
-    (``minibatch``: Reptile's inner mini-batches).
+    Each step uses all the adaptation data, or with ``batch_size`` a mini-batch of it, drawn
+    without replacement from a shuffle of the task's examples (``batch_order``: Reptile's
+    inner mini-batches).
 
     ``optimizer``: a torch optimizer name (sgd, momentum, adam), a learned rule's name
     (``diffopt.optim.LEARNED_RULES``; ``model`` is then needed to size it), or an
     ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
     are meta-parameters: the outer optimizer updates them and the checkpoint saves them.
+
+    ``state`` (``INNER_STATES``): with ``persist``, an unroll called with ``carry_state`` (a
+    meta-training task) leaves its torch optimizer's final state in ``carried_state``, which
+    every later unroll starts from; other unrolls (evaluation tasks) start from it and leave it
+    as it was, as supervised-reptile saves and restores its full state around an evaluation task.
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
-                 model: nn.Module | None = None, batch_size: int | None = None) -> None:
+                 model: nn.Module | None = None, batch_size: int | None = None,
+                 state: str = "reset") -> None:
         super().__init__()
-        self.lr, self.steps, self.batch_size = lr, steps, batch_size
+        if state not in INNER_STATES:
+            raise unknown_name("inner optimizer state", state, INNER_STATES)
+        self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
+        self.carried_state: list[dict] | None = None
+        """Per model parameter, the persisting torch optimizer's state (detached), or None."""
         if isinstance(optimizer, UpdateRule):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
@@ -107,6 +146,7 @@ class InnerLoop(nn.Module):
         detach_inner_grads: bool = False,
         functional: bool = False,
         losses: list[torch.Tensor] | None = None,
+        carry_state: bool = False,
     ) -> Iterator[higher.patch._MonkeyPatchBase | FunctionalModel]:
         """Yield the functional model before adaptation and after each of ``steps`` steps.
 
@@ -121,6 +161,8 @@ class InnerLoop(nn.Module):
         are shared with ``model``: running statistics accumulate there.
 
         ``losses``: each step's inner loss (detached, before the step's update) is appended to it.
+        ``carry_state``: under ``state='persist'``, keep the optimizer's final state for the next
+        unroll (once the last step has been taken).
 
         ``functional``: run the same steps with ``torch.func`` instead of higher (for
         ``torch.func.vmap``; update rules only, see ``functional_rule``). Without
@@ -136,6 +178,9 @@ class InnerLoop(nn.Module):
             template = RuleOptimizer(model.parameters(), self.rule)
         else:
             template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
+            if self.state == "persist" and self.carried_state is not None:
+                for param, saved in zip(model.parameters(), self.carried_state, strict=True):
+                    template.state[param] = saved  # higher copies it
         fmodel, per_step = self._functional(model, track_higher_grads)
         diffopt = higher.optim.get_diff_optim(
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
@@ -144,8 +189,9 @@ class InnerLoop(nn.Module):
         if per_step:
             set_inner_step(fmodel, 0)
         yield fmodel
+        order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
-            xb, yb = minibatch(x, y, step, self.batch_size)
+            xb, yb = minibatch(x, y, order, step)
             loss = loss_fn(fmodel(xb), yb)
             if losses is not None:
                 losses.append(loss.detach())
@@ -153,6 +199,11 @@ class InnerLoop(nn.Module):
             if per_step:
                 set_inner_step(fmodel, step + 1)
             yield fmodel
+        if carry_state and self.state == "persist" and self.rule is None:
+            (group,) = diffopt.state  # one parameter group, in model.parameters() order
+            self.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
+                                   for key, value in group[index].items()}
+                                  for index in range(len(template.param_groups[0]["params"]))]
 
     @property
     def functional_rule(self) -> UpdateRule | None:
@@ -175,10 +226,11 @@ class InnerLoop(nn.Module):
         set_inner_step(model, 0)
         yield FunctionalModel(model, names, params)
         state = rule.init(params)
+        order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
             constant = detach_inner_grads or not track  # no graph through the inner gradient
             grads, loss = torch.func.grad_and_value(inner_loss)(
-                _detach_all(params) if constant else params, *minibatch(x, y, step, self.batch_size))
+                _detach_all(params) if constant else params, *minibatch(x, y, order, step))
             if losses is not None:
                 losses.append(loss.detach())
             updates, state = rule.update(list(grads), state, params, step)
@@ -239,12 +291,14 @@ class InnerLoop(nn.Module):
         track_higher_grads: bool = True,
         functional: bool = False,
         losses: list[torch.Tensor] | None = None,
+        carry_state: bool = False,
     ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
         """The functional model after ``steps`` steps (see ``unroll``)."""
         *_, adapted = self.unroll(model, loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
-                                  functional=functional, losses=losses)
+                                  functional=functional, losses=losses, carry_state=carry_state)
         return adapted
 
     def extra_repr(self) -> str:
         batch = "" if self.batch_size is None else f", batch_size={self.batch_size}"
-        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}"
+        state = "" if self.state == "reset" else f", state={self.state!r}"
+        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}{state}"

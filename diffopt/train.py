@@ -47,7 +47,7 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     model = build_model(config.model, hidden=config.hidden, activation=config.activation,
                         norm=config.norm, steps=config.inner_steps, **io)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
-                      batch_size=config.inner_batch_size)
+                      batch_size=config.inner_batch_size, state=config.inner_state)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
                                 config.task_threads)
     try:
@@ -66,6 +66,7 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
         raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
     algorithm = build(config)
     restore_module(algorithm, payload["algorithm"], run)
+    algorithm.inner.carried_state = payload.get("inner_state")
     return config, algorithm, payload
 
 
@@ -208,6 +209,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             write_text(validation_path, "")
     else:
         restore_module(algorithm, resume_from["algorithm"], run_dir)
+        algorithm.inner.carried_state = resume_from.get("inner_state")
         optimizer.load_state_dict(resume_from["outer_optimizer"])
         _set_random_state(resume_from["random_state"])
         if main:
@@ -220,19 +222,22 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
     bad_in_row = 0
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int, path: Path = run_dir / CHECKPOINT_NAME) -> None:
         if not main:
             return
-        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+        save_checkpoint(path, {
             "config": config.to_dict(), "iteration": iteration,
             "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
-            "random_state": _random_state(),
+            "inner_state": algorithm.inner.carried_state, "random_state": _random_state(),
             "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
             "skipped_steps": skipped,
         })
 
     every = config.validate_every_seconds
     next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
+    snapshot_every = config.snapshot_every_seconds
+    next_snapshot = (math.inf if snapshot_every is None
+                     else (math.floor(clock / snapshot_every) + 1) * snapshot_every)
     validating = every is not None or config.validate_every > 0
 
     def validate(iteration: int) -> None:
@@ -312,6 +317,12 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 if every is not None:
                     next_validation = (math.floor(clock / every) + 1) * every
                 start = time.perf_counter()  # validation is not training time
+            if clock >= next_snapshot:
+                if main:
+                    (run_dir / "snapshots").mkdir(exist_ok=True)
+                checkpoint(iteration, run_dir / "snapshots" / f"{iteration:08d}.pt")
+                next_snapshot = (math.floor(clock / snapshot_every) + 1) * snapshot_every
+                start = time.perf_counter()  # nor is writing a snapshot
             if bad_in_row > config.max_bad_steps:
                 checkpoint(iteration)  # the last good parameters: skipped steps changed nothing
                 raise DiffoptError(

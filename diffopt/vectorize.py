@@ -57,6 +57,8 @@ def vmap_obstacle(model: nn.Module, inner: InnerLoop) -> str | None:
         return "the model has buffers (e.g. running statistics)"
     if inner.functional_rule is None:
         return f"the inner optimizer {inner.optimizer!r} has no functional form"
+    if inner.batch_size is not None:
+        return "inner mini-batches are shuffled per task (inner_batch_size)"
     return None
 
 

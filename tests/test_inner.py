@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
+import statistics
 
 import higher
 import pytest
@@ -11,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import random_episode, small_algorithm
 
+from diffopt.algorithms import build_algorithm
 from diffopt.errors import DiffoptError
-from diffopt.inner import InnerLoop
+from diffopt.inner import InnerLoop, batch_order
 
 
 def first_task(seed=0):
@@ -113,23 +116,51 @@ def test_unknown_inner_optimizer():
         InnerLoop("rprop")
 
 
-@pytest.mark.parametrize("vectorize", ["never", "always"])
-def test_inner_mini_batches_cycle_through_the_data(vectorize):
-    """batch_size 3 over 5 examples: steps use examples 0-2, 3,4,0, 1-3 (Reptile's mini-batches)."""
-    algorithm = small_algorithm("reptile", "sgd", 0.2, 3, vectorize=vectorize)
+@pytest.mark.parametrize("functional", [False, True])
+def test_inner_mini_batches_are_the_shuffled_order(functional):
+    """batch_size 3 over 5 examples: each step trains on the next 3 of a shuffle of the examples,
+    reshuffled when they run out (a batch spans two shuffles), on both execution paths."""
+    algorithm = small_algorithm("reptile", "sgd", 0.2, 3)
     algorithm.inner.batch_size = 3
     task = first_task()
     x, y = task.support_x, task.support_y
-    assert x.shape[0] == 5
-    adapted = algorithm.adapt(x, y)
+    order = batch_order(x, y, 3, 3)
+    flat = order.flatten().tolist()
+    assert sorted(flat[:5]) == [0, 1, 2, 3, 4] and len(set(flat[5:])) == 4
+    assert not torch.equal(order, batch_order(x, y + 1, 3, 3))  # another task, another order
+    adapted = algorithm.inner.adapt(algorithm.model, F.mse_loss, x, y, functional=functional)
     model = copy.deepcopy(algorithm.model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.2)
-    for index in ([0, 1, 2], [3, 4, 0], [1, 2, 3]):
+    for index in order:
         sgd.zero_grad()
         F.mse_loss(model(x[index]), y[index]).backward()
         sgd.step()
     for a, b in zip(adapted.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_inner_mini_batches_of_a_class_sorted_task_mix_classes():
+    """A 5-way task with 5 + 5 examples per class, grouped by class as torchmeta's ClassSplitter
+    returns it: batches of 10 see as many classes as a uniform shuffle would, 5 * (1 - C(40,10) /
+    C(50,10)) = 4.59 on average, not the 2 that consecutive runs give."""
+    labels = torch.arange(5).repeat_interleave(10)
+    classes = []
+    for seed in range(40):
+        x = torch.randn(50, 1, generator=torch.Generator().manual_seed(seed))
+        classes += [len(set(labels[index].tolist())) for index in batch_order(x, labels, 5, 10)]
+    expected = 5 * (1 - math.comb(40, 10) / math.comb(50, 10))
+    assert abs(statistics.mean(classes) - expected) < 0.1, (statistics.mean(classes), expected)
+    assert batch_order(x, labels, 5, None) is None and batch_order(x, labels, 5, 50) is None
+
+
+def test_shuffled_mini_batches_cannot_be_vmapped():
+    algorithm = small_algorithm("reptile", "sgd", 0.2, 3, vectorize="always")
+    with pytest.raises(DiffoptError, match="inner_batch_size"):
+        build_algorithm("reptile", algorithm.model, InnerLoop("sgd", 0.2, 3, batch_size=2),
+                        F.mse_loss, "always")
+    algorithm.inner.batch_size = 3  # set behind the check's back: the unroll refuses under vmap
+    with pytest.raises(DiffoptError, match="vmap cannot"):
+        algorithm.meta_gradient(random_episode(0))
 
 
 @pytest.mark.parametrize("functional", [False, True])

@@ -180,3 +180,24 @@ def test_task_i_is_the_same_wherever_the_stream_starts(prepared):
     a = [b["train"][0] for b in spec.loader("val", **kwargs)]
     b = [b["train"][0] for b in spec.loader("val", **kwargs, start=1)]
     assert all(torch.equal(x, y) for x, y in zip(a[1:], b, strict=True))
+
+
+def test_cached_images_give_the_tasks_torchmeta_reads(prepared, monkeypatch):
+    """The image cache (uint8 for these 84x84 RGB images) changes no task by a bit, on its first
+    read (filling it) and later ones (reading it)."""
+    from diffopt.data import images
+
+    kwargs = dict(split="train", seed=5, shots=1, test_shots=3, ways=3, batch_size=2, num_tasks=4,
+                  root=str(prepared))
+
+    def tasks():
+        return [t for batch in images.miniimagenet_loader(**kwargs) for t in batch["train"] + batch["test"]]
+
+    images._IMAGE_CACHES.clear()
+    cold, warm = tasks(), tasks()
+    cache = images._IMAGE_CACHES[("miniimagenet", str(prepared.resolve()), "train")]
+    stored = {image.dtype for c in cache.values() for k, image in c.items() if isinstance(k, int)}
+    assert stored == {torch.uint8}
+    monkeypatch.setattr(images, "CachedClasses", lambda classes, cache: classes)
+    for a, b, c in zip(tasks(), cold, warm, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)

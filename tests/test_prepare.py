@@ -21,7 +21,9 @@ from PIL import Image
 import diffopt.data.prepare as prepare_module
 from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
+from diffopt.data import Episode
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
+from diffopt.inner import batch_order
 
 
 @pytest.mark.slow
@@ -192,6 +194,42 @@ def test_omniglot_loader_workers_give_the_same_tasks(omniglot_root):
     for a, b in zip(alone, workers, strict=True):
         for split in ("train", "test"):
             assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
+
+
+@pytest.mark.slow
+def test_a_tasks_inner_mini_batches_are_the_same_in_every_loader(omniglot_root):
+    """Task i's inner mini-batches depend on (seed, i) alone: a loader started at task 2 (a
+    resumed run), or one with worker processes, gives task i the same shuffles."""
+    from diffopt.data.images import omniglot_loader
+
+    kwargs = dict(split="train", ways=5, shots=5, test_shots=5, batch_size=2, num_tasks=6, seed=11,
+                  root=str(omniglot_root))
+
+    def orders(**options):
+        return [batch_order(torch.cat([t.support_x, t.query_x]), torch.cat([t.support_y, t.query_y]), 5, 10)
+                for batch in omniglot_loader(**kwargs, **options) for t in Episode.from_torchmeta(batch)]
+
+    alone = orders()
+    assert len(alone) == 6 and len({tuple(o.flatten().tolist()) for o in alone}) == 6
+    for other in (orders(start=2), orders(num_workers=2)[2:]):
+        assert len(other) == 4 and all(torch.equal(a, b) for a, b in zip(alone[2:], other, strict=True))
+
+
+@pytest.mark.slow
+def test_cached_omniglot_images_are_the_ones_torchmeta_reads(omniglot_root, monkeypatch):
+    from diffopt.data import images
+
+    kwargs = dict(split="val", ways=5, shots=1, test_shots=2, batch_size=2, num_tasks=4, seed=3,
+                  root=str(omniglot_root))
+
+    def tasks():
+        return [t for batch in images.omniglot_loader(**kwargs) for t in batch["train"] + batch["test"]]
+
+    images._IMAGE_CACHES.clear()
+    cold, warm = tasks(), tasks()
+    monkeypatch.setattr(images, "CachedClasses", lambda classes, cache: classes)
+    for a, b, c in zip(tasks(), cold, warm, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.slow

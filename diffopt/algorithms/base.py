@@ -36,6 +36,10 @@ class MetaAlgorithm(nn.Module):
     exact_meta_gradient: ClassVar[bool] = False
     learns_update_rule: ClassVar[bool] = False
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
+    carries_inner_state: ClassVar[bool] = False
+    """Whether meta-training may carry the inner optimizer's state from task to task
+    (``InnerLoop(state='persist')``): first-order algorithms, whose meta-gradient is not the
+    gradient of a function of the meta-parameters that a carried state would change."""
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
                  vectorize: str = "auto", task_threads: int = 1) -> None:
@@ -45,9 +49,17 @@ class MetaAlgorithm(nn.Module):
                 f"{self.name} does not meta-learn the parameters of the inner rule "
                 f"{inner.optimizer!r}; use maml, or a fixed rule (sgd, momentum, adam)"
             )
+        if inner.state == "persist" and not self.carries_inner_state:
+            raise DiffoptError(
+                f"{self.name} starts every task from a fresh inner optimizer state (a carried one "
+                "would make its meta-gradient depend on the task order); use inner_state='reset' "
+                "(--inner_state reset), or fomaml or reptile")
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.vectorized = resolve_vectorize(vectorize, model, inner)
         resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training
+        if inner.state == "persist" and task_threads != 1:
+            raise DiffoptError("an inner state that persists from task to task needs the tasks "
+                               "in order, one at a time: task_threads=1 (--task_threads 1)")
         self.task_threads = task_threads
 
     def unroll(
@@ -63,10 +75,12 @@ class MetaAlgorithm(nn.Module):
     def adapt(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
         track_higher_grads: bool = False, losses: list[torch.Tensor] | None = None,
+        carry_state: bool = False,
     ) -> higher.patch._MonkeyPatchBase | FunctionalModel:
-        """The model adapted to (x, y) by the inner loop (``losses``: see ``InnerLoop.unroll``)."""
+        """The model adapted to (x, y) by the inner loop (``losses``, ``carry_state``: see
+        ``InnerLoop.unroll``; meta-training tasks carry the state, evaluation tasks do not)."""
         return self.inner.adapt(self.model, self.loss_fn, x, y, steps, track_higher_grads=track_higher_grads,
-                                functional=self.vectorized, losses=losses)
+                                functional=self.vectorized, losses=losses, carry_state=carry_state)
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""

@@ -22,12 +22,13 @@ class FOMAML(MetaAlgorithm):
     """
 
     name = "fomaml"
+    carries_inner_state = True
 
     def _adapted_query_loss(
         self, task: Task
     ) -> tuple[higher.patch._MonkeyPatchBase | FunctionalModel, torch.Tensor]:
         """(adapted model, query loss at the adapted weights)."""
-        fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        fmodel = self.adapt(task.support_x, task.support_y, track_higher_grads=False, carry_state=True)
         return fmodel, self.loss_fn(fmodel(task.query_x), task.query_y)
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:

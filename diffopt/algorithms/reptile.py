@@ -20,6 +20,7 @@ class Reptile(MetaAlgorithm):
     """
 
     name = "reptile"
+    carries_inner_state = True
 
     def _adapt_on_all(self, task: Task) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(W, the last inner step's loss): the inner loop on support and query sets.
@@ -30,7 +31,7 @@ class Reptile(MetaAlgorithm):
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
         losses: list[torch.Tensor] = []
-        fmodel = self.adapt(x, y, track_higher_grads=False, losses=losses)
+        fmodel = self.adapt(x, y, track_higher_grads=False, losses=losses, carry_state=True)
         if not losses:  # no inner steps: W is the initial model
             with torch.no_grad():
                 losses.append(self.loss_fn(fmodel(x), y))

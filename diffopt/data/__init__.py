@@ -88,11 +88,11 @@ def _image_classification(**fields: Any) -> DatasetSpec:
 
 
 REPTILE_IMAGES: dict[str, Any] = dict(
-    inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, meta_batch_size=5,
-    outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
+    inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, inner_state="persist",
+    meta_batch_size=5, outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
 """Reptile's image protocol (Nichol et al. 2018, Omniglot and Mini-ImageNet alike): inner Adam
-with beta1 = 0, lr 0.001, on mini-batches of 10; meta-batch 5; outer step 1 annealed to 0; 50
-inner steps at evaluation."""
+with beta1 = 0, lr 0.001, on shuffled mini-batches of 10, its state carried from task to task;
+meta-batch 5; outer step 1 annealed to 0; 50 inner steps at evaluation (docs/protocols.md)."""
 
 
 DATASETS: dict[str, DatasetSpec] = {

@@ -10,6 +10,11 @@ Task i of a stream is a function of (seed, i) alone: ``TaskSampler`` draws its c
 generator seeded by (seed, i), and ``IndexedTasks`` reseeds torchmeta's splitter by (seed, i)
 before building it. So a stream can start anywhere (resuming) or be split between processes
 and still be the same tasks.
+
+torchmeta reads, decodes, rotates and resizes every example of every task from its HDF5 file;
+``CachedClasses`` keeps each transformed image once read (large ones as uint8 where that is
+exact, which it is for ``ToTensor``'s output), so a class's images cost that once per process: the tasks are
+the same tensors, bit for bit, at a fraction of the cost (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -64,6 +69,85 @@ class Examples(Dataset):
         return len(self.examples)
 
 
+_IMAGE_CACHES: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}
+"""(dataset, root, split) -> class index -> example index -> transformed image."""
+
+
+def _compact(image: torch.Tensor) -> torch.Tensor:
+    """A large ``image`` as uint8 where ``uint8 / 255`` gives it back exactly (ToTensor's output),
+    else as is (a small one: converting it back would cost more time than it saves memory)."""
+    if not image.is_floating_point() or image.numel() <= 4096:
+        return image
+    pixels = (image * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels if torch.equal(pixels.to(image.dtype).div(255), image) else image
+
+
+def _expand(image: torch.Tensor) -> torch.Tensor:
+    return image.to(torch.get_default_dtype()).div(255) if image.dtype == torch.uint8 else image
+
+
+class CachedImages(Dataset):
+    """Class ``index`` of a torchmeta class dataset, each transformed image kept in ``cache``.
+
+    torchmeta's per-class dataset is built only to read an image not cached yet. The target is
+    the class's own, through ``target_transforms``, to which torchmeta's tasks append their label
+    maps (``target_transform_append``: torchmeta's ``Dataset`` interface).
+    """
+
+    def __init__(self, classes, index: int, cache: dict) -> None:
+        self.classes, self.index, self.cache = classes, index, cache
+        self._dataset = None
+        if "length" not in cache:
+            self._read()
+        self.target_transforms = [t for t in (cache["target_transform"],) if t is not None]
+
+    def _read(self):
+        """torchmeta's dataset of this class (built once), its raw targets: no label map."""
+        if self._dataset is None:
+            self._dataset = self.classes[self.index]
+            self.cache.setdefault("length", len(self._dataset))
+            self.cache.setdefault("target_transform", self._dataset.target_transform)
+            self._dataset.target_transform = None
+        return self._dataset
+
+    def target_transform_append(self, transform) -> None:
+        if transform is not None:
+            self.target_transforms.append(transform)
+
+    def __hash__(self) -> int:
+        return hash(self.index)
+
+    def __len__(self) -> int:
+        return self.cache["length"]
+
+    def __getitem__(self, index: int):
+        index = int(index)  # torchmeta's splitter gives numpy integers
+        if index not in self.cache:
+            image, target = self._read()[index]
+            self.cache[index] = _compact(image)
+            self.cache.setdefault("target", target)
+        target = self.cache["target"]
+        for transform in self.target_transforms:
+            target = transform(target)
+        return _expand(self.cache[index]), target
+
+
+class CachedClasses:
+    """A torchmeta class dataset whose classes are ``CachedImages`` over one shared cache."""
+
+    def __init__(self, classes, cache: dict[int, dict]) -> None:
+        self.classes, self.cache = classes, cache
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, index: int) -> CachedImages:
+        return CachedImages(self.classes, index, self.cache.setdefault(index, {}))
+
+    def __getattr__(self, name: str):
+        return getattr(self.classes, name)
+
+
 class IndexedTasks(Dataset):
     """A torchmeta ``CombinationMetaDataset`` addressed by (i, classes), reseeded per task.
 
@@ -82,7 +166,9 @@ class IndexedTasks(Dataset):
         seed = task_seed(self.seed, index)
         self.dataset.seed(seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed also seeds every accelerator (lazily, at a
+            # cost of about a millisecond a task)
+            torch.default_generator.manual_seed(seed)
             task = self.dataset[classes]  # {'train': examples, 'test': examples}
             return OrderedDict((split, Examples([examples[i] for i in range(len(examples))]))
                                for split, examples in task.items())
@@ -116,6 +202,8 @@ def torchmeta_loader(
 
     dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
                                      **{TORCHMETA_SPLITS[split]: True}, download=False)
+    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split), {})
+    dataset.dataset = CachedClasses(dataset.dataset, cache)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
     return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
                                shuffle=False, num_workers=num_workers)
