@@ -14,8 +14,8 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import INNER_STATES
-from diffopt.models import ACTIVATIONS, MODELS, NORMS
+from diffopt.inner import INNER_STATES, LOSS_REDUCTIONS
+from diffopt.models import ACTIVATIONS, INITS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
@@ -48,6 +48,9 @@ class TrainConfig:
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
+    init: str | None = option(
+        None, f"weight initialisation: {', '.join(INITS)} (default: glorot on images, as the original "
+        "MAML, Reptile and MAML++ code; torch elsewhere)")
     norm: str | None = option(
         None, f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: per_step_batch, "
         "per-inner-step running statistics, weights and biases)")
@@ -57,6 +60,10 @@ class TrainConfig:
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
     inner_batch_size: int | None = option(
         None, "examples per inner step, cycling through the task's data (Reptile); default: all")
+    inner_loss_reduction: str | None = option(
+        None, f"the loss the inner steps descend: {', '.join(LOSS_REDUCTIONS)} (class_sum: mean x "
+        "classes, cbfinn/maml's; sum over examples: supervised-reptile's); default: the "
+        "algorithm's original code on images, else mean")
     inner_state: str | None = option(
         None, "what a stateful inner optimizer (adam's moments, momentum) starts each meta-training "
         "task from: reset (a fresh state) or persist (the previous task's final state, as "
@@ -119,7 +126,8 @@ class TrainConfig:
 
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
-    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset",
+    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
+    init="torch",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
@@ -182,6 +190,8 @@ def validate(config: TrainConfig) -> None:
     _check_name("norm", "norm", config.norm, NORMS)
     _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
+    _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
+    _check_name("weight initialisation", "init", config.init, INITS)
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)

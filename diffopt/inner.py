@@ -25,6 +25,22 @@ from diffopt.optim import (
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+LOSS_REDUCTIONS = ("mean", "sum", "class_sum")
+"""How the inner loop reduces a batch's loss (``loss_fn`` gives the mean over examples): ``mean``;
+``sum`` over examples (supervised-reptile: TF minimises the per-example vector, i.e. its sum);
+``class_sum``, the mean times the number of classes (outputs), i.e. the sum over examples over
+the shots (cbfinn/maml: cross-entropy / update_batch_size, summed by tf.gradients)."""
+
+
+def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The inner loss under ``reduction`` from the mean loss of ``prediction`` [N, ..., C]."""
+    if reduction == "sum":
+        return mean * prediction.shape[0]
+    if reduction == "class_sum":
+        return mean * prediction.shape[-1]
+    return mean
+
+
 INNER_STATES = ("reset", "persist")
 """What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
 ``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
@@ -104,19 +120,24 @@ class InnerLoop(nn.Module):
     ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
     are meta-parameters: the outer optimizer updates them and the checkpoint saves them.
 
-    ``state`` (``INNER_STATES``): with ``persist``, an unroll called with ``carry_state`` (a
-    meta-training task) leaves its torch optimizer's final state in ``carried_state``, which
-    every later unroll starts from; other unrolls (evaluation tasks) start from it and leave it
-    as it was, as supervised-reptile saves and restores its full state around an evaluation task.
+    ``loss_reduction`` (``LOSS_REDUCTIONS``): the inner loss the steps descend (the losses reported
+    are the means). ``state`` (``INNER_STATES``): with ``persist``, an unroll called with
+    ``carry_state`` (a meta-training task) leaves its torch optimizer's final state in
+    ``carried_state``, which every later unroll starts from; other unrolls (evaluation tasks) start
+    from it and leave it as it was, as supervised-reptile saves and restores its full state around
+    an evaluation task.
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
-                 state: str = "reset") -> None:
+                 state: str = "reset", loss_reduction: str = "mean") -> None:
         super().__init__()
         if state not in INNER_STATES:
             raise unknown_name("inner optimizer state", state, INNER_STATES)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise unknown_name("inner loss reduction", loss_reduction, LOSS_REDUCTIONS)
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
+        self.loss_reduction = loss_reduction
         self.carried_state: list[dict] | None = None
         """Per model parameter, the persisting torch optimizer's state (detached), or None."""
         if isinstance(optimizer, UpdateRule):
@@ -192,10 +213,11 @@ class InnerLoop(nn.Module):
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
             xb, yb = minibatch(x, y, order, step)
-            loss = loss_fn(fmodel(xb), yb)
+            prediction = fmodel(xb)
+            loss = loss_fn(prediction, yb)
             if losses is not None:
                 losses.append(loss.detach())
-            diffopt.step(loss)
+            diffopt.step(reduce_loss(loss, prediction, self.loss_reduction))
             if per_step:
                 set_inner_step(fmodel, step + 1)
             yield fmodel
@@ -220,8 +242,11 @@ class InnerLoop(nn.Module):
         names = [name for name, _ in model.named_parameters()]
         params = list(model.parameters())
 
-        def inner_loss(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return loss_fn(FunctionalModel(model, names, weights)(xb), yb)
+        def inner_loss(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+            """(the reduced loss, the mean loss)"""
+            prediction = FunctionalModel(model, names, weights)(xb)
+            loss = loss_fn(prediction, yb)
+            return reduce_loss(loss, prediction, self.loss_reduction), loss
 
         set_inner_step(model, 0)
         yield FunctionalModel(model, names, params)
@@ -229,7 +254,7 @@ class InnerLoop(nn.Module):
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
             constant = detach_inner_grads or not track  # no graph through the inner gradient
-            grads, loss = torch.func.grad_and_value(inner_loss)(
+            grads, (_, loss) = torch.func.grad_and_value(inner_loss, has_aux=True)(
                 _detach_all(params) if constant else params, *minibatch(x, y, order, step))
             if losses is not None:
                 losses.append(loss.detach())
@@ -301,4 +326,5 @@ class InnerLoop(nn.Module):
     def extra_repr(self) -> str:
         batch = "" if self.batch_size is None else f", batch_size={self.batch_size}"
         state = "" if self.state == "reset" else f", state={self.state!r}"
-        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}{state}"
+        reduction = "" if self.loss_reduction == "mean" else f", loss_reduction={self.loss_reduction!r}"
+        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}{state}{reduction}"

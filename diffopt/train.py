@@ -36,7 +36,7 @@ from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
-from diffopt.models import build_model
+from diffopt.models import build_model, initialize
 
 
 def build(config: TrainConfig) -> MetaAlgorithm:
@@ -44,10 +44,11 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    model = build_model(config.model, hidden=config.hidden, activation=config.activation,
-                        norm=config.norm, steps=config.inner_steps, **io)
+    model = initialize(build_model(config.model, hidden=config.hidden, activation=config.activation,
+                                   norm=config.norm, steps=config.inner_steps, **io), config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
-                      batch_size=config.inner_batch_size, state=config.inner_state)
+                      batch_size=config.inner_batch_size, state=config.inner_state,
+                      loss_reduction=config.inner_loss_reduction)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
                                 config.task_threads)
     try:

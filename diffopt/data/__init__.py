@@ -87,11 +87,17 @@ def _image_classification(**fields: Any) -> DatasetSpec:
                        lower_is_better=False, classification=True, **fields)
 
 
+MAML_IMAGES: dict[str, Any] = dict(inner_loss_reduction="class_sum")
+"""cbfinn/maml's inner loss on images: the cross-entropy summed over examples over the shots, so
+the inner lr 0.4 (Omniglot) / 0.01 (Mini-ImageNet) is a step on ways x the mean loss."""
+
 REPTILE_IMAGES: dict[str, Any] = dict(
     inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, inner_state="persist",
+    inner_loss_reduction="sum",
     meta_batch_size=5, outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
 """Reptile's image protocol (Nichol et al. 2018, Omniglot and Mini-ImageNet alike): inner Adam
-with beta1 = 0, lr 0.001, on shuffled mini-batches of 10, its state carried from task to task;
+with beta1 = 0, lr 0.001, on the summed loss of shuffled mini-batches of 10, its state carried
+from task to task;
 meta-batch 5; outer step 1 annealed to 0; 50 inner steps at evaluation (docs/protocols.md)."""
 
 
@@ -123,11 +129,14 @@ DATASETS: dict[str, DatasetSpec] = {
         model_io=dict(in_channels=1, image_size=28, pool=False),
         # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
         # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
-        defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", ways=5,
-                      shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
+        defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", init="glorot",
+                      ways=5, shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
         # Nichol et al. 2018, Omniglot 5-way: 10 examples per class per task while meta-training
         # (here 5 support + 5 query, as Reptile trains on both), 5 inner steps.
-        algorithm_defaults=dict(reptile=dict(REPTILE_IMAGES, train_shots=5, test_shots=5, inner_steps=5)),
+        # cbfinn/maml trains on Omniglot with as many query examples per class as support ones
+        # (main.py: DataGenerator(update_batch_size * 2)); Mini-ImageNet with 15.
+        algorithm_defaults=dict(maml=dict(MAML_IMAGES, test_shots=None), fomaml=dict(MAML_IMAGES, test_shots=None),
+                                reptile=dict(REPTILE_IMAGES, train_shots=5, test_shots=5, inner_steps=5)),
     ),
     "miniimagenet": _image_classification(
         name="miniimagenet",
@@ -136,11 +145,12 @@ DATASETS: dict[str, DatasetSpec] = {
         model_io=dict(in_channels=3, image_size=84, pool=True),
         # Finn et al. 2017, appendix A.1: conv-4 with 32 filters, 2x2 max-pooling and batch norm,
         # 5-way, meta-batch 4 (1-shot), inner lr 0.01, 5 inner steps while meta-training, Adam 1e-3.
-        defaults=dict(model="conv4", hidden=(32,), activation="relu", norm="batch", ways=5,
-                      shots=1, test_shots=15, meta_batch_size=4, inner_lr=0.01, inner_steps=5),
+        defaults=dict(model="conv4", hidden=(32,), activation="relu", norm="batch", init="glorot",
+                      ways=5, shots=1, test_shots=15, meta_batch_size=4, inner_lr=0.01, inner_steps=5),
         # Nichol et al. 2018, Mini-ImageNet 5-way: 15 examples per class per task while
         # meta-training (here 10 support + 5 query), 8 inner steps.
-        algorithm_defaults=dict(reptile=dict(REPTILE_IMAGES, train_shots=10, test_shots=5, inner_steps=8)),
+        algorithm_defaults=dict(maml=MAML_IMAGES, fomaml=MAML_IMAGES,
+                                reptile=dict(REPTILE_IMAGES, train_shots=10, test_shots=5, inner_steps=8)),
     ),
 }
 

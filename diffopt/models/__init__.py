@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -11,8 +12,8 @@ from diffopt.models.conv4 import Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, set_inner_step
 
-__all__ = ["ACTIVATIONS", "MLP", "MODELS", "NORMS", "Conv4", "PerStepBatchNorm", "build_model",
-           "set_inner_step"]
+__all__ = ["ACTIVATIONS", "INITS", "MLP", "MODELS", "NORMS", "Conv4", "PerStepBatchNorm", "build_model",
+           "initialize", "set_inner_step"]
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
 
@@ -22,3 +23,27 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise unknown_name("model", name, MODELS)
     return MODELS[name](**kwargs)
+
+
+def _glorot(model: nn.Module) -> None:
+    """TF's defaults, which the original MAML, Reptile and MAML++ code use: Glorot-uniform
+    weights (fans counting the kernel's receptive field) and zero biases for every convolution
+    and linear layer; normalisation layers keep their ones and zeros."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+INITS: dict[str, Callable[[nn.Module], None] | None] = {"torch": None, "glorot": _glorot}
+"""Weight initialisations by name: ``torch`` keeps the layers' own (Kaiming-uniform), ``glorot``."""
+
+
+def initialize(model: nn.Module, init: str) -> nn.Module:
+    """Re-initialise ``model``'s weights in place as ``init`` (``INITS``) says; return it."""
+    if init not in INITS:
+        raise unknown_name("weight initialisation", init, INITS)
+    if INITS[init] is not None:
+        INITS[init](model)
+    return model

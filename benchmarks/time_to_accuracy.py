@@ -1,0 +1,277 @@
+"""Time to accuracy: diffopt against an independent implementation of the same protocol.
+
+    python benchmarks/time_to_accuracy.py --budget_minutes 20 --write BENCHMARKS.md
+
+For each method (MAML, first-order MAML, Reptile; Omniglot 5-way 1-shot, each with its paper's
+protocol), ``diffopt train`` and ``benchmarks/omniglot_reference.py`` (plain PyTorch written from
+the original code, sharing no diffopt code) train side by side, one process and one torch thread
+each, for the same training wall-clock (evaluation and snapshot writing excluded), keeping a
+snapshot every budget / ``snapshots`` seconds. Then every snapshot of both is scored on the same
+meta-test tasks (diffopt's test stream, evaluation seed 2017, 1 support + 15 query examples per
+class; each task's fingerprint is checked), after the paper's test-time adaptation: MAML and
+first-order MAML 10 SGD steps transductively, Reptile 50 Adam steps on mini-batches of 5,
+non-transductively. The last snapshot is scored on all ``tasks``, the others on the first
+``curve_tasks`` of them (the accuracy-against-time curve).
+
+The table: method, implementation, meta-iterations, median seconds per meta-iteration,
+accuracy +- 95% interval at the budget, and the time-to-accuracy ratio: the training time
+diffopt needs to reach the reference's final accuracy (linear between snapshots), over the
+budget. Each method's results are kept in ``out/<method>/result.json``; a rerun skips methods
+already done (``--fresh`` redoes them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import torch
+
+HERE = Path(__file__).resolve().parent
+METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
+PROTOCOL = {  # test-time adaptation per method (the papers')
+    "maml": dict(steps=10, inner_batch_size=None, transductive=True),
+    "fomaml": dict(steps=10, inner_batch_size=None, transductive=True),
+    "reptile": dict(steps=50, inner_batch_size=5, transductive=False),
+}
+WAYS, SHOTS, QUERIES = 5, 1, 15
+IMPLEMENTATIONS = ("diffopt", "reference")
+
+
+def _environment() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _methods(methods: str | tuple | list) -> list[str]:
+    names = [m for m in (methods.split(",") if isinstance(methods, str) else methods) if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise SystemExit(f"time_to_accuracy: unknown method {unknown[0] if unknown else ''!r}; "
+                         f"choose from {', '.join(METHODS)}")
+    return names
+
+
+def make_tasks(path: Path, tasks: int, data_root: str) -> None:
+    """The meta-test tasks as tensors (what the reference scores), with their fingerprints."""
+    from diffopt.data import Episode, get_dataset
+    from diffopt.evaluate import EVAL_SEED, task_key
+
+    loader = get_dataset("omniglot").loader("test", seed=EVAL_SEED, shots=SHOTS, test_shots=QUERIES,
+                                            ways=WAYS, batch_size=25, num_tasks=tasks, root=data_root)
+    episodes = [Episode.from_torchmeta(batch) for batch in loader]
+    fields = ("support_x", "support_y", "query_x", "query_y")
+    payload = {name: torch.cat([getattr(e, name) for e in episodes]) for name in fields}
+    keys = [task_key(task) for e in episodes for task in e]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    path.with_suffix(".keys.json").write_text(json.dumps(keys))
+
+
+def _subset(path: Path, count: int) -> Path:
+    """The first ``count`` tasks of the task file ``path`` (a file beside it)."""
+    target = path.with_name(f"{path.stem}-first{count}.pt")
+    if not target.exists():
+        payload = torch.load(path, weights_only=True)
+        torch.save({k: v[:count].clone() for k, v in payload.items()}, target)
+    return target
+
+
+def _snapshots(method: str, implementation: str, run: Path) -> list[Path]:
+    """The run's snapshots in training order, the final state last."""
+    if implementation == "diffopt":
+        return sorted((run / "snapshots").glob("*.pt")) + [run / "checkpoint.pt"]
+    return sorted(run.glob("snapshot-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def score(method: str, implementation: str, run: str, tasks_file: str, curve_tasks: int, out: str,
+          data_root: str = "data") -> None:
+    """Score every snapshot of one run (a child process of ``main``): the last on all tasks,
+    the others on the first ``curve_tasks``; write the curve to ``out`` (JSON)."""
+    torch.set_num_threads(1)
+    run_path, tasks_path = Path(run), Path(tasks_file)
+    keys = json.loads(tasks_path.with_suffix(".keys.json").read_text())
+    protocol = PROTOCOL[method]
+    snapshots = _snapshots(method, implementation, run_path)
+    curve = []
+    for index, snapshot in enumerate(snapshots):
+        count = len(keys) if index == len(snapshots) - 1 else min(curve_tasks, len(keys))
+        if implementation == "diffopt":
+            from diffopt.data import get_dataset
+            from diffopt.evaluate import evaluate
+            from diffopt.train import load_trained
+
+            config, algorithm, payload = load_trained(snapshot, inner_batch_size=protocol["inner_batch_size"])
+            evaluation = evaluate(algorithm, get_dataset("omniglot"), shots=SHOTS, test_shots=QUERIES,
+                                  ways=WAYS, tasks=count, steps=(protocol["steps"],), root=data_root,
+                                  transductive=protocol["transductive"])
+            if evaluation.task_keys != keys[:count]:
+                raise SystemExit("time_to_accuracy: diffopt scored other tasks than the task file's")
+            accuracy, ci95 = evaluation.summary(protocol["steps"])
+            seconds, iteration = float(payload["train_seconds"]), int(payload["iteration"])
+        else:
+            sys.path.insert(0, str(HERE))
+            import omniglot_reference
+
+            subset = tasks_path if count == len(keys) else _subset(tasks_path, count)
+            result = omniglot_reference.evaluate(method, str(snapshot), str(subset), **protocol)
+            accuracy, ci95 = result["accuracy"], result["ci95"]
+            payload = torch.load(snapshot, weights_only=True)
+            seconds, iteration = float(payload["train_seconds"]), int(payload["iteration"])
+        curve.append(dict(train_seconds=seconds, iteration=iteration, tasks=count,
+                          accuracy=accuracy, ci95=ci95))
+    Path(out).write_text(json.dumps(curve, indent=1))
+
+
+def _iteration_seconds(implementation: str, run: Path) -> list[float]:
+    log = run / ("metrics.jsonl" if implementation == "diffopt" else "log.jsonl")
+    return [json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()]
+
+
+def _time_to(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which ``curve`` first reaches ``target`` (linear between points)."""
+    previous = (0.0, 0.2)  # before training: chance, 1 / ways
+    for point in curve:
+        t, a = point["train_seconds"], point["accuracy"]
+        if a >= target:
+            t0, a0 = previous
+            return t if a == a0 else t0 + (t - t0) * (target - a0) / (a - a0)
+        previous = (t, a)
+    return None
+
+
+def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_root: str, seed: int) -> None:
+    """Train diffopt and the reference side by side, one thread each."""
+    every = budget / snapshots
+    commands = {
+        "diffopt": [sys.executable, "-m", "diffopt", "train", "--dataset", "omniglot", "--algorithm", method,
+                    "--data_root", data_root, "--max_seconds", str(budget), "--iterations", str(10**7),
+                    "--snapshot_every_seconds", str(every), "--checkpoint_every", "0",
+                    "--seed", str(seed), "--run_dir", str(folder / "diffopt"), "--progress", "False"],
+        "reference": [sys.executable, str(HERE / "omniglot_reference.py"), "train", "--algorithm", method,
+                      "--out", str(folder / "reference"), "--budget_seconds", str(budget),
+                      "--snapshots", str(snapshots), "--data_root", data_root, "--seed", str(seed)],
+    }
+    _parallel(commands, folder, "train")
+
+
+def _parallel(commands: dict[str, list[str]], folder: Path, stage: str) -> None:
+    """Run ``commands`` at once, logging to ``folder/<name>-<stage>.log``; exit if one fails."""
+    processes = {}
+    for name, command in commands.items():
+        log = open(folder / f"{name}-{stage}.log", "w")
+        process = subprocess.Popen(command, env=_environment(), stdout=log, stderr=subprocess.STDOUT)
+        processes[name] = (process, log)
+    failed = []
+    for name, (process, log) in processes.items():
+        if process.wait() != 0:
+            failed.append(name)
+        log.close()
+    if failed:
+        tail = (folder / f"{failed[0]}-{stage}.log").read_text().strip().splitlines()[-3:]
+        raise SystemExit(f"time_to_accuracy: {failed[0]} {stage} failed: {' / '.join(tail)}")
+
+
+def run_method(method: str, out: Path, budget: float, tasks_file: Path, snapshots: int, curve_tasks: int,
+               data_root: str, seed: int) -> dict:
+    folder = out / method
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.time()
+    _run_pair(method, folder, budget, snapshots, data_root, seed)
+    _parallel({name: [sys.executable, str(Path(__file__).resolve()), "score", method, name,
+                      str(folder / name), str(tasks_file), str(curve_tasks),
+                      str(folder / f"{name}-curve.json"), f"--data_root={data_root}"]
+               for name in IMPLEMENTATIONS}, folder, "score")
+    result = {"method": method, "budget_seconds": budget, "wall_seconds": time.time() - started}
+    for name in IMPLEMENTATIONS:
+        curve = json.loads((folder / f"{name}-curve.json").read_text())
+        seconds = _iteration_seconds(name, folder / name)
+        result[name] = dict(curve=curve, iterations=curve[-1]["iteration"],
+                            seconds_per_iteration=statistics.median(seconds),
+                            accuracy=curve[-1]["accuracy"], ci95=curve[-1]["ci95"])
+    reached = _time_to(result["diffopt"]["curve"], result["reference"]["accuracy"])
+    result["time_to_accuracy_ratio"] = None if reached is None else reached / budget
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| method | implementation | meta-iterations | s / meta-iteration (median) | accuracy +- 95% "
+             "| time-to-accuracy ratio |", "|---|---|---|---|---|---|"]
+    for result in results:
+        for name in IMPLEMENTATIONS:
+            r = result[name]
+            if name == "diffopt":
+                ratio = result["time_to_accuracy_ratio"]
+                speed = r["seconds_per_iteration"] / result["reference"]["seconds_per_iteration"]
+                shown = f"{ratio:.2f}" if ratio is not None else "not reached"
+                shown += f" (s / iteration {speed:.2f}x the reference's)"
+            else:
+                shown = "1 (by definition)"
+            lines.append(f"| {METHODS[result['method']]} | {name} | {r['iterations']} | "
+                         f"{r['seconds_per_iteration']:.3f} | {100 * r['accuracy']:.1f} +- "
+                         f"{100 * r['ci95']:.1f} | {shown} |")
+    return "\n".join(lines)
+
+
+def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tasks: int = 600,
+         curve_tasks: int = 200, snapshots: int = 4, out: str = "runs/time-to-accuracy",
+         data_root: str = "data", seed: int = 0, write: str | None = None, fresh: bool = False) -> None:
+    """Run the benchmark for ``methods`` (comma-separated) and print the table (see the module
+    docstring); ``write``: a markdown file whose time-to-accuracy section is replaced."""
+    names = _methods(methods)
+    if budget_minutes <= 0 or tasks < 2 or curve_tasks < 2 or snapshots < 1:
+        raise SystemExit("time_to_accuracy: --budget_minutes > 0, --tasks and --curve_tasks >= 2, "
+                         "--snapshots >= 1")
+    out_path = Path(out)
+    tasks_file = out_path / f"tasks-{tasks}.pt"
+    if not tasks_file.exists():
+        make_tasks(tasks_file, tasks, data_root)
+    budget = 60 * budget_minutes
+    results = []
+    for method in names:
+        done = out_path / method / "result.json"
+        if done.exists() and not fresh and json.loads(done.read_text())["budget_seconds"] == budget:
+            results.append(json.loads(done.read_text()))
+            continue
+        print(f"{METHODS[method]}: diffopt and the reference side by side, {budget:.0f} s of training",
+              flush=True)
+        results.append(run_method(method, out_path, budget, tasks_file, snapshots, curve_tasks,
+                                  data_root, seed))
+    text = table(results)
+    print(text)
+    if write:
+        from diffopt.report import library_versions, machine_description, write_section
+
+        body = (f"{machine_description()}; {library_versions()}. Budget {budget_minutes:g} minutes of "
+                f"training per implementation, side by side, one torch thread each; {tasks} meta-test "
+                f"tasks (curve points: the first {curve_tasks}); seed {seed}. Command: `python "
+                f"benchmarks/time_to_accuracy.py --budget_minutes {budget_minutes:g} --methods "
+                f"{','.join(names)} --tasks {tasks} --write {write}`.\n\n{text}")
+        write_section(write, "time-to-accuracy", "Time to accuracy against independent references", body)
+
+
+def _check_options(function, args: list[str]) -> None:
+    """Exit naming an unknown ``--option`` before anything runs (fire would run with defaults)."""
+    known = set(inspect.signature(function).parameters)
+    for arg in args:
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if name and name not in known:
+            close = difflib.get_close_matches(name, known, 1)
+            hint = f"; did you mean --{close[0]}?" if close else f"; options: {', '.join(sorted(known))}"
+            raise SystemExit(f"time_to_accuracy: unknown option --{name}{hint}")
+
+
+if __name__ == "__main__":
+    command, args = (score, sys.argv[2:]) if sys.argv[1:2] == ["score"] else (main, sys.argv[1:])
+    _check_options(command, args)
+    fire.Fire(command, command=args)
