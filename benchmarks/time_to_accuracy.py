@@ -132,8 +132,10 @@ def score(method: str, implementation: str, run: str, tasks_file: str, curve_tas
 
 
 def _iteration_seconds(implementation: str, run: Path) -> list[float]:
+    """Each meta-iteration's training seconds: the steps of the logged training clock."""
     log = run / ("metrics.jsonl" if implementation == "diffopt" else "log.jsonl")
-    return [json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()]
+    clock = [json.loads(line)["train_seconds"] for line in log.read_text().splitlines() if line.strip()]
+    return [b - a for a, b in zip([0.0, *clock[:-1]], clock, strict=True)]
 
 
 def _time_to(curve: list[dict], target: float) -> float | None:

@@ -15,7 +15,7 @@ from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.inner import INNER_STATES, LOSS_REDUCTIONS
-from diffopt.models import ACTIVATIONS, INITS, MODELS, NORMS
+from diffopt.models import ACTIVATIONS, HEADS, INITS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
@@ -48,6 +48,12 @@ class TrainConfig:
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
+    head: str | None = option(
+        None, f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map averaged over "
+        "positions, cbfinn/maml on Omniglot); default: the algorithm's original code")
+    norm_eps: float | None = option(
+        None, "epsilon of the normalisation layers (TF's 1e-3 for MAML and Reptile on images, as "
+        "their original code; torch's 1e-5 elsewhere)")
     init: str | None = option(
         None, f"weight initialisation: {', '.join(INITS)} (default: glorot on images, as the original "
         "MAML, Reptile and MAML++ code; torch elsewhere)")
@@ -127,7 +133,7 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
-    init="torch",
+    init="torch", head="flatten", norm_eps=1e-5,
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
@@ -192,6 +198,9 @@ def validate(config: TrainConfig) -> None:
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
     _check_name("weight initialisation", "init", config.init, INITS)
+    _check_name("head", "head", config.head, HEADS)
+    if config.head != "flatten" and config.model != "conv4":
+        raise DiffoptError(f"--head {config.head} applies to conv4; {config.model} has no head to choose")
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
@@ -215,6 +224,7 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--hidden for conv4 is one filter count or four, e.g. 64 or 32,32,64,64; "
                            f"got {','.join(map(str, config.hidden))}")
     check_float("inner_lr", config.inner_lr, positive=True)
+    check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)

@@ -44,8 +44,10 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    model = initialize(build_model(config.model, hidden=config.hidden, activation=config.activation,
-                                   norm=config.norm, steps=config.inner_steps, **io), config.init)
+    head = dict(head=config.head) if config.model == "conv4" else {}
+    model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
+                        norm_eps=config.norm_eps, steps=config.inner_steps, **head, **io)
+    initialize(model, config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size, state=config.inner_state,
                       loss_reduction=config.inner_loss_reduction)

@@ -16,6 +16,7 @@ from conftest import random_episode, small_algorithm
 from diffopt.algorithms import build_algorithm
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop, batch_order
+from diffopt.models import MLP
 
 
 def first_task(seed=0):
@@ -175,3 +176,40 @@ def test_unroll_reports_each_steps_loss_before_its_update(functional):
     assert [float(loss) for loss in losses] == pytest.approx(expected[:-1], rel=1e-12)
     assert len(losses) == 3 and not any(loss.requires_grad for loss in losses)
     assert expected[0] > expected[-1]  # the steps did move the weights
+
+
+def test_class_sum_steps_are_ways_times_the_mean_steps_and_sum_is_examples_times():
+    """cbfinn/maml's inner loss (class_sum) with lr a is the mean loss with lr C * a for plain
+    SGD (C outputs); sum (supervised-reptile) is the mean times the batch's examples."""
+    torch.manual_seed(0)
+    model = MLP(1, 4, (5,), "tanh").double()
+    x, y = torch.randn(6, 1, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    for reduction, scale in (("class_sum", 4), ("sum", 6)):
+        scaled = InnerLoop("sgd", 0.05, 2, loss_reduction=reduction).adapt(model, F.mse_loss, x, y)
+        plain = InnerLoop("sgd", 0.05 * scale, 2).adapt(model, F.mse_loss, x, y)
+        for a, b in zip(scaled.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    losses: list[torch.Tensor] = []
+    InnerLoop("sgd", 0.05, 1, loss_reduction="sum").adapt(model, F.mse_loss, x, y, losses=losses)
+    torch.testing.assert_close(losses[0], F.mse_loss(model(x), y).detach())  # reported: the mean
+    with pytest.raises(DiffoptError, match="unknown inner loss reduction 'max'"):
+        InnerLoop("sgd", loss_reduction="max")
+
+
+def test_glorot_initialisations():
+    from diffopt.models import Conv4, initialize
+
+    torch.manual_seed(0)
+    model = initialize(Conv4(1, 5, 64, 28, head="mean"), "glorot_normal_output")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * conv.weight[0, 0].numel()
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+        assert torch.count_nonzero(conv.bias) == 0
+    head = model[-1]
+    assert head.in_features == 64 and abs(head.weight.std().item() - 1) < 0.2
+    glorot = initialize(Conv4(1, 5, 64, 28), "glorot")[-1]
+    assert glorot.weight.abs().max() <= math.sqrt(6 / (256 + 5))
+    with pytest.raises(DiffoptError, match="unknown weight initialisation"):
+        initialize(model, "he")

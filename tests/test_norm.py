@@ -19,7 +19,7 @@ from diffopt.data import Episode, get_dataset
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
-from diffopt.models import MLP, Conv4, PerStepBatchNorm
+from diffopt.models import MLP, Conv4, PerStepBatchNorm, ShiftBatchNorm
 
 
 def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0, hidden=(3, 2)):
@@ -134,3 +134,37 @@ def test_non_transductive_evaluation_predicts_each_query_with_the_support_set_al
     plain = build_algorithm("maml", MLP(1, 1, (5,)), InnerLoop("sgd", 0.1, 1), F.mse_loss)
     np.testing.assert_allclose(evaluate(plain, spec, **kwargs).scores[1],
                                evaluate(plain, spec, transductive=False, **kwargs).scores[1], rtol=1e-5)
+
+
+def tf_batch_norm_maml(lr: float, seed: int, steps: int) -> object:
+    """MAML with cbfinn/maml's TF batch norm (shift, no scale, eps 1e-3) and its inner loss
+    (class_sum: the mean times the number of outputs)."""
+    torch.manual_seed(seed)
+    model = MLP(3, 3, (4, 3), "tanh", norm="batch_shift", norm_eps=1e-3).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ShiftBatchNorm):
+                module.bias.add_(0.2 * torch.randn_like(module.bias))
+    return build_algorithm("maml", model, InnerLoop("sgd", lr, steps, loss_reduction="class_sum"), F.mse_loss)
+
+
+@settings(max_examples=settings.default.max_examples // 10)
+@given(steps=st.integers(1, 2), lr=st.floats(0.01, 0.1), seed=st.integers(0, 2**16))
+def test_shift_only_batch_norm_meta_gradient_matches_finite_differences(steps, lr, seed):
+    algorithm = tf_batch_norm_maml(lr, seed, steps)
+    g = torch.Generator().manual_seed(seed)
+    episode = Episode(*(torch.randn(2, n, d, generator=g, dtype=torch.float64)
+                        for n, d in ((6, 3), (6, 3), (6, 3), (6, 3))))
+    result = check_meta_gradient(algorithm, episode, eps=(1e-6, 1e-7))
+    assert result.max_rel_error < 1e-5, result.per_parameter
+    assert result.per_parameter["model.1.bias"].grad_scale > 0
+
+
+def test_shift_only_batch_norm_is_batch_norm_without_a_scale():
+    layer = ShiftBatchNorm(4, eps=1e-3)
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    x = torch.randn(6, 4, 3, 3)
+    reference = nn.BatchNorm2d(4, eps=1e-3, affine=False, track_running_stats=False)(x)
+    torch.testing.assert_close(layer(x), reference + layer.bias[:, None, None])
+    assert [name for name, _ in layer.named_parameters()] == ["bias"]

@@ -87,13 +87,19 @@ def _image_classification(**fields: Any) -> DatasetSpec:
                        lower_is_better=False, classification=True, **fields)
 
 
-MAML_IMAGES: dict[str, Any] = dict(inner_loss_reduction="class_sum")
-"""cbfinn/maml's inner loss on images: the cross-entropy summed over examples over the shots, so
-the inner lr 0.4 (Omniglot) / 0.01 (Mini-ImageNet) is a step on ways x the mean loss."""
+MAML_IMAGES: dict[str, Any] = dict(inner_loss_reduction="class_sum", norm="batch_shift", norm_eps=1e-3)
+"""cbfinn/maml on images (docs/protocols.md): the inner loss is the cross-entropy summed over
+examples over the shots, so the inner lr 0.4 (Omniglot) / 0.01 (Mini-ImageNet) is a step on
+ways x the mean loss; TF's batch norm, a shift and no scale, epsilon 1e-3."""
+
+MAML_OMNIGLOT: dict[str, Any] = dict(MAML_IMAGES, test_shots=None, head="mean", init="glorot_normal_output")
+"""cbfinn/maml on Omniglot: as many query examples per class as support ones while training
+(main.py: DataGenerator(update_batch_size * 2)); the output layer reads the last map averaged
+over positions, initialised N(0, 1)."""
 
 REPTILE_IMAGES: dict[str, Any] = dict(
     inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, inner_state="persist",
-    inner_loss_reduction="sum",
+    inner_loss_reduction="sum", norm_eps=1e-3,
     meta_batch_size=5, outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
 """Reptile's image protocol (Nichol et al. 2018, Omniglot and Mini-ImageNet alike): inner Adam
 with beta1 = 0, lr 0.001, on the summed loss of shuffled mini-batches of 10, its state carried
@@ -133,9 +139,7 @@ DATASETS: dict[str, DatasetSpec] = {
                       ways=5, shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
         # Nichol et al. 2018, Omniglot 5-way: 10 examples per class per task while meta-training
         # (here 5 support + 5 query, as Reptile trains on both), 5 inner steps.
-        # cbfinn/maml trains on Omniglot with as many query examples per class as support ones
-        # (main.py: DataGenerator(update_batch_size * 2)); Mini-ImageNet with 15.
-        algorithm_defaults=dict(maml=dict(MAML_IMAGES, test_shots=None), fomaml=dict(MAML_IMAGES, test_shots=None),
+        algorithm_defaults=dict(maml=MAML_OMNIGLOT, fomaml=MAML_OMNIGLOT,
                                 reptile=dict(REPTILE_IMAGES, train_shots=5, test_shots=5, inner_steps=5)),
     ),
     "miniimagenet": _image_classification(

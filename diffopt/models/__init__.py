@@ -8,12 +8,12 @@ from typing import Any
 from torch import nn
 
 from diffopt.errors import unknown_name
-from diffopt.models.conv4 import Conv4
+from diffopt.models.conv4 import HEADS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
-from diffopt.models.norm import NORMS, PerStepBatchNorm, set_inner_step
+from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
 
-__all__ = ["ACTIVATIONS", "INITS", "MLP", "MODELS", "NORMS", "Conv4", "PerStepBatchNorm", "build_model",
-           "initialize", "set_inner_step"]
+__all__ = ["ACTIVATIONS", "HEADS", "INITS", "MLP", "MODELS", "NORMS", "Conv4", "PerStepBatchNorm",
+           "ShiftBatchNorm", "build_model", "initialize", "set_inner_step"]
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
 
@@ -36,8 +36,18 @@ def _glorot(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-INITS: dict[str, Callable[[nn.Module], None] | None] = {"torch": None, "glorot": _glorot}
-"""Weight initialisations by name: ``torch`` keeps the layers' own (Kaiming-uniform), ``glorot``."""
+def _glorot_normal_output(model: nn.Module) -> None:
+    """``_glorot``, but the output layer (the last linear layer) drawn from N(0, 1), as cbfinn/maml's
+    Omniglot head (maml.py: ``tf.random_normal`` for w5 after global average pooling)."""
+    _glorot(model)
+    output = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.normal_(output.weight)
+
+
+INITS: dict[str, Callable[[nn.Module], None] | None] = {
+    "torch": None, "glorot": _glorot, "glorot_normal_output": _glorot_normal_output}
+"""Weight initialisations by name: ``torch`` keeps the layers' own (Kaiming-uniform), ``glorot``,
+``glorot_normal_output``."""
 
 
 def initialize(model: nn.Module, init: str) -> nn.Module:

@@ -9,16 +9,19 @@ from torch import nn
 from diffopt.models.mlp import ACTIVATIONS
 from diffopt.models.norm import make_norm
 
+HEADS = ("flatten", "mean")
+
 
 class Conv4(nn.Sequential):
     """[N, in_channels, size, size] -> [N, out_features] logits.
 
     Four blocks of 3x3 conv (``hidden`` filters: one width, or one per block) + norm + activation,
-    then a linear layer on the
-    flattened features. ``pool=False`` (Omniglot, as MAML): stride-2 convolutions, no pooling;
-    ``pool=True`` (Mini-ImageNet): stride-1 convolutions each followed by 2x2 max-pooling.
+    then a linear layer on the features: the flattened last map (``head='flatten'``) or its mean
+    over positions (``head='mean'``, cbfinn/maml on Omniglot). ``pool=False`` (Omniglot, as
+    MAML): stride-2 convolutions, no pooling; ``pool=True`` (Mini-ImageNet): stride-1
+    convolutions each followed by 2x2 max-pooling.
     ``norm``: see ``diffopt.models.norm`` (``batch`` by default, as MAML); ``steps`` sizes a
-    per-step norm.
+    per-step norm, ``norm_eps`` is its epsilon.
     """
 
     def __init__(
@@ -31,7 +34,11 @@ class Conv4(nn.Sequential):
         activation: str = "relu",
         norm: str = "batch",
         steps: int = 1,
+        head: str = "flatten",
+        norm_eps: float = 1e-5,
     ) -> None:
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
         widths = [hidden] * 4 if isinstance(hidden, int) else list(hidden)
         widths = widths * 4 if len(widths) == 1 else widths
         if len(widths) != 4:
@@ -40,12 +47,15 @@ class Conv4(nn.Sequential):
         size, channels = image_size, in_channels
         for width in widths:
             layers.append(nn.Conv2d(channels, width, 3, stride=1 if pool else 2, padding=1))
-            layers += [make_norm(norm, width, 2, steps), ACTIVATIONS[activation]()]
+            layers += [make_norm(norm, width, 2, steps, norm_eps), ACTIVATIONS[activation]()]
             if pool:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             else:
                 size = (size + 1) // 2
             channels = width
-        layers += [nn.Flatten(), nn.Linear(channels * size * size, out_features)]
+        if head == "mean":
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_features)]
+        else:
+            layers += [nn.Flatten(), nn.Linear(channels * size * size, out_features)]
         super().__init__(*layers)

@@ -14,7 +14,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "sigmo
 class MLP(nn.Sequential):
     """[N, in_features] -> [N, out_features] through Linear (+ norm) + activation per hidden width.
 
-    ``norm`` (see ``diffopt.models.norm``) follows each hidden Linear; ``steps`` sizes a per-step norm.
+    ``norm`` (see ``diffopt.models.norm``) follows each hidden Linear; ``steps`` sizes a per-step norm,
+    ``norm_eps`` is its epsilon.
     """
 
     def __init__(
@@ -25,13 +26,14 @@ class MLP(nn.Sequential):
         activation: str = "relu",
         norm: str = "none",
         steps: int = 1,
+        norm_eps: float = 1e-5,
     ) -> None:
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []
         for width_in, width_out in zip(widths[:-1], widths[1:], strict=False):
             layers.append(nn.Linear(width_in, width_out))
             if norm != "none":
-                layers.append(make_norm(norm, width_out, 1, steps))
+                layers.append(make_norm(norm, width_out, 1, steps, norm_eps))
             layers.append(ACTIVATIONS[activation]())
         layers.append(nn.Linear(widths[-1], out_features))
         super().__init__(*layers)

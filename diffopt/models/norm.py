@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("none", "batch", "per_step_batch")
+NORMS = ("none", "batch", "batch_shift", "per_step_batch")
 
 
 class PerStepBatchNorm(nn.Module):
@@ -43,6 +43,23 @@ class PerStepBatchNorm(nn.Module):
         return f"channels={self.weight.shape[1]}, steps={self.weight.shape[0] - 1}"
 
 
+class ShiftBatchNorm(nn.Module):
+    """Batch norm over channel dim 1 with a learned shift (bias: [C], zeros) and no scale, batch
+    statistics always: TF's ``batch_norm`` defaults, which cbfinn/maml uses (utils.py)."""
+
+    def __init__(self, channels: int, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones_like(self.bias)  # a constant: batch_norm's double backward needs a weight
+        return F.batch_norm(x, None, None, scale, self.bias, True, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.bias.shape[0]}, eps={self.eps}"
+
+
 def set_inner_step(model: nn.Module, step: int) -> None:
     """Tell every per-step layer of ``model`` (or of its higher copy) that it has taken ``step`` steps."""
     for module in model.modules():
@@ -50,17 +67,21 @@ def set_inner_step(model: nn.Module, step: int) -> None:
             module.inner_step = step
 
 
-def make_norm(norm: str, channels: int, dims: int, steps: int) -> nn.Module:
+def make_norm(norm: str, channels: int, dims: int, steps: int, eps: float = 1e-5) -> nn.Module:
     """The layer ``norm`` names, for ``channels`` channels of a ``dims``-d input (1: [N, C]; 2: images).
 
     ``batch`` is affine batch norm that always normalises with the batch statistics, as in MAML
-    (no running statistics, so the query set is normalised as a batch: transductive).
+    (no running statistics, so the query set is normalised as a batch: transductive);
+    ``batch_shift`` the same with a shift and no scale (``ShiftBatchNorm``). ``eps`` is added to
+    the variance (torch's default 1e-5; TF's, which the original MAML and Reptile code use, 1e-3).
     """
     if norm == "none":
         return nn.Identity()
     if norm == "batch":
         cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-        return cls(channels, track_running_stats=False)
+        return cls(channels, eps=eps, track_running_stats=False)
+    if norm == "batch_shift":
+        return ShiftBatchNorm(channels, eps)
     if norm == "per_step_batch":
-        return PerStepBatchNorm(channels, steps)
+        return PerStepBatchNorm(channels, steps, eps=eps)
     raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
