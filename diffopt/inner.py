@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import weakref
@@ -20,6 +21,7 @@ from diffopt.optim import (
     RuleOptimizer,
     UpdateRule,
     build_rule,
+    first_order_twin,
     make_inner_optimizer,
 )
 
@@ -49,6 +51,12 @@ INNER_STATES = ("reset", "persist")
 
 def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are leaves of their own (not on any graph)."""
+    with torch.no_grad():
+        return copy.deepcopy(model)
 
 
 def _share_buffers(module: nn.Module, fmodule: nn.Module) -> None:
@@ -189,11 +197,19 @@ class InnerLoop(nn.Module):
         ``torch.func.vmap``; update rules only, see ``functional_rule``). Without
         ``track_higher_grads`` the weights then move by detached updates, so the adapted
         weights' derivative with respect to the initial ones is the identity (first order).
+
+        First order (no ``track_higher_grads``, no ``detach_inner_grads``), the loop takes the
+        same steps without higher where the rule has a functional form (``first_order_rule``):
+        a copy of ``model`` whose weights are reset to ``model``'s, plain autograd, and the
+        rule's update applied in place (``_unroll_first_order``).
         """
         steps = self.steps if steps is None else steps
         if functional:
             yield from self._unroll_functional(
                 model, loss_fn, x, y, steps, track_higher_grads, detach_inner_grads, losses)
+            return
+        if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
+            yield from self._unroll_first_order(model, loss_fn, x, y, steps, losses, carry_state)
             return
         if self.rule is not None:
             template = RuleOptimizer(model.parameters(), self.rule)
@@ -233,6 +249,67 @@ class InnerLoop(nn.Module):
         if self.rule is not None:
             return self.rule
         return SGD(self.lr) if self.optimizer == "sgd" else None
+
+    @property
+    def first_order_rule(self) -> UpdateRule | None:
+        """The rule first-order unrolls apply without higher: the learned rule, or the torch
+        optimizer's functional twin (``diffopt.optim.first_order_twin``: sgd, adam), else None."""
+        if self.rule is not None:
+            return self.rule
+        twin = self.__dict__.get("_first_order_twin")
+        if twin is None or twin[0] != (self.optimizer, self.lr):
+            twin = self.__dict__["_first_order_twin"] = ((self.optimizer, self.lr),
+                                                         first_order_twin(self.optimizer, self.lr))
+        return twin[1]
+
+    def _unroll_first_order(self, model, loss_fn, x, y, steps, losses, carry_state):
+        """``unroll`` without higher, first order: see there. The copy (``_copy``) is yielded."""
+        rule = self.first_order_rule
+        learner, per_step = self._copy(model)
+        params = list(learner.parameters())
+        with torch.no_grad():
+            for mine, theirs in zip(params, model.parameters(), strict=True):
+                mine.copy_(theirs)
+        if per_step:
+            set_inner_step(learner, 0)
+        yield learner
+        carrying = self.state == "persist" and self.rule is None
+        state = self.carried_state if carrying and self.carried_state is not None else rule.init(params)
+        order = batch_order(x, y, steps, self.batch_size)
+        for step in range(steps):
+            xb, yb = minibatch(x, y, order, step)
+            prediction = learner(xb)
+            loss = loss_fn(prediction, yb)
+            if losses is not None:
+                losses.append(loss.detach())
+            grads = torch.autograd.grad(reduce_loss(loss, prediction, self.loss_reduction), params,
+                                        allow_unused=True)
+            with torch.no_grad():
+                updates, state = rule.update(list(grads), state, params, step)
+                for param, update in zip(params, updates, strict=True):
+                    if update is not None:
+                        param.add_(update)
+            if per_step:
+                set_inner_step(learner, step + 1)
+            yield learner
+        if carry_state and carrying and state is not None:
+            self.carried_state = state
+
+    def _copy(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        """(a copy of ``model`` for first-order unrolls, cached per model and thread like
+        ``_functional``'s, in ``model``'s mode and sharing its buffers; whether it has per-step
+        layers). Its weights are ``model``'s only once ``_unroll_first_order`` has reset them."""
+        key = [(id(p), p.dtype, p.device, p.shape) for p in model.parameters()]
+        per_thread = self.__dict__.setdefault("_copy_cache", threading.local())
+        cached = getattr(per_thread, "entry", None)
+        if cached is None or cached[0]() is not model or cached[1] != key:
+            learner = deepcopy_model(model)
+            per_step = any(hasattr(module, "inner_step") for module in learner.modules())
+            cached = per_thread.entry = (weakref.ref(model), key, learner, per_step)
+        _, _, learner, per_step = cached
+        learner.train(model.training)
+        _share_buffers(model, learner)  # re-shared: model.to(...) replaces its buffer tensors
+        return learner, per_step
 
     def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads, losses):
         rule = self.functional_rule
@@ -303,7 +380,7 @@ class InnerLoop(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_functional_cache"}
+        return {k: v for k, v in state.items() if k not in ("_functional_cache", "_copy_cache")}
 
     def adapt(
         self,

@@ -96,20 +96,43 @@ def test_cached_functional_model_matches_a_fresh_monkeypatch():
                 opt.step(F.mse_loss(fm(task.support_x), task.support_y))
         for a, b in zip(ours.parameters(), fm.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert len(ours._fast_params) == (3 if track else 1)  # history of this unroll only
+        if track:  # first order takes the steps without higher (see the next test)
+            assert len(ours._fast_params) == 3  # history of this unroll only
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_beta1_0", "lslr"])
+def test_first_order_steps_without_higher_equal_highers(optimizer):
+    """The first-order loop (a copy of the model, plain autograd, the rule's functional twin)
+    gives bit for bit the weights higher's unroll does, through shuffled mini-batches too."""
+    model = small_algorithm().model
+    algorithm = build_algorithm("maml", model, InnerLoop(optimizer, 0.05, 4, model=model, batch_size=3),
+                                F.mse_loss, "never")
+    assert algorithm.inner.first_order_rule is not None
+    for round_ in range(3):
+        task = first_task(round_)
+        with torch.no_grad():
+            next(algorithm.model.parameters()).add_(0.01)  # the copy follows the model
+        tracked = [p.detach() for p in algorithm.adapt(task.support_x, task.support_y, track_higher_grads=True)
+                   .parameters()]
+        fast = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        assert not hasattr(fast, "_fast_params")  # not higher's
+        for a, b in zip(tracked, fast.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert small_algorithm("maml", "momentum").inner.first_order_rule is None  # higher takes it
 
 
 def test_cache_is_not_state_and_survives_copy_and_pickle():
     algorithm = small_algorithm()
     task = first_task()
-    before = algorithm.adapt(task.support_x, task.support_y)
-    assert "_functional_cache" in algorithm.inner.__dict__
+    before = [algorithm.adapt(task.support_x, task.support_y, track_higher_grads=track) for track in (True, False)]
+    assert {"_functional_cache", "_copy_cache"} <= set(algorithm.inner.__dict__)  # higher's, first order's
     assert set(algorithm.state_dict()) == {f"model.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
     for clone in (copy.deepcopy(algorithm), pickle.loads(pickle.dumps(algorithm))):
-        assert "_functional_cache" not in clone.inner.__dict__
-        after = clone.adapt(task.support_x, task.support_y)
-        for a, b in zip(before.parameters(), after.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not {"_functional_cache", "_copy_cache"} & set(clone.inner.__dict__)
+        for track, adapted in zip((True, False), before, strict=True):
+            after = clone.adapt(task.support_x, task.support_y, track_higher_grads=track)
+            for a, b in zip(adapted.parameters(), after.parameters(), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_unknown_inner_optimizer():

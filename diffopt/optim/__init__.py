@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from diffopt.errors import unknown_name
+from diffopt.optim.adam import Adam
 from diffopt.optim.lslr import LSLR
 from diffopt.optim.meta_curvature import MetaCurvature
 from diffopt.optim.meta_sgd import MetaSGD
 from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
 
-__all__ = ["INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Chain", "MetaCurvature", "MetaSGD",
-           "RuleOptimizer", "UpdateRule", "build_rule", "inner_rule_names", "make_inner_optimizer"]
+__all__ = ["INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "Chain", "MetaCurvature", "MetaSGD",
+           "RuleOptimizer", "UpdateRule", "build_rule", "first_order_twin", "inner_rule_names",
+           "make_inner_optimizer"]
 
 OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
 
@@ -66,6 +68,19 @@ def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int)
     if name not in LEARNED_RULES:
         raise unknown_name("inner optimizer", name, inner_rule_names())
     return LEARNED_RULES[name](params, lr, steps)
+
+
+def first_order_twin(name: str, lr: float) -> UpdateRule | None:
+    """The ``UpdateRule`` that computes what the torch optimizer ``name`` does (plain SGD, Adam
+    without weight decay or amsgrad, as higher differentiates it), for first-order unrolls; None
+    where there is none (momentum)."""
+    optimizer = make_inner_optimizer(name, [torch.zeros(1)], lr)
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD) and not group["momentum"] and not group["weight_decay"]:
+        return SGD(lr)
+    if isinstance(optimizer, torch.optim.Adam) and not group["weight_decay"] and not group["amsgrad"]:
+        return Adam(lr, group["betas"], group["eps"])
+    return None
 
 
 def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:

@@ -1,0 +1,53 @@
+"""Adam as an ``UpdateRule``: the functional twin of the inner ``adam`` optimizers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from diffopt.optim.rule import UpdateRule
+
+
+class Adam(UpdateRule):
+    """Adam as higher 0.2.1 and TF 1.x compute it (the pre-1.5 torch formula, eps before the bias
+    correction): with t the step count,
+
+        m = beta1 m + (1 - beta1) g,   v = beta2 v + (1 - beta2) g^2,
+        update = -lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps).
+
+    State: per tensor ``{'step': t, 'exp_avg': m, 'exp_avg_sq': v}``, higher's own layout, so a
+    state carried from task to task (``InnerLoop(state='persist')``) passes between the two.
+    First-order use only (``InnerLoop``'s fast path): where v is 0, sqrt has no second derivative,
+    which higher masks and this rule does not.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__()
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+
+    def init(self, params: Sequence[torch.Tensor]) -> list[dict]:
+        return [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for p in params]
+
+    def update(self, grads, state, params, step):
+        beta1, beta2 = self.betas
+        live = [i for i, g in enumerate(grads) if g is not None]
+        g = [grads[i] for i in live]
+        m = torch._foreach_add(torch._foreach_mul([state[i]["exp_avg"] for i in live], beta1),
+                               torch._foreach_mul(g, 1 - beta1))
+        v = torch._foreach_add(torch._foreach_mul([state[i]["exp_avg_sq"] for i in live], beta2),
+                               torch._foreach_mul(torch._foreach_mul(g, 1 - beta2), g))  # higher's order
+        denominator = torch._foreach_add(torch._foreach_sqrt(v), self.eps)
+        quotient = torch._foreach_div(m, denominator)
+        new_state, updates = list(state), [None] * len(grads)
+        for k, i in enumerate(live):
+            t = state[i]["step"] + 1
+            size = self.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+            updates[i] = quotient[k] * -size
+            new_state[i] = {"step": t, "exp_avg": m[k], "exp_avg_sq": v[k]}
+        return updates, new_state
+
+    def extra_repr(self) -> str:
+        return f"lr={self.lr}, betas={self.betas}, eps={self.eps}"
