@@ -112,8 +112,8 @@ def test_first_order_steps_without_higher_equal_highers(optimizer):
         task = first_task(round_)
         with torch.no_grad():
             next(algorithm.model.parameters()).add_(0.01)  # the copy follows the model
-        tracked = [p.detach() for p in algorithm.adapt(task.support_x, task.support_y, track_higher_grads=True)
-                   .parameters()]
+        tracked = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=True)
+        tracked = [p.detach() for p in tracked.parameters()]
         fast = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=False)
         assert not hasattr(fast, "_fast_params")  # not higher's
         for a, b in zip(tracked, fast.parameters(), strict=True):
@@ -124,7 +124,8 @@ def test_first_order_steps_without_higher_equal_highers(optimizer):
 def test_cache_is_not_state_and_survives_copy_and_pickle():
     algorithm = small_algorithm()
     task = first_task()
-    before = [algorithm.adapt(task.support_x, task.support_y, track_higher_grads=track) for track in (True, False)]
+    before = [algorithm.adapt(task.support_x, task.support_y, track_higher_grads=track)
+              for track in (True, False)]
     assert {"_functional_cache", "_copy_cache"} <= set(algorithm.inner.__dict__)  # higher's, first order's
     assert set(algorithm.state_dict()) == {f"model.{i}.{k}" for i in (0, 2, 4) for k in ("weight", "bias")}
     for clone in (copy.deepcopy(algorithm), pickle.loads(pickle.dumps(algorithm))):

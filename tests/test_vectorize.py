@@ -10,14 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_episode, small_algorithm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from diffopt.algorithms import build_algorithm
-from diffopt.data import get_dataset
+from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
+from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
-from diffopt.models import MLP
+from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
 from diffopt.vectorize import vmap_obstacle
 
 
@@ -127,3 +130,43 @@ def test_plain_mlps_vectorize_by_default():
     assert not small_algorithm(vectorize="never").vectorized
     with pytest.raises(DiffoptError, match="vectorize must be one of auto, always, never"):
         small_algorithm(vectorize="sometimes")
+
+
+def cbfinn_conv4(name: str, steps: int, vectorize: str, seed: int = 0):
+    """cbfinn/maml's Omniglot model at toy size (TF batch norm, averaged last map), float64."""
+    torch.manual_seed(seed)
+    model = initialize(Conv4(1, 3, 4, 8, norm="batch_shift", norm_eps=1e-3, head="mean"), "glorot").double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ShiftBatchNorm):
+                module.bias.add_(0.3 * torch.randn_like(module.bias))
+    inner = InnerLoop("sgd", 0.1, steps, loss_reduction="class_sum")
+    return build_algorithm(name, model, inner, F.cross_entropy, vectorize)
+
+
+def image_tasks(seed: int, tasks: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(tasks, 12, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat(tasks, 4)
+    return Episode(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:])
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps):
+    vmapped, loop = cbfinn_conv4(name, steps, "auto"), cbfinn_conv4(name, steps, "never")
+    assert vmapped.vectorized and vmap_obstacle(vmapped.model, vmapped.inner) is None
+    episode = image_tasks(steps)
+    loop_metrics, loop_grads = grads(loop, episode)
+    vmap_metrics, vmap_grads = grads(vmapped, episode)
+    assert loop_metrics["loss"] == pytest.approx(vmap_metrics["loss"], rel=1e-10)
+    for a, b in zip(loop_grads, vmap_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=3)  # about 20 s an example: every weight of a conv net, two differences each
+@given(steps=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, seed):
+    algorithm = cbfinn_conv4("maml", steps, "always", seed)
+    result = check_meta_gradient(algorithm, image_tasks(seed), eps=(1e-6, 1e-7))
+    assert result.max_rel_error < 1e-5, result.per_parameter

@@ -45,7 +45,12 @@ class PerStepBatchNorm(nn.Module):
 
 class ShiftBatchNorm(nn.Module):
     """Batch norm over channel dim 1 with a learned shift (bias: [C], zeros) and no scale, batch
-    statistics always: TF's ``batch_norm`` defaults, which cbfinn/maml uses (utils.py)."""
+    statistics always: TF's ``batch_norm`` defaults, which cbfinn/maml uses (utils.py).
+
+    Written out (mean, biased variance) rather than through ``F.batch_norm``, whose batching rule
+    gives wrong meta-gradients under ``torch.func.vmap``: this layer is vmapped over tasks, as
+    the finite-difference tests prove (tests/test_vectorize.py).
+    """
 
     def __init__(self, channels: int, eps: float = 1e-3) -> None:
         super().__init__()
@@ -53,8 +58,11 @@ class ShiftBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.ones_like(self.bias)  # a constant: batch_norm's double backward needs a weight
-        return F.batch_norm(x, None, None, scale, self.bias, True, 0.0, self.eps)
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dims, keepdim=True)
+        variance = (x - mean).pow(2).mean(dims, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x - mean) / torch.sqrt(variance + self.eps) + self.bias.view(shape)
 
     def extra_repr(self) -> str:
         return f"channels={self.bias.shape[0]}, eps={self.eps}"
