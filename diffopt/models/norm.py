@@ -59,10 +59,9 @@ class ShiftBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dims, keepdim=True)
-        variance = (x - mean).pow(2).mean(dims, keepdim=True)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) / torch.sqrt(variance + self.eps) + self.bias.view(shape)
+        centred = x - x.mean(dims, keepdim=True)
+        scale = torch.rsqrt(centred.square().mean(dims, keepdim=True) + self.eps)  # [1, C, 1...]
+        return torch.addcmul(self.bias.view([1, -1] + [1] * (x.dim() - 2)), centred, scale)
 
     def extra_repr(self) -> str:
         return f"channels={self.bias.shape[0]}, eps={self.eps}"
