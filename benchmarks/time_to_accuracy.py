@@ -243,7 +243,11 @@ def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tas
     for method in names:
         done = out_path / method / "result.json"
         if done.exists() and not fresh and json.loads(done.read_text())["budget_seconds"] == budget:
-            results.append(json.loads(done.read_text()))
+            result = json.loads(done.read_text())
+            for name in IMPLEMENTATIONS:  # from the logs, as run_method computes it
+                seconds = _iteration_seconds(name, out_path / method / name)
+                result[name]["seconds_per_iteration"] = statistics.median(seconds)
+            results.append(result)
             continue
         print(f"{METHODS[method]}: diffopt and the reference side by side, {budget:.0f} s of training",
               flush=True)

@@ -122,7 +122,8 @@ def test_loader_gives_84x84_rgb_tasks_and_maml_trains_and_evaluates(prepared, tm
     config = resolve_config(dataset="miniimagenet", data_root=str(prepared), iterations=2,
                             meta_batch_size=2, test_shots=2, inner_steps=2, run_dir=str(tmp_path),
                             progress=False)
-    assert (config.model, config.hidden, config.norm) == ("conv4", (32,), "batch")
+    assert (config.model, config.hidden, config.norm, config.head) == ("conv4", (32,), "batch_shift",
+                                                                       "flatten")
     result = train(config)
     assert result.iterations == 2 and np.isfinite(result.final_loss)
     assert result.algorithm.model[0].weight.shape == (32, 3, 3, 3)
@@ -131,6 +132,30 @@ def test_loader_gives_84x84_rgb_tasks_and_maml_trains_and_evaluates(prepared, tm
     for steps in (0, 1):
         assert scores[steps].shape == (3,)
         assert set(np.round(scores[steps] * 15).astype(int)) <= set(range(16))
+
+
+MAMLPP = ["--inner_optimizer", "lslr", "--norm", "per_step_batch", "--multi_step_loss_epochs", "1",
+          "--iterations_per_epoch", "1", "--inner_loss_reduction", "mean", "--norm_eps", "1e-5",
+          "--meta_lr_schedule", "cosine", "--meta_lr_final", "1e-5", "--inner_lr", "0.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, extra",
+                         [("maml", []), ("fomaml", []), ("reptile", []), ("pretrain", []), ("maml", MAMLPP)],
+                         ids=["maml", "fomaml", "reptile", "pretrain", "mamlpp"])
+def test_every_algorithm_trains_and_evaluates_on_the_fixture(prepared, tmp_path, capsys, algorithm, extra):
+    """The whole Mini-ImageNet pipeline (prepared files, torchmeta loader, conv-4 with pooling,
+    training, checkpoint, evaluation from the command line) for each algorithm's defaults."""
+    run = tmp_path / algorithm
+    assert main(["train", "--dataset", "miniimagenet", "--algorithm", algorithm, "--data_root", str(prepared),
+                 "--iterations", "2", "--meta_batch_size", "2", "--inner_steps", "2", "--shots", "1",
+                 "--train_shots", "1", "--test_shots", "2",  # the fixture has 4 images per class
+                 "--run_dir", str(run), "--progress", "False", *extra]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--tasks", "2", "--steps", "0,2", "--test_shots", "2",
+                 "--transductive", "False" if algorithm == "reptile" else "True"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy after   2 steps" in printed and "(2 tasks)" in printed
 
 
 def test_reptile_takes_its_papers_mini_imagenet_protocol():
