@@ -228,12 +228,7 @@ class InnerLoop(nn.Module):
         yield fmodel
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
-            xb, yb = minibatch(x, y, order, step)
-            prediction = fmodel(xb)
-            loss = loss_fn(prediction, yb)
-            if losses is not None:
-                losses.append(loss.detach())
-            diffopt.step(reduce_loss(loss, prediction, self.loss_reduction))
+            diffopt.step(self._step_loss(fmodel, loss_fn, *minibatch(x, y, order, step), losses))
             if per_step:
                 set_inner_step(fmodel, step + 1)
             yield fmodel
@@ -242,6 +237,15 @@ class InnerLoop(nn.Module):
             self.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
                                    for key, value in group[index].items()}
                                   for index in range(len(template.param_groups[0]["params"]))]
+
+    def _step_loss(self, fmodel, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                   losses: list[torch.Tensor] | None) -> torch.Tensor:
+        """The loss an inner step descends on (x, y) (``loss_reduction``); its mean goes to ``losses``."""
+        prediction = fmodel(x)
+        loss = loss_fn(prediction, y)
+        if losses is not None:
+            losses.append(loss.detach())
+        return reduce_loss(loss, prediction, self.loss_reduction)
 
     @property
     def functional_rule(self) -> UpdateRule | None:
@@ -277,13 +281,8 @@ class InnerLoop(nn.Module):
         state = self.carried_state if carrying and self.carried_state is not None else rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
-            xb, yb = minibatch(x, y, order, step)
-            prediction = learner(xb)
-            loss = loss_fn(prediction, yb)
-            if losses is not None:
-                losses.append(loss.detach())
-            grads = torch.autograd.grad(reduce_loss(loss, prediction, self.loss_reduction), params,
-                                        allow_unused=True)
+            loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 updates, state = rule.update(list(grads), state, params, step)
                 for param, update in zip(params, updates, strict=True):

@@ -46,6 +46,22 @@ def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1,
     return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss, vectorize)
 
 
+def cold_warm_and_uncached(loader, monkeypatch, **kwargs) -> list[tuple[torch.Tensor, ...]]:
+    """Each tensor of ``loader(**kwargs)``'s tasks read three ways: filling the image cache,
+    reading it, and through torchmeta alone (no cache)."""
+    from diffopt.data import images
+
+    def tensors():
+        return [t for batch in loader(**kwargs) for t in batch["train"] + batch["test"]]
+
+    images._IMAGE_CACHES.clear()
+    cold, warm = tensors(), tensors()
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "CachedClasses", lambda classes, cache: classes)
+        direct = tensors()
+    return list(zip(cold, warm, direct, strict=True))
+
+
 SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the project (README)
     "DIFFOPT_OMNIGLOT_SOURCE", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"))
 CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))

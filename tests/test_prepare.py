@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_OMNIGLOT
+from conftest import SHARED_OMNIGLOT, cold_warm_and_uncached
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
@@ -219,17 +219,9 @@ def test_a_tasks_inner_mini_batches_are_the_same_in_every_loader(omniglot_root):
 def test_cached_omniglot_images_are_the_ones_torchmeta_reads(omniglot_root, monkeypatch):
     from diffopt.data import images
 
-    kwargs = dict(split="val", ways=5, shots=1, test_shots=2, batch_size=2, num_tasks=4, seed=3,
-                  root=str(omniglot_root))
-
-    def tasks():
-        return [t for batch in images.omniglot_loader(**kwargs) for t in batch["train"] + batch["test"]]
-
-    images._IMAGE_CACHES.clear()
-    cold, warm = tasks(), tasks()
-    monkeypatch.setattr(images, "CachedClasses", lambda classes, cache: classes)
-    for a, b, c in zip(tasks(), cold, warm, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    reads = cold_warm_and_uncached(images.omniglot_loader, monkeypatch, split="val", ways=5, shots=1,
+                                   test_shots=2, batch_size=2, num_tasks=4, seed=3, root=str(omniglot_root))
+    assert len(reads) == 8 and all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in reads)
 
 
 @pytest.mark.slow
