@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json, write_text
-from diffopt.config import TrainConfig, resolve_config
+from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, mean_ci95, student_t_ci95
@@ -314,7 +314,7 @@ def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | 
         return None
     record = json.loads(path.read_text())
     try:
-        recorded = resolve_config(**record["config"])
+        recorded = resolve_saved_config(record["config"])
     except (DiffoptError, KeyError, TypeError):
         return None
     if not same_run(recorded, config) or record.get("settings") != asdict(settings):
@@ -366,7 +366,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
     result = None
     if (run_dir / CHECKPOINT_NAME).exists():
         try:
-            saved = resolve_config(**load_checkpoint(run_dir)["config"])
+            saved = resolve_saved_config(load_checkpoint(run_dir)["config"])
         except DiffoptError:
             saved = None
         if saved is not None and same_run(saved, config):

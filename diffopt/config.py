@@ -138,6 +138,19 @@ BASE_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+SAVED_BEFORE: dict[str, Any] = dict(
+    head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset")
+"""What a run saved before an option existed did: its value for options whose defaults now follow
+the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
+was trained."""
+
+
+def resolve_saved_config(options: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The ``TrainConfig`` of a saved run (a checkpoint's or record's config), ``overrides``
+    applied; options it predates take ``SAVED_BEFORE``'s values, not today's defaults."""
+    return resolve_config(**{**SAVED_BEFORE, **options, **overrides})
+
+
 def check_int(name: str, value: Any, minimum: int) -> None:
     """DiffoptError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:

@@ -31,7 +31,7 @@ from diffopt.checkpoint import (
     write_json,
     write_text,
 )
-from diffopt.config import TrainConfig, resolve_config
+from diffopt.config import TrainConfig, resolve_saved_config
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
@@ -64,7 +64,7 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
     or checkpoint file; ``overrides`` replace options of the saved config (e.g. ``device``)."""
     payload = load_checkpoint(run)
     try:  # resolved again: options added since the run was written take their defaults
-        config = resolve_config(**{**payload["config"], **overrides})
+        config = resolve_saved_config(payload["config"], **overrides)
     except (DiffoptError, TypeError) as error:
         raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
     algorithm = build(config)
@@ -167,10 +167,10 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> TrainResult:
     """
     run_dir = Path(run_dir)
     payload = load_checkpoint(run_dir)
-    options = dict(payload["config"], run_dir=str(run_dir))
+    overrides: dict = dict(run_dir=str(run_dir))
     if progress is not None:
-        options["progress"] = progress
-    return train(resolve_config(**options), resume_from=payload)
+        overrides["progress"] = progress
+    return train(resolve_saved_config(payload["config"], **overrides), resume_from=payload)
 
 
 def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResult:

@@ -124,3 +124,19 @@ def test_a_resumed_run_continues_from_the_saved_inner_state(tmp_path):
     for x, y in zip(a["inner_state"], b["inner_state"], strict=True):
         assert all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
     assert whole.algorithm.inner.carried_state is not None
+
+
+def test_a_run_saved_before_the_faithful_defaults_is_rebuilt_as_it_was_trained():
+    """Options added with the protocol audit default to the original code's values; a config saved
+    without them (an older run) gets what diffopt did then, so it loads, evaluates and compares as
+    trained. A config saved with them comes back unchanged."""
+    from diffopt.config import SAVED_BEFORE, resolve_saved_config
+
+    today = resolve_config(dataset="omniglot", algorithm="maml")
+    assert resolve_saved_config(today.to_dict()) == today
+    older = {k: v for k, v in today.to_dict().items() if k not in SAVED_BEFORE}
+    rebuilt = resolve_saved_config(older)
+    assert (rebuilt.head, rebuilt.init, rebuilt.norm_eps, rebuilt.inner_loss_reduction) == (
+        "flatten", "torch", 1e-5, "mean")
+    assert (today.head, today.init, today.inner_loss_reduction) == ("mean", "glorot_normal_output",
+                                                                   "class_sum")
