@@ -14,7 +14,7 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import INNER_STATES, LOSS_REDUCTIONS
+from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS
 from diffopt.models import ACTIVATIONS, HEADS, INITS, MODELS, NORMS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
@@ -70,6 +70,10 @@ class TrainConfig:
         None, f"the loss the inner steps descend: {', '.join(LOSS_REDUCTIONS)} (class_sum: mean x "
         "classes, cbfinn/maml's; sum over examples: supervised-reptile's); default: the "
         "algorithm's original code on images, else mean")
+    inner_params: str | None = option(
+        None, f"the parameters the inner loop adapts: {', '.join(INNER_PARAMS)} (weights: convolution "
+        "and linear layers, not normalisation; head: the last linear layer, ANIL; body: the rest, "
+        "BOIL); default: weights for maml and fomaml on images (cbfinn/maml), else all")
     inner_state: str | None = option(
         None, "what a stateful inner optimizer (adam's moments, momentum) starts each meta-training "
         "task from: reset (a fresh state) or persist (the previous task's final state, as "
@@ -133,13 +137,14 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
-    init="torch", head="flatten", norm_eps=1e-5,
+    init="torch", head="flatten", norm_eps=1e-5, inner_params="all",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
-    head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset")
+    head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset",
+    inner_params="all")
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -210,6 +215,7 @@ def validate(config: TrainConfig) -> None:
     _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
+    _check_name("set of inner parameters", "inner_params", config.inner_params, INNER_PARAMS)
     _check_name("weight initialisation", "init", config.init, INITS)
     _check_name("head", "head", config.head, HEADS)
     if config.head != "flatten" and config.model != "conv4":

@@ -43,6 +43,33 @@ def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) ->
     return mean
 
 
+INNER_PARAMS = ("all", "weights", "head", "body")
+"""Which parameters the inner loop adapts (the others keep their meta-learned values through it):
+``all``; ``weights``, those of convolution and linear layers (cbfinn/maml: not batch norm's);
+``head``, the last linear layer's (ANIL); ``body``, all but those (BOIL)."""
+
+
+def adapted_mask(model: nn.Module, which: str) -> list[bool]:
+    """Per parameter of ``model``, in ``parameters()`` order, whether ``which`` (``INNER_PARAMS``)
+    adapts it."""
+    if which not in INNER_PARAMS:
+        raise unknown_name("set of inner parameters", which, INNER_PARAMS)
+    owners = {f"{prefix}.{name}" if prefix else name: module for prefix, module in model.named_modules()
+              for name, _ in module.named_parameters(recurse=False)}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
+    keep = {"all": lambda m: True,
+            "weights": lambda m: isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)),
+            "head": lambda m: m is head,
+            "body": lambda m: m is not head}[which]
+    return [keep(owners[name]) for name, _ in model.named_parameters()]
+
+
+def _keep_adapted(grads, mask: list[bool]) -> list:
+    """The gradients of adapted parameters; None (no update) for the others."""
+    return [g if adapted else None for g, adapted in zip(grads, mask, strict=True)]
+
+
 INNER_STATES = ("reset", "persist")
 """What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
 ``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
@@ -138,12 +165,15 @@ class InnerLoop(nn.Module):
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
-                 state: str = "reset", loss_reduction: str = "mean") -> None:
+                 state: str = "reset", loss_reduction: str = "mean", params: str = "all") -> None:
         super().__init__()
         if state not in INNER_STATES:
             raise unknown_name("inner optimizer state", state, INNER_STATES)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise unknown_name("inner loss reduction", loss_reduction, LOSS_REDUCTIONS)
+        if params not in INNER_PARAMS:
+            raise unknown_name("set of inner parameters", params, INNER_PARAMS)
+        self.params = params
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction
         self.carried_state: list[dict] | None = None
@@ -219,10 +249,14 @@ class InnerLoop(nn.Module):
                 for param, saved in zip(model.parameters(), self.carried_state, strict=True):
                     template.state[param] = saved  # higher copies it
         fmodel, per_step = self._functional(model, track_higher_grads)
+        mask = adapted_mask(model, self.params)
+
+        def grad_callback(grads):
+            return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
+
         diffopt = higher.optim.get_diff_optim(
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
-            grad_callback=_detach_all if detach_inner_grads else None,
-        )
+            grad_callback=grad_callback)
         if per_step:
             set_inner_step(fmodel, 0)
         yield fmodel
@@ -280,9 +314,10 @@ class InnerLoop(nn.Module):
         carrying = self.state == "persist" and self.rule is None
         state = self.carried_state if carrying and self.carried_state is not None else rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
+        mask = adapted_mask(model, self.params)
         for step in range(steps):
             loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = _keep_adapted(torch.autograd.grad(loss, params, allow_unused=True), mask)
             with torch.no_grad():
                 updates, state = rule.update(list(grads), state, params, step)
                 for param, update in zip(params, updates, strict=True):
@@ -328,13 +363,14 @@ class InnerLoop(nn.Module):
         yield FunctionalModel(model, names, params)
         state = rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
+        mask = adapted_mask(model, self.params)
         for step in range(steps):
             constant = detach_inner_grads or not track  # no graph through the inner gradient
             grads, (_, loss) = torch.func.grad_and_value(inner_loss, has_aux=True)(
                 _detach_all(params) if constant else params, *minibatch(x, y, order, step))
             if losses is not None:
                 losses.append(loss.detach())
-            updates, state = rule.update(list(grads), state, params, step)
+            updates, state = rule.update(_keep_adapted(grads, mask), state, params, step)
             if not track:
                 updates = _detach_all(updates)
             params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
@@ -403,4 +439,6 @@ class InnerLoop(nn.Module):
         batch = "" if self.batch_size is None else f", batch_size={self.batch_size}"
         state = "" if self.state == "reset" else f", state={self.state!r}"
         reduction = "" if self.loss_reduction == "mean" else f", loss_reduction={self.loss_reduction!r}"
-        return f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}{batch}{state}{reduction}"
+        adapted = "" if self.params == "all" else f", params={self.params!r}"
+        return (f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
+                f"{batch}{state}{reduction}{adapted}")

@@ -50,7 +50,7 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     initialize(model, config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size, state=config.inner_state,
-                      loss_reduction=config.inner_loss_reduction)
+                      loss_reduction=config.inner_loss_reduction, params=config.inner_params)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
                                 config.task_threads)
     try:

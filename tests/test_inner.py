@@ -237,3 +237,29 @@ def test_glorot_initialisations():
     assert glorot.weight.abs().max() <= math.sqrt(6 / (256 + 5))
     with pytest.raises(DiffoptError, match="unknown weight initialisation"):
         initialize(model, "he")
+
+
+@pytest.mark.parametrize("path", ["higher", "first_order", "functional"])
+@pytest.mark.parametrize("which", ["weights", "head", "body"])
+def test_inner_params_adapts_only_the_chosen_parameters(path, which):
+    """cbfinn/maml adapts the conv and linear weights, not batch norm's shift; ANIL the head,
+    BOIL the body. The others keep their meta-learned values through the inner loop, on every
+    execution path."""
+    from diffopt.models import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 4, 8, norm="batch_shift", head="mean").double()
+    x, y = torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.arange(3).repeat(2)
+    inner = InnerLoop("sgd", 0.5, 2, params=which)
+    adapted = inner.adapt(model, F.cross_entropy, x, y, track_higher_grads=path == "higher",
+                          functional=path == "functional")
+    names = [name for name, _ in model.named_parameters()]
+    moved = {name for name, before, after in zip(names, model.parameters(), adapted.parameters(), strict=True)
+             if not torch.equal(before, after)}
+    expected = {"weights": {n for n in names if not n.startswith(("1.", "4.", "7.", "10."))},
+                "head": {"14.weight", "14.bias"},
+                "body": {n for n in names if not n.startswith("14.")}}[which]
+    conv_biases = {f"{i}.bias" for i in (0, 3, 6, 9)}  # batch norm follows: gradient 0 or rounding noise
+    assert moved <= expected and expected - moved <= conv_biases and not expected - conv_biases - moved
+    with pytest.raises(DiffoptError, match="unknown set of inner parameters 'neck'"):
+        InnerLoop("sgd", params="neck")

@@ -138,5 +138,6 @@ def test_a_run_saved_before_the_faithful_defaults_is_rebuilt_as_it_was_trained()
     rebuilt = resolve_saved_config(older)
     assert (rebuilt.head, rebuilt.init, rebuilt.norm_eps, rebuilt.inner_loss_reduction) == (
         "flatten", "torch", 1e-5, "mean")
-    assert (today.head, today.init, today.inner_loss_reduction) == ("mean", "glorot_normal_output",
-                                                                   "class_sum")
+    assert (today.head, today.init, today.inner_loss_reduction, today.inner_params) == (
+        "mean", "glorot_normal_output", "class_sum", "weights")
+    assert rebuilt.inner_params == "all"

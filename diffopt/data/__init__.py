@@ -87,10 +87,12 @@ def _image_classification(**fields: Any) -> DatasetSpec:
                        lower_is_better=False, classification=True, **fields)
 
 
-MAML_IMAGES: dict[str, Any] = dict(inner_loss_reduction="class_sum", norm="batch_shift", norm_eps=1e-3)
+MAML_IMAGES: dict[str, Any] = dict(inner_loss_reduction="class_sum", norm="batch_shift", norm_eps=1e-3,
+                                   inner_params="weights")
 """cbfinn/maml on images (docs/protocols.md): the inner loss is the cross-entropy summed over
 examples over the shots, so the inner lr 0.4 (Omniglot) / 0.01 (Mini-ImageNet) is a step on
-ways x the mean loss; TF's batch norm, a shift and no scale, epsilon 1e-3."""
+ways x the mean loss; TF's batch norm, a shift and no scale, epsilon 1e-3, its shift learned by
+the outer loop only (the inner loop adapts the convolution and linear weights)."""
 
 MAML_OMNIGLOT: dict[str, Any] = dict(MAML_IMAGES, test_shots=None, head="mean", init="glorot_normal_output")
 """cbfinn/maml on Omniglot: as many query examples per class as support ones while training
