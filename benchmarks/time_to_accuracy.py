@@ -85,7 +85,7 @@ def _subset(path: Path, count: int) -> Path:
     return target
 
 
-def _snapshots(method: str, implementation: str, run: Path) -> list[Path]:
+def _snapshots(implementation: str, run: Path) -> list[Path]:
     """The run's snapshots in training order, the final state last."""
     if implementation == "diffopt":
         return sorted((run / "snapshots").glob("*.pt")) + [run / "checkpoint.pt"]
@@ -100,7 +100,7 @@ def score(method: str, implementation: str, run: str, tasks_file: str, curve_tas
     run_path, tasks_path = Path(run), Path(tasks_file)
     keys = json.loads(tasks_path.with_suffix(".keys.json").read_text())
     protocol = PROTOCOL[method]
-    snapshots = _snapshots(method, implementation, run_path)
+    snapshots = _snapshots(implementation, run_path)
     curve = []
     for index, snapshot in enumerate(snapshots):
         count = len(keys) if index == len(snapshots) - 1 else min(curve_tasks, len(keys))

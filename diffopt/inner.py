@@ -54,12 +54,13 @@ def adapted_mask(model: nn.Module, which: str) -> list[bool]:
     adapts it."""
     if which not in INNER_PARAMS:
         raise unknown_name("set of inner parameters", which, INNER_PARAMS)
+    if which == "all":
+        return [True for _ in model.parameters()]
     owners = {f"{prefix}.{name}" if prefix else name: module for prefix, module in model.named_modules()
               for name, _ in module.named_parameters(recurse=False)}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     head = linears[-1] if linears else None
-    keep = {"all": lambda m: True,
-            "weights": lambda m: isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)),
+    keep = {"weights": lambda m: isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)),
             "head": lambda m: m is head,
             "body": lambda m: m is not head}[which]
     return [keep(owners[name]) for name, _ in model.named_parameters()]
@@ -245,7 +246,7 @@ class InnerLoop(nn.Module):
             template = RuleOptimizer(model.parameters(), self.rule)
         else:
             template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
-            if self.state == "persist" and self.carried_state is not None:
+            if self.carries_state and self.carried_state is not None:
                 for param, saved in zip(model.parameters(), self.carried_state, strict=True):
                     template.state[param] = saved  # higher copies it
         fmodel, per_step = self._functional(model, track_higher_grads)
@@ -266,7 +267,7 @@ class InnerLoop(nn.Module):
             if per_step:
                 set_inner_step(fmodel, step + 1)
             yield fmodel
-        if carry_state and self.state == "persist" and self.rule is None:
+        if carry_state and self.carries_state:
             (group,) = diffopt.state  # one parameter group, in model.parameters() order
             self.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
                                    for key, value in group[index].items()}
@@ -287,6 +288,12 @@ class InnerLoop(nn.Module):
         if self.rule is not None:
             return self.rule
         return SGD(self.lr) if self.optimizer == "sgd" else None
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether unrolls start from (and meta-training ones keep) ``carried_state``: a torch
+        optimizer under ``state='persist'`` (a learned rule starts every task afresh)."""
+        return self.state == "persist" and self.rule is None
 
     @property
     def first_order_rule(self) -> UpdateRule | None:
@@ -311,8 +318,8 @@ class InnerLoop(nn.Module):
         if per_step:
             set_inner_step(learner, 0)
         yield learner
-        carrying = self.state == "persist" and self.rule is None
-        state = self.carried_state if carrying and self.carried_state is not None else rule.init(params)
+        carried = self.carries_state and self.carried_state is not None
+        state = self.carried_state if carried else rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
         mask = adapted_mask(model, self.params)
         for step in range(steps):
@@ -326,7 +333,7 @@ class InnerLoop(nn.Module):
             if per_step:
                 set_inner_step(learner, step + 1)
             yield learner
-        if carry_state and carrying and state is not None:
+        if carry_state and self.carries_state and state is not None:
             self.carried_state = state
 
     def _copy(self, model: nn.Module) -> tuple[nn.Module, bool]:

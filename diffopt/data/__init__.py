@@ -105,8 +105,8 @@ REPTILE_IMAGES: dict[str, Any] = dict(
     meta_batch_size=5, outer_optimizer="sgd", meta_lr=1.0, meta_lr_final=0.0, validation_steps=50)
 """Reptile's image protocol (Nichol et al. 2018, Omniglot and Mini-ImageNet alike): inner Adam
 with beta1 = 0, lr 0.001, on the summed loss of shuffled mini-batches of 10, its state carried
-from task to task;
-meta-batch 5; outer step 1 annealed to 0; 50 inner steps at evaluation (docs/protocols.md)."""
+from task to task; batch norm eps 1e-3 (TF's); meta-batch 5; outer step 1 annealed to 0; 50 inner
+steps at evaluation (docs/protocols.md)."""
 
 
 DATASETS: dict[str, DatasetSpec] = {

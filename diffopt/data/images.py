@@ -13,8 +13,8 @@ and still be the same tasks.
 
 torchmeta reads, decodes, rotates and resizes every example of every task from its HDF5 file;
 ``CachedClasses`` keeps each transformed image once read (large ones as uint8 where that is
-exact, which it is for ``ToTensor``'s output), so a class's images cost that once per process: the tasks are
-the same tensors, bit for bit, at a fraction of the cost (BENCHMARKS.md).
+exact, which it is for ``ToTensor``'s output), so a class's images cost that once per process:
+the tasks are the same tensors, bit for bit, at a fraction of the cost.
 """
 
 from __future__ import annotations
