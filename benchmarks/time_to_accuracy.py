@@ -22,8 +22,6 @@ already done (``--fresh`` redoes them).
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import os
 import shutil
@@ -33,8 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import torch
+
+from diffopt.firecli import fire_checked
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
@@ -266,18 +265,6 @@ def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tas
         write_section(write, "time-to-accuracy", "Time to accuracy against independent references", body)
 
 
-def _check_options(function, args: list[str]) -> None:
-    """Exit naming an unknown ``--option`` before anything runs (fire would run with defaults)."""
-    known = set(inspect.signature(function).parameters)
-    for arg in args:
-        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
-        if name and name not in known:
-            close = difflib.get_close_matches(name, known, 1)
-            hint = f"; did you mean --{close[0]}?" if close else f"; options: {', '.join(sorted(known))}"
-            raise SystemExit(f"time_to_accuracy: unknown option --{name}{hint}")
-
-
 if __name__ == "__main__":
     command, args = (score, sys.argv[2:]) if sys.argv[1:2] == ["score"] else (main, sys.argv[1:])
-    _check_options(command, args)
-    fire.Fire(command, command=args)
+    fire_checked(command, args, name="time_to_accuracy")

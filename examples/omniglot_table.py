@@ -1,22 +1,27 @@
-"""Omniglot 5-way 1-shot: MAML, first-order MAML and Reptile under one wall-clock budget.
+"""Omniglot 5-way tables: every run under one wall-clock budget, scored on the same test tasks.
 
-    python examples/omniglot_table.py train     # the three runs side by side, 1 thread each
-    python examples/omniglot_table.py report    # 600 test tasks each; table + plot into RESULTS.md
+    python examples/omniglot_table.py train                 # the methods table, two runs at a time
+    python examples/omniglot_table.py report                # 600 test tasks each; table + plot
+    python examples/omniglot_table.py train --table goal    # the 95%-in-35-minutes ablation
+    python examples/omniglot_table.py report --table goal
 
-``train`` starts one ``diffopt train`` process per method at once (so machine load hits all
-alike), each with ``--max_seconds BUDGET`` of training time, validation on 100 meta-val tasks
-every ``--validate_every`` seconds (excluded from the budget) and a checkpoint every 100
-meta-iterations. Re-running it resumes unfinished runs and skips finished ones. ``report``
-scores every run on the same 600 meta-test tasks (evaluation seed 2017), transductively (batch
-statistics over the query set, as MAML) and non-transductively (each query example with the
-support set alone, the Reptile paper's protocol), after each method's evaluation steps (MAML and
-first-order MAML: 10; Reptile: 50, as the papers), and plots the validation accuracy against
-training time and against meta-iterations.
+Two tables (``TABLES``):
 
-Each method takes its paper's Omniglot recipe (``diffopt.data``): MAML and first-order MAML
-meta-batch 32, one inner SGD step of 0.4, Adam 1e-3; Reptile 10 examples per class, inner Adam
-(beta1 = 0, lr 0.001) for 5 steps on mini-batches of 10, meta-batch 5, outer step 1 annealed to
-0 over the budget.
+- ``methods``: MAML, first-order MAML, Reptile and the MAML++ recipe, 5-way 1-shot and 5-shot,
+  each with its original code's Omniglot settings (``diffopt.data``'s defaults; MAML++'s flags
+  from docs/protocols.md, section 4), ``--parallel 2`` runs side by side on one torch thread
+  each, so machine load hits all alike;
+- ``goal``: 5-way 1-shot towards 95% in 35 minutes on the whole 2-core machine, one row per
+  lever, each row the previous one plus its lever (``--parallel 1 --threads 2``).
+
+``train`` starts ``diffopt train`` processes with ``--max_seconds BUDGET`` of training time
+(validation on ``--validation_tasks`` meta-val tasks every ``--validate_every`` seconds, excluded
+from the budget) and a checkpoint every 100 meta-iterations. Re-running it resumes unfinished
+runs and skips finished ones. ``report`` scores every run on the same test tasks (evaluation
+seed 2017, 15 query images per class) transductively (batch statistics over the query set, as
+MAML) and, for the methods table, non-transductively too (each query image with the support set
+alone, the Reptile paper's protocol), after the method's evaluation steps, and plots the
+validation accuracy against training time and meta-iterations.
 """
 
 from __future__ import annotations
@@ -27,82 +32,177 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import fire
 import numpy as np
 import torch
 
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json
 from diffopt.data import get_dataset
 from diffopt.evaluate import EVAL_SEED, evaluate, mean_ci95
+from diffopt.firecli import fire_checked
 from diffopt.plots import validation_curves
 from diffopt.report import library_versions, machine_description, write_section
 from diffopt.train import load_trained
 
-METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
-EVAL_STEPS = {"maml": 10, "fomaml": 10, "reptile": 50}
-PAPER = {  # 5-way 1-shot Omniglot, transductive / non-transductive where published
-    "maml": ("98.7 +- 0.4", "-"),  # Finn et al. 2017, table 1
-    "fomaml": ("98.3 +- 0.5", "-"),  # Finn et al. 2017, table 1
-    "reptile": ("97.97", "95.32"),  # Nichol et al. 2018
+MAMLPP = dict(
+    algorithm="maml", inner_optimizer="lslr", inner_lr=0.1, inner_steps=5, norm="per_step_batch",
+    norm_eps=1e-5, inner_loss_reduction="mean", inner_params="all", head="flatten", init="glorot",
+    meta_batch_size=8, test_shots=1, multi_step_loss_epochs=10, meta_lr_schedule="cosine",
+    meta_lr_final=1e-5)
+"""MAML++ on Omniglot (HowToTrainYourMAMLPytorch's omniglot_maml++ config, docs/protocols.md
+section 4): LSLR from 0.1, 5 inner steps, per-step batch norm, mean loss, meta-batch 8, one query
+image per class, multi-step loss over the first 10 epochs, cosine annealing to 1e-5. Its released
+configs use second order from the start (no derivative-order annealing); the model stays
+diffopt's strided conv-4 (theirs pools, with leaky ReLU: protocols.md, difference 19)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    flags: dict
+    """``diffopt train`` options besides the dataset, shots, budget and run folder."""
+    eval_steps: int
+    """Inner steps before scoring a test task (the paper's)."""
+    paper: dict = field(default_factory=dict)
+    """shots -> (transductive, non-transductive) published 5-way accuracy, '-' where none."""
+
+
+METHODS = {
+    "maml": Method("MAML", dict(algorithm="maml"), 10,
+                   {1: ("98.7 +- 0.4", "-"), 5: ("99.9 +- 0.1", "-")}),  # Finn et al. 2017, table 1
+    "fomaml": Method("first-order MAML", dict(algorithm="fomaml"), 10,
+                     {1: ("98.3 +- 0.5", "-"), 5: ("99.2 +- 0.2", "-")}),  # Finn et al. 2017, table 1
+    "reptile": Method("Reptile", dict(algorithm="reptile"), 50,
+                      {1: ("97.97", "95.32"), 5: ("99.48", "98.90")}),  # Nichol et al. 2018, table 1
+    "mamlpp": Method("MAML++ recipe", MAMLPP, 5,
+                     {1: ("99.47", "-"), 5: ("99.85", "-")}),  # Antoniou et al. 2019, table 1
 }
 
 
-def _methods(methods) -> tuple[str, ...]:
-    methods = (methods,) if isinstance(methods, str) else tuple(methods)
-    unknown = sorted(set(methods) - set(METHODS))
+@dataclass(frozen=True)
+class Run:
+    name: str
+    label: str
+    method: Method
+    shots: int
+    extra: dict = field(default_factory=dict)
+    """Options on top of the method's (the goal table's levers, cumulative)."""
+
+    def flags(self) -> dict:
+        return {**self.method.flags, **self.extra, "shots": self.shots}
+
+
+GOAL_LEVERS: list[tuple[str, str, dict]] = [
+    ("cbfinn", "MAML as cbfinn/maml (1 query image per class, one thread)", {}),
+    ("threads", "+ both cores (2 torch threads)", {"threads": 2}),
+    ("queries", "+ 15 query images per class while meta-training", {"test_shots": 15}),
+]
+"""The goal table: (name, what the row adds, its options); each row has every earlier row's
+options too. ``threads`` is the process's torch thread count, not a train option."""
+
+
+def _goal_runs() -> list[Run]:
+    runs, options = [], {}
+    for name, label, extra in GOAL_LEVERS:
+        options = {**options, **extra}
+        runs.append(Run(f"goal-{name}", label, METHODS["maml"], 1, dict(options)))
+    return runs
+
+
+TABLES = {
+    "methods": [Run(f"{key}-{shots}shot", method.label, method, shots)
+                for shots in (1, 5) for key, method in METHODS.items()],
+    "goal": _goal_runs(),
+}
+
+
+def _runs(table: str, runs) -> list[Run]:
+    if table not in TABLES:
+        raise SystemExit(f"unknown table {table!r}; choose from {', '.join(TABLES)}")
+    chosen = TABLES[table]
+    if runs is None:
+        return chosen
+    names = tuple(runs.split(",")) if isinstance(runs, str) else tuple(runs)
+    unknown = sorted(set(names) - {run.name for run in chosen})
     if unknown:
-        raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    return methods
+        raise SystemExit(f"unknown run {unknown[0]!r} in table {table}; choose from "
+                         f"{', '.join(run.name for run in chosen)}")
+    return [run for run in chosen if run.name in names]
+
+
+def _command(run: Run, folder: Path, budget: float, data_root: str, seed: int, validate_every: float,
+             validation_tasks: int) -> list[str]:
+    if (folder / CHECKPOINT_NAME).exists():
+        return ["train", "--resume", str(folder)]
+    options = {key: value for key, value in run.flags().items() if key != "threads"}
+    args = ["train", "--dataset", "omniglot", "--data_root", data_root, "--iterations", "1000000",
+            "--max_seconds", str(budget), "--seed", str(seed), "--validate_every_seconds",
+            str(validate_every), "--checkpoint_every", "100", "--validation_tasks", str(validation_tasks),
+            "--run_dir", str(folder)]
+    for key, value in options.items():
+        args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return args
 
 
 def train(
-    budget: float = 4200.0,
-    methods: tuple[str, ...] = tuple(METHODS),
-    validate_every: float = 300.0,
-    out: str = "runs/omniglot-5w1s",
+    table: str = "methods",
+    budget: float = 1200.0,
+    runs=None,
+    parallel: int = 2,
+    threads: int = 1,
+    validate_every: float = 120.0,
+    out: str | None = None,
     data_root: str = "data",
     seed: int = 0,
     validation_tasks: int = 100,
 ) -> None:
-    """Meta-train every method for ``budget`` seconds of training time, side by side."""
-    methods = _methods(methods)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    processes = {}
-    for method in methods:
-        run = Path(out) / method
-        if (run / CHECKPOINT_NAME).exists():
-            payload = load_checkpoint(run)
-            if payload["train_seconds"] >= budget:
-                print(f"{method}: finished ({payload['iteration']} iterations)")
-                continue
-            args = ["train", "--resume", str(run)]
-        else:
-            args = ["train", "--dataset", "omniglot", "--algorithm", method, "--data_root", data_root,
-                    "--iterations", "100000", "--max_seconds", str(budget), "--seed", str(seed),
-                    "--validate_every_seconds", str(validate_every), "--checkpoint_every", "100",
-                    "--validation_tasks", str(validation_tasks),
-                    "--run_dir", str(run)]
-        run.parent.mkdir(parents=True, exist_ok=True)
-        log = open(run.parent / f"{method}.log", "a")
-        processes[method] = subprocess.Popen([sys.executable, "-m", "diffopt", *args, "--progress", "False"],
-                                             env=env, stdout=log, stderr=subprocess.STDOUT)
-    failed = [m for m, p in processes.items() if p.wait() != 0]
+    """Meta-train the table's runs for ``budget`` seconds of training time each, ``parallel``
+    at a time with ``threads`` torch threads each (a run's own ``threads`` option wins)."""
+    chosen = _runs(table, runs)
+    out_path = Path(out or f"runs/omniglot-{table}")
+    out_path.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for run in chosen:
+        folder = out_path / run.name
+        if (folder / CHECKPOINT_NAME).exists() and load_checkpoint(folder)["train_seconds"] >= budget:
+            print(f"{run.name}: finished")
+            continue
+        pending.append(run)
+    running: dict[str, subprocess.Popen] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            run = pending.pop(0)
+            folder = out_path / run.name
+            count = str(run.extra.get("threads", threads))
+            env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
+            args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks)
+            log = open(out_path / f"{run.name}.log", "a")
+            print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
+            running[run.name] = subprocess.Popen(
+                [sys.executable, "-m", "diffopt", *args, "--progress", "False"],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(1.0)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode != 0:
+                    failed.append(name)
     if failed:
-        raise SystemExit(f"{', '.join(failed)} failed; see {out}/<method>.log")
+        raise SystemExit(f"{', '.join(failed)} failed; see {out_path}/<run>.log")
 
 
-def _scores(run: Path, method: str, tasks: int, transductive: bool, iteration: int) -> np.ndarray:
-    """Per-task test accuracy after the method's evaluation steps, cached in the run folder for
-    the checkpoint at ``iteration`` (the model is loaded only to fill the cache)."""
-    steps = EVAL_STEPS[method]
-    cache = run / f"test-{tasks}-steps{steps}-{'trans' if transductive else 'nontrans'}.json"
+def _scores(folder: Path, steps: int, tasks: int, transductive: bool, iteration: int) -> np.ndarray:
+    """Per-task test accuracy after ``steps`` inner steps, cached in the run folder for the
+    checkpoint at ``iteration`` (the model is loaded only to fill the cache)."""
+    cache = folder / f"test-{tasks}-steps{steps}-{'trans' if transductive else 'nontrans'}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved["iteration"] == iteration:
             return np.asarray(saved["scores"])
-    config, algorithm, payload = load_trained(run)
+    config, algorithm, payload = load_trained(folder)
     spec = get_dataset("omniglot")
     evaluation = evaluate(algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots,
                           ways=config.ways, tasks=tasks, steps=(steps,), root=config.data_root,
@@ -116,57 +216,73 @@ def _interval(scores: np.ndarray) -> str:
     return f"{mean:.2f} +- {ci:.2f}"
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TITLES = {"methods": "Omniglot 5-way: MAML, first-order MAML, Reptile, MAML++ recipe",
+          "goal": "Omniglot 5-way 1-shot: 95% in 35 minutes, lever by lever"}
+
+
 def report(
-    methods: tuple[str, ...] = tuple(METHODS),
+    table: str = "methods",
+    runs=None,
     tasks: int = 600,
-    out: str = "runs/omniglot-5w1s",
+    out: str | None = None,
     results: str = "RESULTS.md",
-    plot: str = "docs/figures/omniglot-5w1s.png",
+    plot: str | None = None,
 ) -> None:
     """Evaluate every run on the same test tasks; write the table and the plot."""
-    methods = _methods(methods)
+    chosen = _runs(table, runs)
+    out_path = Path(out or f"runs/omniglot-{table}")
+    plot_path = Path(plot or f"docs/figures/omniglot-{table}.png")
     torch.set_num_threads(1)
+    both = table == "methods"
     rows, curves = [], {}
-    for method in methods:
-        run = Path(out) / method
-        payload = load_checkpoint(run)
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        curves[method] = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
-        transductive = _scores(run, method, tasks, True, payload["iteration"])
-        inductive = _scores(run, method, tasks, False, payload["iteration"])
-        paper = PAPER[method]
-        rows.append(
-            f"| {METHODS[method]} | {_interval(transductive)} | {paper[0]} | {_interval(inductive)} | "
-            f"{paper[1]} | {EVAL_STEPS[method]} | {payload['iteration']} | "
-            f"{payload['train_seconds'] / 60:.1f} | "
-            f"{statistics.median(m['seconds'] for m in metrics):.2f} | "
-            f"{100 * curves[method][-1]['accuracy']:.1f} |")
-    validation_curves({METHODS[m]: [records] for m, records in curves.items()}, "accuracy", Path(plot),
-                      title="Omniglot 5-way 1-shot, one CPU thread each, side by side", percent=True,
+    for run in chosen:
+        folder = out_path / run.name
+        payload = load_checkpoint(folder)
+        metrics = _jsonl(folder / "metrics.jsonl")
+        validation = _jsonl(folder / "validation.jsonl")
+        curves[f"{run.label}, {run.shots}-shot" if both else run.label] = [validation]
+        steps = run.method.eval_steps
+        transductive = _scores(folder, steps, tasks, True, payload["iteration"])
+        paper = run.method.paper.get(run.shots, ("-", "-"))
+        cells = [run.label, str(run.shots), _interval(transductive)]
+        if both:
+            inductive = _scores(folder, steps, tasks, False, payload["iteration"])
+            cells += [paper[0], _interval(inductive), paper[1]]
+        cells += [str(steps), str(payload["iteration"]), f"{payload['train_seconds'] / 60:.1f}",
+                  f"{statistics.median(m['seconds'] for m in metrics):.2f}",
+                  f"{100 * validation[-1]['accuracy']:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    validation_curves(curves, "accuracy", plot_path, title=TITLES[table], percent=True,
                       log_iterations=True)
-    relative = os.path.relpath(plot, Path(results).parent)
+    head = ["method" if both else "lever", "shots", "transductive"]
+    if both:
+        head += ["paper", "non-transductive", "paper"]
+    head += ["eval steps", "meta-iterations", "training minutes", "s / meta-iter (median)",
+             "last meta-val accuracy"]
+    relative = os.path.relpath(plot_path, Path(results).parent)
     body = "\n".join([
-        "Commands: `python examples/omniglot_table.py train` (the three runs side by side), then "
-        f"`python examples/omniglot_table.py report` (runs in `{out}`).",
+        f"Commands: `python examples/omniglot_table.py train --table {table}`, then "
+        f"`python examples/omniglot_table.py report --table {table}` (runs in `{out_path}`).",
         "",
         f"Test accuracy (%) on the same {tasks} meta-test tasks (evaluation seed {EVAL_SEED}, 15 "
         "query images per class), mean +- 95% interval over tasks; training seed 0. Machine: "
-        f"{machine_description()}; the three runs shared it, one torch thread each. "
-        f"{library_versions()}. Written "
+        f"{machine_description()}. {library_versions()}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| method | transductive | paper | non-transductive | paper | eval steps | meta-iterations |"
-        " training minutes | s / meta-iter (median) | last meta-val accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
         *rows,
         "",
         f"![meta-val accuracy against training time and meta-iterations]({relative})",
     ])
     print(body)
     if results != "none":
-        write_section(results, "omniglot-table", "Omniglot 5-way 1-shot: MAML, first-order MAML, Reptile",
-                      body)
+        write_section(results, f"omniglot-{table}", TITLES[table], body)
 
 
 if __name__ == "__main__":
-    fire.Fire({"train": train, "report": report})
+    fire_checked({"train": train, "report": report})

@@ -24,6 +24,7 @@ from diffopt.cli import main
 from diffopt.data import Episode
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
 from diffopt.inner import batch_order
+from diffopt.train import load_trained
 
 
 @pytest.mark.slow
@@ -244,25 +245,31 @@ def test_omniglot_rotations_are_new_classes(omniglot_root):
 
 @pytest.mark.slow
 def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
-    """examples/omniglot_table.py at a tiny budget: three runs, then the table and the plot."""
+    """examples/omniglot_table.py at a tiny budget: four 1-shot runs, then the table and the plot."""
     script = Path(__file__).resolve().parents[1] / "examples" / "omniglot_table.py"
     out, results, plot = tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "curve.png"
+    names = ["maml-1shot", "fomaml-1shot", "reptile-1shot", "mamlpp-1shot"]
     common = dict(capture_output=True, text=True, timeout=600)
-    trained = subprocess.run([sys.executable, str(script), "train", "--budget", "1", "--validate_every",
-                              "0.5", "--validation_tasks", "3", "--out", str(out), "--data_root",
+    trained = subprocess.run([sys.executable, str(script), "train", "--table", "methods", "--runs",
+                              ",".join(names), "--budget", "1", "--validate_every", "0.5",
+                              "--validation_tasks", "3", "--out", str(out), "--data_root",
                               str(omniglot_root)], **common)
     assert trained.returncode == 0, trained.stderr
-    for method in ("maml", "fomaml", "reptile"):
-        records = [json.loads(x) for x in (out / method / "validation.jsonl").read_text().splitlines()]
+    for name in names:
+        records = [json.loads(x) for x in (out / name / "validation.jsonl").read_text().splitlines()]
         assert records[0]["iteration"] == 0 and records[-1]["iteration"] >= 1
-        assert load_checkpoint(out / method)["train_seconds"] >= 1
-    reported = subprocess.run([sys.executable, str(script), "report", "--tasks", "3", "--out", str(out),
-                               "--results", str(results), "--plot", str(plot)], **common)
+        assert load_checkpoint(out / name)["train_seconds"] >= 1
+    assert load_trained(out / "mamlpp-1shot")[0].inner_optimizer == "lslr"
+    reported = subprocess.run([sys.executable, str(script), "report", "--runs", ",".join(names),
+                               "--tasks", "3", "--out", str(out), "--results", str(results),
+                               "--plot", str(plot)], **common)
     assert reported.returncode == 0, reported.stderr
     table = [line for line in results.read_text().splitlines() if line.startswith("| ")]
-    assert [row.split(" | ")[0] for row in table[1:]] == ["| MAML", "| first-order MAML", "| Reptile"]
+    assert [row.split(" | ")[0] for row in table[1:]] == [
+        "| MAML", "| first-order MAML", "| Reptile", "| MAML++ recipe"]
+    assert all(len(row.split(" | ")) == len(table[0].split(" | ")) for row in table)
     with Image.open(plot) as image:
         assert image.size[0] > 500 and len(np.unique(np.asarray(image.convert("L")))) > 10
-    again = subprocess.run([sys.executable, str(script), "train", "--budget", "1", "--out", str(out)],
-                           **common)
-    assert again.returncode == 0 and again.stdout.count("finished") == 3  # finished runs are kept
+    again = subprocess.run([sys.executable, str(script), "train", "--runs", ",".join(names),
+                            "--budget", "1", "--out", str(out)], **common)
+    assert again.returncode == 0 and again.stdout.count("finished") == 4  # finished runs are kept
