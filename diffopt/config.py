@@ -15,7 +15,7 @@ from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS
-from diffopt.models import ACTIVATIONS, HEADS, INITS, MODELS, NORMS
+from diffopt.models import ACTIVATIONS, HEADS, INITS, MODELS, NORMS, PADDINGS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
@@ -51,6 +51,10 @@ class TrainConfig:
     head: str | None = option(
         None, f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map averaged over "
         "positions, cbfinn/maml on Omniglot); default: the algorithm's original code")
+    padding: str | None = option(
+        None, f"conv4's padding: {', '.join(PADDINGS)} (same: TensorFlow's 'SAME', the odd pixel at the "
+        "bottom/right, as the original MAML and Reptile code; symmetric: torch's padding=1); they "
+        "differ for the strided convolutions on Omniglot only; default: same")
     norm_eps: float | None = option(
         None, "epsilon of the normalisation layers (TF's 1e-3 for MAML and Reptile on images, as "
         "their original code; torch's 1e-5 elsewhere)")
@@ -87,6 +91,11 @@ class TrainConfig:
         None, f"outer learning-rate schedule: {', '.join(SCHEDULES)} (default: linear if "
         "--meta_lr_final is set, else constant)")
     iterations_per_epoch: int = option(500, "meta-iterations per epoch (the MAML++ schedules count epochs)")
+    epochs: int | None = option(
+        None, "the run's length in epochs (MAML++: 150): an epoch is then 1/epochs of the run, of "
+        "--iterations or, under --max_seconds, of the budget where that is further along (as the "
+        "learning-rate schedules count), so the MAML++ schedules scale to a budget; default: "
+        "--iterations_per_epoch")
     multi_step_loss_epochs: int = option(
         0, "MAML++ multi-step loss: weight the query loss after every inner step, annealed to the "
         "last step over this many epochs (0: off; maml only)")
@@ -137,14 +146,14 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
-    init="torch", head="flatten", norm_eps=1e-5, inner_params="all",
+    init="torch", head="flatten", padding="same", norm_eps=1e-5, inner_params="all",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
     head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset",
-    inner_params="all")
+    inner_params="all", padding="symmetric")
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -220,6 +229,9 @@ def validate(config: TrainConfig) -> None:
     _check_name("head", "head", config.head, HEADS)
     if config.head != "flatten" and config.model != "conv4":
         raise DiffoptError(f"--head {config.head} applies to conv4; {config.model} has no head to choose")
+    _check_name("padding", "padding", config.padding, PADDINGS)
+    if config.padding != "same" and config.model != "conv4":
+        raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no convolutions")
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
@@ -230,6 +242,8 @@ def validate(config: TrainConfig) -> None:
                           ("validation_tasks", 2), ("validation_steps", 0),
                           ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0)]:
         check_int(name, getattr(config, name), minimum)
+    if config.epochs is not None:
+        check_int("epochs", config.epochs, 1)
     if spec.classification:
         check_int("ways", config.ways, 2)
     elif config.ways is not None:

@@ -44,7 +44,7 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    head = dict(head=config.head) if config.model == "conv4" else {}
+    head = dict(head=config.head, padding=config.padding) if config.model == "conv4" else {}
     model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
                         norm_eps=config.norm_eps, steps=config.inner_steps, **head, **io)
     initialize(model, config.init)
@@ -93,6 +93,23 @@ def meta_learning_rate(config: TrainConfig, progress: float) -> float:
     if config.meta_lr_schedule == "cosine":
         return final + (config.meta_lr - final) * (1 + math.cos(math.pi * progress)) / 2
     return config.meta_lr
+
+
+def run_progress(config: TrainConfig, iteration: int, train_seconds: float) -> float:
+    """How far along the run meta-iteration ``iteration`` (1-based) starts, 0 .. 1: the fraction
+    of ``--iterations`` done or, under ``--max_seconds``, of the budget if that is further."""
+    progress = (iteration - 1) / config.iterations
+    if config.max_seconds is not None:
+        progress = max(progress, train_seconds / config.max_seconds)
+    return min(progress, 1.0)
+
+
+def current_epoch(config: TrainConfig, iteration: int, progress: float) -> int:
+    """The (0-based) epoch of meta-iteration ``iteration``: ``progress`` x ``--epochs`` where
+    ``--epochs`` is set, else every ``--iterations_per_epoch`` iterations."""
+    if config.epochs is not None:
+        return min(int(progress * config.epochs), config.epochs - 1)
+    return (iteration - 1) // config.iterations_per_epoch
 
 
 @dataclass(frozen=True)
@@ -271,13 +288,11 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             if config.max_seconds is not None and clock >= config.max_seconds:
                 break
             episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
+            progress = run_progress(config, iteration, clock)
             if isinstance(algorithm, MAML):
-                apply_recipe(algorithm, iteration, iterations_per_epoch=config.iterations_per_epoch,
+                apply_recipe(algorithm, current_epoch(config, iteration, progress),
                              multi_step_loss_epochs=config.multi_step_loss_epochs,
                              first_order_epochs=config.first_order_epochs)
-            progress = (iteration - 1) / config.iterations
-            if config.max_seconds is not None:
-                progress = max(progress, clock / config.max_seconds)
             for group in optimizer.param_groups:
                 group["lr"] = meta_learning_rate(config, progress)
             optimizer.zero_grad(set_to_none=True)

@@ -141,3 +141,4 @@ def test_a_run_saved_before_the_faithful_defaults_is_rebuilt_as_it_was_trained()
     assert (today.head, today.init, today.inner_loss_reduction, today.inner_params) == (
         "mean", "glorot_normal_output", "class_sum", "weights")
     assert rebuilt.inner_params == "all"
+    assert (today.padding, rebuilt.padding) == ("same", "symmetric")

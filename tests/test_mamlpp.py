@@ -38,12 +38,12 @@ def test_multi_step_loss_weights_anneal_to_the_last_step(steps):
 
 def test_recipe_switches_by_epoch():
     learner = small_algorithm("maml", "sgd", 0.1, 3)
-    kwargs = dict(iterations_per_epoch=10, multi_step_loss_epochs=2, first_order_epochs=1)
-    apply_recipe(learner, 1, **kwargs)
+    kwargs = dict(multi_step_loss_epochs=2, first_order_epochs=1)
+    apply_recipe(learner, 0, **kwargs)
     assert learner.first_order and learner.step_weights == pytest.approx([1 / 3] * 3)
-    apply_recipe(learner, 11, **kwargs)  # epoch 1
+    apply_recipe(learner, 1, **kwargs)
     assert not learner.first_order and learner.step_weights == multi_step_loss_weights(3, 1, 2)
-    apply_recipe(learner, 21, **kwargs)  # epoch 2: last-step loss only, second order
+    apply_recipe(learner, 2, **kwargs)  # last-step loss only, second order
     assert not learner.first_order and learner.step_weights is None
 
 
@@ -113,6 +113,34 @@ def test_recipe_through_the_cli(tmp_path, capsys):
     assert code == 0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["first_order"] for m in metrics] == [True, True, False, False]
+    capsys.readouterr()
+
+
+def test_epochs_divide_the_run_or_its_wall_clock_budget():
+    """``--epochs E``: epoch = floor(progress x E), the progress the learning-rate schedule uses
+    (iterations done, or the budget used where further along), so MAML++'s epoch schedules scale
+    to a budget; without it, every ``--iterations_per_epoch`` iterations."""
+    from diffopt.train import current_epoch, run_progress
+
+    counted = resolve_config(iterations=1000, epochs=10)
+    epochs = [current_epoch(counted, t, run_progress(counted, t, 0.0)) for t in (1, 100, 101, 1000)]
+    assert epochs == [0, 0, 1, 9]
+    budget = resolve_config(iterations=10**6, max_seconds=200.0, epochs=150)
+    epochs = [current_epoch(budget, 5, run_progress(budget, 5, s)) for s in (0.0, 1.0, 1.34, 199.9, 250.0)]
+    assert epochs == [0, 0, 1, 149, 149]
+    default = resolve_config(iterations_per_epoch=7)
+    assert [current_epoch(default, t, 0.5) for t in (1, 7, 8, 15)] == [0, 0, 1, 2]
+    with pytest.raises(DiffoptError, match="--epochs must be a whole number >= 1"):
+        resolve_config(epochs=0)
+
+
+def test_epochs_through_the_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--inner_steps", "2", "--iterations", "6", "--meta_batch_size", "2",
+                 "--hidden", "8", "--epochs", "3", "--first_order_epochs", "1", "--progress", "False",
+                 "--run_dir", str(run)]) == 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["first_order"] for m in metrics] == [True, True, False, False, False, False]
     capsys.readouterr()
 
 

@@ -7,7 +7,9 @@ the training loop applies to MAML at every meta-iteration.
 - derivative-order annealing (DA): first order for the first ``first_order_epochs`` epochs,
   second order after.
 
-Epochs are ``iterations_per_epoch`` meta-iterations (500 in the paper's code).
+An epoch is ``iterations_per_epoch`` meta-iterations (500 in the paper's code) or, with
+``--epochs E``, 1/E of the run (``diffopt.train.current_epoch``): the paper's 150 epochs, of
+which MSL lasts the first 10, then scale to a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[
     return weights
 
 
-def apply_recipe(learner: MAML, iteration: int, *, iterations_per_epoch: int,
-                 multi_step_loss_epochs: int, first_order_epochs: int) -> None:
-    """Set ``learner``'s loss weights and derivative order for meta-iteration ``iteration`` (1-based)."""
-    epoch = (iteration - 1) // iterations_per_epoch
+def apply_recipe(learner: MAML, epoch: int, *, multi_step_loss_epochs: int, first_order_epochs: int) -> None:
+    """Set ``learner``'s loss weights and derivative order for a meta-iteration of ``epoch`` (0-based)."""
     steps = learner.inner.steps
     if steps > 0 and epoch < multi_step_loss_epochs:
         learner.step_weights = multi_step_loss_weights(steps, epoch, multi_step_loss_epochs)

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffopt.models.mlp import ACTIVATIONS
 from diffopt.models.norm import make_norm
 
 HEADS = ("flatten", "mean")
+PADDINGS = ("same", "symmetric")
+"""How a 3x3 convolution pads: ``same`` as TensorFlow's 'SAME' (the original MAML and Reptile
+code), which puts an odd total padding at the bottom and right (a stride-2 convolution of an
+even size pads 0 above, 1 below); ``symmetric`` as torch's ``padding=1``. They differ only for
+strided convolutions (Omniglot): stride-1 'SAME' pads 1 on every side."""
+
+
+class SameConv2d(nn.Conv2d):
+    """A 3x3 ``nn.Conv2d`` padded as TensorFlow's 'SAME' for its stride; same parameters and
+    output size as ``padding=1``, the sampling grid aligned as in TF."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__(in_channels, out_channels, 3, stride=stride, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+            total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + 3 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
 
 
 class Conv4(nn.Sequential):
@@ -19,7 +42,7 @@ class Conv4(nn.Sequential):
     then a linear layer on the features: the flattened last map (``head='flatten'``) or its mean
     over positions (``head='mean'``, cbfinn/maml on Omniglot). ``pool=False`` (Omniglot, as
     MAML): stride-2 convolutions, no pooling; ``pool=True`` (Mini-ImageNet): stride-1
-    convolutions each followed by 2x2 max-pooling.
+    convolutions each followed by 2x2 max-pooling. ``padding``: ``PADDINGS``.
     ``norm``: see ``diffopt.models.norm`` (``batch`` by default, as MAML); ``steps`` sizes a
     per-step norm, ``norm_eps`` is its epsilon.
     """
@@ -36,9 +59,12 @@ class Conv4(nn.Sequential):
         steps: int = 1,
         head: str = "flatten",
         norm_eps: float = 1e-5,
+        padding: str = "same",
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
         widths = [hidden] * 4 if isinstance(hidden, int) else list(hidden)
         widths = widths * 4 if len(widths) == 1 else widths
         if len(widths) != 4:
@@ -46,7 +72,9 @@ class Conv4(nn.Sequential):
         layers: list[nn.Module] = []
         size, channels = image_size, in_channels
         for width in widths:
-            layers.append(nn.Conv2d(channels, width, 3, stride=1 if pool else 2, padding=1))
+            stride = 1 if pool else 2
+            layers.append(SameConv2d(channels, width, stride) if padding == "same" and stride > 1
+                          else nn.Conv2d(channels, width, 3, stride=stride, padding=1))
             layers += [make_norm(norm, width, 2, steps, norm_eps), ACTIVATIONS[activation]()]
             if pool:
                 layers.append(nn.MaxPool2d(2))
