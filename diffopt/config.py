@@ -14,8 +14,8 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS
-from diffopt.models import ACTIVATIONS, HEADS, INITS, MODELS, NORMS, PADDINGS
+from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS, QUERY_NORM_ROWS
+from diffopt.models import ACTIVATIONS, HEADS, INITS, INPUT_NORMS, MODELS, NORMS, PADDINGS, POOL_PADDINGS
 from diffopt.optim import inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
@@ -47,7 +47,7 @@ class TrainConfig:
     meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
     model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
-    activation: str | None = option(None, f"MLP activation: {', '.join(ACTIVATIONS)}")
+    activation: str | None = option(None, f"activation of the MLP and conv4: {', '.join(ACTIVATIONS)}")
     head: str | None = option(
         None, f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map averaged over "
         "positions, cbfinn/maml on Omniglot); default: the algorithm's original code")
@@ -55,6 +55,17 @@ class TrainConfig:
         None, f"conv4's padding: {', '.join(PADDINGS)} (same: TensorFlow's 'SAME', the odd pixel at the "
         "bottom/right, as the original MAML and Reptile code; symmetric: torch's padding=1); they "
         "differ for the strided convolutions on Omniglot only; default: same")
+    pool: bool | None = option(
+        None, "conv4: stride-1 convolutions each followed by 2x2 max-pooling (True: MAML on "
+        "Mini-ImageNet, MAML++ on both datasets) or stride-2 convolutions (False: MAML and Reptile "
+        "on Omniglot); default: the dataset's")
+    pool_padding: str | None = option(
+        None, f"conv4's max-pooling of odd sizes: {', '.join(POOL_PADDINGS)} (valid drops the last "
+        "row/column, as MAML and MAML++; same keeps it, as Reptile's Mini-ImageNet model); default: "
+        "the algorithm's original code")
+    input_norm: str | None = option(
+        None, f"conv4 standardises its input per channel: {', '.join(INPUT_NORMS)} (imagenet: "
+        "MAML++ on Mini-ImageNet); default: none, as MAML and Reptile")
     norm_eps: float | None = option(
         None, "epsilon of the normalisation layers (TF's 1e-3 for MAML and Reptile on images, as "
         "their original code; torch's 1e-5 elsewhere)")
@@ -64,6 +75,10 @@ class TrainConfig:
     norm: str | None = option(
         None, f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: per_step_batch, "
         "per-inner-step running statistics, weights and biases)")
+    query_norm_row: str | None = option(
+        None, f"with --norm per_step_batch, the row the model after k inner steps reads for its "
+        f"queries: {', '.join(QUERY_NORM_ROWS)} (last_step: row k - 1, that of step k's support "
+        "forward, as MAML++; steps_taken: row k); default: last_step")
     inner_optimizer: str | None = option(
         None, f"inner-loop update rule: {', '.join(inner_rule_names())}")
     inner_lr: float | None = option(None, "inner-loop step size")
@@ -102,6 +117,10 @@ class TrainConfig:
     first_order_epochs: int = option(
         0, "MAML++ derivative-order annealing: first order for this many epochs, then second order "
         "(0: off; maml only)")
+    max_grad_value: float | None = option(
+        None, "clamp each element of the meta-gradient (of the mean query loss) to [-V, V] before "
+        "the outer step (cbfinn/maml and MAML++ on Mini-ImageNet: 10 on their losses' scales; "
+        "default: that for maml and fomaml on Mini-ImageNet, else none)")
     max_grad_norm: float | None = option(
         None, "clip the meta-gradient (all meta-parameters together) to this norm before the outer step")
     max_bad_steps: int = option(
@@ -146,14 +165,17 @@ class TrainConfig:
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
-    init="torch", head="flatten", padding="same", norm_eps=1e-5, inner_params="all",
+    init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
+    inner_params="all",
+    query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
     head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset",
-    inner_params="all", padding="symmetric")
+    inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
+    input_norm="none", max_grad_value=None)
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -207,6 +229,12 @@ def resolve_config(**flags: Any) -> TrainConfig:
         values["test_shots"] = values["shots"]
     if values["validation_steps"] is None:
         values["validation_steps"] = values["inner_steps"]
+    for name, value in values.items():  # defaults computed from the other options
+        if callable(value):
+            try:
+                values[name] = value(values)
+            except (TypeError, ValueError, ZeroDivisionError):  # a bad option: validate names it
+                values[name] = None
     if values["meta_lr_schedule"] is None:
         values["meta_lr_schedule"] = "constant" if values["meta_lr_final"] is None else "linear"
     config = TrainConfig(**values)
@@ -232,6 +260,14 @@ def validate(config: TrainConfig) -> None:
     _check_name("padding", "padding", config.padding, PADDINGS)
     if config.padding != "same" and config.model != "conv4":
         raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no convolutions")
+    _check_name("pool padding", "pool_padding", config.pool_padding, POOL_PADDINGS)
+    _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
+    if config.input_norm != "none" and config.model != "conv4":
+        raise DiffoptError(f"--input_norm {config.input_norm} applies to conv4 (images)")
+    _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)
+    if config.pool is not None and (config.model != "conv4" or not isinstance(config.pool, bool)):
+        raise DiffoptError(f"--pool takes True or False and applies to conv4; got {config.pool!r} with "
+                           f"--model {config.model}")
     _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
     _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
@@ -270,7 +306,8 @@ def validate(config: TrainConfig) -> None:
             f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
             f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
             "must not exceed it: lower --shots, --train_shots or --test_shots")
-    for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds", "max_grad_norm"):
+    for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds", "max_grad_norm",
+                 "max_grad_value"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)
     for name in ("multi_step_loss_epochs", "first_order_epochs"):

@@ -72,6 +72,12 @@ def _keep_adapted(grads, mask: list[bool]) -> list:
 
 
 INNER_STATES = ("reset", "persist")
+QUERY_NORM_ROWS = ("last_step", "steps_taken")
+"""Which row of a per-step layer (``PerStepBatchNorm``) the model after k >= 1 inner steps reads
+for data other than the next step's support forward (queries, evaluation): ``last_step`` row
+k - 1, the row of the support forward of step k, as MAML++ (its query forward after update k
+passes the step's index, few_shot_learning_system.py:217-243); ``steps_taken`` row k, the one the
+next step would use. Support forwards always read row k (the steps taken)."""
 """What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
 ``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
 (supervised-reptile: its Adam state is not among the variables reset after a task)."""
@@ -156,9 +162,10 @@ class InnerLoop(nn.Module):
     ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
     are meta-parameters: the outer optimizer updates them and the checkpoint saves them.
 
-    ``loss_reduction`` (``LOSS_REDUCTIONS``): the inner loss the steps descend (the losses reported
-    are the means). ``state`` (``INNER_STATES``): with ``persist``, an unroll called with
-    ``carry_state`` (a meta-training task) leaves its torch optimizer's final state in
+    ``query_norm_row`` (``QUERY_NORM_ROWS``): the per-step norm row the adapted model reads
+    outside the inner steps. ``loss_reduction`` (``LOSS_REDUCTIONS``): the inner loss the steps
+    descend (the losses reported are the means). ``state`` (``INNER_STATES``): with ``persist``,
+    an unroll called with ``carry_state`` (a meta-training task) leaves its torch optimizer's final state in
     ``carried_state``, which every later unroll starts from; other unrolls (evaluation tasks) start
     from it and leave it as it was, as supervised-reptile saves and restores its full state around
     an evaluation task.
@@ -166,8 +173,12 @@ class InnerLoop(nn.Module):
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
-                 state: str = "reset", loss_reduction: str = "mean", params: str = "all") -> None:
+                 state: str = "reset", loss_reduction: str = "mean", params: str = "all",
+                 query_norm_row: str = "last_step") -> None:
         super().__init__()
+        if query_norm_row not in QUERY_NORM_ROWS:
+            raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
+        self.query_norm_row = query_norm_row
         if state not in INNER_STATES:
             raise unknown_name("inner optimizer state", state, INNER_STATES)
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -263,9 +274,11 @@ class InnerLoop(nn.Module):
         yield fmodel
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
+            if per_step:
+                set_inner_step(fmodel, step)
             diffopt.step(self._step_loss(fmodel, loss_fn, *minibatch(x, y, order, step), losses))
             if per_step:
-                set_inner_step(fmodel, step + 1)
+                set_inner_step(fmodel, self.query_row(step + 1))
             yield fmodel
         if carry_state and self.carries_state:
             (group,) = diffopt.state  # one parameter group, in model.parameters() order
@@ -281,6 +294,10 @@ class InnerLoop(nn.Module):
         if losses is not None:
             losses.append(loss.detach())
         return reduce_loss(loss, prediction, self.loss_reduction)
+
+    def query_row(self, steps_taken: int) -> int:
+        """The per-step norm row the model after ``steps_taken`` steps reads for queries."""
+        return max(steps_taken - 1, 0) if self.query_norm_row == "last_step" else steps_taken
 
     @property
     def functional_rule(self) -> UpdateRule | None:
@@ -323,6 +340,8 @@ class InnerLoop(nn.Module):
         order = batch_order(x, y, steps, self.batch_size)
         mask = adapted_mask(model, self.params)
         for step in range(steps):
+            if per_step:
+                set_inner_step(learner, step)
             loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses)
             grads = _keep_adapted(torch.autograd.grad(loss, params, allow_unused=True), mask)
             with torch.no_grad():
@@ -331,7 +350,7 @@ class InnerLoop(nn.Module):
                     if update is not None:
                         param.add_(update)
             if per_step:
-                set_inner_step(learner, step + 1)
+                set_inner_step(learner, self.query_row(step + 1))
             yield learner
         if carry_state and self.carries_state and state is not None:
             self.carried_state = state
@@ -372,6 +391,7 @@ class InnerLoop(nn.Module):
         order = batch_order(x, y, steps, self.batch_size)
         mask = adapted_mask(model, self.params)
         for step in range(steps):
+            set_inner_step(model, step)
             constant = detach_inner_grads or not track  # no graph through the inner gradient
             grads, (_, loss) = torch.func.grad_and_value(inner_loss, has_aux=True)(
                 _detach_all(params) if constant else params, *minibatch(x, y, order, step))
@@ -381,7 +401,7 @@ class InnerLoop(nn.Module):
             if not track:
                 updates = _detach_all(updates)
             params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
-            set_inner_step(model, step + 1)
+            set_inner_step(model, self.query_row(step + 1))
             yield FunctionalModel(model, names, params)
 
     def _functional(self, model: nn.Module, track: bool) -> tuple[higher.patch._MonkeyPatchBase, bool]:

@@ -44,13 +44,17 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    head = dict(head=config.head, padding=config.padding) if config.model == "conv4" else {}
+    head = (dict(head=config.head, padding=config.padding, pool_padding=config.pool_padding,
+                 input_norm=config.input_norm) if config.model == "conv4" else {})
+    if config.pool is not None:
+        io = dict(io, pool=config.pool)
     model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
                         norm_eps=config.norm_eps, steps=config.inner_steps, **head, **io)
     initialize(model, config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size, state=config.inner_state,
-                      loss_reduction=config.inner_loss_reduction, params=config.inner_params)
+                      loss_reduction=config.inner_loss_reduction, params=config.inner_params,
+                      query_norm_row=config.query_norm_row)
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
                                 config.task_threads)
     try:
@@ -300,6 +304,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             metrics = algorithm.meta_gradient(episode)
             distributed.all_reduce_grads(algorithm)
             metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
+            if config.max_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
             norm = torch.nn.utils.clip_grad_norm_(
                 algorithm.parameters(), config.max_grad_norm or math.inf)
             finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))

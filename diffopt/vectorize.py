@@ -33,7 +33,7 @@ from torch import nn
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
-from diffopt.models.conv4 import SameConv2d
+from diffopt.models.conv4 import InputNorm, SameConv2d
 from diffopt.models.norm import ShiftBatchNorm
 
 VECTORIZE_MODES = ("auto", "always", "never")
@@ -44,7 +44,7 @@ T = TypeVar("T")
 VMAP_SAFE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.Linear, nn.Conv2d, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-    ShiftBatchNorm, SameConv2d,
+    ShiftBatchNorm, SameConv2d, InputNorm,
 )
 """Module types whose functional calls are checked under vmap by the gradient tests (plus
 subclasses of ``nn.Sequential`` that keep its ``forward``, such as ``diffopt.models.MLP``)."""

@@ -49,14 +49,15 @@ from diffopt.train import load_trained
 MAMLPP = dict(
     algorithm="maml", inner_optimizer="lslr", inner_lr=0.1, inner_steps=5, norm="per_step_batch",
     norm_eps=1e-5, inner_loss_reduction="mean", inner_params="all", head="flatten", init="glorot",
+    pool=True, activation="leaky_relu",
     meta_batch_size=8, test_shots=1, epochs=100, multi_step_loss_epochs=10, meta_lr_schedule="cosine",
     meta_lr_final=1e-5)
 """MAML++ on Omniglot (HowToTrainYourMAMLPytorch's omniglot_maml++ config, docs/protocols.md
 section 4): LSLR from 0.1, 5 inner steps, per-step batch norm, mean loss, meta-batch 8, one query
 image per class, 100 epochs (here: 1/100 of the budget each, ``--epochs``) with the multi-step
 loss over the first 10, cosine annealing to 1e-5. Its released
-configs use second order from the start (no derivative-order annealing); the model stays
-diffopt's strided conv-4 (theirs pools, with leaky ReLU: protocols.md, difference 19)."""
+configs use second order from the start (no derivative-order annealing). Their model: stride-1
+convolutions with 2x2 max-pooling and leaky ReLU (protocols.md, difference 19)."""
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,36 @@ def biases_before_batch_norm(model: torch.nn.Sequential) -> set[str]:
     return {f"model.{name}.bias" for (name, module), (_, following) in pairs
             if isinstance(module, torch.nn.Conv2d)
             and isinstance(following, (torch.nn.BatchNorm2d, ShiftBatchNorm))}
+
+
+@pytest.mark.parametrize("dataset, algorithm, flags, pools, features", [
+    ("omniglot", "maml", {}, 0, 64),  # cbfinn: strided, the last 2x2 map averaged
+    ("omniglot", "reptile", {}, 0, 256),  # supervised-reptile: strided, 2x2x64 flattened
+    ("miniimagenet", "maml", {}, 4, 800),  # cbfinn: 'VALID' pooling, 84-42-21-10-5
+    ("miniimagenet", "reptile", {}, 4, 1152),  # supervised-reptile: 'same' pooling, 84-42-21-11-6
+    # MAML++ on Omniglot: stride-1 convolutions, max-pooling (28-14-7-3-1), leaky ReLU
+    ("omniglot", "maml", dict(pool=True, activation="leaky_relu", head="flatten"), 4, 64),
+])
+def test_each_protocol_builds_its_original_feature_map(dataset, algorithm, flags, pools, features):
+    from diffopt.config import resolve_config
+    from diffopt.train import build
+
+    config = resolve_config(dataset=dataset, algorithm=algorithm, **flags)
+    model = build(config).model
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == pools
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].in_features == features
+    activation = torch.nn.LeakyReLU if flags.get("activation") == "leaky_relu" else torch.nn.ReLU
+    assert sum(isinstance(m, activation) for m in model.modules()) == 4
+    size = 28 if dataset == "omniglot" else 84
+    channels = 1 if dataset == "omniglot" else 3
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 5)
+
+
+def test_pool_applies_to_conv4_only():
+    from diffopt.config import resolve_config
+    from diffopt.errors import DiffoptError
+
+    with pytest.raises(DiffoptError, match="--pool takes True or False and applies to conv4"):
+        resolve_config(dataset="sinusoid", pool=True)
+    with pytest.raises(DiffoptError, match="unknown pool padding 'full'"):
+        resolve_config(dataset="miniimagenet", pool_padding="full")

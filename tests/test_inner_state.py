@@ -142,3 +142,8 @@ def test_a_run_saved_before_the_faithful_defaults_is_rebuilt_as_it_was_trained()
         "mean", "glorot_normal_output", "class_sum", "weights")
     assert rebuilt.inner_params == "all"
     assert (today.padding, rebuilt.padding) == ("same", "symmetric")
+    assert (today.query_norm_row, rebuilt.query_norm_row) == ("last_step", "steps_taken")
+    older_reptile = resolve_config(dataset="miniimagenet", algorithm="reptile").to_dict()
+    assert resolve_config(**older_reptile).pool_padding == "same"
+    del older_reptile["pool_padding"]
+    assert resolve_saved_config(older_reptile).pool_padding == "valid"

@@ -18,11 +18,12 @@ from diffopt.cli import main
 from diffopt.data import Episode, get_dataset
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
-from diffopt.inner import InnerLoop
+from diffopt.inner import QUERY_NORM_ROWS, InnerLoop
 from diffopt.models import MLP, Conv4, PerStepBatchNorm, ShiftBatchNorm
 
 
-def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0, hidden=(3, 2)):
+def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0, hidden=(3, 2),
+                  query_norm_row: str = "last_step", algorithm: str = "maml"):
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden, "tanh", norm="per_step_batch", steps=steps).double()
     with torch.no_grad():  # off the initial ones and zeros, as meta-training would leave them
@@ -30,14 +31,15 @@ def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0,
             if isinstance(module, PerStepBatchNorm):
                 module.weight.add_(0.2 * torch.randn_like(module.weight))
                 module.bias.add_(0.2 * torch.randn_like(module.bias))
-    return build_algorithm("maml", model, InnerLoop(rule, lr, steps, model=model), F.mse_loss)
+    inner = InnerLoop(rule, lr, steps, model=model, query_norm_row=query_norm_row)
+    return build_algorithm(algorithm, model, inner, F.mse_loss)
 
 
 @settings(max_examples=settings.default.max_examples // 10)  # profile's (conftest.py); slow FD
 @given(steps=st.integers(1, 3), rule=st.sampled_from(["sgd", "lslr", "meta_curvature"]),
-       lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16))
-def test_per_step_batch_norm_meta_gradient_matches_finite_differences(steps, rule, lr, seed):
-    algorithm = per_step_maml(steps, rule, lr, seed)
+       lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16), row=st.sampled_from(QUERY_NORM_ROWS))
+def test_per_step_batch_norm_meta_gradient_matches_finite_differences(steps, rule, lr, seed, row):
+    algorithm = per_step_maml(steps, rule, lr, seed, query_norm_row=row)
     assert not algorithm.vectorized  # buffers: the loop over tasks
     # Batch norm over 5 examples makes the meta-loss sharply curved: with eps 1e-6 the central
     # difference's truncation error reached 1.1e-5 (it fell as eps^2: 1.1e-3 at 1e-5, 1.1e-7 at
@@ -49,24 +51,31 @@ def test_per_step_batch_norm_meta_gradient_matches_finite_differences(steps, rul
     assert norm_weight.grad_scale > 0
 
 
-def test_every_step_has_its_own_weights_and_statistics():
+@pytest.mark.parametrize("algorithm_name", ["maml", "fomaml"])
+@pytest.mark.parametrize("query_norm_row", QUERY_NORM_ROWS)
+def test_every_step_has_its_own_weights_and_statistics(query_norm_row, algorithm_name):
     steps = 3
-    algorithm = per_step_maml(steps)
+    algorithm = per_step_maml(steps, query_norm_row=query_norm_row, algorithm=algorithm_name)
     norm = algorithm.model[1]
     episode = random_episode(1, tasks=1, shots=6, queries=6)
     task = next(iter(episode))
     algorithm.zero_grad()
     algorithm.meta_gradient(episode)
-    # Rows 0..steps-1 normalise the support forward of each step; the query loss after the last
-    # step uses row `steps`: every row's weight gets a gradient.
+    # Rows 0..steps-1 normalise the support forward of each step. The query loss after the last
+    # step reads row steps - 1 under MAML++'s pairing (last_step), row `steps` under steps_taken,
+    # so only there does every row's weight get a gradient (first order: only the query's row).
     assert norm.weight.shape == (steps + 1, 3)
-    assert all(norm.weight.grad[row].abs().sum() > 0 for row in range(steps + 1))
+    used = [steps - 1 if query_norm_row == "last_step" else steps]
+    if algorithm_name == "maml":
+        used = range(steps + 1) if query_norm_row == "steps_taken" else range(steps)
+    assert [row for row in range(steps + 1) if norm.weight.grad[row].abs().sum() > 0] == list(used)
+    assert (norm.running_mean[steps].abs().sum() > 0) == (query_norm_row == "steps_taken")
     # Running statistics land in the model itself (higher's copies would discard them); row 0
     # saw exactly one batch, the support set through the initial first layer.
     with torch.no_grad():
         first = algorithm.model[0](task.support_x).mean(0)
     torch.testing.assert_close(norm.running_mean[0], 0.1 * first)
-    assert all(norm.running_mean[row].abs().sum() > 0 for row in range(steps + 1))
+    assert all(norm.running_mean[row].abs().sum() > 0 for row in range(steps))
 
 
 def test_at_initialisation_it_is_batch_norm():

@@ -78,6 +78,26 @@ def test_meta_gradient_clipping_bounds_the_outer_step(tmp_path):
     assert moved == pytest.approx(1e-3, rel=1e-4)
 
 
+def test_clipping_by_value_bounds_every_element(tmp_path):
+    config = resolve_config(run_dir=str(tmp_path), outer_optimizer="sgd", meta_lr=1.0,
+                            max_grad_value=1e-4, **{**TINY, "iterations": 1})
+    before = [p.detach().clone() for p in train_module.build(config).parameters()]
+    after = list(train_module.train(config).algorithm.parameters())
+    steps = torch.cat([(a.detach() - b).flatten() for a, b in zip(after, before, strict=True)])
+    assert steps.abs().max() == pytest.approx(1e-4, rel=1e-3)  # some elements were clamped (float32)
+    assert 0 < (steps.abs() < 0.99e-4).sum() < steps.numel()  # and some were not
+
+
+@pytest.mark.parametrize("dataset, algorithm, shots, expected", [
+    ("miniimagenet", "maml", 1, 10 / 75), ("miniimagenet", "fomaml", 5, 10 * 5 / 75),
+    ("miniimagenet", "reptile", 1, None), ("omniglot", "maml", 1, None)])
+def test_cbfinn_clamps_mini_imagenet_meta_gradients_on_its_loss_scale(dataset, algorithm, shots, expected):
+    """maml.py:147-148 clamps at 10 the gradient of a loss ways x 15 / shots times diffopt's mean."""
+    config = resolve_config(dataset=dataset, algorithm=algorithm, shots=shots)
+    assert config.max_grad_value == (None if expected is None else pytest.approx(expected))
+    assert resolve_config(dataset=dataset, algorithm=algorithm, max_grad_value=3.0).max_grad_value == 3.0
+
+
 # Every option of `diffopt train` with values that are wrong for it.
 BAD_VALUES = st.one_of(st.sampled_from([-1, 0, 10**12, -1e300, math.nan, math.inf, "nope", "", "1,2,x",
                                         "True", "[]", "{}", "None"]),

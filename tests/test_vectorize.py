@@ -21,6 +21,7 @@ from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
+from diffopt.models.conv4 import InputNorm
 from diffopt.vectorize import vmap_obstacle
 
 
@@ -170,3 +171,29 @@ def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, se
     algorithm = cbfinn_conv4("maml", steps, "always", seed)
     result = check_meta_gradient(algorithm, image_tasks(seed), eps=(1e-6, 1e-7))
     assert result.max_rel_error < 1e-5, result.per_parameter
+
+
+def test_input_norm_conv4_is_vmapped_and_equals_the_loop():
+    """MAML++'s Mini-ImageNet input standardisation (``--input_norm imagenet``) under vmap."""
+    def algorithm(vectorize: str):
+        torch.manual_seed(0)
+        model = initialize(Conv4(3, 3, 4, 16, pool=True, norm="batch_shift", input_norm="imagenet"),
+                           "glorot").double()
+        return build_algorithm("maml", model, InnerLoop("sgd", 0.1, 2), F.cross_entropy, vectorize)
+
+    vmapped, loop = algorithm("always"), algorithm("never")
+    assert isinstance(vmapped.model[0], InputNorm) and vmap_obstacle(vmapped.model, vmapped.inner) is None
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 12, 3, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat(3, 4)
+    episode = Episode(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:])
+    loop_metrics, loop_grads = grads(loop, episode)
+    vmap_metrics, vmap_grads = grads(vmapped, episode)
+    assert loop_metrics["loss"] == pytest.approx(vmap_metrics["loss"], rel=1e-10)
+    for a, b in zip(loop_grads, vmap_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+        standardised = (x[0, :2] - mean) / std
+        torch.testing.assert_close(vmapped.model[0](x[0, :2]), standardised)

@@ -99,6 +99,16 @@ MAML_OMNIGLOT: dict[str, Any] = dict(MAML_IMAGES, test_shots=None, head="mean", 
 (main.py: DataGenerator(update_batch_size * 2)); the output layer reads the last map averaged
 over positions, initialised N(0, 1)."""
 
+def cbfinn_value_clip(values: dict[str, Any]) -> float:
+    """cbfinn/maml clamps Mini-ImageNet's meta-gradient elements to [-10, 10] (maml.py:147-148), the
+    gradient of a meta-loss summed over a task's queries and divided by the shots (maml.py:136):
+    ways x test_shots / shots times diffopt's mean query loss, so its 10 is this here."""
+    return 10.0 * values["shots"] / (values["ways"] * values["test_shots"])
+
+
+MAML_MINIIMAGENET: dict[str, Any] = dict(MAML_IMAGES, max_grad_value=cbfinn_value_clip)
+"""cbfinn/maml on Mini-ImageNet: its images' settings and the clamped meta-gradient."""
+
 REPTILE_IMAGES: dict[str, Any] = dict(
     inner_optimizer="adam_beta1_0", inner_lr=0.001, inner_batch_size=10, inner_state="persist",
     inner_loss_reduction="sum", norm_eps=1e-3,
@@ -154,9 +164,10 @@ DATASETS: dict[str, DatasetSpec] = {
         defaults=dict(model="conv4", hidden=(32,), activation="relu", norm="batch", init="glorot",
                       ways=5, shots=1, test_shots=15, meta_batch_size=4, inner_lr=0.01, inner_steps=5),
         # Nichol et al. 2018, Mini-ImageNet 5-way: 15 examples per class per task while
-        # meta-training (here 10 support + 5 query), 8 inner steps.
-        algorithm_defaults=dict(maml=MAML_IMAGES, fomaml=MAML_IMAGES,
-                                reptile=dict(REPTILE_IMAGES, train_shots=10, test_shots=5, inner_steps=8)),
+        # meta-training (here 10 support + 5 query), 8 inner steps; 'same' max-pooling (6x6 map).
+        algorithm_defaults=dict(maml=MAML_MINIIMAGENET, fomaml=MAML_MINIIMAGENET,
+                                reptile=dict(REPTILE_IMAGES, train_shots=10, test_shots=5, inner_steps=8,
+                                             pool_padding="same")),
     ),
 }
 

@@ -8,12 +8,13 @@ from typing import Any
 from torch import nn
 
 from diffopt.errors import unknown_name
-from diffopt.models.conv4 import HEADS, PADDINGS, Conv4
+from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
 
-__all__ = ["ACTIVATIONS", "HEADS", "INITS", "MLP", "MODELS", "NORMS", "PADDINGS", "Conv4", "PerStepBatchNorm",
-           "ShiftBatchNorm", "build_model", "initialize", "set_inner_step"]
+__all__ = ["ACTIVATIONS", "HEADS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS", "PADDINGS",
+           "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ShiftBatchNorm", "build_model", "initialize",
+           "set_inner_step"]
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
 

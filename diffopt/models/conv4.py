@@ -13,6 +13,34 @@ from diffopt.models.mlp import ACTIVATIONS
 from diffopt.models.norm import make_norm
 
 HEADS = ("flatten", "mean")
+POOL_PADDINGS = ("valid", "same")
+"""How 2x2 max-pooling treats an odd size: ``valid`` drops the last row/column (torch's default,
+MAML's and MAML++'s: 84-42-21-10-5), ``same`` keeps it (TF's 'SAME', supervised-reptile's
+Mini-ImageNet model: 84-42-21-11-6)."""
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "none": None, "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+"""Per-channel (mean, std) the input is standardised with: ``imagenet``'s is MAML++'s on
+Mini-ImageNet (HowToTrainYourMAMLPytorch data.py:98-106); the other originals feed [0, 1]."""
+
+
+class InputNorm(nn.Module):
+    """(x - mean) / std per channel of [N, C, H, W]; constants, not parameters or buffers (so the
+    model stays vmappable and checkpoints are unchanged)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return (x - mean) / std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
 PADDINGS = ("same", "symmetric")
 """How a 3x3 convolution pads: ``same`` as TensorFlow's 'SAME' (the original MAML and Reptile
 code), which puts an odd total padding at the bottom and right (a stride-2 convolution of an
@@ -42,7 +70,8 @@ class Conv4(nn.Sequential):
     then a linear layer on the features: the flattened last map (``head='flatten'``) or its mean
     over positions (``head='mean'``, cbfinn/maml on Omniglot). ``pool=False`` (Omniglot, as
     MAML): stride-2 convolutions, no pooling; ``pool=True`` (Mini-ImageNet): stride-1
-    convolutions each followed by 2x2 max-pooling. ``padding``: ``PADDINGS``.
+    convolutions each followed by 2x2 max-pooling. ``padding``: ``PADDINGS``; ``pool_padding``:
+    ``POOL_PADDINGS``; ``input_norm``: ``INPUT_NORMS`` (a first ``InputNorm`` layer).
     ``norm``: see ``diffopt.models.norm`` (``batch`` by default, as MAML); ``steps`` sizes a
     per-step norm, ``norm_eps`` is its epsilon.
     """
@@ -60,16 +89,23 @@ class Conv4(nn.Sequential):
         head: str = "flatten",
         norm_eps: float = 1e-5,
         padding: str = "same",
+        pool_padding: str = "valid",
+        input_norm: str = "none",
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
         if padding not in PADDINGS:
             raise ValueError(f"unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
+        if pool_padding not in POOL_PADDINGS:
+            raise ValueError(f"unknown pool padding {pool_padding!r}; choose from {', '.join(POOL_PADDINGS)}")
         widths = [hidden] * 4 if isinstance(hidden, int) else list(hidden)
         widths = widths * 4 if len(widths) == 1 else widths
         if len(widths) != 4:
             raise ValueError(f"conv4 takes one filter count or four; got {hidden!r}")
-        layers: list[nn.Module] = []
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input norm {input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
+        statistics = INPUT_NORMS[input_norm]
+        layers: list[nn.Module] = [] if statistics is None else [InputNorm(*statistics)]
         size, channels = image_size, in_channels
         for width in widths:
             stride = 1 if pool else 2
@@ -77,8 +113,9 @@ class Conv4(nn.Sequential):
                           else nn.Conv2d(channels, width, 3, stride=stride, padding=1))
             layers += [make_norm(norm, width, 2, steps, norm_eps), ACTIVATIONS[activation]()]
             if pool:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
+                keep_odd = pool_padding == "same"
+                layers.append(nn.MaxPool2d(2, ceil_mode=keep_odd))
+                size = (size + 1) // 2 if keep_odd else size // 2
             else:
                 size = (size + 1) // 2
             channels = width

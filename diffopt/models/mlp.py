@@ -8,7 +8,9 @@ from torch import nn
 
 from diffopt.models.norm import make_norm
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "softplus": nn.Softplus,
+               "sigmoid": nn.Sigmoid}
+"""By name; ``leaky_relu`` has torch's slope 0.01, the MAML++ model's (``F.leaky_relu``'s default)."""
 
 
 class MLP(nn.Sequential):
