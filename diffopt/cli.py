@@ -81,6 +81,7 @@ def evaluate(
     device: str = "cpu",
     transductive: bool = True,
     inner_batch_size: int | None = None,
+    rotations: bool = True,
 ) -> None:
     """Adapt a trained run to held-out tasks and report the metric after each number of steps.
 
@@ -97,6 +98,8 @@ def evaluate(
             batch with the support set alone (Reptile's non-transductive protocol)
         inner_batch_size: examples per inner step at evaluation (default: the run's; Reptile's
             --eval-batch)
+        rotations: Omniglot only; False: test on the characters alone, not their rotated
+            copies (Reptile's and MAML++'s test protocol)
     """
     from diffopt.checkpoint import write_json
     from diffopt.data import get_dataset
@@ -108,8 +111,9 @@ def evaluate(
         check_int(name, value, minimum)
     if test_shots is not None:
         check_int("test_shots", test_shots, 1)
-    if not isinstance(transductive, bool):
-        raise DiffoptError(f"--transductive must be True or False; got {transductive!r}")
+    for name, value in [("transductive", transductive), ("rotations", rotations)]:
+        if not isinstance(value, bool):
+            raise DiffoptError(f"--{name} must be True or False; got {value!r}")
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
@@ -119,7 +123,7 @@ def evaluate(
     evaluation = run_evaluation(
         algorithm, spec, shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
-        transductive=transductive,
+        transductive=transductive, rotations=rotations,
     )
     if not distributed.is_main():
         return
@@ -130,9 +134,10 @@ def evaluate(
         print(f"{evaluation.metric} after {step:>3} steps: {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
     run_path = Path(run)
     if run_path.is_dir():
-        write_json(run_path / f"eval-k{config.shots}-seed{seed}.json", {
+        unrotated = "" if rotations else "-unrotated"
+        write_json(run_path / f"eval-k{config.shots}-seed{seed}{unrotated}.json", {
             "metric": evaluation.metric, "tasks": tasks, "shots": config.shots,
-            "test_shots": test_shots, "seed": seed, "summary": summary,
+            "test_shots": test_shots, "seed": seed, "rotations": rotations, "summary": summary,
             "scores": {s: v.tolist() for s, v in evaluation.scores.items()},
         })
 

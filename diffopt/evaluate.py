@@ -81,6 +81,7 @@ def evaluate(
     root: str = "data",
     transductive: bool = True,
     split: str = "test",
+    rotations: bool = True,
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
@@ -92,6 +93,8 @@ def evaluate(
     norm normalises it with its own statistics. Otherwise (the Reptile paper's protocol) each
     query example is predicted in a batch with the support set alone, so no query example
     sees another. ``split``: 'val' scores validation tasks (learning curves, model selection).
+    ``rotations=False``: Omniglot's characters without their rotated copies (the test classes
+    of Reptile and MAML++; MAML tests on rotated ones, as diffopt by default).
 
     Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
     scores, in task order.
@@ -110,7 +113,7 @@ def evaluate(
                             for step, fmodel in enumerate(unrolled) if step in steps])
 
     loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
-                         batch_size=batch_size, num_tasks=tasks, root=root)
+                         batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
     shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)

@@ -23,6 +23,7 @@ from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.data import Episode
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
+from diffopt.errors import DiffoptError
 from diffopt.inner import batch_order
 from diffopt.train import load_trained
 
@@ -146,6 +147,10 @@ def test_omniglot_end_to_end_maml_conv4(omniglot_root, tmp_path):
     for steps in (0, 1):
         assert result.scores[steps].shape == (4,)
         assert set(np.round(result.scores[steps] * 15).astype(int)) <= set(range(16))
+    assert main(["evaluate", str(run), "--tasks", "4", "--steps", "1", "--rotations", "False"]) == 0
+    unrotated = json.loads((run / "eval-k1-seed2017-unrotated.json").read_text())
+    assert unrotated["rotations"] is False and len(unrotated["scores"]["1"]) == 4
+    assert not (run / "eval-k1-seed2017.json").exists()  # the rotated protocol's file is another
 
 
 @pytest.mark.slow
@@ -241,6 +246,25 @@ def test_omniglot_rotations_are_new_classes(omniglot_root):
         assert original.shape == rotated.shape == (1, 28, 28)
         torch.testing.assert_close(rotated, torch.rot90(original, k, dims=(1, 2)), atol=0.02, rtol=0)
         assert not torch.allclose(rotated, original, atol=0.02)
+
+
+def test_omniglot_test_tasks_without_rotations_use_the_characters_alone(omniglot_root):
+    """Reptile's and MAML++'s test protocol (``evaluate --rotations False``): the test split's
+    characters, none of their rotated copies; the character images are those of the rotated pool."""
+    from diffopt.data import get_dataset
+
+    spec = get_dataset("omniglot")
+    common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=4, root=str(omniglot_root))
+    plain, rotated = spec.loader("test", rotations=False, **common), spec.loader("test", **common)
+    characters = len(json.loads((omniglot_root / "omniglot" / "vinyals_test_labels.json").read_text()))
+    assert len(plain.dataset.dataset.dataset) == characters
+    assert len(rotated.dataset.dataset.dataset) == 4 * characters
+    first, _ = plain.dataset.dataset.dataset[11][3]
+    torch.testing.assert_close(first, rotated.dataset.dataset.dataset[11][3][0])
+    batch = next(iter(plain))
+    assert batch["train"][0].shape == (2, 5, 1, 28, 28)
+    with pytest.raises(DiffoptError, match="--rotations False applies to omniglot"):
+        get_dataset("sinusoid").loader("test", rotations=False, **{**common, "ways": None})
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffopt.data.episode import Episode, Task
 from diffopt.data.images import miniimagenet_loader, omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
-from diffopt.errors import unknown_name
+from diffopt.errors import DiffoptError, unknown_name
 
 __all__ = ["DATASETS", "DatasetSpec", "Episode", "Task", "get_dataset", "split_seed"]
 
@@ -65,15 +65,23 @@ class DatasetSpec:
     """Training options this dataset's literature uses (overridden by explicit flags)."""
     algorithm_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per-algorithm overrides of ``defaults`` (e.g. Reptile's inner loop and outer schedule)."""
+    rotated_classes: bool = False
+    """Whether the classes include rotated copies (Omniglot, as MAML), which ``loader`` can leave out."""
 
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
         num_tasks: int, num_workers: int = 0, ways: int | None = None, root: str = "data",
-        start: int = 0,
+        start: int = 0, rotations: bool = True,
     ):
         """Loader over tasks ``start`` .. ``num_tasks - 1`` of ``split``, in an order fixed by
-        ``seed``; image datasets are read from ``root`` (as ``diffopt data prepare`` wrote it)."""
+        ``seed``; image datasets are read from ``root`` (as ``diffopt data prepare`` wrote it).
+        ``rotations=False``: the characters alone, not their rotated copies (Omniglot; Reptile's
+        and MAML++'s test classes)."""
         kwargs = dict(ways=ways) if self.classification else {}
+        if not rotations:
+            if not self.rotated_classes:
+                raise DiffoptError(f"--rotations False applies to omniglot; {self.name} has no rotated classes")
+            kwargs["rotations"] = False
         return self.make_loader(
             split=split, shots=shots, test_shots=test_shots, batch_size=batch_size,
             num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,
@@ -145,6 +153,7 @@ DATASETS: dict[str, DatasetSpec] = {
         make_loader=omniglot_loader,
         examples_per_class=20,
         model_io=dict(in_channels=1, image_size=28, pool=False),
+        rotated_classes=True,
         # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
         # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
         defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", init="glorot",

@@ -70,7 +70,7 @@ class Examples(Dataset):
 
 
 _IMAGE_CACHES: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}
-"""(dataset, root, split) -> class index -> example index -> transformed image."""
+"""(dataset, root, split, rotations) -> class index -> example index -> transformed image."""
 
 
 def _compact(image: torch.Tensor) -> torch.Tensor:
@@ -185,10 +185,11 @@ def prepare_hint(name: str, root: str) -> str:
 
 def torchmeta_loader(
     name: str, *, split: str, ways: int, shots: int, test_shots: int, batch_size: int,
-    num_tasks: int, seed: int, root: str, num_workers: int = 0, start: int = 0,
+    num_tasks: int, seed: int, root: str, num_workers: int = 0, start: int = 0, rotations: bool = True,
 ):
     """Batches of ``batch_size`` tasks of torchmeta's ``name`` helper from the ``split`` classes,
-    tasks ``start`` .. ``num_tasks - 1``.
+    tasks ``start`` .. ``num_tasks - 1``; ``rotations=False`` leaves out the rotated copies of
+    the classes that torchmeta's Omniglot helper adds (``class_augmentations``).
 
     Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots),
     C, H, W] float in [0, 1], y [B, ...] int64 labels 0..ways-1.
@@ -200,9 +201,10 @@ def torchmeta_loader(
     from torchmeta.datasets import helpers
     from torchmeta.utils.data import BatchMetaDataLoader
 
+    augmentation = {} if rotations else {"class_augmentations": None}
     dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
-                                     **{TORCHMETA_SPLITS[split]: True}, download=False)
-    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split), {})
+                                     **{TORCHMETA_SPLITS[split]: True}, download=False, **augmentation)
+    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split, rotations), {})
     dataset.dataset = CachedClasses(dataset.dataset, cache)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
     return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
