@@ -122,7 +122,7 @@ def evaluate(
     test_shots = spec.eval_test_shots if test_shots is None else test_shots
     evaluation = run_evaluation(
         algorithm, spec, shots=config.shots, test_shots=test_shots,
-        tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, root=config.data_root,
+        tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, **config.data_options(),
         transductive=transductive, rotations=rotations,
     )
     if not distributed.is_main():
@@ -308,7 +308,7 @@ def gradcheck(
     loader = get_dataset(config.dataset).loader(
         "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots,
         ways=config.ways, batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size,
-        root=config.data_root,
+        **config.data_options(),
     )
     episode = Episode.from_torchmeta(next(iter(loader)))
     result = check_meta_gradient(meta_learner, episode, eps=eps)

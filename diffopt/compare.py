@@ -379,7 +379,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
     evaluation = evaluate(
         result.algorithm, spec, shots=config.shots, test_shots=settings.eval_test_shots,
         tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
-        device=config.device, ways=config.ways, root=config.data_root)
+        device=config.device, ways=config.ways, **config.data_options())
     record = {
         "config": config.to_dict(), "settings": asdict(settings),
         "result": {

@@ -34,6 +34,10 @@ class TrainConfig:
     algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
     dataset: str = option("sinusoid", f"dataset: {', '.join(DATASETS)}")
     data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
+    images: str = option(
+        "bilinear", "Omniglot image preprocessing: bilinear (torchmeta's antialiased resize, grey "
+        "strokes 1: one pipeline for every algorithm), nearest (binary, strokes 1: cbfinn/maml) or "
+        "nearest_strokes_0 (binary, strokes 0: supervised-reptile, MAML++)")
     shots: int = option(10, "support examples per task (K); per class for classification")
     test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
     train_shots: int | None = option(
@@ -161,6 +165,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def data_options(self) -> dict[str, Any]:
+        """The keyword arguments every loader of this run takes (``DatasetSpec.loader``,
+        ``diffopt.evaluate.evaluate``): where the data is and how its images are prepared."""
+        return {"root": self.data_root, "images": self.images}
+
 
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
@@ -175,7 +184,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
 SAVED_BEFORE: dict[str, Any] = dict(
     head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
-    input_norm="none", max_grad_value=None)
+    input_norm="none", max_grad_value=None, images="bilinear")
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -262,6 +271,8 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no convolutions")
     _check_name("pool padding", "pool_padding", config.pool_padding, POOL_PADDINGS)
     _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
+    if config.images != "bilinear":
+        _check_name(f"{spec.name} image preprocessing", "images", config.images, spec.image_options)
     if config.input_norm != "none" and config.model != "conv4":
         raise DiffoptError(f"--input_norm {config.input_norm} applies to conv4 (images)")
     _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)

@@ -82,6 +82,7 @@ def evaluate(
     transductive: bool = True,
     split: str = "test",
     rotations: bool = True,
+    images: str = "bilinear",
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
@@ -94,7 +95,8 @@ def evaluate(
     query example is predicted in a batch with the support set alone, so no query example
     sees another. ``split``: 'val' scores validation tasks (learning curves, model selection).
     ``rotations=False``: Omniglot's characters without their rotated copies (the test classes
-    of Reptile and MAML++; MAML tests on rotated ones, as diffopt by default).
+    of Reptile and MAML++; MAML tests on rotated ones, as diffopt by default). ``images``: the
+    image preprocessing the run trained with (``TrainConfig.data_options``).
 
     Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
     scores, in task order.
@@ -113,7 +115,8 @@ def evaluate(
                             for step, fmodel in enumerate(unrolled) if step in steps])
 
     loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
-                         batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations)
+                         batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations,
+                         images=images)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
     shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)

@@ -211,7 +211,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         "train", seed=config.seed, shots=config.train_shots or config.shots,
         test_shots=config.test_shots, ways=config.ways, batch_size=config.meta_batch_size,
         num_tasks=config.iterations * config.meta_batch_size, num_workers=config.num_workers,
-        root=config.data_root, start=done * config.meta_batch_size,
+        start=done * config.meta_batch_size, **config.data_options(),
     )
     distributed.init(config.device)
     main = distributed.is_main()
@@ -270,7 +270,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         evaluation = evaluate(
             algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots, ways=config.ways,
             tasks=config.validation_tasks, steps=(config.validation_steps,), split="val",
-            device=config.device, root=config.data_root)
+            device=config.device, **config.data_options())
         _set_random_state(state)
         mean, ci95 = evaluation.summary(config.validation_steps)
         with open(validation_path if main else os.devnull, "a") as out:

@@ -215,7 +215,7 @@ def _scores(folder: Path, steps: int, tasks: int, transductive: bool, iteration:
     config, algorithm, payload = load_trained(folder)
     spec = get_dataset("omniglot")
     evaluation = evaluate(algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots,
-                          ways=config.ways, tasks=tasks, steps=(steps,), root=config.data_root,
+                          ways=config.ways, tasks=tasks, steps=(steps,), **config.data_options(),
                           transductive=transductive)
     write_json(cache, {"iteration": payload["iteration"], "scores": evaluation.scores[steps].tolist()})
     return evaluation.scores[steps]

@@ -267,6 +267,50 @@ def test_omniglot_test_tasks_without_rotations_use_the_characters_alone(omniglot
         get_dataset("sinusoid").loader("test", rotations=False, **{**common, "ways": None})
 
 
+def test_omniglot_image_preprocessings(omniglot_root):
+    """``--images``: torchmeta's bilinear grey images, or the originals' binary nearest-neighbour
+    ones with strokes 1 (cbfinn/maml) or 0 (supervised-reptile, MAML++)."""
+    from diffopt.data import get_dataset
+
+    spec = get_dataset("omniglot")
+    common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=2, root=str(omniglot_root))
+    pictures = {images: next(iter(spec.loader("test", images=images, **common)))["train"][0]
+                for images in ("bilinear", "nearest", "nearest_strokes_0")}
+    assert len(torch.unique(pictures["bilinear"])) > 10  # grey levels
+    assert set(torch.unique(pictures["nearest"]).tolist()) == {0.0, 1.0}
+    assert pictures["nearest"].mean() < 0.5  # strokes 1 on a background of 0
+    torch.testing.assert_close(pictures["nearest_strokes_0"], 1 - pictures["nearest"])
+    # the same tasks (classes, examples, order): the binary image is near the grey one
+    assert (pictures["nearest"] - pictures["bilinear"]).abs().mean() < 0.1
+    with pytest.raises(DiffoptError, match="unknown omniglot image preprocessing 'lanczos'"):
+        spec.loader("test", images="lanczos", **common)
+
+
+def test_every_loader_of_a_run_uses_its_image_preprocessing(omniglot_root, tmp_path, monkeypatch):
+    """Training, validation and ``diffopt evaluate`` all read the run's ``--images``."""
+    from diffopt.data import DatasetSpec
+
+    seen = []
+    original = DatasetSpec.loader
+
+    def spy(self, split, **kwargs):
+        seen.append((split, kwargs.get("images")))
+        return original(self, split, **kwargs)
+
+    monkeypatch.setattr(DatasetSpec, "loader", spy)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "omniglot", "--data_root", str(omniglot_root), "--iterations", "2",
+                 "--meta_batch_size", "2", "--validate_every", "1", "--validation_tasks", "2",
+                 "--images", "nearest_strokes_0", "--run_dir", str(run), "--progress", "False"]) == 0
+    assert main(["evaluate", str(run), "--tasks", "2", "--steps", "1"]) == 0
+    assert {split for split, _ in seen} == {"train", "val", "test"}
+    assert {images for _, images in seen} == {"nearest_strokes_0"}
+    with pytest.raises(DiffoptError, match="unknown miniimagenet image preprocessing 'nearest'"):
+        from diffopt.config import resolve_config
+
+        resolve_config(dataset="miniimagenet", images="nearest")
+
+
 @pytest.mark.slow
 def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
     """examples/omniglot_table.py at a tiny budget: four 1-shot runs, then the table and the plot."""

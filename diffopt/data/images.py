@@ -70,7 +70,7 @@ class Examples(Dataset):
 
 
 _IMAGE_CACHES: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}
-"""(dataset, root, split, rotations) -> class index -> example index -> transformed image."""
+"""(dataset, root, split, rotations, images) -> class index -> example index -> transformed image."""
 
 
 def _compact(image: torch.Tensor) -> torch.Tensor:
@@ -177,6 +177,31 @@ class IndexedTasks(Dataset):
         return len(self.dataset)
 
 
+class _StrokesZero:
+    """x -> 1 - x: strokes 0 on a background of 1, as the original PNGs (picklable for workers)."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return 1 - image
+
+
+def omniglot_transform(images: str):
+    """The transform from a prepared (inverted, 105x105) Omniglot image to a [1, 28, 28] tensor;
+    ``images`` is one of ``OMNIGLOT_IMAGES``."""
+    from torchvision.transforms import Compose, InterpolationMode, Resize, ToTensor
+
+    if images == "bilinear":
+        return Compose([Resize(28), ToTensor()])  # torchmeta's helper (helpers.py:78)
+    steps = [Resize(28, interpolation=InterpolationMode.NEAREST), ToTensor()]
+    return Compose(steps + ([_StrokesZero()] if images == "nearest_strokes_0" else []))
+
+
+OMNIGLOT_IMAGES = ("bilinear", "nearest", "nearest_strokes_0")
+"""Omniglot preprocessing: ``bilinear`` torchmeta's (antialiased resize: grey strokes 1, the
+default, one pipeline for every algorithm); ``nearest`` a nearest-neighbour resize of the binary
+image, strokes 1 (cbfinn/maml: LANCZOS on a 1-bit PNG is nearest, then inverted); and
+``nearest_strokes_0`` the same, strokes 0 (supervised-reptile, MAML++: not inverted)."""
+
+
 def prepare_hint(name: str, root: str) -> str:
     """What to run when dataset ``name`` is not (completely) prepared under ``root``."""
     return (f"{name} is not prepared in {Path(root) / name}: run `diffopt data prepare {name} "
@@ -186,10 +211,12 @@ def prepare_hint(name: str, root: str) -> str:
 def torchmeta_loader(
     name: str, *, split: str, ways: int, shots: int, test_shots: int, batch_size: int,
     num_tasks: int, seed: int, root: str, num_workers: int = 0, start: int = 0, rotations: bool = True,
+    images: str = "bilinear",
 ):
     """Batches of ``batch_size`` tasks of torchmeta's ``name`` helper from the ``split`` classes,
     tasks ``start`` .. ``num_tasks - 1``; ``rotations=False`` leaves out the rotated copies of
-    the classes that torchmeta's Omniglot helper adds (``class_augmentations``).
+    the classes that torchmeta's Omniglot helper adds (``class_augmentations``); ``images``: the
+    preprocessing (``OMNIGLOT_IMAGES``; Omniglot only).
 
     Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots),
     C, H, W] float in [0, 1], y [B, ...] int64 labels 0..ways-1.
@@ -201,10 +228,12 @@ def torchmeta_loader(
     from torchmeta.datasets import helpers
     from torchmeta.utils.data import BatchMetaDataLoader
 
-    augmentation = {} if rotations else {"class_augmentations": None}
+    options = {} if rotations else {"class_augmentations": None}
+    if images != "bilinear":
+        options["transform"] = omniglot_transform(images)
     dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
-                                     **{TORCHMETA_SPLITS[split]: True}, download=False, **augmentation)
-    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split, rotations), {})
+                                     **{TORCHMETA_SPLITS[split]: True}, download=False, **options)
+    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split, rotations, images), {})
     dataset.dataset = CachedClasses(dataset.dataset, cache)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
     return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
