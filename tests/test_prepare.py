@@ -311,6 +311,35 @@ def test_every_loader_of_a_run_uses_its_image_preprocessing(omniglot_root, tmp_p
         resolve_config(dataset="miniimagenet", images="nearest")
 
 
+def test_the_reseeding_splitter_draws_torchmetas_tasks(omniglot_root):
+    """torchmeta constructs a numpy RandomState per class of every task (slow); diffopt's splitter
+    reseeds one instead: the same indices as torchmeta's own method, for any task and seed."""
+    from torchmeta.transforms.splitters import ClassSplitter_
+    from torchmeta.utils.data.task import ConcatTask
+
+    from diffopt.data import get_dataset
+    from diffopt.data.images import ReseedingClassSplitter
+
+    loader = get_dataset("omniglot").loader("train", seed=3, shots=2, test_shots=5, ways=5, batch_size=1,
+                                            num_tasks=1, root=str(omniglot_root))
+    dataset = loader.dataset.dataset  # IndexedTasks -> torchmeta's CombinationMetaDataset
+    splitter = dataset.dataset_transform
+    assert type(splitter) is ReseedingClassSplitter
+    rng = np.random.default_rng(0)
+    for seed in rng.integers(0, 2**31, 20):
+        classes = rng.choice(len(dataset.dataset), 5, replace=False)
+        task = ConcatTask([dataset.dataset[int(c)] for c in classes], 5)
+        splitter.seed(int(seed))
+        ours = splitter.get_indices_concattask(task)
+        ours_state = splitter.np_random.get_state()[1].copy()
+        ClassSplitter_.seed(splitter, int(seed))
+        theirs = ClassSplitter_.get_indices_concattask(splitter, task)
+        assert {k: [int(i) for i in v] for k, v in ours.items()} == {
+            k: [int(i) for i in v] for k, v in theirs.items()}
+        assert np.array_equal(ours_state, splitter.np_random.get_state()[1])
+        assert len(ours["train"]) == 10 and len(ours["test"]) == 25
+
+
 @pytest.mark.slow
 def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
     """examples/omniglot_table.py at a tiny budget: four 1-shot runs, then the table and the plot."""

@@ -30,6 +30,10 @@ from diffopt.data.prepare import PREPARED_FILES, SOURCES
 from diffopt.data.torchmeta_compat import load as load_torchmeta
 from diffopt.errors import DiffoptError
 
+load_torchmeta()  # before torchmeta's own imports below: its fixes (torchmeta_compat)
+from torchmeta.transforms.splitters import ClassSplitter_  # noqa: E402
+from torchmeta.utils.data.dataset import _seed_dataset_transform  # noqa: E402
+
 TORCHMETA_SPLITS = {"train": "meta_train", "val": "meta_val", "test": "meta_test"}
 
 
@@ -148,6 +152,59 @@ class CachedClasses:
         return getattr(self.classes, name)
 
 
+def _reseeded(generator: np.random.RandomState | None, seed) -> np.random.RandomState:
+    """The state of ``np.random.RandomState(seed)``, by reseeding ``generator`` where there is
+    one: constructing a RandomState first seeds a fresh MT19937 from OS entropy, which costs
+    hundreds of microseconds, and torchmeta constructs seven per Omniglot task."""
+    if generator is None:
+        return np.random.RandomState(seed)
+    generator.seed(seed)
+    return generator
+
+
+class ReseedingClassSplitter(ClassSplitter_):
+    """torchmeta's ``ClassSplitter_``, reseeding its generators instead of constructing them
+    (``_reseeded``): the same draws, so the same tasks, bit for bit (tested against torchmeta's
+    own methods)."""
+
+    def seed(self, seed):
+        self.np_random = _reseeded(getattr(self, "np_random", None), seed)
+
+    def get_indices_concattask(self, task):
+        """As torchmeta's (splitters.py:171-198): each class's examples are permuted by a
+        generator seeded from (task, class, random_state_seed), cut into consecutive runs per
+        split, each run shuffled by the splitter's generator, and offset into the task."""
+        indices = OrderedDict((split, []) for split in self.splits)
+        permuter = self.__dict__.setdefault("_permuter", np.random.RandomState(0))
+        offset = 0
+        for dataset in task.datasets:
+            count = len(dataset)
+            if count < self._min_samples_per_class:
+                raise ValueError(f"a class has {count} examples; ClassSplitter needs "
+                                 f"{self._min_samples_per_class}")
+            if self.shuffle:
+                permuter.seed((hash(task) + hash(dataset) + self.random_state_seed) % 2**32)
+                order = permuter.permutation(count)
+            else:
+                order = np.arange(count)
+            start = 0
+            for split, size in self.splits.items():
+                run = order[start:start + size]
+                if self.shuffle:
+                    self.np_random.shuffle(run)
+                indices[split].extend(run + offset)
+                start += size
+            offset += count
+        return indices
+
+
+def reseeding_splitter(splitter):
+    """``splitter`` as a ``ReseedingClassSplitter`` if it is torchmeta's ``ClassSplitter_``."""
+    if type(splitter) is ClassSplitter_:
+        splitter.__class__ = ReseedingClassSplitter
+    return splitter
+
+
 class IndexedTasks(Dataset):
     """A torchmeta ``CombinationMetaDataset`` addressed by (i, classes), reseeded per task.
 
@@ -164,7 +221,9 @@ class IndexedTasks(Dataset):
     def __getitem__(self, key):
         index, classes = key
         seed = task_seed(self.seed, index)
-        self.dataset.seed(seed)
+        # = self.dataset.seed(seed) (torchmeta dataset.py:200-203), without constructing generators
+        self.dataset.np_random = _reseeded(getattr(self.dataset, "np_random", None), seed)
+        _seed_dataset_transform(self.dataset.dataset_transform, seed=seed)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed also seeds every accelerator (lazily, at a
             # cost of about a millisecond a task)
@@ -234,6 +293,7 @@ def torchmeta_loader(
     dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
                                      **{TORCHMETA_SPLITS[split]: True}, download=False, **options)
     cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split, rotations, images), {})
+    dataset.dataset_transform = reseeding_splitter(dataset.dataset_transform)
     dataset.dataset = CachedClasses(dataset.dataset, cache)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
     return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
