@@ -34,6 +34,9 @@ class TrainConfig:
     algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
     dataset: str = option("sinusoid", f"dataset: {', '.join(DATASETS)}")
     data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
+    class_split: str | None = option(
+        None, "Omniglot character split: vinyals (by alphabet, 1028 / 172 / 423; torchmeta's, the "
+        "default) or reptile (supervised-reptile's seeded shuffle, 1200 / 423, no validation)")
     images: str = option(
         "bilinear", "Omniglot image preprocessing: bilinear (torchmeta's antialiased resize, grey "
         "strokes 1: one pipeline for every algorithm), nearest (binary, strokes 1: cbfinn/maml) or "
@@ -168,7 +171,7 @@ class TrainConfig:
     def data_options(self) -> dict[str, Any]:
         """The keyword arguments every loader of this run takes (``DatasetSpec.loader``,
         ``diffopt.evaluate.evaluate``): where the data is and how its images are prepared."""
-        return {"root": self.data_root, "images": self.images}
+        return {"root": self.data_root, "images": self.images, "class_split": self.class_split}
 
 
 BASE_DEFAULTS: dict[str, Any] = dict(
@@ -273,6 +276,11 @@ def validate(config: TrainConfig) -> None:
     _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
     if config.images != "bilinear":
         _check_name(f"{spec.name} image preprocessing", "images", config.images, spec.image_options)
+    if config.class_split is not None:
+        _check_name(f"{spec.name} class split", "class_split", config.class_split, spec.class_splits)
+        if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
+            raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
+                               "and --validate_every_seconds")
     if config.input_norm != "none" and config.model != "conv4":
         raise DiffoptError(f"--input_norm {config.input_norm} applies to conv4 (images)")
     _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)

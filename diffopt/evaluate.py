@@ -83,6 +83,7 @@ def evaluate(
     split: str = "test",
     rotations: bool = True,
     images: str = "bilinear",
+    class_split: str | None = None,
 ) -> Evaluation:
     """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
 
@@ -96,7 +97,8 @@ def evaluate(
     sees another. ``split``: 'val' scores validation tasks (learning curves, model selection).
     ``rotations=False``: Omniglot's characters without their rotated copies (the test classes
     of Reptile and MAML++; MAML tests on rotated ones, as diffopt by default). ``images``: the
-    image preprocessing the run trained with (``TrainConfig.data_options``).
+    image preprocessing and ``class_split`` the Omniglot character split the run trained with
+    (``TrainConfig.data_options``).
 
     Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
     scores, in task order.
@@ -116,7 +118,7 @@ def evaluate(
 
     loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
                          batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations,
-                         images=images)
+                         images=images, class_split=class_split)
     dtype = next(algorithm.parameters()).dtype
     buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
     shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)

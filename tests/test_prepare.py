@@ -340,6 +340,36 @@ def test_the_reseeding_splitter_draws_torchmetas_tasks(omniglot_root):
         assert len(ours["train"]) == 10 and len(ours["test"]) == 25
 
 
+def test_supervised_reptiles_class_split(omniglot_root):
+    """``--class_split reptile``: every character, shuffled (seed 0) across alphabets, 1200 to
+    meta-train and the rest to meta-test, none to validation; Vinyals' split is by alphabet."""
+    from diffopt.config import resolve_config
+    from diffopt.data import get_dataset
+    from diffopt.data.images import reptile_class_split
+
+    folder = omniglot_root / "omniglot"
+    vinyals = {name: json.loads((folder / f"vinyals_{name}_labels.json").read_text())
+               for name in ("train", "val", "test")}
+    everything = sorted(tuple(label) for labels in vinyals.values() for label in labels)
+    train, test = reptile_class_split(omniglot_root, "train"), reptile_class_split(omniglot_root, "test")
+    assert len(train) == 1200 and sorted(map(tuple, train + test)) == everything
+    assert reptile_class_split(omniglot_root, "train") == train  # seeded
+    alphabets = {name: {label[1] for label in labels} for name, labels in vinyals.items()}
+    assert len(alphabets["train"] & alphabets["test"]) <= 1  # Vinyals: by alphabet (Gurmukhi is cut)
+    assert len({label[1] for label in train} & {label[1] for label in test}) > 30  # shuffled across them
+    spec = get_dataset("omniglot")
+    common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=2, root=str(omniglot_root))
+    loader = spec.loader("test", class_split="reptile", rotations=False, **common)
+    assert len(loader.dataset.dataset.dataset) == len(test)
+    assert next(iter(loader))["train"][0].shape == (2, 5, 1, 28, 28)
+    with pytest.raises(DiffoptError, match="no validation classes"):
+        spec.loader("val", class_split="reptile", **common)
+    with pytest.raises(DiffoptError, match="--class_split reptile has no validation classes"):
+        resolve_config(dataset="omniglot", class_split="reptile", validate_every=10)
+    with pytest.raises(DiffoptError, match="unknown omniglot class split 'random'"):
+        resolve_config(dataset="omniglot", class_split="random")
+
+
 @pytest.mark.slow
 def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
     """examples/omniglot_table.py at a tiny budget: four 1-shot runs, then the table and the plot."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.data.episode import Episode, Task
-from diffopt.data.images import OMNIGLOT_IMAGES, miniimagenet_loader, omniglot_loader
+from diffopt.data.images import CLASS_SPLITS, OMNIGLOT_IMAGES, miniimagenet_loader, omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
 from diffopt.errors import DiffoptError, unknown_name
 
@@ -69,16 +69,19 @@ class DatasetSpec:
     """Whether the classes include rotated copies (Omniglot, as MAML), which ``loader`` can leave out."""
     image_options: tuple[str, ...] = ("bilinear",)
     """The preprocessings ``loader(images=...)`` offers (Omniglot: ``OMNIGLOT_IMAGES``)."""
+    class_splits: tuple[str, ...] = ()
+    """The class splits ``loader(class_split=...)`` offers besides its own (Omniglot: ``CLASS_SPLITS``)."""
 
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
         num_tasks: int, num_workers: int = 0, ways: int | None = None, root: str = "data",
-        start: int = 0, rotations: bool = True, images: str = "bilinear",
+        start: int = 0, rotations: bool = True, images: str = "bilinear", class_split: str | None = None,
     ):
         """Loader over tasks ``start`` .. ``num_tasks - 1`` of ``split``, in an order fixed by
         ``seed``; image datasets are read from ``root`` (as ``diffopt data prepare`` wrote it).
         ``rotations=False``: the characters alone, not their rotated copies (Omniglot; Reptile's
-        and MAML++'s test classes). ``images``: the image preprocessing (``image_options``)."""
+        and MAML++'s test classes). ``images``: the image preprocessing (``image_options``);
+        ``class_split``: one of ``class_splits`` (None: the dataset's own)."""
         kwargs = dict(ways=ways) if self.classification else {}
         if not rotations:
             if not self.rotated_classes:
@@ -88,6 +91,10 @@ class DatasetSpec:
             if images not in self.image_options:
                 raise unknown_name(f"{self.name} image preprocessing", images, self.image_options)
             kwargs["images"] = images
+        if class_split is not None:
+            if class_split not in self.class_splits:
+                raise unknown_name(f"{self.name} class split", class_split, self.class_splits or ("none",))
+            kwargs["class_split"] = class_split
         return self.make_loader(
             split=split, shots=shots, test_shots=test_shots, batch_size=batch_size,
             num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,
@@ -161,6 +168,7 @@ DATASETS: dict[str, DatasetSpec] = {
         model_io=dict(in_channels=1, image_size=28, pool=False),
         rotated_classes=True,
         image_options=OMNIGLOT_IMAGES,
+        class_splits=CLASS_SPLITS,
         # Finn et al. 2017, section 5.2 / appendix A.1: conv-4 with 64 strided filters and batch
         # norm, 5-way, meta-batch 32, inner lr 0.4, one inner step while meta-training, Adam 1e-3.
         defaults=dict(model="conv4", hidden=(64,), activation="relu", norm="batch", init="glorot",

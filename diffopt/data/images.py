@@ -19,6 +19,8 @@ the tasks are the same tensors, bit for bit, at a fraction of the cost.
 
 from __future__ import annotations
 
+import json
+import random
 from collections import OrderedDict
 from pathlib import Path
 
@@ -74,7 +76,7 @@ class Examples(Dataset):
 
 
 _IMAGE_CACHES: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}
-"""(dataset, root, split, rotations, images) -> class index -> example index -> transformed image."""
+"""(dataset, root, split, rotations, images, class split) -> class index -> example index -> image."""
 
 
 def _compact(image: torch.Tensor) -> torch.Tensor:
@@ -261,6 +263,28 @@ image, strokes 1 (cbfinn/maml: LANCZOS on a 1-bit PNG is nearest, then inverted)
 ``nearest_strokes_0`` the same, strokes 0 (supervised-reptile, MAML++: not inverted)."""
 
 
+CLASS_SPLITS = ("vinyals", "reptile")
+"""Omniglot's character split: ``vinyals`` (Vinyals et al.'s, by alphabet, 1028 / 172 / 423:
+torchmeta's, MAML's usual one) or ``reptile`` (supervised-reptile's: every character, shuffled,
+1200 meta-train / 423 meta-test, no meta-validation)."""
+
+
+def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:
+    """supervised-reptile's Omniglot classes of ``split`` ('train' or 'test'), as torchmeta labels
+    [group, alphabet, character]: the characters of both sets in sorted alphabet, then character,
+    order (omniglot.py:28-35), shuffled by Python's ``random`` seeded 0 (run_omniglot.py:20-22,
+    ``--seed`` 0), the first 1200 for meta-training (omniglot.py:37-50)."""
+    if split not in ("train", "test"):
+        raise DiffoptError("the reptile class split has no validation classes (supervised-reptile "
+                           "trains on 1200 characters and tests on 423): leave validation off")
+    folder = Path(root) / "omniglot"
+    characters = sorted((label for name in ("train", "val", "test")
+                         for label in json.loads((folder / f"vinyals_{name}_labels.json").read_text())),
+                        key=lambda label: (label[1], label[2]))
+    random.Random(0).shuffle(characters)
+    return characters[:1200] if split == "train" else characters[1200:]
+
+
 def prepare_hint(name: str, root: str) -> str:
     """What to run when dataset ``name`` is not (completely) prepared under ``root``."""
     return (f"{name} is not prepared in {Path(root) / name}: run `diffopt data prepare {name} "
@@ -270,12 +294,12 @@ def prepare_hint(name: str, root: str) -> str:
 def torchmeta_loader(
     name: str, *, split: str, ways: int, shots: int, test_shots: int, batch_size: int,
     num_tasks: int, seed: int, root: str, num_workers: int = 0, start: int = 0, rotations: bool = True,
-    images: str = "bilinear",
+    images: str = "bilinear", class_split: str = "vinyals",
 ):
     """Batches of ``batch_size`` tasks of torchmeta's ``name`` helper from the ``split`` classes,
     tasks ``start`` .. ``num_tasks - 1``; ``rotations=False`` leaves out the rotated copies of
     the classes that torchmeta's Omniglot helper adds (``class_augmentations``); ``images``: the
-    preprocessing (``OMNIGLOT_IMAGES``; Omniglot only).
+    preprocessing (``OMNIGLOT_IMAGES``; Omniglot only); ``class_split``: ``CLASS_SPLITS`` (Omniglot).
 
     Each batch is ``{'train': (x, y), 'test': (x, y)}``: x [B, ways * shots (or test_shots),
     C, H, W] float in [0, 1], y [B, ...] int64 labels 0..ways-1.
@@ -292,7 +316,11 @@ def torchmeta_loader(
         options["transform"] = omniglot_transform(images)
     dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
                                      **{TORCHMETA_SPLITS[split]: True}, download=False, **options)
-    cache = _IMAGE_CACHES.setdefault((name, str(Path(root).resolve()), split, rotations, images), {})
+    if class_split == "reptile":
+        labels = reptile_class_split(root, split)
+        dataset.dataset._labels, dataset.dataset._num_classes = labels, len(labels)
+    key = (name, str(Path(root).resolve()), split, rotations, images, class_split)
+    cache = _IMAGE_CACHES.setdefault(key, {})
     dataset.dataset_transform = reseeding_splitter(dataset.dataset_transform)
     dataset.dataset = CachedClasses(dataset.dataset, cache)
     sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
