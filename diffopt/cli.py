@@ -82,6 +82,7 @@ def evaluate(
     transductive: bool = True,
     inner_batch_size: int | None = None,
     rotations: bool = True,
+    ensemble: int = 1,
 ) -> None:
     """Adapt a trained run to held-out tasks and report the metric after each number of steps.
 
@@ -100,6 +101,8 @@ def evaluate(
             --eval-batch)
         rotations: Omniglot only; False: test on the characters alone, not their rotated
             copies (Reptile's and MAML++'s test protocol)
+        ensemble: average the predictions of the run's N best validation checkpoints (MAML++'s
+            test protocol: 5; the run must be trained with --keep_best N)
     """
     from diffopt.checkpoint import write_json
     from diffopt.data import get_dataset
@@ -107,7 +110,7 @@ def evaluate(
     from diffopt.train import load_trained
 
     steps = _as_tuple("steps", steps, int)
-    for name, value, minimum in [("tasks", tasks, 2), ("seed", seed, 0)]:
+    for name, value, minimum in [("tasks", tasks, 2), ("seed", seed, 0), ("ensemble", ensemble, 1)]:
         check_int(name, value, minimum)
     if test_shots is not None:
         check_int("test_shots", test_shots, 1)
@@ -117,7 +120,12 @@ def evaluate(
     if min(steps) < 0:
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
-    config, algorithm, _ = load_trained(run, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config, algorithm, _ = load_trained(run, **overrides)
+    if ensemble > 1:
+        from diffopt.train import best_checkpoints
+
+        algorithm = [load_trained(path, **overrides)[1] for path in best_checkpoints(run, ensemble)]
     spec = get_dataset(config.dataset)
     test_shots = spec.eval_test_shots if test_shots is None else test_shots
     evaluation = run_evaluation(
@@ -134,10 +142,11 @@ def evaluate(
         print(f"{evaluation.metric} after {step:>3} steps: {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
     run_path = Path(run)
     if run_path.is_dir():
-        unrotated = "" if rotations else "-unrotated"
-        write_json(run_path / f"eval-k{config.shots}-seed{seed}{unrotated}.json", {
+        suffix = ("" if rotations else "-unrotated") + (f"-ensemble{ensemble}" if ensemble > 1 else "")
+        write_json(run_path / f"eval-k{config.shots}-seed{seed}{suffix}.json", {
             "metric": evaluation.metric, "tasks": tasks, "shots": config.shots,
-            "test_shots": test_shots, "seed": seed, "rotations": rotations, "summary": summary,
+            "test_shots": test_shots, "seed": seed, "rotations": rotations, "ensemble": ensemble,
+            "summary": summary,
             "scores": {s: v.tolist() for s, v in evaluation.scores.items()},
         })
 

@@ -159,6 +159,9 @@ class TrainConfig:
         "clock; writing it is not counted) in snapshots/<iteration>.pt: accuracy against "
         "wall-clock afterwards (benchmarks/time_to_accuracy.py)")
     validation_tasks: int = option(100, "validation tasks per validation (the same tasks each time)")
+    keep_best: int = option(
+        0, "keep the checkpoints of the K best validations in best/ (MAML++ tests the ensemble of "
+        "its 5 best: `diffopt evaluate RUN --ensemble 5`); needs validation")
     validation_steps: int | None = option(
         None, "inner steps before scoring a validation task (default: the training inner steps, "
         "which a learned rule was meta-learned for; Reptile on images: 50)")
@@ -276,6 +279,9 @@ def validate(config: TrainConfig) -> None:
     _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
     if config.images != "bilinear":
         _check_name(f"{spec.name} image preprocessing", "images", config.images, spec.image_options)
+    if config.keep_best and not (config.validate_every or config.validate_every_seconds):
+        raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
+                           "or --validate_every_seconds")
     if config.class_split is not None:
         _check_name(f"{spec.name} class split", "class_split", config.class_split, spec.class_splits)
         if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
@@ -295,7 +301,8 @@ def validate(config: TrainConfig) -> None:
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
                           ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
                           ("validation_tasks", 2), ("validation_steps", 0),
-                          ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0)]:
+                          ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0),
+                          ("keep_best", 0)]:
         check_int(name, getattr(config, name), minimum)
     if config.epochs is not None:
         check_int("epochs", config.epochs, 1)

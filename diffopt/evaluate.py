@@ -17,6 +17,7 @@ import torch
 from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm
 from diffopt.data import DatasetSpec, Episode, Task
+from diffopt.errors import DiffoptError
 from diffopt.vectorize import over_tasks
 
 EVAL_SEED = 2017
@@ -67,7 +68,7 @@ class Evaluation:
 
 
 def evaluate(
-    algorithm: MetaAlgorithm,
+    algorithm: MetaAlgorithm | Sequence[MetaAlgorithm],
     spec: DatasetSpec,
     *,
     shots: int,
@@ -100,10 +101,18 @@ def evaluate(
     image preprocessing and ``class_split`` the Omniglot character split the run trained with
     (``TrainConfig.data_options``).
 
+    Several algorithms (an ensemble, MAML++'s test protocol: the checkpoints with the best
+    validation scores, ``diffopt evaluate --ensemble``): each adapts on its own and their
+    predictions (logits) are averaged before scoring (HowToTrainYourMAMLPytorch
+    experiment_builder.py:247-290).
+
     Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
     scores, in task order.
     """
     steps = sorted(set(steps))
+    members = [algorithm] if isinstance(algorithm, MetaAlgorithm) else list(algorithm)
+    if len({member.vectorized for member in members}) != 1:
+        raise DiffoptError("an ensemble's members must all run vectorized or all loop over tasks")
     distributed.init(device)
 
     def predict(fmodel, task: Task) -> torch.Tensor:
@@ -112,29 +121,33 @@ def evaluate(
         return torch.cat([fmodel(torch.cat([task.support_x, x[None]]))[-1:] for x in task.query_x])
 
     def task_scores(task: Task) -> torch.Tensor:  # [len(steps)]
-        unrolled = algorithm.unroll(task.support_x, task.support_y, steps=steps[-1])
-        return torch.stack([spec.score(predict(fmodel, task), task.query_y)
-                            for step, fmodel in enumerate(unrolled) if step in steps])
+        total = None  # per scored step: the members' summed predictions
+        for member in members:
+            unrolled = member.unroll(task.support_x, task.support_y, steps=steps[-1])
+            predictions = [predict(fmodel, task) for step, fmodel in enumerate(unrolled) if step in steps]
+            total = predictions if total is None else [a + b for a, b in zip(total, predictions, strict=True)]
+        return torch.stack([spec.score(summed / len(members), task.query_y) for summed in total])
 
     loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
                          batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations,
                          images=images, class_split=class_split)
-    dtype = next(algorithm.parameters()).dtype
-    buffers = {name: b.clone() for name, b in algorithm.named_buffers()}
+    dtype = next(members[0].parameters()).dtype
+    buffers = [{name: b.clone() for name, b in member.named_buffers()} for member in members]
     shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)
     for batch in loader:
         episode = distributed.shard(Episode.from_torchmeta(batch, device=device, dtype=dtype))
         if len(episode) == 0:  # a batch with fewer tasks than ranks
             scores = torch.empty(0, len(steps))
-        elif algorithm.vectorized:
+        elif members[0].vectorized:
             with torch.no_grad():  # torch.func.grad still computes the inner gradients
                 scores = over_tasks(task_scores, episode)
         else:
             scores = torch.stack([task_scores(task).detach() for task in episode])
         shards.append((scores.cpu(), [task_key(task) for task in episode]))
     with torch.no_grad():  # test tasks leave no trace in running statistics
-        for name, buffer in algorithm.named_buffers():
-            buffer.copy_(buffers[name])
+        for member, saved in zip(members, buffers, strict=True):
+            for name, buffer in member.named_buffers():
+                buffer.copy_(saved[name])
     pieces = [piece for batch in distributed.gather_shards(shards) for piece in batch]  # task order
     table = torch.cat([scores for scores, _ in pieces]).double().numpy()
     keys = [key for _, batch_keys in pieces for key in batch_keys]

@@ -12,6 +12,7 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,40 @@ def current_epoch(config: TrainConfig, iteration: int, progress: float) -> int:
     if config.epochs is not None:
         return min(int(progress * config.epochs), config.epochs - 1)
     return (iteration - 1) // config.iterations_per_epoch
+
+
+BEST_FOLDER = "best"
+"""Where ``--keep_best`` keeps checkpoints: ``<iteration>.pt`` and ``index.json``, a list of
+{"iteration", "score"} best first."""
+
+
+def keep_if_best(folder: Path, iteration: int, score: float, keep: int, lower_is_better: bool,
+                 save: Callable[[Path], None]) -> None:
+    """Keep the checkpoint of the validation at ``iteration`` (``save(path)`` writes it) if its
+    ``score`` is among the ``keep`` best so far, dropping the one it displaces; the index is
+    rewritten last, so a crash leaves at worst an unlisted file."""
+    index_path = folder / "index.json"
+    kept = json.loads(index_path.read_text()) if index_path.exists() else []
+    kept = [entry for entry in kept if entry["iteration"] != iteration]  # a resumed run's repeat
+    ranked = sorted(kept + [{"iteration": iteration, "score": score}],
+                    key=lambda entry: entry["score"] if lower_is_better else -entry["score"])
+    best = ranked[:keep]
+    if any(entry["iteration"] == iteration for entry in best):
+        folder.mkdir(parents=True, exist_ok=True)
+        save(folder / f"{iteration:08d}.pt")
+    write_json(index_path, best)
+    for entry in ranked[keep:]:
+        (folder / f"{entry['iteration']:08d}.pt").unlink(missing_ok=True)
+
+
+def best_checkpoints(run: str | Path, count: int) -> list[Path]:
+    """The checkpoints of run folder ``run``'s ``count`` best validations (``--keep_best``)."""
+    index_path = Path(run) / BEST_FOLDER / "index.json"
+    kept = json.loads(index_path.read_text()) if index_path.exists() else []
+    if len(kept) < count:
+        raise DiffoptError(f"{run} kept {len(kept)} best checkpoints; --ensemble {count} needs a run "
+                           f"trained with --keep_best {count} or more (and validation)")
+    return [Path(run) / BEST_FOLDER / f"{entry['iteration']:08d}.pt" for entry in kept[:count]]
 
 
 @dataclass(frozen=True)
@@ -277,6 +312,9 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
                                   "steps": config.validation_steps, evaluation.metric: mean,
                                   "ci95": ci95}) + "\n")
+        if config.keep_best and main:
+            keep_if_best(run_dir / BEST_FOLDER, iteration, mean, config.keep_best, spec.lower_is_better,
+                         lambda path: checkpoint(iteration, path))
 
     durations: list[float] = []
     metrics: dict[str, float] = {}
