@@ -35,9 +35,10 @@ def test_keep_if_best_keeps_the_k_best_and_drops_the_rest(tmp_path):
     assert [p.stem for p in (tmp_path / "mse").glob("*.pt")] == ["00000005"]
 
 
-def test_an_ensemble_averages_its_members_predictions():
+@pytest.mark.parametrize("vectorize", ["never", "always"])
+def test_an_ensemble_averages_its_members_predictions(vectorize):
     spec = get_dataset("sinusoid")
-    members = [small_algorithm(seed=seed) for seed in (0, 1)]
+    members = [small_algorithm(seed=seed, vectorize=vectorize) for seed in (0, 1)]
     result = evaluate(members, spec, shots=5, test_shots=10, tasks=4, steps=(0, 1), batch_size=4)
     batch = next(iter(spec.loader("test", seed=EVAL_SEED, shots=5, test_shots=10, batch_size=4, num_tasks=4)))
     episode = Episode.from_torchmeta(batch, dtype=torch.float64)
