@@ -223,7 +223,7 @@ def test_train_help_lists_every_option():
 
 @pytest.mark.parametrize("command, options", [
     ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive",
-                  "inner_batch_size"]),
+                  "inner_batch_size", "rotations", "ensemble"]),
     ("compare", ["config", "dataset", "algorithms", "inner_optimizers", "inner_steps", "shots", "ways",
                  "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
                  "eval_seed", "validate_every", "validation_tasks", "out", "progress", "tensorboard"]),
