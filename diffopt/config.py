@@ -277,16 +277,13 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no convolutions")
     _check_name("pool padding", "pool_padding", config.pool_padding, POOL_PADDINGS)
     _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
-    if config.images != "bilinear":
-        _check_name(f"{spec.name} image preprocessing", "images", config.images, spec.image_options)
+    spec.data_options(images=config.images, class_split=config.class_split)  # offered by this dataset
     if config.keep_best and not (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
                            "or --validate_every_seconds")
-    if config.class_split is not None:
-        _check_name(f"{spec.name} class split", "class_split", config.class_split, spec.class_splits)
-        if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
-            raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
-                               "and --validate_every_seconds")
+    if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
+        raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
+                           "and --validate_every_seconds")
     if config.input_norm != "none" and config.model != "conv4":
         raise DiffoptError(f"--input_norm {config.input_norm} applies to conv4 (images)")
     _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)

@@ -72,15 +72,15 @@ def _keep_adapted(grads, mask: list[bool]) -> list:
 
 
 INNER_STATES = ("reset", "persist")
+"""What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
+``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
+(supervised-reptile: its Adam state is not among the variables reset after a task)."""
 QUERY_NORM_ROWS = ("last_step", "steps_taken")
 """Which row of a per-step layer (``PerStepBatchNorm``) the model after k >= 1 inner steps reads
 for data other than the next step's support forward (queries, evaluation): ``last_step`` row
 k - 1, the row of the support forward of step k, as MAML++ (its query forward after update k
 passes the step's index, few_shot_learning_system.py:217-243); ``steps_taken`` row k, the one the
 next step would use. Support forwards always read row k (the steps taken)."""
-"""What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
-``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
-(supervised-reptile: its Adam state is not among the variables reset after a task)."""
 
 
 def _detach_all(grads):
@@ -165,10 +165,10 @@ class InnerLoop(nn.Module):
     ``query_norm_row`` (``QUERY_NORM_ROWS``): the per-step norm row the adapted model reads
     outside the inner steps. ``loss_reduction`` (``LOSS_REDUCTIONS``): the inner loss the steps
     descend (the losses reported are the means). ``state`` (``INNER_STATES``): with ``persist``,
-    an unroll called with ``carry_state`` (a meta-training task) leaves its torch optimizer's final state in
-    ``carried_state``, which every later unroll starts from; other unrolls (evaluation tasks) start
-    from it and leave it as it was, as supervised-reptile saves and restores its full state around
-    an evaluation task.
+    an unroll called with ``carry_state`` (a meta-training task) leaves its torch optimizer's
+    final state in ``carried_state``, which every later unroll starts from; other unrolls
+    (evaluation tasks) start from it and leave it as it was, as supervised-reptile saves and
+    restores its full state around an evaluation task.
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,

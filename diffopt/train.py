@@ -45,12 +45,12 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    head = (dict(head=config.head, padding=config.padding, pool_padding=config.pool_padding,
-                 input_norm=config.input_norm) if config.model == "conv4" else {})
+    conv4_options = (dict(head=config.head, padding=config.padding, pool_padding=config.pool_padding,
+                          input_norm=config.input_norm) if config.model == "conv4" else {})
     if config.pool is not None:
         io = dict(io, pool=config.pool)
     model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
-                        norm_eps=config.norm_eps, steps=config.inner_steps, **head, **io)
+                        norm_eps=config.norm_eps, steps=config.inner_steps, **conv4_options, **io)
     initialize(model, config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size, state=config.inner_state,

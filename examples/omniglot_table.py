@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -144,12 +145,11 @@ def _command(run: Run, folder: Path, budget: float, data_root: str, seed: int, v
              validation_tasks: int) -> list[str]:
     if (folder / CHECKPOINT_NAME).exists():
         return ["train", "--resume", str(folder)]
-    options = {key: value for key, value in run.flags().items() if key != "threads"}
     args = ["train", "--dataset", "omniglot", "--data_root", data_root, "--iterations", "1000000",
             "--max_seconds", str(budget), "--seed", str(seed), "--validate_every_seconds",
             str(validate_every), "--checkpoint_every", "100", "--validation_tasks", str(validation_tasks),
             "--run_dir", str(folder)]
-    for key, value in options.items():
+    for key, value in run.flags().items():
         args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return args
 
@@ -168,7 +168,7 @@ def train(
 ) -> None:
     """Meta-train the table's runs for ``budget`` seconds of training time each (default
     ``BUDGETS``: 20 minutes for the methods, 35 for the goal), ``parallel``
-    at a time with ``threads`` torch threads each (a run's own ``threads`` option wins)."""
+    at a time with ``threads`` torch threads each."""
     chosen = _runs(table, runs)
     budget = BUDGETS[table] if budget is None else budget
     out_path = Path(out or f"runs/omniglot-{table}")
@@ -180,24 +180,25 @@ def train(
             print(f"{run.name}: finished")
             continue
         pending.append(run)
-    running: dict[str, subprocess.Popen] = {}
+    running: dict[str, tuple[subprocess.Popen, IO]] = {}  # run -> (process, its log)
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
             run = pending.pop(0)
             folder = out_path / run.name
-            count = str(run.extra.get("threads", threads))
+            count = str(threads)
             env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
             args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks)
             log = open(out_path / f"{run.name}.log", "a")
             print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
-            running[run.name] = subprocess.Popen(
+            running[run.name] = (subprocess.Popen(
                 [sys.executable, "-m", "diffopt", *args, "--progress", "False"],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
+                env=env, stdout=log, stderr=subprocess.STDOUT), log)
         time.sleep(1.0)
-        for name, process in list(running.items()):
+        for name, (process, log) in list(running.items()):
             if process.poll() is not None:
                 del running[name]
+                log.close()
                 if process.returncode != 0:
                     failed.append(name)
     if failed:

@@ -72,6 +72,25 @@ class DatasetSpec:
     class_splits: tuple[str, ...] = ()
     """The class splits ``loader(class_split=...)`` offers besides its own (Omniglot: ``CLASS_SPLITS``)."""
 
+    def data_options(self, *, rotations: bool = True, images: str = "bilinear",
+                     class_split: str | None = None) -> dict[str, Any]:
+        """The keyword arguments ``make_loader`` takes for these data options (none where they are
+        the defaults); DiffoptError for one this dataset does not offer."""
+        options: dict[str, Any] = {}
+        if not rotations:
+            if not self.rotated_classes:
+                raise DiffoptError(f"--rotations False applies to omniglot; {self.name} has no rotated classes")
+            options["rotations"] = False
+        if images != "bilinear":
+            if images not in self.image_options:
+                raise unknown_name(f"{self.name} image preprocessing", images, self.image_options)
+            options["images"] = images
+        if class_split is not None:
+            if class_split not in self.class_splits:
+                raise unknown_name(f"{self.name} class split", class_split, self.class_splits or ("none",))
+            options["class_split"] = class_split
+        return options
+
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
         num_tasks: int, num_workers: int = 0, ways: int | None = None, root: str = "data",
@@ -83,18 +102,7 @@ class DatasetSpec:
         and MAML++'s test classes). ``images``: the image preprocessing (``image_options``);
         ``class_split``: one of ``class_splits`` (None: the dataset's own)."""
         kwargs = dict(ways=ways) if self.classification else {}
-        if not rotations:
-            if not self.rotated_classes:
-                raise DiffoptError(f"--rotations False applies to omniglot; {self.name} has no rotated classes")
-            kwargs["rotations"] = False
-        if images != "bilinear":
-            if images not in self.image_options:
-                raise unknown_name(f"{self.name} image preprocessing", images, self.image_options)
-            kwargs["images"] = images
-        if class_split is not None:
-            if class_split not in self.class_splits:
-                raise unknown_name(f"{self.name} class split", class_split, self.class_splits or ("none",))
-            kwargs["class_split"] = class_split
+        kwargs.update(self.data_options(rotations=rotations, images=images, class_split=class_split))
         return self.make_loader(
             split=split, shots=shots, test_shots=test_shots, batch_size=batch_size,
             num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,

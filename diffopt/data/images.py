@@ -307,7 +307,6 @@ def torchmeta_loader(
     missing = [path for path in PREPARED_FILES[name](root) if not path.is_file()]
     if missing:
         raise DiffoptError(f"{prepare_hint(name, root)}; missing {missing[0].name}")
-    load_torchmeta()
     from torchmeta.datasets import helpers
     from torchmeta.utils.data import BatchMetaDataLoader
 
