@@ -18,11 +18,12 @@ from diffopt.errors import DiffoptError  # noqa: E402
 from diffopt.evaluate import evaluate, mean_ci95  # noqa: E402
 from diffopt.gradcheck import GradcheckResult, check_meta_gradient  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
+from diffopt.optim import register_rule  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS", "DATASETS", "FOMAML", "MAML", "DiffoptError", "Episode", "GradcheckResult",
     "InnerLoop", "MetaAlgorithm", "Reptile", "Task", "check_meta_gradient", "evaluate",
-    "get_dataset", "mean_ci95",
+    "get_dataset", "mean_ci95", "register_rule",
 ]

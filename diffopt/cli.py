@@ -7,26 +7,30 @@ Every command validates its options before it creates a file, and bad input ends
 from __future__ import annotations
 
 import inspect
+import json
 import shlex
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import fire
-
 from diffopt import distributed
-from diffopt.config import TrainConfig, check_float, check_int, resolve_config
+from diffopt.compare import shared_train_options
+from diffopt.config import TrainConfig, check_float, check_int, resolve_config, resolve_saved_config
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
+from diffopt.firecli import run_checked
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     """Fire gives ``5`` for ``--x 5`` and ``(5, 10)`` for ``--x 5,10``: always a tuple of ``kind``."""
     values = value if isinstance(value, (tuple, list)) else (value,)
+    if kind is str and isinstance(value, str):  # fire leaves "a,b:c" (not a Python literal) whole
+        values = tuple(value.split(","))
     if kind is float:  # fire reads 0 and 1 as ints
         values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
@@ -34,7 +38,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     return tuple(values)
 
 
-def train(resume: str | None = None, **options: Any) -> None:
+def train(resume: str | None = None, dry_run: bool = False, **options: Any) -> None:
     """Meta-train one algorithm; writes config.json, metrics.jsonl and checkpoint.pt to a run folder."""
     from diffopt.train import resume as resume_training
     from diffopt.train import train as run_training
@@ -44,7 +48,16 @@ def train(resume: str | None = None, **options: Any) -> None:
         if other:
             raise DiffoptError(f"--resume continues a run with the options it was started with; "
                                f"drop --{other[0]}")
+        if dry_run:
+            from diffopt.checkpoint import load_checkpoint
+
+            saved = resolve_saved_config(load_checkpoint(resume)["config"])
+            print(json.dumps(saved.to_dict(), indent=1))
+            return
         result = resume_training(resume, progress=options.get("progress"))
+    elif dry_run:
+        print(json.dumps(resolve_config(**options).to_dict(), indent=1))
+        return
     else:
         result = run_training(resolve_config(**options))
     if not distributed.is_main():
@@ -56,8 +69,12 @@ def train(resume: str | None = None, **options: Any) -> None:
 def _train_help() -> tuple[inspect.Signature, str]:
     params = [inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
                                 annotation=str | None)]
+    params.append(inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation=bool))
     lines = ["    resume: continue the run in this folder from its last checkpoint, exactly (no other "
-             "options but --progress)"]
+             "options but --progress)",
+             "    dry_run: print the resolved options (the dataset's and algorithm's defaults filled "
+             "in) and exit"]
     types = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
@@ -171,13 +188,18 @@ def compare(
     out: str | None = None,
     progress: bool = True,
     tensorboard: bool = False,
+    **train_options: Any,
 ) -> None:
     """Train a grid of configurations at each shot count and seed on the same tasks, under the
     same budget; score all on the same held-out tasks; write OUT/report.md, OUT/results.json and
     the plots. Finished runs are reused, interrupted ones resumed.
 
+    Any other `diffopt train` option (e.g. --meta_batch_size 4 --inner_lr 0.05) applies to every
+    configuration; a configuration may not set it too.
+
     Args:
-        config: YAML or JSON grid file: `configs` (label -> train options) and any option below
+        config: YAML or JSON grid file: `configs` (label -> train options), `common` (train
+            options for every configuration, under each one's own) and any option below
         dataset: dataset name (default: sinusoid)
         algorithms: comma-separated algorithms (default: maml,fomaml,reptile); with
             --inner_optimizers and --inner_steps, their product (replaces the file's configs)
@@ -199,7 +221,13 @@ def compare(
         progress: show progress bars (the grid, and the running configuration)
         tensorboard: also write TensorBoard event files (needs the tensorboard extra)
     """
-    from diffopt.compare import Settings, format_table, load_grid_file, product_configs
+    from diffopt.compare import (
+        Settings,
+        format_table,
+        load_grid_file,
+        product_configs,
+        with_shared_options,
+    )
     from diffopt.compare import compare as run_comparison
     from diffopt.data import get_dataset
 
@@ -224,6 +252,7 @@ def compare(
                                   listed("inner_optimizers", str), listed("inner_steps", int))
     else:
         configs = options["configs"]
+    configs = with_shared_options(configs, options.get("common", {}), train_options)
     shots = _as_tuple("shots", options["shots"], int)
     eval_steps = _as_tuple("eval_steps", options["eval_steps"], int)
     eval_test_shots = options.get("eval_test_shots", spec.eval_test_shots)
@@ -364,6 +393,19 @@ def prepare(name: str, source: str | None = None, root: str = "data", download: 
     print(f"{name} ready in {folder}")
 
 
+def _compare_help() -> tuple[inspect.Signature, str]:
+    """compare's own options, then every train option it shares out to the configurations."""
+    own = [p for p in inspect.signature(compare).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = {f.name: f for f in fields(TrainConfig) if f.name in shared_train_options()}
+    params = own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+                    for name, f in shared.items()]
+    doc = compare.__doc__.rstrip() + "\n" + "".join(
+        f"        {name}: (every configuration) {f.metadata['help']}\n" for name, f in shared.items())
+    return inspect.Signature(params), doc
+
+
+compare.__signature__, compare.__doc__ = _compare_help()
+
 COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "gradcheck": gradcheck,
             "data": {"prepare": prepare}}
 
@@ -372,13 +414,19 @@ _COMMAND = ""
 """The command line being run (reports quote it)."""
 
 
+def _notice(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    """Warnings on the command line: one line, no source location."""
+    return f"diffopt: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``diffopt`` console script."""
     global _COMMAND
     args = list(sys.argv[1:] if argv is None else argv)
     _COMMAND = shlex.join(["diffopt", *args])
+    warnings.formatwarning = _notice
     try:
-        fire.Fire(COMMANDS, command=args, name="diffopt")
+        run_checked(COMMANDS, args, "diffopt")
     except DiffoptError as error:
         print(f"diffopt: error: {error}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,29 @@ class Row:
     train_seconds: float
 
 
-GRID_KEYS = ("dataset", "configs", "algorithms", "inner_optimizers", "inner_steps", "shots", "ways",
-             "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
+GRID_KEYS = ("dataset", "configs", "common", "algorithms", "inner_optimizers", "inner_steps", "shots",
+             "ways", "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
              "eval_seed", "validate_every", "validation_tasks")
-"""What a grid file may set (the same names as ``diffopt compare``'s options)."""
+"""What a grid file may set (the same names as ``diffopt compare``'s options, and ``common``:
+train options every configuration takes unless it sets them itself)."""
+
+PER_RUN_OPTIONS = ("run_dir", "seed", "progress")
+"""Train options a comparison sets per run itself."""
+
+
+def shared_train_options() -> list[str]:
+    """The ``diffopt train`` options a comparison applies to every configuration: all but those
+    ``diffopt compare`` has under the same name and ``PER_RUN_OPTIONS``."""
+    own = set(GRID_KEYS) | set(PER_RUN_OPTIONS)
+    return [f.name for f in fields(TrainConfig) if f.name not in own]
+
+
+def _check_train_keys(options: Mapping[str, Any], where: str, allowed: Sequence[str]) -> None:
+    from diffopt.firecli import suggestion
+
+    for key in options:
+        if key not in allowed:
+            raise DiffoptError(f"unknown train option {key!r} in {where}{suggestion(str(key), allowed)}")
 
 
 def load_grid_file(path: str | Path) -> dict[str, Any]:
@@ -99,9 +118,30 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(configs, dict) or not all(isinstance(v, dict | None) for v in configs.values()):
         raise DiffoptError(f"'configs' in {path} must map labels to train options, e.g. "
                            "lslr: {algorithm: maml, inner_optimizer: lslr}")
+    train_options = [f.name for f in fields(TrainConfig) if f.name not in PER_RUN_OPTIONS]
+    for label, flags in configs.items():
+        _check_train_keys(flags or {}, f"{path}, configs.{label}", train_options)
     if configs:
         grid["configs"] = {str(label): dict(flags or {}) for label, flags in configs.items()}
+    common = grid.get("common", {})
+    if not isinstance(common, dict):
+        raise DiffoptError(f"'common' in {path} must map train options to values, e.g. meta_batch_size: 4")
+    _check_train_keys(common, f"{path}, common", shared_train_options())
     return grid
+
+
+def with_shared_options(configs: Mapping[str, Mapping[str, Any]], common: Mapping[str, Any],
+                        given: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every configuration with the grid file's ``common`` options under its own, and the command
+    line's ``given`` ones over both; DiffoptError where a configuration sets a given one itself."""
+    merged = {}
+    for label, flags in configs.items():
+        clash = sorted(set(flags) & set(given))
+        if clash:
+            raise DiffoptError(f"--{clash[0]} is set for every configuration and by configuration "
+                               f"{label!r} too; drop one")
+        merged[label] = {**common, **flags, **given}
+    return merged
 
 
 def product_configs(algorithms: Sequence[str], inner_optimizers: Sequence[str] | None = None,
@@ -163,6 +203,25 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
             float(np.mean([run["train_seconds"] for run in members])),
         ))
     return rows
+
+
+def differing_settings(resolved: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of every resolved train option whose value differs between configurations
+    (label -> resolved config), the per-run ones (folder, seed, K) aside; '' if none differs."""
+    labels = list(resolved)
+    keys = [key for key in next(iter(resolved.values()), {})
+            if key not in (*PER_RUN_OPTIONS, "shots")
+            and len({json.dumps(resolved[label].get(key)) for label in labels}) > 1]
+    if not keys:
+        return ""
+    lines = ["| setting | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_shown(resolved[label].get(key)) for label in labels) + " |")
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
@@ -250,7 +309,8 @@ def compare(
         "command": command, "versions": library_versions(), "dataset": dataset, "metric": spec.metric,
         "lower_is_better": spec.lower_is_better, "shots": list(shots), "seeds": list(seeds),
         "budget": budget, "settings": asdict(settings),
-        "configs": {label: dict(flags) for label, flags in configs.items()}, "runs": runs,
+        "configs": {label: dict(flags) for label, flags in configs.items()},
+        "resolved": {label: config.to_dict() for label, _, _, config in grid}, "runs": runs,
     }
     write_json(out / "results.json", results)
     return write_report(out)
@@ -271,6 +331,14 @@ def write_report(out: Path) -> list[Row]:
         budget_text = f"{budget['max_seconds']:g} s of training time per run"
     else:
         budget_text = f"{budget['iterations']} meta-iterations per run"
+    if len(results["seeds"]) > 1:
+        spread = ("mean over seeds +- the 95% interval across seeds (Student t), and in brackets "
+                  "the 95% interval across tasks of the per-task score averaged over seeds")
+    else:
+        spread = "mean over tasks, in brackets its 95% interval across tasks"
+    resolved = results.get("resolved", {})  # absent from comparisons written before it
+    by_label = {label: resolved[label] for label in results["configs"] if label in resolved}
+    differing = differing_settings(by_label) if len(by_label) > 1 else ""
     lines = [
         f"# {results['dataset']}: {', '.join(results['configs'])}",
         "",
@@ -280,8 +348,7 @@ def write_report(out: Path) -> list[Row]:
         f"the same seed meets the same training tasks). {metric} on the query sets of the same "
         f"{settings['eval_tasks']} held-out tasks for every run (evaluation seed "
         f"{settings['eval_seed']}, {settings['eval_test_shots']} query examples), after each "
-        "number of inner steps: mean over seeds +- the 95% interval across seeds (Student t), "
-        "and in brackets the 95% interval across tasks of the per-task score averaged over seeds.",
+        f"number of inner steps: {spread}.",
         "",
         f"Machine: {machine_description()}. {results['versions']}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
@@ -292,6 +359,8 @@ def write_report(out: Path) -> list[Row]:
             f"`{label}`: " + (", ".join(f"{k}={v}" for k, v in flags.items()) or "defaults")
             for label, flags in results["configs"].items()) + ".",
         "",
+        *(["Settings that differ between the configurations (resolved, defaults included):", "",
+           differing, ""] if differing else []),
         *[f"![{title}]({path.relative_to(out)})\n" for title, path in figures],
     ]
     write_text(out / "report.md", "\n".join(lines).replace("\n\n\n", "\n\n") + "\n")

@@ -11,12 +11,22 @@ import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from diffopt.algorithms import ALGORITHMS
+from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS, QUERY_NORM_ROWS
-from diffopt.models import ACTIVATIONS, HEADS, INITS, INPUT_NORMS, MODELS, NORMS, PADDINGS, POOL_PADDINGS
-from diffopt.optim import inner_rule_names
+from diffopt.models import (
+    ACTIVATIONS,
+    HEADS,
+    INITS,
+    INPUT_NORMS,
+    MODELS,
+    NORMS,
+    PADDINGS,
+    POOL_PADDINGS,
+    model_factory,
+)
+from diffopt.optim import check_rule_name, inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -31,7 +41,9 @@ def option(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything a meta-training run depends on; saved in its checkpoint."""
 
-    algorithm: str = option("maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}")
+    algorithm: str = option(
+        "maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}, or module:Class (a MetaAlgorithm "
+        "subclass)")
     dataset: str = option("sinusoid", f"dataset: {', '.join(DATASETS)}")
     data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
     class_split: str | None = option(
@@ -52,7 +64,9 @@ class TrainConfig:
         None, "wall-clock budget: stop after the meta-iteration that brings the training time "
         "(summed over resumes, evaluation excluded) to this many seconds")
     meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
-    model: str | None = option(None, f"model: {', '.join(MODELS)} (default: dataset's)")
+    model: str | None = option(
+        None, f"model: {', '.join(MODELS)}, or module:factory (called with the data's model keyword "
+        "arguments); default: the dataset's")
     hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
     activation: str | None = option(None, f"activation of the MLP and conv4: {', '.join(ACTIVATIONS)}")
     head: str | None = option(
@@ -87,7 +101,8 @@ class TrainConfig:
         f"queries: {', '.join(QUERY_NORM_ROWS)} (last_step: row k - 1, that of step k's support "
         "forward, as MAML++; steps_taken: row k); default: last_step")
     inner_optimizer: str | None = option(
-        None, f"inner-loop update rule: {', '.join(inner_rule_names())}")
+        None, f"inner-loop update rule: {', '.join(inner_rule_names())}, or module:attribute (an "
+        "UpdateRule subclass or a factory (params, lr, steps) -> UpdateRule)")
     inner_lr: float | None = option(None, "inner-loop step size")
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
     inner_batch_size: int | None = option(
@@ -229,7 +244,7 @@ def resolve_config(**flags: Any) -> TrainConfig:
     if unknown:
         raise DiffoptError(f"unknown option --{unknown[0]}; see `diffopt train --help`")
     algorithm = flags.get("algorithm", TrainConfig.algorithm)
-    _check_name("algorithm", "algorithm", algorithm, ALGORITHMS)
+    algorithm_class(algorithm)
     spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
@@ -260,11 +275,11 @@ def resolve_config(**flags: Any) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
     """Raise DiffoptError naming the first bad option."""
     spec = get_dataset(config.dataset)
-    _check_name("algorithm", "algorithm", config.algorithm, ALGORITHMS)
-    _check_name("model", "model", config.model, MODELS)
+    algorithm_class(config.algorithm)
+    model_factory(config.model)
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
     _check_name("norm", "norm", config.norm, NORMS)
-    _check_name("inner optimizer", "inner_optimizer", config.inner_optimizer, inner_rule_names())
+    check_rule_name(config.inner_optimizer)
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
     _check_name("set of inner parameters", "inner_params", config.inner_params, INNER_PARAMS)
@@ -336,7 +351,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("multi_step_loss_epochs", "first_order_epochs"):
         if getattr(config, name) and config.algorithm != "maml":
             raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")
-    if config.inner_state == "persist" and not ALGORITHMS[config.algorithm].carries_inner_state:
+    if config.inner_state == "persist" and not algorithm_class(config.algorithm).carries_inner_state:
         carriers = ", ".join(name for name, cls in ALGORITHMS.items() if cls.carries_inner_state)
         raise DiffoptError(f"--inner_state persist is for algorithms that carry the inner state from "
                            f"task to task ({carriers}); use --inner_state reset with {config.algorithm}")

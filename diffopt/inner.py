@@ -16,7 +16,7 @@ from torch.func import functional_call
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models.norm import set_inner_step
 from diffopt.optim import (
-    LEARNED_RULES,
+    INNER_OPTIMIZERS,
     SGD,
     RuleOptimizer,
     UpdateRule,
@@ -158,7 +158,8 @@ class InnerLoop(nn.Module):
     inner mini-batches).
 
     ``optimizer``: a torch optimizer name (sgd, momentum, adam), a learned rule's name
-    (``diffopt.optim.LEARNED_RULES``; ``model`` is then needed to size it), or an
+    (``diffopt.optim.LEARNED_RULES``, or ``module:attribute``; ``model`` is then needed to size
+    it), or an
     ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
     are meta-parameters: the outer optimizer updates them and the checkpoint saves them.
 
@@ -194,7 +195,7 @@ class InnerLoop(nn.Module):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
         self.optimizer = optimizer
-        if model is None and optimizer in LEARNED_RULES:
+        if model is None and optimizer not in INNER_OPTIMIZERS:
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
         params = [] if model is None else [p.detach() for p in model.parameters()]

@@ -21,7 +21,7 @@ task at a time, since their results would depend on the threads' interleaving.
 
 from __future__ import annotations
 
-import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +35,7 @@ from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
 from diffopt.models.conv4 import InputNorm, SameConv2d
 from diffopt.models.norm import ShiftBatchNorm
+from diffopt.optim import UpdateRule
 
 VECTORIZE_MODES = ("auto", "always", "never")
 RANDOM_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -52,24 +53,47 @@ subclasses of ``nn.Sequential`` that keep its ``forward``, such as ``diffopt.mod
 
 def vmap_obstacle(model: nn.Module, inner: InnerLoop) -> str | None:
     """Why the meta-batch of ``model`` adapted by ``inner`` cannot be vmapped, or None if it can."""
-    for name, module in model.named_modules():
-        plain_sequential = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-        if type(module) not in VMAP_SAFE_MODULES and not plain_sequential:
-            return f"module {name or 'model'} ({type(module).__name__}) is not checked under vmap"
+    unchecked = sorted({type(module).__name__ for module in model.modules()
+                        if type(module) not in VMAP_SAFE_MODULES and not (
+                            isinstance(module, nn.Sequential)
+                            and type(module).forward is nn.Sequential.forward)})
+    if unchecked:
+        return (f"its {', '.join(unchecked)} layers are not proven right under torch.func.vmap "
+                "(diffopt.vectorize.VMAP_SAFE_MODULES)")
     if any(True for _ in model.buffers()):
-        return "the model has buffers (e.g. running statistics)"
+        return "the model keeps buffers (e.g. running statistics)"
     if inner.functional_rule is None:
         return f"the inner optimizer {inner.optimizer!r} has no functional form"
     if inner.batch_size is not None:
         return "inner mini-batches are shuffled per task (inner_batch_size)"
+    return rule_obstacle(inner.functional_rule, model)
+
+
+def rule_obstacle(rule: UpdateRule, model: nn.Module) -> str | None:
+    """Why ``rule`` cannot run under ``torch.func.vmap`` (e.g. it calls ``.item()``), found by
+    running one update of it on two copies of ``model``'s parameters; None if it can."""
+    params = [p.detach() for p in model.parameters()]
+
+    def one_update(*weights: torch.Tensor) -> list:
+        weights = list(weights)
+        updates, _ = rule.update(weights, rule.init(weights), weights, 0)
+        return [u for u in updates if u is not None]
+
+    try:
+        with torch.no_grad():
+            torch.func.vmap(one_update)(*(torch.stack([p, p]) for p in params))
+    except Exception as error:  # noqa: BLE001 - whatever vmap refuses, the loop runs it
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (f"the inner rule {type(rule).__name__} cannot run under torch.func.vmap "
+                f"({type(error).__name__}: {first_line[:120]})")
     return None
 
 
 def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
     """Whether to vmap the meta-batch: ``mode`` is auto, always or never.
 
-    ``auto`` vmaps where ``vmap_obstacle`` finds nothing and otherwise prints a one-line notice;
-    ``always`` raises DiffoptError naming the obstacle.
+    ``auto`` vmaps where ``vmap_obstacle`` finds nothing and otherwise warns (``UserWarning``,
+    filterable) that tasks run one by one; ``always`` raises DiffoptError naming the obstacle.
     """
     if mode not in VECTORIZE_MODES:
         raise DiffoptError(f"--vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {mode!r}")
@@ -80,7 +104,8 @@ def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
         return True
     if mode == "always":
         raise DiffoptError(f"cannot vectorize the meta-batch: {obstacle}; use --vectorize auto")
-    print(f"diffopt: looping over tasks, not vectorizing: {obstacle}", file=sys.stderr)
+    warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
+                  UserWarning, stacklevel=2)
     return False
 
 

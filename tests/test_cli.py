@@ -195,6 +195,46 @@ def test_bad_options_of_other_commands(argv, fragment, trained_run, tmp_path, ca
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["trian"], "unknown command 'trian' for diffopt; did you mean train?"),
+    (["train", "--iteration", "2"],
+     "unknown option --iteration for diffopt train; did you mean --iterations?"),
+    (["compare", "--seed", "2"], "unknown option --seed for diffopt compare; did you mean --seeds?"),
+    (["evaluate", "RUN", "--task", "5"], "unknown option --task for diffopt evaluate; did you mean --tasks?"),
+    (["evaluate", "--tasks", "5"],
+     "diffopt evaluate needs RUN; usage: diffopt evaluate RUN [--option VALUE ...]"),
+    (["evaluate", "RUN", "--transductive", "flase"], "--transductive must be True or False; got 'flase'"),
+    (["data", "prepare"], "diffopt data prepare needs NAME"),
+    (["gradcheck", "--hiden", "4"], "did you mean --hidden?"),
+])
+def test_a_bad_command_line_stops_before_any_work(argv, message, trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in trained_run.iterdir())
+    argv = [str(trained_run) if a == "RUN" else a for a in argv]
+    code, out, err = run_cli(capsys, *argv, "--run_dir" if argv[0] == "train" else "--out", "made") \
+        if argv[0] in ("train", "compare") else run_cli(capsys, *argv)
+    assert_one_line_error(code, err, message)
+    assert out == "" and list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in trained_run.iterdir()) == before  # no evaluation written
+
+
+def test_lower_case_booleans_are_booleans(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "2", "--steps", "1",
+                           "--transductive", "false")
+    assert code == 0 and "mse after   1 steps" in out
+    saved = json.loads(next(trained_run.glob("eval-*.json")).read_text())
+    assert saved["tasks"] == 2
+
+
+def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "train", "--dataset", "omniglot", "--algorithm", "reptile", "--dry_run")
+    assert code == 0 and list(tmp_path.iterdir()) == []
+    resolved = json.loads(out)
+    assert resolved["inner_optimizer"] == "adam_beta1_0" and resolved["inner_state"] == "persist"
+    assert resolved["shots"] == 1 and resolved["model"] == "conv4"
+
+
 def test_gradcheck_command_passes_and_reports(capsys):
     code, out, _ = run_cli(capsys, "gradcheck", "--inner_optimizer", "momentum", "--inner_steps", "3")
     assert code == 0
@@ -208,17 +248,20 @@ def test_gradcheck_of_a_trained_run(trained_run, capsys):
     assert code == 0 and "maml: inner sgd lr=0.01 steps=1, hidden=(8,) relu" in out
 
 
-def help_text(command: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "diffopt", command, "--help"], capture_output=True,
+def help_text(command: str, flag: str = "--help") -> str:
+    result = subprocess.run([sys.executable, "-m", "diffopt", command, flag], capture_output=True,
                             text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
-    return result.stdout + result.stderr  # fire prints help to stderr when stdout is not a tty
+    assert result.stderr == ""
+    return result.stdout
 
 
 def test_train_help_lists_every_option():
     text = help_text("train")
+    assert text.startswith("usage: diffopt train [--option VALUE ...]") and "INFO" not in text
     for f in fields(TrainConfig):
-        assert f"--{f.name}" in text and f.metadata["help"] in text
+        assert f"--{f.name}=" in text and f.metadata["help"] in text
+    assert text == help_text("train", "-h")
 
 
 @pytest.mark.parametrize("command, options", [
@@ -235,7 +278,7 @@ def test_other_commands_help_lists_every_option(command, options):
 
     from diffopt import cli
 
-    assert list(inspect.signature(getattr(cli, command)).parameters) == options
+    assert list(inspect.signature(getattr(cli, command)).parameters)[:len(options)] == options
     text = help_text(command)
     for option in options:
         assert f"--{option}" in text or option.upper() in text

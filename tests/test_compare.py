@@ -129,6 +129,39 @@ def test_grid_file_and_command_line(tmp_path, capsys):
     assert "unknown key 'sheds'" in capsys.readouterr().err
 
 
+def test_train_options_on_the_command_line_and_in_common_apply_to_every_configuration(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("shots: [2]\niterations: 2\neval_tasks: 3\neval_steps: [1]\n"
+                    "common: {hidden: [4], inner_lr: 0.05}\n"
+                    "configs:\n  plain: {}\n  bigger_step: {inner_lr: 0.2}\n")
+    out = tmp_path / "out"
+    assert main(["compare", "--config", str(grid), "--meta_batch_size", "3", "--out", str(out),
+                 "--progress", "False"]) == 0, capsys.readouterr().err
+    resolved = {run.name: json.loads((run / "config.json").read_text())
+                for run in sorted((out / "runs").iterdir())}
+    assert {name: (c["meta_batch_size"], c["hidden"], c["inner_lr"]) for name, c in resolved.items()} == {
+        "plain-k2-seed0": (3, [4], 0.05), "bigger_step-k2-seed0": (3, [4], 0.2)}
+    report = (out / "report.md").read_text()
+    assert "| setting | plain | bigger_step |\n|---|---|---|\n| inner_lr | 0.05 | 0.2 |\n\n" in report
+    assert "across seeds" not in report  # one seed: intervals are across tasks only
+    capsys.readouterr()
+    assert main(["compare", "--config", str(grid), "--inner_lr", "0.1", "--out", str(tmp_path / "x")]) == 2
+    assert "--inner_lr is set for every configuration and by configuration 'bigger_step' too" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_typo_inside_a_grid_file_names_the_file_the_entry_and_the_closest_key(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("configs:\n  plain: {}\n  fast: {inner_lrr: 0.2}\n")
+    with pytest.raises(DiffoptError, match=r"unknown train option 'inner_lrr' in .*grid.yaml, "
+                                           r"configs.fast; did you mean inner_lr\?"):
+        load_grid_file(grid)
+    grid.write_text("common: {meta_batch_sise: 2}\nconfigs:\n  plain: {}\n")
+    with pytest.raises(DiffoptError, match=r"in .*grid.yaml, common; did you mean meta_batch_size\?"):
+        load_grid_file(grid)
+
+
 def test_product_of_algorithms_rules_and_steps_skips_what_is_undefined():
     configs = product_configs(["maml", "fomaml"], ["sgd", "lslr"], [1, 5])
     assert list(configs) == ["maml+sgd+1steps", "maml+sgd+5steps", "maml+lslr+1steps",

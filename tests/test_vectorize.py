@@ -22,6 +22,7 @@ from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
 from diffopt.models.conv4 import InputNorm
+from diffopt.optim import UpdateRule
 from diffopt.vectorize import vmap_obstacle
 
 
@@ -91,28 +92,50 @@ class CustomForward(nn.Sequential):
         return super().forward(x) * 2
 
 
+class ItemRule(UpdateRule):
+    """SGD whose step size is read with ``.item()``: fine in a loop, refused by vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_lr = nn.Parameter(torch.tensor(-2.0))
+
+    def update(self, grads, state, params, step):
+        scale = torch.exp(self.log_lr) * (1.0 if grads[0].abs().max().item() < 1e6 else 0.0)
+        return [None if g is None else -scale * g for g in grads], state
+
+
 @pytest.mark.parametrize("model,optimizer,reason", [
-    (LayerNormNet, "sgd", "module 1 (LayerNorm) is not checked under vmap"),
-    (BatchNormNet, "sgd", "module 1 (BatchNorm1d) is not checked under vmap"),
-    (lambda: CustomForward(nn.Linear(1, 1)), "sgd", "module model (CustomForward)"),
+    (LayerNormNet, "sgd", "its LayerNorm layers are not proven right under torch.func.vmap"),
+    (BatchNormNet, "sgd", "its BatchNorm1d layers are not proven right"),
+    (lambda: CustomForward(nn.Linear(1, 1)), "sgd", "its CustomForward layers"),
     (lambda: MLP(1, 1, (3,)), "adam", "the inner optimizer 'adam' has no functional form"),
+    (lambda: MLP(1, 1, (3,)), ItemRule(), "the inner rule ItemRule cannot run under torch.func.vmap"),
 ])
-def test_unproven_models_and_rules_loop_with_a_notice(model, optimizer, reason, capsys):
+def test_unproven_models_and_rules_loop_with_a_warning(model, optimizer, reason):
     net = model()
     inner = InnerLoop(optimizer, 0.1, 1)
     assert reason in vmap_obstacle(net, inner)
-    algorithm = build_algorithm("maml", net, inner, F.mse_loss, "auto")
+    with pytest.warns(UserWarning, match="running the tasks of a meta-batch one by one") as caught:
+        algorithm = build_algorithm("maml", net, inner, F.mse_loss, "auto")
     assert not algorithm.vectorized
-    notice = capsys.readouterr().err.strip()
-    assert notice.count("\n") == 0 and reason in notice
+    assert len(caught) == 1 and reason in str(caught[0].message)
     with pytest.raises(DiffoptError, match="cannot vectorize the meta-batch: .*--vectorize auto"):
         build_algorithm("maml", net, inner, F.mse_loss, "always")
+
+
+def test_a_rule_vmap_refuses_falls_back_to_the_loop_and_its_gradient_is_right():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="ItemRule cannot run under torch.func.vmap"):
+        algorithm = build_algorithm("maml", MLP(1, 1, (4,), activation="tanh").double(),
+                                    InnerLoop(ItemRule().double(), 0.1, 2), F.mse_loss, "auto")
+    assert not algorithm.vectorized
+    assert check_meta_gradient(algorithm, random_episode(0)).max_rel_error < 1e-5
 
 
 def test_buffers_block_vmap():
     net = MLP(1, 1, (3,))
     net.register_buffer("count", torch.zeros(()))
-    assert vmap_obstacle(net, InnerLoop("sgd")) == "the model has buffers (e.g. running statistics)"
+    assert vmap_obstacle(net, InnerLoop("sgd")) == "the model keeps buffers (e.g. running statistics)"
 
 
 def test_layernorm_model_falls_back_and_its_gradient_is_right():

@@ -7,23 +7,46 @@ from typing import Any
 
 from torch import nn
 
-from diffopt.errors import unknown_name
+from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
+from diffopt.plugins import is_plugin, load_plugin
 
 __all__ = ["ACTIVATIONS", "HEADS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS", "PADDINGS",
            "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ShiftBatchNorm", "build_model", "initialize",
-           "set_inner_step"]
+           "model_factory", "set_inner_step"]
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Instantiate the registered model ``name`` with ``kwargs``."""
-    if name not in MODELS:
+def model_factory(name: object) -> Callable[..., nn.Module]:
+    """The registered model ``name``, or the factory ``module:attribute`` names."""
+    if is_plugin(name):
+        factory = load_plugin(name, "model")
+        if not callable(factory):
+            raise DiffoptError(f"model {name!r} is a {type(factory).__name__}, not a model factory")
+        return factory
+    if not isinstance(name, str) or name not in MODELS:
         raise unknown_name("model", name, MODELS)
-    return MODELS[name](**kwargs)
+    return MODELS[name]
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """The model ``name`` (registered, or ``module:attribute``: a factory taking the data's model
+    keyword arguments, e.g. ``in_features``, ``out_features``, ``hidden``, ``activation``,
+    ``norm``, ``norm_eps``, ``steps``; it may take ``**kwargs`` and ignore some) built with ``kwargs``."""
+    factory = model_factory(name)
+    try:
+        model = factory(**kwargs)
+    except TypeError as error:
+        if not is_plugin(name):
+            raise
+        raise DiffoptError(f"model {name!r} cannot be built from the data's model options "
+                           f"({', '.join(sorted(kwargs))}): {error}") from None
+    if not isinstance(model, nn.Module):
+        raise DiffoptError(f"model {name!r} made a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _glorot(model: nn.Module) -> None:

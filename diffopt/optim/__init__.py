@@ -7,25 +7,29 @@ Two kinds share one registry of names, and one path into higher (``get_diff_opti
   by ``RuleOptimizer``: ``lslr``, ``meta_sgd``, ``meta_sgd_per_step``, ``meta_curvature``
   (with a fixed step size) and ``meta_curvature+lslr`` / ``meta_curvature+meta_sgd``.
 
-A new rule is one short module: subclass ``UpdateRule`` (see examples/custom_rule.py).
+A new rule is one short module: subclass ``UpdateRule`` (see examples/custom_rule.py), then
+name it ``module:attribute`` wherever a rule name is taken (``diffopt.plugins``), or
+``register_rule`` it under a name in this process (a notebook).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from diffopt.errors import unknown_name
+from diffopt.errors import DiffoptError, unknown_name
 from diffopt.optim.adam import Adam
 from diffopt.optim.lslr import LSLR
 from diffopt.optim.meta_curvature import MetaCurvature
 from diffopt.optim.meta_sgd import MetaSGD
 from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
+from diffopt.plugins import is_plugin, load_plugin
 
 __all__ = ["INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "Chain", "MetaCurvature", "MetaSGD",
-           "RuleOptimizer", "UpdateRule", "build_rule", "first_order_twin", "inner_rule_names",
-           "make_inner_optimizer"]
+           "RuleOptimizer", "UpdateRule", "build_rule", "check_rule_name", "first_order_twin",
+           "inner_rule_names", "make_inner_optimizer", "register_rule"]
 
 OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
 
@@ -39,7 +43,8 @@ INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
 }
 
 RuleFactory = Callable[[Sequence[torch.Tensor], float, int], UpdateRule]
-"""(parameters to update, initial step size, inner steps) -> rule."""
+"""(parameters to update, initial step size, inner steps) -> rule; a factory (or ``UpdateRule``
+subclass) taking only the first two or the first one is called with those."""
 
 _STEP_SIZES: dict[str, RuleFactory] = {
     "lslr": lambda params, lr, steps: LSLR(params, steps, lr),
@@ -61,13 +66,58 @@ def inner_rule_names() -> list[str]:
     return [*INNER_OPTIMIZERS, *LEARNED_RULES]
 
 
-def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int) -> UpdateRule | None:
-    """The learned rule ``name`` for ``params`` (their shapes, dtype, device); None for a torch optimizer."""
-    if name in INNER_OPTIMIZERS:
-        return None
+def register_rule(name: str, factory: RuleFactory) -> None:
+    """Make ``--inner_optimizer name`` (and ``InnerLoop(name, ...)``) build ``factory``'s rule in
+    this process. Fresh processes (``compare``'s runs, a later ``evaluate``) do not see it: give
+    them ``module:attribute`` instead."""
+    if not isinstance(name, str) or not name or is_plugin(name):
+        raise DiffoptError(f"a rule's name is a word without ':'; got {name!r}")
+    if name in INNER_OPTIMIZERS or name in LEARNED_RULES:
+        raise DiffoptError(f"inner optimizer {name!r} exists already; choose another name")
+    if not callable(factory):
+        raise DiffoptError(f"register_rule({name!r}, ...) takes a factory or an UpdateRule subclass")
+    LEARNED_RULES[name] = factory
+
+
+def _rule_factory(name: str) -> RuleFactory:
+    if is_plugin(name):
+        factory = load_plugin(name, "inner optimizer")
+        if not callable(factory):
+            raise DiffoptError(f"inner optimizer {name!r} is a {type(factory).__name__}, not a rule "
+                               "factory or an UpdateRule subclass")
+        return factory
     if name not in LEARNED_RULES:
         raise unknown_name("inner optimizer", name, inner_rule_names())
-    return LEARNED_RULES[name](params, lr, steps)
+    return LEARNED_RULES[name]
+
+
+def check_rule_name(name: object) -> None:
+    """DiffoptError unless ``name`` is a registered rule or an importable ``module:attribute``."""
+    if not isinstance(name, str):
+        raise unknown_name("inner optimizer", name, inner_rule_names())
+    if name not in INNER_OPTIMIZERS:
+        _rule_factory(name)
+
+
+def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int) -> UpdateRule | None:
+    """The learned rule ``name`` (registered, or ``module:attribute``) for ``params`` (their
+    shapes, dtype, device); None for a torch optimizer."""
+    if name in INNER_OPTIMIZERS:
+        return None
+    factory = _rule_factory(name)
+    arguments = (params, lr, steps)
+    try:
+        signature = inspect.signature(factory)
+        taken = len(signature.parameters)
+        if not any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+            arguments = arguments[:max(1, min(taken, 3))]
+    except (TypeError, ValueError):  # no signature to read: the full one
+        pass
+    rule = factory(*arguments)
+    if not isinstance(rule, UpdateRule):
+        raise DiffoptError(f"inner optimizer {name!r} made a {type(rule).__name__}, not a "
+                           "diffopt.optim.UpdateRule")
+    return rule
 
 
 def first_order_twin(name: str, lr: float) -> UpdateRule | None:

@@ -1,0 +1,149 @@
+"""Plug-ins: a researcher's own rule, model and algorithm as ``module:attribute``, through every command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffopt import InnerLoop, register_rule
+from diffopt.cli import main
+from diffopt.errors import DiffoptError
+from diffopt.optim import LEARNED_RULES, UpdateRule, build_rule
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    from diffopt import MAML
+    from diffopt.models import MLP
+    from diffopt.optim import UpdateRule
+    from diffopt.optim.rule import tensor_map
+
+
+    class LearnedScale(UpdateRule):
+        """update = -lr * exp(s) * g, one learned log-scale s per tensor."""
+
+        def __init__(self, params, lr):
+            super().__init__()
+            self.lr = lr
+            self.s = nn.Parameter(params[0].new_zeros(len(params)))
+
+        def update(self, grads, state, params, step):
+            return tensor_map(lambda i, g: -self.lr * torch.exp(self.s[i]) * g, grads), state
+
+
+    def doubled(params, lr, steps):
+        return LearnedScale(params, 2 * lr)
+
+
+    def narrow_mlp(in_features, out_features, hidden, activation, norm, norm_eps, steps, **unused):
+        return MLP(in_features, out_features, hidden=(4,), activation=activation)
+
+
+    class MyMAML(MAML):
+        name = "my_maml"
+
+
+    not_a_rule = 3
+''')
+
+TINY = ["--iterations", "3", "--meta_batch_size", "2", "--hidden", "8", "--progress", "False"]
+
+
+@pytest.fixture
+def plugin_folder(tmp_path, monkeypatch):
+    """The current folder holds my_rules.py, as a researcher's project would."""
+    (tmp_path / "my_rules.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("my_rules", None)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_rule_model_and_algorithm_by_import_path_train_and_evaluate_in_a_new_process(plugin_folder, capsys):
+    run = plugin_folder / "run"
+    code, _, err = cli(capsys, "train", *TINY, "--inner_optimizer", "my_rules:LearnedScale",
+                       "--model", "my_rules:narrow_mlp", "--algorithm", "my_rules:MyMAML",
+                       "--run_dir", str(run))
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["inner_optimizer"], config["model"], config["algorithm"]) == \
+        ("my_rules:LearnedScale", "my_rules:narrow_mlp", "my_rules:MyMAML")
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["algorithm"]
+    assert saved["inner.rule.s"].shape == (4,)  # narrow_mlp: two linear layers, weight and bias
+    assert saved["model.0.weight"].shape == (4, 1)
+    assert not torch.equal(saved["inner.rule.s"], torch.zeros(4))  # meta-learned
+    evaluated = subprocess.run([sys.executable, "-m", "diffopt", "evaluate", str(run), "--tasks", "2",
+                                "--steps", "1"], capture_output=True, text=True, timeout=300,
+                               cwd=plugin_folder)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "mse after   1 steps" in evaluated.stdout
+
+
+def test_gradcheck_proves_a_plugin_rule(plugin_folder, capsys):
+    code, out, _ = cli(capsys, "gradcheck", "--inner_optimizer", "my_rules:doubled")
+    assert code == 0 and out.strip().endswith("PASS (rtol 1e-05)")
+    assert "inner.rule.s" in out
+
+
+def test_compare_runs_a_plugin_rule_in_its_child_processes(plugin_folder, capsys):
+    out = plugin_folder / "cmp"
+    code, _, err = cli(capsys, "compare", "--algorithms", "maml", "--inner_optimizers",
+                       "sgd,my_rules:LearnedScale", "--iterations", "2", "--shots", "5",
+                       "--eval_tasks", "2", "--eval_steps", "1", "--out", str(out), "--progress", "False")
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "my_rules:LearnedScale" in report
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--inner_optimizer", "no_such_module:Rule", "cannot import module 'no_such_module'"),
+    ("--inner_optimizer", "my_rules:Missing", "module 'my_rules' has no attribute 'Missing'"),
+    ("--inner_optimizer", "my_rules:not_a_rule", "is a int, not a rule factory"),
+    ("--model", "my_rules:LearnedScale", "cannot be built from the data's model options"),
+    ("--algorithm", "my_rules:narrow_mlp", "not a subclass of diffopt.MetaAlgorithm"),
+    ("--algorithm", "my_rules:", "write module:attribute"),
+])
+def test_a_bad_import_path_is_one_line(plugin_folder, capsys, option, value, fragment):
+    code, _, err = cli(capsys, "train", *TINY, option, value, "--run_dir", str(plugin_folder / "run"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("diffopt: error: "), err
+    assert fragment in lines[0]
+    assert not (plugin_folder / "run").exists()
+
+
+def test_register_rule_for_a_notebook(plugin_folder):
+    from my_rules import LearnedScale
+
+    register_rule("learned_scale_test", LearnedScale)
+    try:
+        model = torch.nn.Linear(2, 1)
+        inner = InnerLoop("learned_scale_test", 0.1, 2, model=model)
+        assert isinstance(inner.rule, LearnedScale) and inner.rule.s.shape == (2,)
+        with pytest.raises(DiffoptError, match="exists already"):
+            register_rule("lslr", LearnedScale)
+        with pytest.raises(DiffoptError, match="without ':'"):
+            register_rule("a:b", LearnedScale)
+    finally:
+        LEARNED_RULES.pop("learned_scale_test")
+
+
+def test_factories_taking_fewer_arguments_and_results_that_are_not_rules(plugin_folder):
+    params = [torch.zeros(3), torch.zeros(2)]
+    assert build_rule("my_rules:LearnedScale", params, 0.1, 5).lr == 0.1  # (params, lr)
+    assert build_rule("my_rules:doubled", params, 0.1, 5).lr == 0.2  # (params, lr, steps)
+    (plugin_folder / "bad_rules.py").write_text("def rule(params, lr, steps):\n    return 1\n")
+    with pytest.raises(DiffoptError, match="made a int, not a diffopt.optim.UpdateRule"):
+        build_rule("bad_rules:rule", params, 0.1, 5)
+    assert isinstance(build_rule("lslr", params, 0.1, 5), UpdateRule)
