@@ -148,7 +148,7 @@ def evaluate(
     evaluation = run_evaluation(
         algorithm, spec, shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, **config.data_options(),
-        transductive=transductive, rotations=rotations,
+        transductive=transductive, rotations=rotations, progress=True,
     )
     if not distributed.is_main():
         return
@@ -160,12 +160,14 @@ def evaluate(
     run_path = Path(run)
     if run_path.is_dir():
         suffix = ("" if rotations else "-unrotated") + (f"-ensemble{ensemble}" if ensemble > 1 else "")
-        write_json(run_path / f"eval-k{config.shots}-seed{seed}{suffix}.json", {
+        written = run_path / f"eval-k{config.shots}-seed{seed}{suffix}.json"
+        write_json(written, {
             "metric": evaluation.metric, "tasks": tasks, "shots": config.shots,
             "test_shots": test_shots, "seed": seed, "rotations": rotations, "ensemble": ensemble,
             "summary": summary,
             "scores": {s: v.tolist() for s, v in evaluation.scores.items()},
         })
+        print(f"wrote {written}")
 
 
 def compare(
@@ -243,13 +245,15 @@ def compare(
     options = {**defaults, **options}
     spec = get_dataset(options["dataset"])
 
+    skipped: dict[str, str] = {}
+
     def listed(name: str, kind: type) -> tuple | None:
         return None if options.get(name) is None else _as_tuple(name, options[name], kind)
 
     if any(given[k] is not None for k in ("algorithms", "inner_optimizers", "inner_steps")) \
             or "configs" not in options:
         configs = product_configs(listed("algorithms", str) or ("maml", "fomaml", "reptile"),
-                                  listed("inner_optimizers", str), listed("inner_steps", int))
+                                  listed("inner_optimizers", str), listed("inner_steps", int), skipped)
     else:
         configs = options["configs"]
     configs = with_shared_options(configs, options.get("common", {}), train_options)
@@ -276,7 +280,7 @@ def compare(
         settings=Settings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
                           options["eval_seed"]),
         validate_every=options.get("validate_every"), validation_tasks=options["validation_tasks"],
-        out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND,
+        out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND, skipped=skipped,
     )
     print()
     print(format_table(rows, spec.metric, eval_steps))
@@ -424,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _COMMAND
     args = list(sys.argv[1:] if argv is None else argv)
     _COMMAND = shlex.join(["diffopt", *args])
-    warnings.formatwarning = _notice
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _notice
     try:
         run_checked(COMMANDS, args, "diffopt")
     except DiffoptError as error:
@@ -440,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--test_shots, --hidden, --inner_steps, --iterations)", file=sys.stderr)
         return 2
     finally:
+        warnings.formatwarning = formatwarning
         distributed.shutdown()
     return 0
 

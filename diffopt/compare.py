@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json, write_text
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, mean_ci95, student_t_ci95
+from diffopt.progress import progress_bar
 from diffopt.report import library_versions, machine_description
 
 EVALUATION_NAME = "evaluation.json"
@@ -145,17 +145,22 @@ def with_shared_options(configs: Mapping[str, Mapping[str, Any]], common: Mappin
 
 
 def product_configs(algorithms: Sequence[str], inner_optimizers: Sequence[str] | None = None,
-                    inner_steps: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
+                    inner_steps: Sequence[int] | None = None,
+                    skipped: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Every algorithm x inner rule x inner steps that is well defined, labelled by what varies
-    (first-order MAML, Reptile and the pre-trained baseline skip learned rules)."""
-    from diffopt.algorithms import ALGORITHMS
+    (first-order MAML, Reptile and the pre-trained baseline skip learned rules: ``skipped``, if
+    given, receives each left-out pair's label and the reason)."""
+    from diffopt.algorithms import algorithm_class
     from diffopt.optim import INNER_OPTIMIZERS
 
     configs = {}
     for algorithm in algorithms:
         for rule in inner_optimizers or (None,):
-            if rule is not None and rule not in INNER_OPTIMIZERS and algorithm in ALGORITHMS \
-                    and not ALGORITHMS[algorithm].learns_update_rule:
+            if rule is not None and rule not in INNER_OPTIMIZERS \
+                    and not algorithm_class(algorithm).learns_update_rule:
+                if skipped is not None:
+                    skipped[f"{algorithm}+{rule}"] = (f"{algorithm} does not meta-learn an inner "
+                                                      "rule's parameters")
                 continue
             for steps in inner_steps or (None,):
                 flags: dict[str, Any] = {"algorithm": algorithm}
@@ -261,6 +266,7 @@ def compare(
     progress: bool = True,
     tensorboard: bool = False,
     command: str = "",
+    skipped: Mapping[str, str] | None = None,
 ) -> list[Row]:
     """Train and evaluate every (configuration, K, seed); write ``results.json``, ``report.md``
     and the plots into ``out``; return the table's rows.
@@ -269,7 +275,7 @@ def compare(
     time (``iterations`` then caps it, and sizes the task stream). Every run with the same seed meets the same
     training tasks in the same order; every run is scored on the same ``settings.eval_tasks``
     tasks. Validation (``validate_every`` iterations; default: 20 points per run) gives the
-    learning curves.
+    learning curves. ``skipped``: configurations left out (label -> why), for the report.
     """
     out = Path(out)
     spec = get_dataset(dataset)
@@ -292,7 +298,7 @@ def compare(
         _require_tensorboard()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
-    grid_bar = tqdm(total=len(grid), desc="grid", disable=not progress, position=0, dynamic_ncols=True)
+    grid_bar = progress_bar(total=len(grid), desc="grid", disable=not progress, position=0)
     for label, k, seed, config in grid:
         name = Path(config.run_dir).name
         grid_bar.set_postfix_str(name)
@@ -311,6 +317,7 @@ def compare(
         "budget": budget, "settings": asdict(settings),
         "configs": {label: dict(flags) for label, flags in configs.items()},
         "resolved": {label: config.to_dict() for label, _, _, config in grid}, "runs": runs,
+        "skipped": dict(skipped or {}),
     }
     write_json(out / "results.json", results)
     return write_report(out)
@@ -361,6 +368,8 @@ def write_report(out: Path) -> list[Row]:
         "",
         *(["Settings that differ between the configurations (resolved, defaults included):", "",
            differing, ""] if differing else []),
+        *([f"Skipped: {'; '.join(f'`{label}` ({why})' for label, why in skipped.items())}.", ""]
+          if (skipped := results.get("skipped")) else []),
         *[f"![{title}]({path.relative_to(out)})\n" for title, path in figures],
     ]
     write_text(out / "report.md", "\n".join(lines).replace("\n\n\n", "\n\n") + "\n")
@@ -397,15 +406,22 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
     run_dir = Path(config.run_dir)
     metrics = run_dir / "metrics.jsonl"
     job = json.dumps({"config": config.to_dict(), "settings": asdict(settings)})
-    bar = tqdm(total=config.max_seconds or config.iterations, desc=run_dir.name, position=1,
-               leave=False, disable=not progress, dynamic_ncols=True,
-               unit="s" if config.max_seconds else "it")
+    done = _progress_of(metrics, bool(config.max_seconds))  # a resumed run's
+    bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
+                       position=1, leave=False, disable=not progress,
+                       unit="s" if config.max_seconds else "it")
     with open(log, "a") as output:
         child = subprocess.Popen([sys.executable, "-m", "diffopt.compare", job], stdout=output,
                                  stderr=subprocess.STDOUT)
+        training = False
         while child.poll() is None:
             time.sleep(0.5)
-            bar.n = _progress_of(metrics, bool(config.max_seconds))
+            reached = _progress_of(metrics, bool(config.max_seconds))
+            if not training and reached > done:  # the clock starts with training, not the child
+                training = True
+                bar.reset(total=bar.total)
+                bar.n = bar.last_print_n = done
+            bar.n = reached
             bar.refresh()
     bar.close()
     if child.returncode != 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +16,9 @@ import torch
 
 from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm
-from diffopt.data import DatasetSpec, Episode, Task
+from diffopt.data import DatasetSpec, Episode, Task, accuracy_per_task, mse_per_task
 from diffopt.errors import DiffoptError
+from diffopt.progress import progress_bar
 from diffopt.vectorize import over_tasks
 
 EVAL_SEED = 2017
@@ -67,13 +68,50 @@ class Evaluation:
         return mean_ci95(self.scores[steps])
 
 
+def _batches(tasks: Episode | Iterable[Task | Episode], batch_size: int) -> Iterator[Episode]:
+    """Episodes of at most ``batch_size`` tasks from an Episode or an iterable of tasks/Episodes."""
+    if isinstance(tasks, Episode):
+        yield tasks
+        return
+    pending: list[Task] = []
+    for item in tasks:
+        if isinstance(item, Episode):
+            yield item
+            continue
+        if not isinstance(item, Task):
+            raise DiffoptError(f"evaluate takes a DatasetSpec, an Episode or an iterable of Task or "
+                               f"Episode; got an item of type {type(item).__name__}")
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield _stack(pending)
+            pending = []
+    if pending:
+        yield _stack(pending)
+
+
+def _stack(tasks: list[Task]) -> Episode:
+    try:
+        return Episode(*(torch.stack([getattr(t, name) for t in tasks])
+                         for name in ("support_x", "support_y", "query_x", "query_y")))
+    except RuntimeError:
+        raise DiffoptError("tasks given to evaluate in one batch must have the same shapes; "
+                           "pass them as Episodes, or batch_size=1") from None
+
+
+def _score_of(episode: Episode) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
+    """Accuracy for integer targets (classification), else mean squared error."""
+    if episode.query_y.is_floating_point():
+        return mse_per_task, "mse"
+    return accuracy_per_task, "accuracy"
+
+
 def evaluate(
     algorithm: MetaAlgorithm | Sequence[MetaAlgorithm],
-    spec: DatasetSpec,
+    data: DatasetSpec | Episode | Iterable[Task | Episode],
     *,
-    shots: int,
-    test_shots: int,
-    tasks: int,
+    shots: int | None = None,
+    test_shots: int | None = None,
+    tasks: int | None = None,
     steps: Sequence[int] = (0, 1, 10),
     seed: int = EVAL_SEED,
     ways: int | None = None,
@@ -85,8 +123,15 @@ def evaluate(
     rotations: bool = True,
     images: str = "bilinear",
     class_split: str | None = None,
+    progress: bool = False,
 ) -> Evaluation:
-    """Adapt ``algorithm`` on each of ``tasks`` test tasks; score after each of ``steps`` steps.
+    """Adapt ``algorithm`` to each task; score its query set after each of ``steps`` inner steps.
+
+    ``data``: a dataset (``get_dataset(name)``: ``tasks`` test tasks of ``shots`` support and
+    ``test_shots`` query examples per class, drawn by ``seed``, with the data options below), or
+    the tasks themselves: an ``Episode`` or an iterable of ``Task``s / ``Episode``s (scored by
+    accuracy for integer targets, else mean squared error; ``shots``, ``tasks`` and the data
+    options do not apply).
 
     Adaptation runs the algorithm's own inner loop on the support set (first order, as no
     meta-gradient is needed); the score is ``spec.score`` on the query set. The model's
@@ -107,9 +152,20 @@ def evaluate(
     experiment_builder.py:247-290).
 
     Under torchrun each rank scores its shard of every batch of tasks; every rank gets all the
-    scores, in task order.
+    scores, in task order. ``progress``: a progress bar over the tasks (on the main rank).
     """
     steps = sorted(set(steps))
+    if isinstance(data, DatasetSpec):
+        missing = [name for name, value in [("shots", shots), ("test_shots", test_shots), ("tasks", tasks)]
+                   if value is None]
+        if missing:
+            raise DiffoptError(f"evaluate(algorithm, dataset) draws its tasks: give {', '.join(missing)}")
+        spec = data
+        batches = (Episode.from_torchmeta(batch) for batch in spec.loader(
+            split, seed=seed, shots=shots, test_shots=test_shots, ways=ways, batch_size=batch_size,
+            num_tasks=tasks, root=root, rotations=rotations, images=images, class_split=class_split))
+    else:
+        batches = _batches(data, batch_size)
     members = [algorithm] if isinstance(algorithm, MetaAlgorithm) else list(algorithm)
     if len({member.vectorized for member in members}) != 1:
         raise DiffoptError("an ensemble's members must all run vectorized or all loop over tasks")
@@ -126,16 +182,19 @@ def evaluate(
             unrolled = member.unroll(task.support_x, task.support_y, steps=steps[-1])
             predictions = [predict(fmodel, task) for step, fmodel in enumerate(unrolled) if step in steps]
             total = predictions if total is None else [a + b for a, b in zip(total, predictions, strict=True)]
-        return torch.stack([spec.score(summed / len(members), task.query_y) for summed in total])
+        return torch.stack([score(summed / len(members), task.query_y) for summed in total])
 
-    loader = spec.loader(split, seed=seed, shots=shots, test_shots=test_shots, ways=ways,
-                         batch_size=batch_size, num_tasks=tasks, root=root, rotations=rotations,
-                         images=images, class_split=class_split)
     dtype = next(members[0].parameters()).dtype
     buffers = [{name: b.clone() for name, b in member.named_buffers()} for member in members]
     shards = []  # per batch of tasks: (this rank's scores [tasks, len(steps)], their task keys)
-    for batch in loader:
-        episode = distributed.shard(Episode.from_torchmeta(batch, device=device, dtype=dtype))
+    score, metric = (spec.score, spec.metric) if isinstance(data, DatasetSpec) else (None, None)
+    bar = progress_bar(total=tasks if isinstance(data, DatasetSpec) else None, desc="evaluate",
+                       unit="task", disable=not (progress and distributed.is_main()), leave=False)
+    for batch in batches:
+        bar.update(len(batch))
+        episode = distributed.shard(batch.to(device, dtype))
+        if score is None:
+            score, metric = _score_of(episode)
         if len(episode) == 0:  # a batch with fewer tasks than ranks
             scores = torch.empty(0, len(steps))
         elif members[0].vectorized:
@@ -148,7 +207,10 @@ def evaluate(
         for member, saved in zip(members, buffers, strict=True):
             for name, buffer in member.named_buffers():
                 buffer.copy_(saved[name])
+    bar.close()
     pieces = [piece for batch in distributed.gather_shards(shards) for piece in batch]  # task order
+    if not pieces:
+        raise DiffoptError("evaluate was given no tasks")
     table = torch.cat([scores for scores, _ in pieces]).double().numpy()
     keys = [key for _, batch_keys in pieces for key in batch_keys]
-    return Evaluation(spec.metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)
+    return Evaluation(metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)

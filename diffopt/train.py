@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from diffopt import distributed
 from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
@@ -38,6 +37,7 @@ from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.models import build_model, initialize
+from diffopt.progress import progress_bar
 
 
 def build(config: TrainConfig) -> MetaAlgorithm:
@@ -322,8 +322,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     validated = done  # the last iteration validated: a resumed run validated up to its checkpoint
     if validating and resume_from is None:
         validate(0)
-    bar = tqdm(total=config.iterations, initial=done, disable=not (config.progress and main),
-               desc=config.algorithm, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=config.iterations, initial=done, disable=not (config.progress and main),
+                       desc=config.algorithm, leave=False)
     with open(metrics_path if main else os.devnull, "a") as log:
         start = time.perf_counter()
         for iteration, batch in enumerate(loader, start=done + 1):

@@ -96,14 +96,15 @@ def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
     filterable) that tasks run one by one; ``always`` raises DiffoptError naming the obstacle.
     """
     if mode not in VECTORIZE_MODES:
-        raise DiffoptError(f"--vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {mode!r}")
+        raise DiffoptError(f"vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {mode!r}")
     if mode == "never":
         return False
     obstacle = vmap_obstacle(model, inner)
     if obstacle is None:
         return True
     if mode == "always":
-        raise DiffoptError(f"cannot vectorize the meta-batch: {obstacle}; use --vectorize auto")
+        raise DiffoptError(f"cannot vectorize the meta-batch: {obstacle}; use vectorize='auto' "
+                           "(--vectorize auto)")
     warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
                   UserWarning, stacklevel=2)
     return False
@@ -133,7 +134,8 @@ def resolve_task_threads(requested: int, model: nn.Module) -> int:
     if requested == 0:
         return 1 if obstacle else torch.get_num_threads()
     if requested > 1 and obstacle:
-        raise DiffoptError(f"cannot run tasks on {requested} threads: {obstacle}; use --task_threads 1")
+        raise DiffoptError(f"cannot run tasks on {requested} threads: {obstacle}; use task_threads=1 "
+                           "(--task_threads 1)")
     return requested
 
 

@@ -17,16 +17,28 @@ Everything a new rule needs:
    (``tensor_map`` does both).
 higher differentiates it through ``InnerLoop``, so the meta-gradient reaches alpha and b, and
 ``check_meta_gradient`` verifies that against finite differences.
+
+From the command line, the rule is ``custom_rule:LearnedMomentum`` (``module:attribute``; run
+from this folder, or put it on PYTHONPATH): every command takes it where it takes a rule name,
+and config.json records it, so evaluate and resume rebuild the run in a new process::
+
+    cd examples
+    diffopt gradcheck --inner_optimizer custom_rule:LearnedMomentum
+    diffopt compare --algorithms maml,reptile --inner_optimizers sgd,custom_rule:LearnedMomentum \
+        --iterations 300 --out runs/learned-momentum
+    diffopt evaluate runs/learned-momentum/runs/maml+custom_rule:LearnedMomentum-k5-seed0
+
+(compare lists reptile x LearnedMomentum as skipped: Reptile does not meta-learn a rule.)
 """
 
 from __future__ import annotations
 
-import fire
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from diffopt import MAML, Episode, InnerLoop, check_meta_gradient, evaluate, get_dataset
+from diffopt.firecli import fire_checked
 from diffopt.models import MLP
 from diffopt.optim import UpdateRule
 from diffopt.optim.rule import tensor_map
@@ -93,4 +105,4 @@ def main(iterations: int = 300, shots: int = 10, inner_steps: int = 2, lr: float
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main)

@@ -66,9 +66,11 @@ def test_evaluate_run_folder_and_checkpoint(trained_run, capsys):
     assert "mse after   0 steps" in out and "mse after   2 steps" in out and "(4 tasks)" in out
     saved = json.loads((trained_run / "eval-k10-seed2017.json").read_text())
     assert len(saved["scores"]["2"]) == 4
+    wrote = f"wrote {trained_run / 'eval-k10-seed2017.json'}\n"
+    assert out.endswith(wrote)
     code, out2, _ = run_cli(capsys, "evaluate", str(trained_run / "checkpoint.pt"), "--tasks", "4",
                             "--steps", "0,2")
-    assert code == 0 and out2 == out  # same tasks, same numbers
+    assert code == 0 and out2 == out.removesuffix(wrote)  # same tasks, same numbers; no run folder
 
 
 def test_evaluate_inner_batch_size_overrides_the_runs(trained_run, capsys):
@@ -222,8 +224,8 @@ def test_lower_case_booleans_are_booleans(trained_run, capsys):
     code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "2", "--steps", "1",
                            "--transductive", "false")
     assert code == 0 and "mse after   1 steps" in out
-    saved = json.loads(next(trained_run.glob("eval-*.json")).read_text())
-    assert saved["tasks"] == 2
+    written = out.strip().splitlines()[-1].removeprefix("wrote ")
+    assert json.loads(open(written).read())["tasks"] == 2
 
 
 def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -317,3 +319,11 @@ def test_custom_rule_example_checks_and_trains_its_rule():
     assert float(check.split()[4]) < 1e-5
     alphas = next(line for line in result.stdout.splitlines() if line.startswith("learned alpha"))
     assert len(alphas.split(",")) == 6 and "0.01," not in alphas  # meta-learned away from 0.01
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *TINY[:-2], "--progress", "True",
+                           "--run_dir", str(tmp_path / "r"))
+    assert code == 0
+    assert "\r" not in err and "\x1b" not in err
+    assert any(line.startswith("maml:") and "0/3" in line for line in err.splitlines()), err

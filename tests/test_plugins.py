@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +92,15 @@ def test_rule_model_and_algorithm_by_import_path_train_and_evaluate_in_a_new_pro
     assert "mse after   1 steps" in evaluated.stdout
 
 
+def test_the_custom_rule_example_is_a_plugin(monkeypatch, capsys):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.chdir(examples)
+    monkeypatch.syspath_prepend(str(examples))
+    code, out, _ = cli(capsys, "gradcheck", "--inner_optimizer", "custom_rule:LearnedMomentum")
+    assert code == 0 and out.strip().endswith("PASS (rtol 1e-05)")
+    assert "inner.rule.alpha" in out and "inner.rule.b" in out
+
+
 def test_gradcheck_proves_a_plugin_rule(plugin_folder, capsys):
     code, out, _ = cli(capsys, "gradcheck", "--inner_optimizer", "my_rules:doubled")
     assert code == 0 and out.strip().endswith("PASS (rtol 1e-05)")
@@ -99,12 +109,15 @@ def test_gradcheck_proves_a_plugin_rule(plugin_folder, capsys):
 
 def test_compare_runs_a_plugin_rule_in_its_child_processes(plugin_folder, capsys):
     out = plugin_folder / "cmp"
-    code, _, err = cli(capsys, "compare", "--algorithms", "maml", "--inner_optimizers",
+    code, _, err = cli(capsys, "compare", "--algorithms", "maml,reptile", "--inner_optimizers",
                        "sgd,my_rules:LearnedScale", "--iterations", "2", "--shots", "5",
                        "--eval_tasks", "2", "--eval_steps", "1", "--out", str(out), "--progress", "False")
     assert code == 0, err
     report = (out / "report.md").read_text()
-    assert "my_rules:LearnedScale" in report
+    assert "| maml+my_rules:LearnedScale | 5 | 1 |" in report
+    assert "| inner_optimizer | sgd | my_rules:LearnedScale | sgd |" in report
+    assert "Skipped: `reptile+my_rules:LearnedScale` (reptile does not meta-learn an inner rule's " \
+           "parameters)." in report
 
 
 @pytest.mark.parametrize("option, value, fragment", [
@@ -147,3 +160,41 @@ def test_factories_taking_fewer_arguments_and_results_that_are_not_rules(plugin_
     with pytest.raises(DiffoptError, match="made a int, not a diffopt.optim.UpdateRule"):
         build_rule("bad_rules:rule", params, 0.1, 5)
     assert isinstance(build_rule("lslr", params, 0.1, 5), UpdateRule)
+
+
+def test_evaluate_takes_an_episode_or_tasks_and_scores_them_as_the_dataset_path_does():
+    from diffopt import evaluate, get_dataset
+    from diffopt.config import resolve_config
+    from diffopt.data import Episode
+    from diffopt.train import build
+
+    algorithm = build(resolve_config(hidden=(8,), seed=0))
+    spec = get_dataset("sinusoid")
+    drawn = evaluate(algorithm, spec, shots=5, test_shots=10, tasks=6, steps=(0, 2), batch_size=4)
+    loader = spec.loader("test", seed=2017, shots=5, test_shots=10, batch_size=4, num_tasks=6)
+    episodes = [Episode.from_torchmeta(batch) for batch in loader]
+    tasks = [task for episode in episodes for task in episode]
+    for given in (episodes, tasks, iter(tasks)):
+        again = evaluate(algorithm, given, steps=(0, 2), batch_size=4)
+        assert again.metric == "mse" and again.task_keys == drawn.task_keys
+        for step in (0, 2):
+            assert again.scores[step] == pytest.approx(drawn.scores[step], rel=1e-6)
+    one = evaluate(algorithm, episodes[0], steps=(1,))
+    assert len(one.scores[1]) == 4
+    with pytest.raises(DiffoptError, match="give shots, test_shots, tasks"):
+        evaluate(algorithm, spec)
+    with pytest.raises(DiffoptError, match="an item of type int"):
+        evaluate(algorithm, [1, 2])
+
+
+def test_the_algorithms_show_and_document_their_constructor():
+    import inspect
+
+    from diffopt import FOMAML, MAML, MetaAlgorithm, Reptile
+
+    for cls in (MAML, FOMAML, Reptile):
+        assert list(inspect.signature(cls).parameters) == ["model", "inner", "loss_fn", "vectorize",
+                                                           "task_threads"]
+        assert "see ``MetaAlgorithm``" in cls.__doc__
+    for argument in ("model:", "inner:", "loss_fn:", "vectorize:", "task_threads:"):
+        assert f"        {argument}" in MetaAlgorithm.__doc__

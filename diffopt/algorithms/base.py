@@ -26,10 +26,18 @@ class MetaAlgorithm(nn.Module):
     whose meta-gradient is the exact gradient of ``meta_loss`` set ``exact_meta_gradient``, and
     ``diffopt.gradcheck`` verifies it against finite differences.
 
-    ``vectorize`` (auto, always, never): whether the meta-batch runs as one ``torch.func.vmap``
-    over tasks (``self.vectorized``; see ``diffopt.vectorize``) or as a loop over tasks.
-    ``task_threads``: tasks the loop runs at once, on threads (0: as many as torch's threads, see
-    ``diffopt.vectorize.resolve_task_threads``); the result does not depend on it.
+    Args:
+        model: the network whose initial weights are meta-learned (``nn.Module``; its
+            parameters and buffers are the algorithm's ``model.*``).
+        inner: the ``InnerLoop`` that adapts it to a task (update rule, step size, steps); a
+            learned rule's parameters are meta-parameters too (``inner.rule.*``).
+        loss_fn: (prediction [N, ...], target [N, ...]) -> scalar loss, used in the inner loop
+            and for the query loss (e.g. ``torch.nn.functional.cross_entropy``).
+        vectorize: 'auto', 'always' or 'never': whether a meta-batch runs as one
+            ``torch.func.vmap`` over tasks (``self.vectorized``; see ``diffopt.vectorize``:
+            only models and rules proven right under vmap) or as a loop over tasks.
+        task_threads: tasks the loop runs at once, on threads (0: as many as torch's threads,
+            see ``diffopt.vectorize.resolve_task_threads``); the result does not depend on it.
     """
 
     name: ClassVar[str]

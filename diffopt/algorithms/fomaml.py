@@ -19,6 +19,8 @@ class FOMAML(MetaAlgorithm):
     applied to the initial weights, averaged over the episode's tasks. Vectorized, the adapted
     weights are the initial ones plus detached updates, so one backward of the mean query loss
     delivers exactly that gradient.
+
+    Constructor arguments (model, inner, loss_fn, vectorize, task_threads): see ``MetaAlgorithm``.
     """
 
     name = "fomaml"

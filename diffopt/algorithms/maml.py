@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
 from diffopt.data.episode import Episode, Task
+from diffopt.inner import InnerLoop, LossFn
 from diffopt.vectorize import over_tasks
 
 
@@ -21,13 +23,16 @@ class MAML(MetaAlgorithm):
     ``step_weights`` (one per inner step) makes the meta-loss the weighted sum of the query
     losses after every step; ``first_order`` detaches the inner gradients, so the initial weights
     get the first-order gradient while learned step sizes still get theirs.
+
+    Constructor arguments (model, inner, loss_fn, vectorize, task_threads): see ``MetaAlgorithm``.
     """
 
     name = "maml"
     learns_update_rule = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
+                 task_threads: int = 1) -> None:
+        super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.step_weights: list[float] | None = None
         self.first_order = False
 

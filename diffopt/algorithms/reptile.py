@@ -17,6 +17,8 @@ class Reptile(MetaAlgorithm):
     gradient ``phi - mean_i W_i``; an outer SGD step with learning rate eps then performs the
     Reptile update, and annealing that learning rate linearly to a final value reproduces the
     paper's schedule.
+
+    Constructor arguments (model, inner, loss_fn, vectorize, task_threads): see ``MetaAlgorithm``.
     """
 
     name = "reptile"

@@ -1,0 +1,28 @@
+"""Progress bars: tqdm on a terminal; plain lines (no carriage returns or escape codes) in a log."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+class LineProgress(tqdm):
+    """tqdm that writes each refresh as one plain line, at most every ``mininterval`` seconds."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> None:
+        if msg == "":  # tqdm clearing its line on close
+            return None
+        self.fp.write((self.__str__() if msg is None else msg) + "\n")
+        self.fp.flush()
+        return None
+
+
+def progress_bar(*, disable: bool = False, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr: drawn in place on a terminal, otherwise ``LineProgress`` lines every
+    30 seconds (``kwargs`` as tqdm's)."""
+    if sys.stderr.isatty():
+        return tqdm(disable=disable, dynamic_ncols=True, **kwargs)
+    kwargs = {key: value for key, value in kwargs.items() if key not in ("position", "leave")}
+    return LineProgress(disable=disable, mininterval=30.0, leave=False, ascii=True, **kwargs)
