@@ -121,7 +121,6 @@ def evaluate(
         ensemble: average the predictions of the run's N best validation checkpoints (MAML++'s
             test protocol: 5; the run must be trained with --keep_best N)
     """
-    from diffopt.checkpoint import write_json
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate as run_evaluation
     from diffopt.train import load_trained
@@ -138,7 +137,7 @@ def evaluate(
         raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
     overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config, algorithm, _ = load_trained(run, **overrides)
+    config, algorithm, payload = load_trained(run, **overrides)
     if ensemble > 1:
         from diffopt.train import best_checkpoints
 
@@ -159,15 +158,52 @@ def evaluate(
         print(f"{evaluation.metric} after {step:>3} steps: {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
     run_path = Path(run)
     if run_path.is_dir():
-        suffix = ("" if rotations else "-unrotated") + (f"-ensemble{ensemble}" if ensemble > 1 else "")
-        written = run_path / f"eval-k{config.shots}-seed{seed}{suffix}.json"
-        write_json(written, {
-            "metric": evaluation.metric, "tasks": tasks, "shots": config.shots,
-            "test_shots": test_shots, "seed": seed, "rotations": rotations, "ensemble": ensemble,
-            "summary": summary,
-            "scores": {s: v.tolist() for s, v in evaluation.scores.items()},
-        })
-        print(f"wrote {written}")
+        protocol = evaluation_protocol(config, iteration=payload["iteration"], tasks=tasks, steps=steps,
+                                       test_shots=test_shots, seed=seed, transductive=transductive,
+                                       rotations=rotations, ensemble=ensemble)
+        record = {"protocol": protocol, "metric": evaluation.metric, "summary": summary,
+                  "scores": {s: v.tolist() for s, v in evaluation.scores.items()}}
+        print(save_evaluation(run_path, record))
+
+
+def evaluation_protocol(config: TrainConfig, *, iteration: int, **settings: Any) -> dict[str, Any]:
+    """Everything an evaluation's scores depend on: the run's checkpoint (iteration), its data
+    options, shots, ways, inner mini-batches and inner state, and ``settings`` (tasks, steps,
+    test shots, seed, transductive, rotations, ensemble, ...)."""
+    return {"split": "test", "iteration": iteration, "shots": config.shots, "ways": config.ways,
+            "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
+            **config.data_options(), **{k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in settings.items()}}
+
+
+def save_evaluation(run_dir: Path, record: dict[str, Any]) -> str:
+    """Write ``record`` to ``run_dir/eval-k<K>-<trans|nontrans>-<protocol digest>.json``, one file
+    per protocol: another protocol adds a file, never replaces one. The same protocol again
+    keeps its file if the numbers are the same, and otherwise adds a numbered one. Returns what
+    happened, naming the file."""
+    import hashlib
+
+    from diffopt.checkpoint import write_json
+
+    protocol = record["protocol"]
+    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
+    mode = "trans" if protocol["transductive"] else "nontrans"
+    path = run_dir / f"eval-k{protocol['shots']}-{mode}-{digest}.json"
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if earlier is not None and earlier.get("scores") == json.loads(json.dumps(record["scores"])):
+            return f"same protocol as {path}: same numbers (kept)"
+        number = 2
+        while (run_dir / f"{path.stem}-{number}.json").exists():
+            number += 1
+        path = run_dir / f"{path.stem}-{number}.json"
+        write_json(path, record)
+        return f"same protocol as an earlier evaluation, other numbers: wrote {path}"
+    write_json(path, record)
+    return f"wrote {path}"
 
 
 def compare(

@@ -161,7 +161,7 @@ def evaluate(
         if missing:
             raise DiffoptError(f"evaluate(algorithm, dataset) draws its tasks: give {', '.join(missing)}")
         spec = data
-        batches = (Episode.from_torchmeta(batch) for batch in spec.loader(
+        batches = (Episode.from_torchmeta(batch, dtype=None) for batch in spec.loader(
             split, seed=seed, shots=shots, test_shots=test_shots, ways=ways, batch_size=batch_size,
             num_tasks=tasks, root=root, rotations=rotations, images=images, class_split=class_split))
     else:

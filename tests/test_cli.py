@@ -64,13 +64,32 @@ def test_evaluate_run_folder_and_checkpoint(trained_run, capsys):
     code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "4", "--steps", "0,2")
     assert code == 0
     assert "mse after   0 steps" in out and "mse after   2 steps" in out and "(4 tasks)" in out
-    saved = json.loads((trained_run / "eval-k10-seed2017.json").read_text())
-    assert len(saved["scores"]["2"]) == 4
-    wrote = f"wrote {trained_run / 'eval-k10-seed2017.json'}\n"
-    assert out.endswith(wrote)
+    wrote = out.strip().splitlines()[-1]
+    assert wrote.startswith(f"wrote {trained_run}/eval-k10-trans-")
+    saved = json.loads(open(wrote.removeprefix("wrote ")).read())
+    assert len(saved["scores"]["2"]) == 4 and saved["protocol"]["tasks"] == 4
     code, out2, _ = run_cli(capsys, "evaluate", str(trained_run / "checkpoint.pt"), "--tasks", "4",
                             "--steps", "0,2")
-    assert code == 0 and out2 == out.removesuffix(wrote)  # same tasks, same numbers; no run folder
+    assert code == 0 and out2 == out.removesuffix(wrote + "\n")  # same tasks, same numbers
+
+
+def test_evaluations_under_two_protocols_keep_both_scores(trained_run, capsys):
+    def evaluate(*extra: str) -> tuple[str, dict]:
+        code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "3", "--steps", "2",
+                               "--inner_batch_size", "5", *extra)
+        assert code == 0
+        line = out.strip().splitlines()[-1]
+        path = next(word.removesuffix(":") for word in line.split() if word.endswith((".json", ".json:")))
+        return line, json.loads(open(path).read())
+
+    line, inductive = evaluate("--transductive", "False")
+    assert "-nontrans-" in line and inductive["protocol"]["transductive"] is False
+    line, transductive = evaluate()
+    assert "-trans-" in line and transductive["protocol"]["inner_batch_size"] == 5
+    assert len(list(trained_run.glob("eval-*.json"))) == 2  # the first is still there
+    line, again = evaluate("--transductive", "False")
+    assert line.startswith("same protocol as ") and line.endswith(": same numbers (kept)")
+    assert again == inductive and len(list(trained_run.glob("eval-*.json"))) == 2
 
 
 def test_evaluate_inner_batch_size_overrides_the_runs(trained_run, capsys):

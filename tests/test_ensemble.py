@@ -65,8 +65,9 @@ def test_keep_best_then_evaluate_the_ensemble(tmp_path, capsys):
     assert [p.name for p in best_checkpoints(run, 2)] == [f"{r['iteration']:08d}.pt" for r in best]
     assert len(list((run / BEST_FOLDER).glob("*.pt"))) == 2
     assert main(["evaluate", str(run), "--tasks", "4", "--steps", "1", "--ensemble", "2"]) == 0
-    saved = json.loads((run / "eval-k10-seed2017-ensemble2.json").read_text())
-    assert saved["ensemble"] == 2 and len(saved["scores"]["1"]) == 4
+    (written,) = run.glob("eval-k10-trans-*.json")
+    saved = json.loads(written.read_text())
+    assert saved["protocol"]["ensemble"] == 2 and len(saved["scores"]["1"]) == 4
     assert main(["evaluate", str(run), "--tasks", "4", "--ensemble", "3"]) == 2
     assert "kept 2 best checkpoints; --ensemble 3 needs" in capsys.readouterr().err
     with pytest.raises(DiffoptError, match="--keep_best keeps the best validations' checkpoints"):

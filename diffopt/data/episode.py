@@ -32,9 +32,10 @@ class Episode:
 
     @classmethod
     def from_torchmeta(
-        cls, batch: dict, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+        cls, batch: dict, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
     ) -> Episode:
-        """Convert a ``BatchMetaDataLoader`` batch ({'train': (x, y), 'test': (x, y)})."""
+        """Convert a ``BatchMetaDataLoader`` batch ({'train': (x, y), 'test': (x, y)}); floating-point
+        tensors cast to ``dtype`` (None: as loaded)."""
         (sx, sy), (qx, qy) = batch["train"], batch["test"]
         return cls(sx, sy, qx, qy).to(device, dtype)
 
