@@ -50,11 +50,17 @@ def atomic_path(path: Path) -> Iterator[str]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, synced, then rename: never a partial file."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-        write(stream)
-        stream.flush()
-        os.fsync(stream.fileno())
+    """Write via a temporary file in the same folder, synced, then rename: never a partial file.
+    A failed write (a full disk, ...) is a one-line DiffoptError; the file there before is intact."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise DiffoptError(f"could not write {path} ({reason}); what was there before is intact: "
+                           "make room, then continue (a run: diffopt train --resume)") from None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -118,3 +124,54 @@ def restore_module(module: nn.Module, state: dict[str, torch.Tensor], path: str 
             "use the same model options it was trained with"
         )
     module.load_state_dict(state)
+
+
+LOCK_NAME = ".writer.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process: a second writer (train, resume, compare) on it is
+    refused with a one-line error naming the process; a lock left by a process that is gone (a
+    crash, SIGKILL) is taken over. The folder is created if needed."""
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                    and holder["pid"] != me["pid"] and _alive(holder["pid"]):
+                raise DiffoptError(f"{run_dir} is being written by process {holder['pid']} on this "
+                                   "machine; wait for it to end, or stop it first") from None
+            if holder.get("host") not in (None, me["host"]):
+                raise DiffoptError(f"{run_dir} is held by process {holder.get('pid')} on "
+                                   f"{holder['host']}; if that process is gone, delete {lock}") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(handle, "w") as stream:
+            json.dump(me, stream)
+        break
+    else:
+        raise DiffoptError(f"could not take the lock {lock}; delete it if no process writes {run_dir}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)

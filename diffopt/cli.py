@@ -473,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffopt: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # reading or writing a file outside the atomic writers
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"diffopt: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "allocate" not in str(error):
             raise

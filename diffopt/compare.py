@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json, write_text
+from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, run_folder_lock, write_json, write_text
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
@@ -296,7 +296,19 @@ def compare(
                     "run_dir": str(out / "runs" / run_name(label, k, seed)), "progress": False})))
     if tensorboard:
         _require_tensorboard()
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(out):  # one comparison at a time writes ``out``
+        return _train_grid(grid, out, spec.metric, settings, progress, tensorboard, {
+            "command": command, "versions": library_versions(), "dataset": dataset,
+            "metric": spec.metric, "lower_is_better": spec.lower_is_better, "shots": list(shots),
+            "seeds": list(seeds), "budget": budget, "settings": asdict(settings),
+            "configs": {label: dict(flags) for label, flags in configs.items()},
+            "skipped": dict(skipped or {})})
+
+
+def _train_grid(grid: list, out: Path, metric: str, settings: Settings, progress: bool,
+                tensorboard: bool, results: dict[str, Any]) -> list[Row]:
+    """Train and evaluate every run of ``grid`` not finished yet; write results.json (``results``
+    plus the runs) and the report."""
     runs = []
     grid_bar = progress_bar(total=len(grid), desc="grid", disable=not progress, position=0)
     for label, k, seed, config in grid:
@@ -307,18 +319,12 @@ def compare(
             record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
         runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
         if tensorboard:
-            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), spec.metric, record)
+            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), metric, record)
         grid_bar.update()
     grid_bar.close()
 
-    results = {
-        "command": command, "versions": library_versions(), "dataset": dataset, "metric": spec.metric,
-        "lower_is_better": spec.lower_is_better, "shots": list(shots), "seeds": list(seeds),
-        "budget": budget, "settings": asdict(settings),
-        "configs": {label: dict(flags) for label, flags in configs.items()},
-        "resolved": {label: config.to_dict() for label, _, _, config in grid}, "runs": runs,
-        "skipped": dict(skipped or {}),
-    }
+    results = {**results, "resolved": {label: config.to_dict() for label, _, _, config in grid},
+               "runs": runs}
     write_json(out / "results.json", results)
     return write_report(out)
 

@@ -6,6 +6,8 @@ and ``checkpoint.pt`` (see ``diffopt.checkpoint``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from diffopt.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     restore_module,
+    run_folder_lock,
     save_checkpoint,
     write_json,
     write_text,
@@ -76,6 +79,22 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
     restore_module(algorithm, payload["algorithm"], run)
     algorithm.inner.carried_state = payload.get("inner_state")
     return config, algorithm, payload
+
+
+def guarded_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer) -> bool:
+    """``optimizer.step()``, undone (parameters and optimizer state as before) if it made a
+    meta-parameter non-finite (an overflow from finite gradients); whether the step was kept."""
+    params = [p for p in algorithm.parameters()]
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(optimizer.state_dict())
+    optimizer.step()
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return True
+    with torch.no_grad():
+        for param, saved in zip(params, before, strict=True):
+            param.copy_(saved)
+    optimizer.load_state_dict(state)
+    return False
 
 
 def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
@@ -257,146 +276,148 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     metrics_path = run_dir / "metrics.jsonl"
     validation_path = run_dir / "validation.jsonl"
-    if resume_from is None:
-        if (run_dir / CHECKPOINT_NAME).exists():
-            raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
-                               f"continue it with `diffopt train --resume {run_dir}`")
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "config.json", config.to_dict())
-            write_text(metrics_path, "")
-            write_text(validation_path, "")
-    else:
-        restore_module(algorithm, resume_from["algorithm"], run_dir)
-        algorithm.inner.carried_state = resume_from.get("inner_state")
-        optimizer.load_state_dict(resume_from["outer_optimizer"])
-        _set_random_state(resume_from["random_state"])
-        if main:
-            write_text(metrics_path, _metrics_up_to(metrics_path, done))
-            write_text(validation_path, _metrics_up_to(validation_path, done))
-    distributed.broadcast_module(algorithm)
+    with run_folder_lock(run_dir) if main else contextlib.nullcontext():
+        if resume_from is None:
+            if (run_dir / CHECKPOINT_NAME).exists():
+                raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
+                                   f"continue it with `diffopt train --resume {run_dir}`")
+            if main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_json(run_dir / "config.json", config.to_dict())
+                write_text(metrics_path, "")
+                write_text(validation_path, "")
+        else:
+            restore_module(algorithm, resume_from["algorithm"], run_dir)
+            algorithm.inner.carried_state = resume_from.get("inner_state")
+            optimizer.load_state_dict(resume_from["outer_optimizer"])
+            _set_random_state(resume_from["random_state"])
+            if main:
+                write_text(metrics_path, _metrics_up_to(metrics_path, done))
+                write_text(validation_path, _metrics_up_to(validation_path, done))
+        distributed.broadcast_module(algorithm)
 
-    clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
-    previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
-    skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
-    bad_in_row = 0
+        clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
+        previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
+        skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
+        bad_in_row = 0
 
-    def checkpoint(iteration: int, path: Path = run_dir / CHECKPOINT_NAME) -> None:
-        if not main:
-            return
-        save_checkpoint(path, {
-            "config": config.to_dict(), "iteration": iteration,
-            "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
-            "inner_state": algorithm.inner.carried_state, "random_state": _random_state(),
-            "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
-            "skipped_steps": skipped,
-        })
+        def checkpoint(iteration: int, path: Path = run_dir / CHECKPOINT_NAME) -> None:
+            if not main:
+                return
+            save_checkpoint(path, {
+                "config": config.to_dict(), "iteration": iteration,
+                "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
+                "inner_state": algorithm.inner.carried_state, "random_state": _random_state(),
+                "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
+                "skipped_steps": skipped,
+            })
 
-    every = config.validate_every_seconds
-    next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
-    snapshot_every = config.snapshot_every_seconds
-    next_snapshot = (math.inf if snapshot_every is None
-                     else (math.floor(clock / snapshot_every) + 1) * snapshot_every)
-    validating = every is not None or config.validate_every > 0
+        every = config.validate_every_seconds
+        next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
+        snapshot_every = config.snapshot_every_seconds
+        next_snapshot = (math.inf if snapshot_every is None
+                         else (math.floor(clock / snapshot_every) + 1) * snapshot_every)
+        validating = every is not None or config.validate_every > 0
 
-    def validate(iteration: int) -> None:
-        """Score the validation tasks; the training random streams are left untouched."""
-        state = _random_state()
-        evaluation = evaluate(
-            algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots, ways=config.ways,
-            tasks=config.validation_tasks, steps=(config.validation_steps,), split="val",
-            device=config.device, **config.data_options())
-        _set_random_state(state)
-        mean, ci95 = evaluation.summary(config.validation_steps)
-        with open(validation_path if main else os.devnull, "a") as out:
-            out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
-                                  "steps": config.validation_steps, evaluation.metric: mean,
-                                  "ci95": ci95}) + "\n")
-        if config.keep_best and main:
-            keep_if_best(run_dir / BEST_FOLDER, iteration, mean, config.keep_best, spec.lower_is_better,
-                         lambda path: checkpoint(iteration, path))
+        def validate(iteration: int) -> None:
+            """Score the validation tasks; the training random streams are left untouched."""
+            state = _random_state()
+            evaluation = evaluate(
+                algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots, ways=config.ways,
+                tasks=config.validation_tasks, steps=(config.validation_steps,), split="val",
+                device=config.device, **config.data_options())
+            _set_random_state(state)
+            mean, ci95 = evaluation.summary(config.validation_steps)
+            with open(validation_path if main else os.devnull, "a") as out:
+                out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
+                                      "steps": config.validation_steps, evaluation.metric: mean,
+                                      "ci95": ci95}) + "\n")
+            if config.keep_best and main:
+                keep_if_best(run_dir / BEST_FOLDER, iteration, mean, config.keep_best, spec.lower_is_better,
+                             lambda path: checkpoint(iteration, path))
 
-    durations: list[float] = []
-    metrics: dict[str, float] = {}
-    completed = done
-    validated = done  # the last iteration validated: a resumed run validated up to its checkpoint
-    if validating and resume_from is None:
-        validate(0)
-    bar = progress_bar(total=config.iterations, initial=done, disable=not (config.progress and main),
-                       desc=config.algorithm, leave=False)
-    with open(metrics_path if main else os.devnull, "a") as log:
-        start = time.perf_counter()
-        for iteration, batch in enumerate(loader, start=done + 1):
-            if config.max_seconds is not None and clock >= config.max_seconds:
-                break
-            episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
-            progress = run_progress(config, iteration, clock)
-            if isinstance(algorithm, MAML):
-                apply_recipe(algorithm, current_epoch(config, iteration, progress),
-                             multi_step_loss_epochs=config.multi_step_loss_epochs,
-                             first_order_epochs=config.first_order_epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = meta_learning_rate(config, progress)
-            optimizer.zero_grad(set_to_none=True)
-            buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
-            metrics = algorithm.meta_gradient(episode)
-            distributed.all_reduce_grads(algorithm)
-            metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
-            if config.max_grad_value is not None:
-                torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
-            norm = torch.nn.utils.clip_grad_norm_(
-                algorithm.parameters(), config.max_grad_norm or math.inf)
-            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:  # skipped: the parameters, optimizer state and running statistics stay as they were
-                with torch.no_grad():
-                    for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
-                        buffer.copy_(saved)
-                skipped += 1
-                bad_in_row += 1
-            now = time.perf_counter()
-            metrics = distributed.mean_over_ranks({**metrics, "seconds": now - start})
-            durations.append(metrics.pop("seconds"))  # the same clock on every rank
-            clock += durations[-1]
-            start = now
-            completed = iteration
-            record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(norm), "seconds": durations[-1], "train_seconds": clock}
-            if not finite:
-                record["skipped"] = True
-            if isinstance(algorithm, MAML):
-                record["first_order"] = algorithm.first_order
-            log.write(json.dumps(record) + "\n")
-            log.flush()  # followers (diffopt compare's progress bar) see every iteration
-            bar.update()
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if (every is not None and clock >= next_validation) or (
-                    config.validate_every and iteration % config.validate_every == 0):
-                validate(iteration)
-                validated = iteration
-                if every is not None:
-                    next_validation = (math.floor(clock / every) + 1) * every
-                start = time.perf_counter()  # validation is not training time
-            if clock >= next_snapshot:
-                if main:
-                    (run_dir / "snapshots").mkdir(exist_ok=True)
-                checkpoint(iteration, run_dir / "snapshots" / f"{iteration:08d}.pt")
-                next_snapshot = (math.floor(clock / snapshot_every) + 1) * snapshot_every
-                start = time.perf_counter()  # nor is writing a snapshot
-            if bad_in_row > config.max_bad_steps:
-                checkpoint(iteration)  # the last good parameters: skipped steps changed nothing
-                raise DiffoptError(
-                    f"{bad_in_row} meta-iterations in a row (up to {iteration}) gave a non-finite "
-                    f"meta-loss or meta-gradient; {run_dir / CHECKPOINT_NAME} holds the last good "
-                    "parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
-            if config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                checkpoint(iteration)  # after the log line: the log reaches the checkpoint
-    bar.close()
-    if validating and validated != completed:
-        validate(completed)
-    checkpoint(completed)
-    median = statistics.median(durations) if durations else float("nan")
-    return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock,
-                       max(previous_peak, peak_memory_mb(config.device)))
+        durations: list[float] = []
+        metrics: dict[str, float] = {}
+        completed = done
+        validated = done  # the last iteration validated: a resumed run validated up to its checkpoint
+        if validating and resume_from is None:
+            validate(0)
+        bar = progress_bar(total=config.iterations, initial=done, disable=not (config.progress and main),
+                           desc=config.algorithm, leave=False)
+        with open(metrics_path if main else os.devnull, "a") as log:
+            start = time.perf_counter()
+            for iteration, batch in enumerate(loader, start=done + 1):
+                if config.max_seconds is not None and clock >= config.max_seconds:
+                    break
+                episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
+                progress = run_progress(config, iteration, clock)
+                if isinstance(algorithm, MAML):
+                    apply_recipe(algorithm, current_epoch(config, iteration, progress),
+                                 multi_step_loss_epochs=config.multi_step_loss_epochs,
+                                 first_order_epochs=config.first_order_epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = meta_learning_rate(config, progress)
+                optimizer.zero_grad(set_to_none=True)
+                buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
+                metrics = algorithm.meta_gradient(episode)
+                distributed.all_reduce_grads(algorithm)
+                metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
+                if config.max_grad_value is not None:
+                    torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    algorithm.parameters(), config.max_grad_norm or math.inf)
+                finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
+                if finite:
+                    finite = guarded_step(algorithm, optimizer)
+                if finite:
+                    bad_in_row = 0
+                else:  # skipped: the parameters, optimizer state and running statistics stay as they were
+                    with torch.no_grad():
+                        for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
+                            buffer.copy_(saved)
+                    skipped += 1
+                    bad_in_row += 1
+                now = time.perf_counter()
+                metrics = distributed.mean_over_ranks({**metrics, "seconds": now - start})
+                durations.append(metrics.pop("seconds"))  # the same clock on every rank
+                clock += durations[-1]
+                start = now
+                completed = iteration
+                record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(norm), "seconds": durations[-1], "train_seconds": clock}
+                if not finite:
+                    record["skipped"] = True
+                if isinstance(algorithm, MAML):
+                    record["first_order"] = algorithm.first_order
+                log.write(json.dumps(record) + "\n")
+                log.flush()  # followers (diffopt compare's progress bar) see every iteration
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if (every is not None and clock >= next_validation) or (
+                        config.validate_every and iteration % config.validate_every == 0):
+                    validate(iteration)
+                    validated = iteration
+                    if every is not None:
+                        next_validation = (math.floor(clock / every) + 1) * every
+                    start = time.perf_counter()  # validation is not training time
+                if clock >= next_snapshot:
+                    if main:
+                        (run_dir / "snapshots").mkdir(exist_ok=True)
+                    checkpoint(iteration, run_dir / "snapshots" / f"{iteration:08d}.pt")
+                    next_snapshot = (math.floor(clock / snapshot_every) + 1) * snapshot_every
+                    start = time.perf_counter()  # nor is writing a snapshot
+                if bad_in_row > config.max_bad_steps:
+                    checkpoint(iteration)  # the last good parameters: skipped steps changed nothing
+                    raise DiffoptError(
+                        f"{bad_in_row} meta-iterations in a row (up to {iteration}) gave a non-finite "
+                        f"meta-loss, meta-gradient or parameters; {run_dir / CHECKPOINT_NAME} holds the "
+                        "last good parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
+                if config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                    checkpoint(iteration)  # after the log line: the log reaches the checkpoint
+        bar.close()
+        if validating and validated != completed:
+            validate(completed)
+        checkpoint(completed)
+        median = statistics.median(durations) if durations else float("nan")
+        return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock,
+                           max(previous_peak, peak_memory_mb(config.device)))

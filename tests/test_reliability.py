@@ -147,3 +147,90 @@ def test_running_out_of_memory_is_one_line(tmp_path, capsys):
                  "--run_dir", str(tmp_path / "r"), "--progress", "False"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("diffopt: error: out of memory") and err.count("\n") == 1
+
+
+def test_a_step_that_overflows_the_parameters_is_undone_and_counted(tmp_path, monkeypatch):
+    real_build = train_module.build
+
+    def build(config):  # a finite meta-gradient (norm 1e18) that the outer step turns into inf
+        algorithm = real_build(config)
+        real = algorithm.meta_gradient
+
+        def meta_gradient(episode):
+            metrics = real(episode)
+            next(algorithm.parameters()).grad.fill_(1e18)
+            return metrics
+
+        algorithm.meta_gradient = meta_gradient
+        return algorithm
+
+    run = tmp_path / "run"
+    config = resolve_config(**{**TINY, "iterations": 3}, outer_optimizer="sgd", meta_lr=1e21,
+                            run_dir=str(run))
+    initial = real_build(config).state_dict()
+    monkeypatch.setattr(train_module, "build", build)
+    train_module.train(config)
+    payload = load_checkpoint(run)
+    assert payload["skipped_steps"] == 3
+    for name, tensor in payload["algorithm"].items():
+        assert torch.equal(tensor, initial[name]), name  # every step overflowed and was undone
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped"] and math.isfinite(r["grad_norm"]) for r in records)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_resumes(
+        tmp_path, monkeypatch, capsys):
+    import errno
+
+    import diffopt.checkpoint as checkpoint_module
+
+    run = tmp_path / "run"
+    real_fsync, failed = checkpoint_module.os.fsync, []
+
+    def full_disk_at_the_second_checkpoint(fd):
+        name = checkpoint_module.os.readlink(f"/proc/self/fd/{fd}")
+        if ".checkpoint.pt." in name and (run / "checkpoint.pt").exists() and not failed:
+            failed.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint_module.os, "fsync", full_disk_at_the_second_checkpoint)
+    argv = ["train", "--iterations", "6", "--meta_batch_size", "2", "--hidden", "4", "--checkpoint_every",
+            "2", "--progress", "False", "--run_dir", str(run)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffopt: error: could not write {run / 'checkpoint.pt'} "
+                                               "(No space left on device); what was there before is intact")
+    assert load_checkpoint(run)["iteration"] == 2  # the previous checkpoint, whole
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no partial file left
+    monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert load_checkpoint(run)["iteration"] == 6
+
+
+def test_one_writer_per_run_folder_and_stale_locks_are_taken_over(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    argv = ["--iterations", "2", "--meta_batch_size", "2", "--hidden", "4", "--progress", "False"]
+    assert main(["train", *argv, "--run_dir", str(run)]) == 0
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = run / ".writer.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        before = (run / "checkpoint.pt").read_bytes()
+        assert main(["train", "--resume", str(run)]) == 2
+        assert capsys.readouterr().err.strip() == (f"diffopt: error: {run} is being written by process "
+                                                   f"{other.pid} on this machine; wait for it to end, or "
+                                                   "stop it first")
+        assert (run / "checkpoint.pt").read_bytes() == before and lock.exists()
+        assert main(["compare", "--iterations", "1", "--out", str(run), "--progress", "False"]) == 2
+        assert f"being written by process {other.pid}" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["train", "--resume", str(run)]) == 0  # its holder is gone: a stale lock
+    assert not lock.exists() and os.getpid() > 0
