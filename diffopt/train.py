@@ -276,6 +276,9 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
     metrics_path = run_dir / "metrics.jsonl"
     validation_path = run_dir / "validation.jsonl"
+    # The loader's iterator draws its base seed from torch's global generator: draw it before a
+    # resumed run restores the random state, as the uninterrupted run drew it before iteration 1.
+    batches = iter(loader)
     with run_folder_lock(run_dir) if main else contextlib.nullcontext():
         if resume_from is None:
             if (run_dir / CHECKPOINT_NAME).exists():
@@ -346,7 +349,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                            desc=config.algorithm, leave=False)
         with open(metrics_path if main else os.devnull, "a") as log:
             start = time.perf_counter()
-            for iteration, batch in enumerate(loader, start=done + 1):
+            for iteration, batch in enumerate(batches, start=done + 1):
                 if config.max_seconds is not None and clock >= config.max_seconds:
                     break
                 episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))

@@ -90,3 +90,60 @@ def test_time_budget_stops_the_run_and_resume_respects_it(tmp_path):
     assert again.iterations == 1  # nothing left of the budget
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1]
+
+
+def test_a_resumed_run_ends_with_the_whole_checkpoint_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Every tensor and random state the checkpoint saves, the clocks aside."""
+    import diffopt.train as train_module
+    from diffopt.config import resolve_config
+
+    options = dict(iterations=6, meta_batch_size=2, shots=3, hidden=(8,), inner_optimizer="lslr",
+                   checkpoint_every=2, progress=False)
+    train_module.train(resolve_config(**options, run_dir=str(tmp_path / "whole")))
+    real_build = train_module.build
+
+    def build_that_dies_at_the_fourth_iteration(config):
+        algorithm = real_build(config)
+        real, calls = algorithm.meta_gradient, []
+
+        def meta_gradient(episode):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # killed after the checkpoint of iteration 2
+            return real(episode)
+
+        algorithm.meta_gradient = meta_gradient
+        return algorithm
+
+    monkeypatch.setattr(train_module, "build", build_that_dies_at_the_fourth_iteration)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(resolve_config(**options, run_dir=str(tmp_path / "killed")))
+    assert load_checkpoint(tmp_path / "killed")["iteration"] == 2
+    monkeypatch.setattr(train_module, "build", real_build)
+    train_module.resume(tmp_path / "killed")
+
+    def comparable(payload):
+        clocks = ("train_seconds", "peak_memory_mb")
+        config = {key: value for key, value in payload["config"].items() if key != "run_dir"}
+        return {**{key: value for key, value in payload.items() if key not in clocks}, "config": config}
+
+    whole, resumed = (comparable(load_checkpoint(tmp_path / name)) for name in ("whole", "killed"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert_same(whole[key], resumed[key], key)
+
+
+def assert_same(a, b, where: str) -> None:
+    """Equal, tensors bit for bit, through nested dicts, lists and tuples."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
