@@ -21,6 +21,7 @@ from diffopt.optim import (
     RuleOptimizer,
     UpdateRule,
     build_rule,
+    check_rule_name,
     first_order_twin,
     make_inner_optimizer,
 )
@@ -196,6 +197,7 @@ class InnerLoop(nn.Module):
             return
         self.optimizer = optimizer
         if model is None and optimizer not in INNER_OPTIMIZERS:
+            check_rule_name(optimizer)  # an unknown name says so first
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
         params = [] if model is None else [p.detach() for p in model.parameters()]

@@ -261,6 +261,9 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     if config.keep_freed_memory:
         keep_freed_memory()
     done = 0 if resume_from is None else int(resume_from["iteration"])
+    if resume_from is None:  # python's and numpy's global generators too: a function of the seed
+        random.seed(config.seed)
+        np.random.seed(config.seed % 2**32)
     loader = spec.loader(  # first: a missing dataset is reported before anything else happens
         "train", seed=config.seed, shots=config.train_shots or config.shots,
         test_shots=config.test_shots, ways=config.ways, batch_size=config.meta_batch_size,

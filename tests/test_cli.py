@@ -244,7 +244,7 @@ def test_lower_case_booleans_are_booleans(trained_run, capsys):
                            "--transductive", "false")
     assert code == 0 and "mse after   1 steps" in out
     written = out.strip().splitlines()[-1].removeprefix("wrote ")
-    assert json.loads(open(written).read())["tasks"] == 2
+    assert json.loads(open(written).read())["protocol"]["tasks"] == 2
 
 
 def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, capsys, monkeypatch):
