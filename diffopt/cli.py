@@ -66,6 +66,15 @@ def train(resume: str | None = None, dry_run: bool = False, **options: Any) -> N
           f"final loss {result.final_loss:.4f})")
 
 
+def _train_options(names: Sequence[str]) -> list[inspect.Parameter]:
+    """``TrainConfig``'s fields ``names`` as keyword-only parameters, with defaults and types (the
+    types tell the command line which options are booleans)."""
+    types = typing.get_type_hints(TrainConfig)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
+                              annotation=types[name]) for name in names]
+
+
 def _train_help() -> tuple[inspect.Signature, str]:
     params = [inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, default=None,
                                 annotation=str | None)]
@@ -75,11 +84,8 @@ def _train_help() -> tuple[inspect.Signature, str]:
              "options but --progress)",
              "    dry_run: print the resolved options (the dataset's and algorithm's defaults filled "
              "in) and exit"]
-    types = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                                        annotation=types[f.name]))
-        lines.append(f"    {f.name}: {f.metadata['help']}")
+    params += _train_options([f.name for f in fields(TrainConfig)])
+    lines += [f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig)]
     doc = (f"{train.__doc__}\n\nOptions left unset take the dataset's literature defaults "
            "(and the algorithm's, e.g. Reptile's).\n\nArgs:\n" + "\n".join(lines))
     return inspect.Signature(params), doc
@@ -437,8 +443,7 @@ def _compare_help() -> tuple[inspect.Signature, str]:
     """compare's own options, then every train option it shares out to the configurations."""
     own = [p for p in inspect.signature(compare).parameters.values() if p.kind is not p.VAR_KEYWORD]
     shared = {f.name: f for f in fields(TrainConfig) if f.name in shared_train_options()}
-    params = own + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
-                    for name, f in shared.items()]
+    params = own + _train_options(list(shared))
     doc = compare.__doc__.rstrip() + "\n" + "".join(
         f"        {name}: (every configuration) {f.metadata['help']}\n" for name, f in shared.items())
     return inspect.Signature(params), doc

@@ -31,6 +31,7 @@ from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, mean_ci95, student_t_ci95
+from diffopt.firecli import shown, suggestion
 from diffopt.progress import progress_bar
 from diffopt.report import library_versions, machine_description
 
@@ -90,8 +91,6 @@ def shared_train_options() -> list[str]:
 
 
 def _check_train_keys(options: Mapping[str, Any], where: str, allowed: Sequence[str]) -> None:
-    from diffopt.firecli import suggestion
-
     for key in options:
         if key not in allowed:
             raise DiffoptError(f"unknown train option {key!r} in {where}{suggestion(str(key), allowed)}")
@@ -221,12 +220,8 @@ def differing_settings(resolved: Mapping[str, Mapping[str, Any]]) -> str:
         return ""
     lines = ["| setting | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(_shown(resolved[label].get(key)) for label in labels) + " |")
+        lines.append(f"| {key} | " + " | ".join(shown(resolved[label].get(key)) for label in labels) + " |")
     return "\n".join(lines)
-
-
-def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
@@ -297,7 +292,7 @@ def compare(
     if tensorboard:
         _require_tensorboard()
     with run_folder_lock(out):  # one comparison at a time writes ``out``
-        return _train_grid(grid, out, spec.metric, settings, progress, tensorboard, {
+        return _train_grid(grid, out, settings, progress, tensorboard, {
             "command": command, "versions": library_versions(), "dataset": dataset,
             "metric": spec.metric, "lower_is_better": spec.lower_is_better, "shots": list(shots),
             "seeds": list(seeds), "budget": budget, "settings": asdict(settings),
@@ -305,8 +300,8 @@ def compare(
             "skipped": dict(skipped or {})})
 
 
-def _train_grid(grid: list, out: Path, metric: str, settings: Settings, progress: bool,
-                tensorboard: bool, results: dict[str, Any]) -> list[Row]:
+def _train_grid(grid: list, out: Path, settings: Settings, progress: bool, tensorboard: bool,
+                results: dict[str, Any]) -> list[Row]:
     """Train and evaluate every run of ``grid`` not finished yet; write results.json (``results``
     plus the runs) and the report."""
     runs = []
@@ -319,7 +314,7 @@ def _train_grid(grid: list, out: Path, metric: str, settings: Settings, progress
             record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
         runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
         if tensorboard:
-            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), metric, record)
+            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"], record)
         grid_bar.update()
     grid_bar.close()
 

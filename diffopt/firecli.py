@@ -147,17 +147,16 @@ def help_text(component: Component, name: str) -> str:
         if parameter.default is inspect.Parameter.empty:
             flag = parameter.name.upper()
         else:
-            flag = f"--{parameter.name}={_shown(parameter.default)}"
+            flag = f"--{parameter.name}={shown(parameter.default)}"
         lines.append(f"  {flag}")
         if parameter.name in described:
             lines.append(f"      {described[parameter.name]}")
     return "\n".join(lines)
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
+def shown(value: Any) -> str:
+    """A value as written on a command line: lists and tuples comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def fire_checked(component: Component, argv: Sequence[str] | None = None,

@@ -84,7 +84,7 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
 def guarded_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer) -> bool:
     """``optimizer.step()``, undone (parameters and optimizer state as before) if it made a
     meta-parameter non-finite (an overflow from finite gradients); whether the step was kept."""
-    params = [p for p in algorithm.parameters()]
+    params = list(algorithm.parameters())
     before = [p.detach().clone() for p in params]
     state = copy.deepcopy(optimizer.state_dict())
     optimizer.step()

@@ -247,6 +247,15 @@ def test_lower_case_booleans_are_booleans(trained_run, capsys):
     assert json.loads(open(written).read())["protocol"]["tasks"] == 2
 
 
+def test_compare_reads_shared_boolean_train_options_as_train_does():
+    from diffopt import cli
+    from diffopt.firecli import check_arguments
+
+    for command in (cli.train, cli.compare):
+        assert check_arguments(command, ["--keep_freed_memory", "false"], "x") == \
+            ["--keep_freed_memory", "False"]
+
+
 def test_dry_run_prints_the_resolved_options_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, _ = run_cli(capsys, "train", "--dataset", "omniglot", "--algorithm", "reptile", "--dry_run")
