@@ -177,7 +177,9 @@ class ReseedingClassSplitter(ClassSplitter_):
         generator seeded from (task, class, random_state_seed), cut into consecutive runs per
         split, each run shuffled by the splitter's generator, and offset into the task."""
         indices = OrderedDict((split, []) for split in self.splits)
-        permuter = self.__dict__.setdefault("_permuter", np.random.RandomState(0))
+        permuter = self.__dict__.get("_permuter")
+        if permuter is None:  # not setdefault: its argument, a new RandomState, costs 70 us a task
+            permuter = self._permuter = np.random.RandomState(0)
         offset = 0
         for dataset in task.datasets:
             count = len(dataset)
