@@ -156,15 +156,16 @@ def test_plain_mlps_vectorize_by_default():
         small_algorithm(vectorize="sometimes")
 
 
-def cbfinn_conv4(name: str, steps: int, vectorize: str, seed: int = 0):
-    """cbfinn/maml's Omniglot model at toy size (TF batch norm, averaged last map), float64."""
+def cbfinn_conv4(name: str, steps: int, vectorize: str, seed: int = 0, params: str = "weights"):
+    """cbfinn/maml's Omniglot model at toy size (TF batch norm, averaged last map), float64;
+    ``params="all"``: the inner loop adapts batch norm's shift too (batched under vmap)."""
     torch.manual_seed(seed)
     model = initialize(Conv4(1, 3, 4, 8, norm="batch_shift", norm_eps=1e-3, head="mean"), "glorot").double()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, ShiftBatchNorm):
                 module.bias.add_(0.3 * torch.randn_like(module.bias))
-    inner = InnerLoop("sgd", 0.1, steps, loss_reduction="class_sum", params="weights")  # not BN's shift
+    inner = InnerLoop("sgd", 0.1, steps, loss_reduction="class_sum", params=params)
     return build_algorithm(name, model, inner, F.cross_entropy, vectorize)
 
 
@@ -177,8 +178,10 @@ def image_tasks(seed: int, tasks: int = 3):
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps):
-    vmapped, loop = cbfinn_conv4(name, steps, "auto"), cbfinn_conv4(name, steps, "never")
+@pytest.mark.parametrize("params", ["weights", "all"])
+def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps, params):
+    vmapped = cbfinn_conv4(name, steps, "auto", params=params)
+    loop = cbfinn_conv4(name, steps, "never", params=params)
     assert vmapped.vectorized and vmap_obstacle(vmapped.model, vmapped.inner) is None
     episode = image_tasks(steps)
     loop_metrics, loop_grads = grads(loop, episode)
@@ -191,7 +194,7 @@ def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps):
 @settings(max_examples=3)  # about 20 s an example: every weight of a conv net, two differences each
 @given(steps=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, seed):
-    algorithm = cbfinn_conv4("maml", steps, "always", seed)
+    algorithm = cbfinn_conv4("maml", steps, "always", seed, params="all")
     result = check_meta_gradient(algorithm, image_tasks(seed), eps=(1e-6, 1e-7))
     assert result.max_rel_error < 1e-5, result.per_parameter
 

@@ -47,9 +47,11 @@ class ShiftBatchNorm(nn.Module):
     """Batch norm over channel dim 1 with a learned shift (bias: [C], zeros) and no scale, batch
     statistics always: TF's ``batch_norm`` defaults, which cbfinn/maml uses (utils.py).
 
-    Written out (mean, biased variance) rather than through ``F.batch_norm``, whose batching rule
-    gives wrong meta-gradients under ``torch.func.vmap``: this layer is vmapped over tasks, as
-    the finite-difference tests prove (tests/test_vectorize.py).
+    ``F.batch_norm`` with a constant unit scale (None would break its double backward). This
+    layer is vmapped over tasks, its shift batched when the inner loop adapts it: unlike affine
+    batch norm's learned scale, that is right under ``torch.func.vmap``, as the loop-equality and
+    finite-difference tests prove (tests/test_vectorize.py, tests/test_norm.py). Twice as fast as
+    the same statistics written out with mean and square.
     """
 
     def __init__(self, channels: int, eps: float = 1e-3) -> None:
@@ -58,10 +60,8 @@ class ShiftBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0, *range(2, x.dim())]
-        centred = x - x.mean(dims, keepdim=True)
-        scale = torch.rsqrt(centred.square().mean(dims, keepdim=True) + self.eps)  # [1, C, 1...]
-        return torch.addcmul(self.bias.view([1, -1] + [1] * (x.dim() - 2)), centred, scale)
+        scale = torch.ones_like(self.bias)  # not None: batch_norm's double backward needs a weight
+        return F.batch_norm(x, None, None, scale, self.bias, True, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"channels={self.bias.shape[0]}, eps={self.eps}"
