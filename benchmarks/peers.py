@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from diffopt.algorithms import build_algorithm  # noqa: E402
 from diffopt.allocator import keep_freed_memory  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
+from diffopt.memory import reset_resident_peak, resident_mb  # noqa: E402
 from diffopt.models import MLP, Conv4  # noqa: E402
 from diffopt.report import library_versions, machine_description, write_section  # noqa: E402
 from diffopt.vectorize import vmap_obstacle  # noqa: E402
@@ -276,11 +276,6 @@ def speed(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), roun
     return _finish(out, write, "peers-speed", "Meta-step speed: diffopt and its peers")
 
 
-def _memory_status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {key: int(kib) // 1024 for key, kib in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", text)}
-
-
 def memory_of(workload: str, algorithm: str, implementation: str, steps: int = 3,
               threads: int = 2, inner_steps: int | None = None, malloc: str = "default") -> None:
     """(In a fresh process) print the JSON {peak_growth_mb, ...} of ``steps`` meta-steps
@@ -291,12 +286,12 @@ def memory_of(workload: str, algorithm: str, implementation: str, steps: int = 3
     spec = spec if inner_steps is None else replace(spec, steps=inner_steps)
     model, step, episode = _setup(spec, implementations(algorithm, spec)[implementation])
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before = _memory_status()["VmRSS"]
+    reset_resident_peak()  # the peak (VmHWM) is now the current resident size
+    before = resident_mb()["VmRSS"]
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         step(episode)
-    print(json.dumps({"peak_growth_mb": _memory_status()["VmHWM"] - before, "rss_before_mb": before}))
+    print(json.dumps({"peak_growth_mb": resident_mb()["VmHWM"] - before, "rss_before_mb": before}))
 
 
 def _child(*args: str) -> dict:
@@ -351,7 +346,7 @@ def long_run_of(workload: str, iterations: int, every: int, threads: int = 2, ma
         learner.meta_gradient(spec.episode(g))  # a new meta-batch every iteration
         outer.step()
         if iteration % every == 0:
-            trace.append([iteration, _memory_status()["VmRSS"]])
+            trace.append([iteration, resident_mb()["VmRSS"]])
     print(json.dumps(trace))
 
 

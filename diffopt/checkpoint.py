@@ -4,7 +4,7 @@ A checkpoint is a dict of plain values and tensors::
 
     {"format": "diffopt-checkpoint", "version": 1, "config": TrainConfig.to_dict(),
      "iteration": int, "algorithm": state_dict, "outer_optimizer": state_dict,
-     "random_state": dict, "train_seconds": float, "peak_memory_mb": float, "skipped_steps": int}
+     "random_state": dict, "train_seconds": float, "step_memory_mb": float, "skipped_steps": int}
 """
 
 from __future__ import annotations

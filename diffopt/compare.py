@@ -3,7 +3,7 @@ task streams under the same budget and scored on exactly the same evaluation tas
 
 A configuration is a label and the ``diffopt train`` options that differ from the defaults, e.g.
 ``{"meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_sgd"}}``. Each (configuration,
-K, seed) run is trained and evaluated in a process of its own (so its peak memory is its own),
+K, seed) run is trained and evaluated in a process of its own (so its memory is its own),
 in ``OUT/runs/<label>-k<K>-seed<S>``; its ``evaluation.json`` records the config, the settings
 and the result. Re-running the comparison skips finished runs, resumes interrupted ones from
 their checkpoint, and restarts runs whose configuration changed. The grid's ``results.json``
@@ -68,7 +68,9 @@ class Row:
     """(seed, task) scores per number of inner steps: seeds x evaluation tasks."""
     iterations: float
     seconds_per_iteration: float
-    peak_memory_mb: float
+    step_memory_mb: float
+    """The most memory a meta-step took above the process's level before it (max over seeds;
+    NaN where not measured)."""
     meta_parameters: int
     train_seconds: float
 
@@ -202,7 +204,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
             sum(len(run["task_keys"]) for run in members),
             float(np.mean([run["iterations"] for run in members])),
             float(np.median([run["seconds_per_iteration"] for run in members])),
-            float(max(run["peak_memory_mb"] for run in members)),
+            float(max(run.get("step_memory_mb", math.nan) for run in members)),
             int(members[0]["meta_parameters"]),
             float(np.mean([run["train_seconds"] for run in members])),
         ))
@@ -229,7 +231,7 @@ def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
     steps = sorted(set(steps))
     header = ["configuration", "K", "seeds"]
     header += [f"{metric} after {s} step{'s' * (s != 1)}" for s in steps]
-    header += ["meta-iterations", "s / meta-iter", "peak memory (MB)", "meta-parameters"]
+    header += ["meta-iterations", "s / meta-iter", "meta-step memory (MB)", "meta-parameters"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.label, str(row.shots), str(len(row.seeds))]
@@ -240,7 +242,8 @@ def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
             seeds = "" if math.isnan(row.ci95_seeds[s]) else f" +- {row.ci95_seeds[s]:.3f}"
             cells.append(f"{row.mean[s]:.3f}{seeds} (tasks +- {row.ci95_tasks[s]:.3f})")
         cells += [f"{row.iterations:.0f}", f"{row.seconds_per_iteration:.4f}",
-                  f"{row.peak_memory_mb:.0f}", f"{row.meta_parameters:,}"]
+                  "-" if math.isnan(row.step_memory_mb) else f"{row.step_memory_mb:.0f}",
+                  f"{row.meta_parameters:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,6 +366,11 @@ def write_report(out: Path) -> list[Row]:
         "",
         format_table(rows, metric, steps),
         "",
+        "Meta-step memory: the most memory one meta-step (meta-gradient and outer step) took above "
+        "what the run's process held before it, the largest over the run and its seeds (resident "
+        "set on the CPU, allocated memory on CUDA); seconds per meta-iteration: the median over "
+        "the run, data loading included.",
+        "",
         "Configurations: " + "; ".join(
             f"`{label}`: " + (", ".join(f"{k}={v}" for k, v in flags.items()) or "defaults")
             for label, flags in results["configs"].items()) + ".",
@@ -471,7 +479,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
         "result": {
             "iterations": result.iterations, "train_seconds": result.train_seconds,
             "seconds_per_iteration": result.seconds_per_iteration,
-            "peak_memory_mb": result.peak_memory_mb,
+            "step_memory_mb": result.step_memory_mb,
             "meta_parameters": sum(p.numel() for p in result.algorithm.parameters()),
             "scores": {str(s): v.tolist() for s, v in evaluation.scores.items()},
             "task_keys": evaluation.task_keys,

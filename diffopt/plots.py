@@ -46,6 +46,20 @@ def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path |
                              title=f"{results['dataset']}: learning curves (mean over seeds, 95% interval)")
 
 
+def _after(steps: int) -> str:
+    return f"after {steps} inner step{'s' * (steps != 1)}"
+
+
+def curve_labels(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]) -> tuple[dict[str, str], str]:
+    """(line label -> legend entry, y-axis wording): where lines were validated after different
+    numbers of inner steps, each legend entry says after how many."""
+    steps = {name: seeds[0][0]["steps"] for name, seeds in groups.items()}
+    if len(set(steps.values())) == 1:
+        return {name: name for name in groups}, _after(next(iter(steps.values())))
+    legend = {name: f"{name} ({_after(k)})" for name, k in steps.items()}
+    return legend, "after the inner steps in each legend"
+
+
 def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], metric: str, path: Path,
                       *, title: str, lower_is_better: bool = False, percent: bool = False,
                       log_iterations: bool = False) -> Path:
@@ -59,6 +73,7 @@ def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]
     scale = 100.0 if percent else 1.0
     longest = max(r["train_seconds"] for seeds in groups.values() for records in seeds for r in records)
     per_unit, unit = (60.0, "minutes") if longest > 600 else (1.0, "s")
+    labels, after = curve_labels(groups)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, seeds in groups.items():
@@ -73,15 +88,13 @@ def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]
             else:
                 band = scale * np.array([r["ci95"] for r in seeds[0][:length]])
         for axis, x in zip(axes, (iterations, seconds / per_unit), strict=True):
-            (line,) = axis.plot(x, mean, marker="o", markersize=2.5, label=name)
+            (line,) = axis.plot(x, mean, marker="o", markersize=2.5, label=labels[name])
             axis.fill_between(x, mean - band, mean + band, alpha=0.15, color=line.get_color())
     axes[0].set_xlabel("meta-iterations")
     axes[1].set_xlabel(f"training time ({unit})")
     if log_iterations:
         axes[0].set_xscale("symlog", linthresh=50)
         axes[0].set_xlim(left=0)
-    steps = sorted({seeds[0][0]["steps"] for seeds in groups.values()})
-    after = f"after {steps[0]} steps" if len(steps) == 1 else "after each line's validation steps"
     axes[0].set_ylabel(f"validation {metric}{' (%)' if percent else ''} {after}")
     if lower_is_better:  # diverging validations (a rule run past the steps it learned) leave the
         # axis rather than squash every other curve

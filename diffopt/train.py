@@ -39,6 +39,7 @@ from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
+from diffopt.memory import StepMemory
 from diffopt.models import build_model, initialize
 from diffopt.progress import progress_bar
 
@@ -85,15 +86,17 @@ def guarded_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer) -> 
     """``optimizer.step()``, undone (parameters and optimizer state as before) if it made a
     meta-parameter non-finite (an overflow from finite gradients); whether the step was kept."""
     params = list(algorithm.parameters())
-    before = [p.detach().clone() for p in params]
-    state = copy.deepcopy(optimizer.state_dict())
+    with torch.no_grad():
+        before = torch._foreach_mul(params, 1.0)  # copies, in one call
+        state = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in s.items()}
+                 for p, s in optimizer.state.items()}  # tensors cloned: a deepcopy costs 10x more
     optimizer.step()
     if all(bool(torch.isfinite(p).all()) for p in params):
         return True
     with torch.no_grad():
-        for param, saved in zip(params, before, strict=True):
-            param.copy_(saved)
-    optimizer.load_state_dict(state)
+        torch._foreach_copy_(params, before)
+    optimizer.state.clear()
+    optimizer.state.update(state)
     return False
 
 
@@ -181,18 +184,9 @@ class TrainResult:
     """Meta-iterations completed (fewer than configured when --max_seconds ran out)."""
     train_seconds: float
     """Training time summed over the run's sessions (the --max_seconds clock)."""
-    peak_memory_mb: float
-    """Peak memory of training: resident set size of the process (the most any session of the
-    run reached) or, on CUDA, the most device memory allocated."""
-
-
-def peak_memory_mb(device: str) -> float:
-    """This process's peak resident set size in MiB, or on CUDA its peak allocated device memory."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    step_memory_mb: float
+    """The most memory a meta-step took above what the process held before it, over every
+    session of the run (``diffopt.memory.StepMemory``: resident set, or CUDA allocation)."""
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -303,7 +297,9 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         distributed.broadcast_module(algorithm)
 
         clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
-        previous_peak = 0.0 if resume_from is None else float(resume_from.get("peak_memory_mb", 0.0))
+        step_memory = StepMemory(config.device)
+        if resume_from is not None:
+            step_memory.peak_growth_mb = float(resume_from.get("step_memory_mb", 0.0))
         skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
         bad_in_row = 0
 
@@ -314,7 +310,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 "config": config.to_dict(), "iteration": iteration,
                 "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
                 "inner_state": algorithm.inner.carried_state, "random_state": _random_state(),
-                "train_seconds": clock, "peak_memory_mb": max(previous_peak, peak_memory_mb(config.device)),
+                "train_seconds": clock, "step_memory_mb": step_memory.peak_growth_mb,
                 "skipped_steps": skipped,
             })
 
@@ -365,16 +361,17 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                     group["lr"] = meta_learning_rate(config, progress)
                 optimizer.zero_grad(set_to_none=True)
                 buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
-                metrics = algorithm.meta_gradient(episode)
-                distributed.all_reduce_grads(algorithm)
-                metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
-                if config.max_grad_value is not None:
-                    torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
-                norm = torch.nn.utils.clip_grad_norm_(
-                    algorithm.parameters(), config.max_grad_norm or math.inf)
-                finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
-                if finite:
-                    finite = guarded_step(algorithm, optimizer)
+                with step_memory.measured():
+                    metrics = algorithm.meta_gradient(episode)
+                    distributed.all_reduce_grads(algorithm)
+                    metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
+                    if config.max_grad_value is not None:
+                        torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        algorithm.parameters(), config.max_grad_norm or math.inf)
+                    finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
+                    if finite:
+                        finite = guarded_step(algorithm, optimizer)
                 if finite:
                     bad_in_row = 0
                 else:  # skipped: the parameters, optimizer state and running statistics stay as they were
@@ -426,4 +423,4 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         checkpoint(completed)
         median = statistics.median(durations) if durations else float("nan")
         return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock,
-                           max(previous_peak, peak_memory_mb(config.device)))
+                           step_memory.peak_growth_mb)
