@@ -227,6 +227,7 @@ def compare(
     eval_steps: Sequence[int] | None = None,
     eval_test_shots: int | None = None,
     eval_seed: int | None = None,
+    eval_transductive: bool | None = None,
     validate_every: int | None = None,
     validation_tasks: int | None = None,
     out: str | None = None,
@@ -258,6 +259,8 @@ def compare(
         eval_steps: numbers of inner steps after which to score (default: 0,1,10)
         eval_test_shots: query examples scored per evaluation task (default: the dataset's)
         eval_seed: seed of the held-out task stream, the same for every run
+        eval_transductive: score each query set as one batch (default True); False: each query
+            example with the support set alone (batch norm then never sees two queries)
         validate_every: validate every N meta-iterations for the learning curves (default: 20
             points per run)
         validation_tasks: validation tasks per validation (default: 100)
@@ -279,11 +282,13 @@ def compare(
     given = dict(dataset=dataset, algorithms=algorithms, inner_optimizers=inner_optimizers,
                  inner_steps=inner_steps, shots=shots, ways=ways, seeds=seeds, iterations=iterations,
                  max_seconds=max_seconds, eval_tasks=eval_tasks, eval_steps=eval_steps,
-                 eval_test_shots=eval_test_shots, eval_seed=eval_seed, validate_every=validate_every,
+                 eval_test_shots=eval_test_shots, eval_seed=eval_seed, eval_transductive=eval_transductive,
+                 validate_every=validate_every,
                  validation_tasks=validation_tasks)
     options = {**grid, **{k: v for k, v in given.items() if v is not None}}
     defaults = dict(dataset="sinusoid", shots=(5, 10), seeds=1, iterations=1000, eval_tasks=500,
-                    eval_steps=(0, 1, 10), eval_seed=EVAL_SEED, validation_tasks=100)
+                    eval_steps=(0, 1, 10), eval_seed=EVAL_SEED, eval_transductive=True,
+                    validation_tasks=100)
     options = {**defaults, **options}
     spec = get_dataset(options["dataset"])
 
@@ -309,6 +314,8 @@ def compare(
         check_int(name, value, minimum)
     if min(eval_steps) < 0:
         raise DiffoptError(f"--eval_steps must be >= 0; got {eval_steps!r}")
+    if not isinstance(options["eval_transductive"], bool):
+        raise DiffoptError(f"--eval_transductive must be True or False; got {options['eval_transductive']!r}")
     if not configs:
         raise DiffoptError("the grid has no configuration; give --algorithms or configs in --config")
     if options.get("max_seconds") is not None:
@@ -320,7 +327,7 @@ def compare(
         iterations=options["iterations"], max_seconds=options.get("max_seconds"),
         ways=options.get("ways"),
         settings=Settings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
-                          options["eval_seed"]),
+                          options["eval_seed"], options["eval_transductive"]),
         validate_every=options.get("validate_every"), validation_tasks=options["validation_tasks"],
         out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND, skipped=skipped,
     )

@@ -46,6 +46,9 @@ class Settings:
     eval_steps: list[int]
     eval_test_shots: int
     eval_seed: int = EVAL_SEED
+    eval_transductive: bool = True
+    """Whether each query set is scored as a batch (batch norm's statistics over it) or each
+    query example with the support set alone (``evaluate(transductive=...)``)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Row:
 
 GRID_KEYS = ("dataset", "configs", "common", "algorithms", "inner_optimizers", "inner_steps", "shots",
              "ways", "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
-             "eval_seed", "validate_every", "validation_tasks")
+             "eval_seed", "eval_transductive", "validate_every", "validation_tasks")
 """What a grid file may set (the same names as ``diffopt compare``'s options, and ``common``:
 train options every configuration takes unless it sets them itself)."""
 
@@ -327,6 +330,12 @@ def _train_grid(grid: list, out: Path, settings: Settings, progress: bool, tenso
     return write_report(out)
 
 
+def _protocol_words(settings: Mapping[str, Any]) -> str:
+    if settings.get("eval_transductive", True):
+        return "transductive: each query set scored as one batch"
+    return "non-transductive: each query example scored with the support set alone"
+
+
 def write_report(out: Path) -> list[Row]:
     """``report.md`` and the plots of ``out``, computed from ``out/results.json`` alone."""
     from diffopt import plots
@@ -358,8 +367,8 @@ def write_report(out: Path) -> list[Row]:
         f"{budget_text}; training seeds {', '.join(map(str, results['seeds']))} (every run with "
         f"the same seed meets the same training tasks). {metric} on the query sets of the same "
         f"{settings['eval_tasks']} held-out tasks for every run (evaluation seed "
-        f"{settings['eval_seed']}, {settings['eval_test_shots']} query examples), after each "
-        f"number of inner steps: {spread}.",
+        f"{settings['eval_seed']}, {settings['eval_test_shots']} query examples, "
+        f"{_protocol_words(settings)}), after each number of inner steps: {spread}.",
         "",
         f"Machine: {machine_description()}. {results['versions']}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
@@ -404,7 +413,11 @@ def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | 
         recorded = resolve_saved_config(record["config"])
     except (DiffoptError, KeyError, TypeError):
         return None
-    if not same_run(recorded, config) or record.get("settings") != asdict(settings):
+    try:  # a record written before a setting existed used its default
+        recorded_settings = Settings(**record["settings"])
+    except (KeyError, TypeError):
+        return None
+    if not same_run(recorded, config) or recorded_settings != settings:
         return None
     return record
 
@@ -473,6 +486,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
     evaluation = evaluate(
         result.algorithm, spec, shots=config.shots, test_shots=settings.eval_test_shots,
         tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
+        transductive=settings.eval_transductive,
         device=config.device, ways=config.ways, **config.data_options())
     record = {
         "config": config.to_dict(), "settings": asdict(settings),

@@ -3,10 +3,11 @@ plots, resumption, grid files, TensorBoard, and the pre-trained baseline."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -109,6 +110,12 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tm
     config = resolve_config(**record["config"])
     assert compare_module._finished(lost, config, SETTINGS) is not None
     assert compare_module._finished(lost, config, Settings(7, [0, 1], 10)) is None  # another experiment
+    non_transductive = Settings(**{**asdict(SETTINGS), "eval_transductive": False})
+    assert compare_module._finished(lost, config, non_transductive) is None  # another protocol
+    older = {k: v for k, v in record["settings"].items() if k != "eval_transductive"}
+    old_record = {**record, "settings": older}
+    (lost / "evaluation.json").write_text(json.dumps(old_record))  # written before the setting existed
+    assert compare_module._finished(lost, config, SETTINGS) is not None
     assert compare_module._finished(lost, replace(config, inner_lr=0.5), SETTINGS) is None
 
 
@@ -263,3 +270,27 @@ def test_curve_legends_say_after_how_many_inner_steps_where_lines_differ():
     assert axis == "after the inner steps in each legend"
     labels, axis = curve_labels({"maml K=5": record(10), "fomaml K=5": record(10)})
     assert labels == {"maml K=5": "maml K=5", "fomaml K=5": "fomaml K=5"} and axis == "after 10 inner steps"
+
+
+def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(tmp_path, monkeypatch):
+    evaluate_module = importlib.import_module("diffopt.evaluate")  # the package exports the function
+
+    calls = []
+    real = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    settings = Settings(eval_tasks=4, eval_steps=[0, 1], eval_test_shots=5, eval_transductive=False)
+    config = resolve_config(dataset="sinusoid", hidden=[8], iterations=2, run_dir=str(tmp_path / "one"))
+    record = compare_module.run_one(config, settings)  # what each comparison's process runs
+    assert [k["transductive"] for k in calls] == [False] and record["settings"]["eval_transductive"] is False
+    compare(**{**GRID, "seeds": (0,), "iterations": 2, "settings": settings}, out=tmp_path / "grid")
+    tmp_path = tmp_path / "grid"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["eval_transductive"] is False
+    assert "non-transductive: each query example scored with the support set alone" in (
+        tmp_path / "report.md").read_text()
+
+
+def test_compare_command_line_rejects_a_non_boolean_eval_transductive(tmp_path, capsys):
+    assert main(["compare", "--algorithms", "maml", "--eval_transductive", "3", "--out", str(tmp_path / "c")]) == 2
+    assert "--eval_transductive must be True or False" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
