@@ -18,6 +18,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from diffopt import distributed
 from diffopt.compare import shared_train_options
 from diffopt.config import TrainConfig, check_float, check_int, resolve_config, resolve_saved_config
@@ -160,8 +162,13 @@ def evaluate(
     summary = {}
     for step in sorted(evaluation.scores):
         mean, ci = evaluation.summary(step)
-        summary[step] = {"mean": mean, "ci95": ci}
-        print(f"{evaluation.metric} after {step:>3} steps: {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
+        diverged = int((~np.isfinite(np.asarray(evaluation.scores[step], dtype=float))).sum())
+        summary[step] = {"mean": mean, "ci95": ci, **({"diverged": diverged} if diverged else {})}
+        after = f"{evaluation.metric} after {step:>3} step{'s' * (step != 1)}:"
+        if diverged:
+            print(f"{after} diverges on {diverged} of {tasks} tasks (not finite; no mean)")
+        else:
+            print(f"{after} {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
     run_path = Path(run)
     if run_path.is_dir():
         protocol = evaluation_protocol(config, iteration=payload["iteration"], tasks=tasks, steps=steps,

@@ -13,6 +13,7 @@ holds every run's per-task scores; ``report.md`` and the plots are computed from
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import shutil
@@ -142,8 +143,10 @@ def with_shared_options(configs: Mapping[str, Mapping[str, Any]], common: Mappin
     for label, flags in configs.items():
         clash = sorted(set(flags) & set(given))
         if clash:
+            meant = difflib.get_close_matches(clash[0], [k for k in GRID_KEYS if k != clash[0]], 1)
+            hint = f" (did you mean compare's --{meant[0]}?)" if meant else ""
             raise DiffoptError(f"--{clash[0]} is set for every configuration and by configuration "
-                               f"{label!r} too; drop one")
+                               f"{label!r} too; drop one{hint}")
         merged[label] = {**common, **flags, **given}
     return merged
 

@@ -9,14 +9,20 @@ from tqdm import tqdm
 
 
 class LineProgress(tqdm):
-    """tqdm that writes each refresh as one plain line, at most every ``mininterval`` seconds."""
+    """tqdm that writes each refresh as one plain line, at most every ``mininterval`` seconds:
+    none before the first unit is done, and the last state when it closes."""
 
     def display(self, msg: str | None = None, pos: int | None = None) -> None:
-        if msg == "":  # tqdm clearing its line on close
+        if msg == "" or (msg is None and self.n == 0):  # tqdm clearing its line; nothing done yet
             return None
         self.fp.write((self.__str__() if msg is None else msg) + "\n")
         self.fp.flush()
         return None
+
+    def close(self) -> None:
+        if not self.disable and self.n > 0 and self.last_print_n != self.n:
+            self.display()
+        super().close()
 
 
 def progress_bar(*, disable: bool = False, **kwargs: Any) -> tqdm:

@@ -355,3 +355,19 @@ def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
     assert code == 0
     assert "\r" not in err and "\x1b" not in err
     assert any(line.startswith("maml:") and "0/3" in line for line in err.splitlines()), err
+
+
+def test_evaluate_says_a_step_count_diverged_instead_of_printing_nan(trained_run, capsys, monkeypatch):
+    real = sys.modules["diffopt.evaluate"].evaluate
+
+    def diverging(*args, **kwargs):
+        evaluation = real(*args, **kwargs)
+        evaluation.scores[2][1] = float("nan")
+        return evaluation
+
+    monkeypatch.setattr(sys.modules["diffopt.evaluate"], "evaluate", diverging)
+    code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "4", "--steps", "1,2",
+                           "--seed", "5")
+    assert code == 0
+    assert "mse after   1 step: " in out and "mse after   2 steps: diverges on 1 of 4 tasks" in out
+    assert "nan" not in out

@@ -291,6 +291,13 @@ def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(tmp_p
 
 
 def test_compare_command_line_rejects_a_non_boolean_eval_transductive(tmp_path, capsys):
-    assert main(["compare", "--algorithms", "maml", "--eval_transductive", "3", "--out", str(tmp_path / "c")]) == 2
+    command = ["compare", "--algorithms", "maml", "--eval_transductive", "3", "--out", str(tmp_path / "c")]
+    assert main(command) == 2
     assert "--eval_transductive must be True or False" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_train_option_one_letter_from_a_compare_option_is_named(tmp_path, capsys):
+    assert main(["compare", "--algorithm", "maml,reptile", "--out", str(tmp_path / "c")]) == 2
+    assert "did you mean compare's --algorithms?" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
