@@ -317,7 +317,7 @@ def _train_grid(grid: list, out: Path, settings: Settings, progress: bool, tenso
     grid_bar = progress_bar(total=len(grid), desc="grid", disable=not progress, position=0)
     for label, k, seed, config in grid:
         name = Path(config.run_dir).name
-        grid_bar.set_postfix_str(name)
+        grid_bar.set_postfix_str(name, refresh=False)
         record = _finished(Path(config.run_dir), config, settings)
         if record is None:
             record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
@@ -446,8 +446,8 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
                 training = True
                 bar.reset(total=bar.total)
                 bar.n = bar.last_print_n = done
-            bar.n = reached
-            bar.refresh()
+            if reached > bar.n:
+                bar.update(reached - bar.n)  # drawn at the bar's own pace (plain lines: every 30 s)
     bar.close()
     if child.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]

@@ -395,7 +395,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # followers (diffopt compare's progress bar) see every iteration
                 bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn with the next update
                 if (every is not None and clock >= next_validation) or (
                         config.validate_every and iteration % config.validate_every == 0):
                     validate(iteration)
