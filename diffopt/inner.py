@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -16,6 +17,7 @@ from torch.func import functional_call
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models.norm import set_inner_step
 from diffopt.optim import (
+    HIGHER_NOTICES,
     INNER_OPTIMIZERS,
     SGD,
     RuleOptimizer,
@@ -269,9 +271,11 @@ class InnerLoop(nn.Module):
         def grad_callback(grads):
             return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
 
-        diffopt = higher.optim.get_diff_optim(
-            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
-            grad_callback=grad_callback)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
+            diffopt = higher.optim.get_diff_optim(
+                template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
+                grad_callback=grad_callback)
         if per_step:
             set_inner_step(fmodel, 0)
         yield fmodel

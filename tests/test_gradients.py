@@ -56,6 +56,33 @@ def test_maml_meta_gradient_matches_finite_differences(
     assert result.max_rel_error < 1e-5, result.per_parameter
 
 
+HIGHER_OPTIMIZERS = ["nesterov", "adagrad", "adadelta", "adamax", "asgd", "rmsprop", "rprop"]
+
+
+@pytest.mark.parametrize("optimizer", HIGHER_OPTIMIZERS)
+@settings(max_examples=4, deadline=None)
+@given(steps=st.integers(1, 3), lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16))
+def test_every_optimizer_higher_differentiates_matches_finite_differences(optimizer, steps, lr, seed):
+    """The rest of higher 0.2.1's optimizers, torch's defaults but the step size (adam, sgd and
+    momentum are in the test above). Adaptive rules divide by a running average of squared
+    gradients, steep where it is near 0, and Rprop steps by the gradient's sign: as for Adam,
+    the check runs where every inner-gradient element is away from 0."""
+    algorithm = small_algorithm("maml", optimizer, lr, steps, (5,), "tanh", seed)
+    episode = random_episode(seed, 2, 4, 4)
+    assume(inner_gradient_floor(algorithm, episode) > 1e-3)
+    result = check_meta_gradient(algorithm, episode)
+    assert result.max_rel_error < 1e-5, result.per_parameter
+
+
+def test_rprop_meta_gradient_has_no_second_order_part():
+    """Rprop's step is lr * sign(g) (scaled): the meta-gradient equals first-order MAML's."""
+    episode = random_episode(5, 2, 4, 4)
+    exact = meta_grads(small_algorithm("maml", "rprop", 0.05, 2, (5,), "tanh", 5), episode)
+    first = meta_grads(small_algorithm("fomaml", "rprop", 0.05, 2, (5,), "tanh", 5), episode)
+    for a, b in zip(exact, first, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 class WrongMAML(type(small_algorithm())):
     """Claims to be exact but drops the second-order terms (first-order MAML in disguise)."""
 

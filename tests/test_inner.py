@@ -137,8 +137,8 @@ def test_cache_is_not_state_and_survives_copy_and_pickle():
 
 
 def test_unknown_inner_optimizer():
-    with pytest.raises(DiffoptError, match="unknown inner optimizer 'rprop'; choose one of: adam"):
-        InnerLoop("rprop")
+    with pytest.raises(DiffoptError, match="unknown inner optimizer 'rprop_v2'; choose one of: adadelta,"):
+        InnerLoop("rprop_v2")
 
 
 @pytest.mark.parametrize("functional", [False, True])

@@ -27,7 +27,8 @@ from diffopt.optim.meta_sgd import MetaSGD
 from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "Chain", "MetaCurvature", "MetaSGD",
+__all__ = ["HIGHER_NOTICES", "INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "Chain",
+           "MetaCurvature", "MetaSGD",
            "RuleOptimizer", "UpdateRule", "build_rule", "check_rule_name", "first_order_twin",
            "inner_rule_names", "make_inner_optimizer", "register_rule"]
 
@@ -40,7 +41,22 @@ INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
     # Nichol et al. 2018 (Reptile): inner Adam without momentum.
     "adam_beta1_0": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999)),
+    # The rest of what higher 0.2.1 differentiates (higher.optim._opt_mapping), torch's defaults
+    # but the step size. AdamW is not among them. Rprop steps by the gradient's sign: its
+    # meta-gradient has no second-order part (exact, since the sign is piecewise constant);
+    # higher warns that its RMSprop may be wrong, yet it matches finite differences wherever
+    # the squared-gradient average is away from 0 (tests/test_gradients.py).
+    "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
+    "adadelta": lambda params, lr: torch.optim.Adadelta(params, lr=lr),
+    "adamax": lambda params, lr: torch.optim.Adamax(params, lr=lr),
+    "asgd": lambda params, lr: torch.optim.ASGD(params, lr=lr),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "rprop": lambda params, lr: torch.optim.Rprop(params, lr=lr),
 }
+
+HIGHER_NOTICES = r"Differentiable (RMSprop suffers|Rprop \(correctly\) yields)"
+"""higher's warnings on every RMSprop / Rprop unroll, which the comment above answers."""
 
 RuleFactory = Callable[[Sequence[torch.Tensor], float, int], UpdateRule]
 """(parameters to update, initial step size, inner steps) -> rule; a factory (or ``UpdateRule``
