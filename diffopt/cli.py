@@ -351,6 +351,7 @@ def gradcheck(
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
     norm: str = "none",
+    inner_params: str = "all",
     vectorize: str = "auto",
     shots: int = 5,
     test_shots: int = 5,
@@ -374,6 +375,7 @@ def gradcheck(
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
         norm: normalisation after each hidden layer: none, batch, per_step_batch
+        inner_params: what the inner loop adapts: all, weights, head (ANIL), body (BOIL)
         vectorize: check the vmapped meta-batch (auto, always) or the loop over tasks (never)
         shots: support examples per task
         test_shots: query examples per task
@@ -394,7 +396,8 @@ def gradcheck(
         config = resolve_config(
             algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
             inner_steps=inner_steps, hidden=hidden, activation=activation, norm=norm,
-            vectorize=vectorize, shots=shots, test_shots=test_shots, meta_batch_size=tasks,
+            inner_params=inner_params, vectorize=vectorize, shots=shots, test_shots=test_shots,
+            meta_batch_size=tasks,
             seed=seed,
         )
     eps = _as_tuple("eps", eps, float)
@@ -413,7 +416,8 @@ def gradcheck(
     eps = ",".join(f"{step:g}" for step in eps)
     path = "vmap over tasks" if meta_learner.vectorized else "loop over tasks"
     print(f"{config.algorithm}: inner {config.inner_optimizer} lr={config.inner_lr} "
-          f"steps={config.inner_steps}, hidden={config.hidden} {config.activation} norm={config.norm}, "
+          f"steps={config.inner_steps} adapting {config.inner_params}, hidden={config.hidden} "
+          f"{config.activation} norm={config.norm}, "
           f"{config.meta_batch_size} tasks, {path}, eps={eps}, float64")
     for name, error in result.per_parameter.items():
         print(f"  {name:<24} abs {error.abs_error:.2e}  rel {error.rel_error:.2e}  "

@@ -275,7 +275,7 @@ def test_gradcheck_command_passes_and_reports(capsys):
 
 def test_gradcheck_of_a_trained_run(trained_run, capsys):
     code, out, _ = run_cli(capsys, "gradcheck", "--run", str(trained_run), "--tasks", "1")
-    assert code == 0 and "maml: inner sgd lr=0.01 steps=1, hidden=(8,) relu" in out
+    assert code == 0 and "maml: inner sgd lr=0.01 steps=1 adapting all, hidden=(8,) relu" in out
 
 
 def help_text(command: str, flag: str = "--help") -> str:
@@ -302,7 +302,8 @@ def test_train_help_lists_every_option():
                  "eval_seed", "eval_transductive", "validate_every", "validation_tasks", "out", "progress",
                  "tensorboard"]),
     ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",
-                   "norm", "vectorize", "shots", "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
+                   "norm", "inner_params", "vectorize", "shots", "test_shots", "tasks", "seed", "eps", "rtol",
+                   "run"]),
 ])
 def test_other_commands_help_lists_every_option(command, options):
     import inspect

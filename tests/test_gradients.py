@@ -11,8 +11,11 @@ from hypothesis import assume, given, settings, target
 from hypothesis import strategies as st
 from torch.func import functional_call
 
+from diffopt.algorithms import build_algorithm
 from diffopt.errors import DiffoptError
 from diffopt.gradcheck import check_meta_gradient
+from diffopt.inner import InnerLoop
+from diffopt.models import MLP
 
 
 def inner_gradient_floor(algorithm, episode) -> float:
@@ -198,3 +201,24 @@ def test_reptile_one_sgd_step_moves_phi_by_eps_alpha_grad():
     outer.step()
     for new, old, g in zip(model.parameters(), phi, grads, strict=True):
         torch.testing.assert_close(new.detach() - old, -eps * alpha * g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["head", "body"])
+@pytest.mark.parametrize("vectorize", ["always", "never"])
+@settings(max_examples=4, deadline=None)
+@given(steps=st.integers(1, 3), lr=st.floats(0.01, 0.3), seed=st.integers(0, 2**16))
+def test_anil_and_boil_meta_gradients_match_finite_differences(which, vectorize, steps, lr, seed):
+    """ANIL (the inner loop adapts the last linear layer alone) and BOIL (all but it): the other
+    parameters get their meta-gradient through the adapted ones, on both execution paths."""
+    torch.manual_seed(seed)
+    model = MLP(1, 1, (6, 5), "tanh").double()
+    algorithm = build_algorithm("maml", model, InnerLoop("sgd", lr, steps, params=which), F.mse_loss,
+                                vectorize)
+    episode = random_episode(seed, 2, 4, 4)
+    result = check_meta_gradient(algorithm, episode)
+    assert result.max_rel_error < 1e-5, result.per_parameter
+    # and it is not MAML's: the inner loop really left the other parameters alone
+    full = build_algorithm("maml", model, InnerLoop("sgd", lr, steps), F.mse_loss, vectorize)
+    differ = [not torch.allclose(a, b) for a, b in
+              zip(meta_grads(algorithm, episode), meta_grads(full, episode), strict=True)]
+    assert any(differ)
