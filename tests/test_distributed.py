@@ -139,7 +139,7 @@ def test_sharded_evaluation_scores_the_same_tasks_in_order(tmp_path):
     scores.unlink()
     done = torchrun("-m", "diffopt", *evaluation)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("mse after   1 steps") == 1
+    assert done.stdout.count("mse after   1 step:") == 1
     sharded = json.loads(scores.read_text())
     assert sharded["summary"].keys() == alone["summary"].keys()
     for step, values in alone["scores"].items():

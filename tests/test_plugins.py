@@ -89,7 +89,7 @@ def test_rule_model_and_algorithm_by_import_path_train_and_evaluate_in_a_new_pro
                                 "--steps", "1"], capture_output=True, text=True, timeout=300,
                                cwd=plugin_folder)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "mse after   1 steps" in evaluated.stdout
+    assert "mse after   1 step:" in evaluated.stdout
 
 
 def test_the_custom_rule_example_is_a_plugin(monkeypatch, capsys):
