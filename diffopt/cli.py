@@ -351,7 +351,7 @@ def gradcheck(
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
     norm: str = "none",
-    inner_params: str = "all",
+    inner_params: str | None = None,
     vectorize: str = "auto",
     shots: int = 5,
     test_shots: int = 5,
@@ -375,7 +375,8 @@ def gradcheck(
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
         norm: normalisation after each hidden layer: none, batch, per_step_batch
-        inner_params: what the inner loop adapts: all, weights, head (ANIL), body (BOIL)
+        inner_params: what the inner loop adapts: all (the default), weights, head, body
+            (--algorithm anil and boil fix it to head and body)
         vectorize: check the vmapped meta-batch (auto, always) or the loop over tasks (never)
         shots: support examples per task
         test_shots: query examples per task

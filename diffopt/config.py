@@ -244,12 +244,17 @@ def resolve_config(**flags: Any) -> TrainConfig:
     if unknown:
         raise DiffoptError(f"unknown option --{unknown[0]}; see `diffopt train --help`")
     algorithm = flags.get("algorithm", TrainConfig.algorithm)
-    algorithm_class(algorithm)
     spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
     values.update(spec.defaults)
-    values.update(spec.algorithm_defaults.get(algorithm, {}))
+    cls = algorithm_class(algorithm)
+    values.update(spec.algorithm_defaults.get(getattr(cls, "protocol_of", algorithm), {}))
+    if getattr(cls, "adapts", None):  # ANIL, BOIL: what the inner loop adapts is the algorithm
+        if flags.get("inner_params") not in (None, cls.adapts):
+            raise DiffoptError(f"--algorithm {algorithm} adapts the {cls.adapts} in the inner loop; drop "
+                               f"--inner_params, or use maml with --inner_params {flags['inner_params']}")
+        values["inner_params"] = cls.adapts
     values.update({k: v for k, v in flags.items() if v is not None})
     if isinstance(values["hidden"], int) and not isinstance(values["hidden"], bool):
         values["hidden"] = (values["hidden"],)

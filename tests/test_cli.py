@@ -130,7 +130,7 @@ def test_init_from_starts_at_the_checkpoint(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "fomaml, maml, pretrain, reptile"]),
+    (["--algorithm", "mamll"], ["unknown algorithm 'mamll'", "anil, boil, fomaml, maml, pretrain, reptile"]),
     (["--dataset", "cifar"], ["unknown dataset 'cifar'", "sinusoid"]),
     (["--inner_optimizer", "lbfgs"], ["unknown inner optimizer",
                                         ", ".join(sorted(inner_rule_names()))]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from diffopt.algorithms.anil import ANIL, BOIL
 from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
 from diffopt.algorithms.fomaml import FOMAML
 from diffopt.algorithms.maml import MAML
@@ -13,10 +14,11 @@ from diffopt.errors import DiffoptError, unknown_name
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["ALGORITHMS", "FOMAML", "MAML", "MetaAlgorithm", "Pretrain", "Reptile",
+__all__ = ["ALGORITHMS", "ANIL", "BOIL", "FOMAML", "MAML", "MetaAlgorithm", "Pretrain", "Reptile",
            "accumulate_grad", "algorithm_class", "build_algorithm"]
 
-ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, Pretrain)}
+ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, Pretrain,
+                                                                     ANIL, BOIL)}
 
 
 def algorithm_class(name: object) -> type[MetaAlgorithm]:

@@ -1,0 +1,57 @@
+"""ANIL and BOIL: MAML whose inner loop adapts the head alone, or the body alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_episode
+
+from diffopt import ANIL, BOIL, MAML
+from diffopt.cli import main
+from diffopt.config import resolve_config
+from diffopt.errors import DiffoptError
+from diffopt.inner import InnerLoop
+from diffopt.models import MLP
+
+
+def grads(algorithm, episode):
+    algorithm.zero_grad(set_to_none=True)
+    algorithm.meta_gradient(episode)
+    return [p.grad.clone() for p in algorithm.model.parameters()]
+
+
+@pytest.mark.parametrize("cls, which", [(ANIL, "head"), (BOIL, "body")])
+def test_anil_and_boil_are_maml_adapting_the_head_or_the_body(cls, which):
+    episode = random_episode(2, tasks=3)
+    torch.manual_seed(0)
+    model = MLP(1, 1, (8, 8), "tanh").double()
+    named = cls(model, InnerLoop("sgd", 0.1, 2), F.mse_loss)
+    assert named.inner.params == which
+    masked = MAML(model, InnerLoop("sgd", 0.1, 2, params=which), F.mse_loss)
+    full = MAML(model, InnerLoop("sgd", 0.1, 2), F.mse_loss)
+    got, want, maml = grads(named, episode), grads(masked, episode), grads(full, episode)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert any(not torch.allclose(a, b) for a, b in zip(got, maml, strict=True))
+    with pytest.raises(DiffoptError, match=f"adapts the {which} in the inner loop, not 'weights'"):
+        cls(model, InnerLoop("sgd", 0.1, 2, params="weights"), F.mse_loss)
+
+
+def test_anil_takes_the_datasets_maml_protocol_and_fixes_what_adapts():
+    maml = resolve_config(dataset="omniglot", algorithm="maml")
+    anil = resolve_config(dataset="omniglot", algorithm="anil")
+    assert anil.inner_params == "head" and resolve_config(algorithm="boil").inner_params == "body"
+    for name in ("inner_lr", "inner_loss_reduction", "norm", "norm_eps", "init", "head", "test_shots"):
+        assert getattr(anil, name) == getattr(maml, name), name
+    with pytest.raises(DiffoptError, match="--algorithm anil adapts the head in the inner loop; drop"):
+        resolve_config(algorithm="anil", inner_params="all")
+
+
+def test_compare_runs_anil_and_boil_beside_maml(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compare", "--algorithms", "maml,anil,boil", "--shots", "3", "--iterations", "3",
+                 "--eval_tasks", "4", "--eval_steps", "1", "--hidden", "8", "--out", str(out),
+                 "--progress", "False"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| anil | 3 |" in report and "| boil | 3 |" in report
+    assert "| inner_params | all | head | body |" in report
