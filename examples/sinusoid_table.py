@@ -3,8 +3,8 @@
     python examples/sinusoid_table.py                      # 70,000 meta-iterations, as the paper
     python examples/sinusoid_table.py --iterations 2000 --results none   # a quick look
 
-Trains MAML, Meta-SGD, Meta-Curvature, LSLR, Meta-Curvature with Meta-SGD step sizes and Reptile
-at K = 5 and 10 on torchmeta's Sinusoid
+Trains MAML, Meta-SGD, Meta-Curvature, LSLR, Meta-Curvature with Meta-SGD step sizes, Reptile,
+ANIL and BOIL at K = 5 and 10 on torchmeta's Sinusoid
 (amplitude [0.1, 5], phase [0, pi]) through ``diffopt.compare``: the same training seed and
 task stream, the same budget, and the same held-out evaluation tasks for every method. Then
 writes the table, diffopt's numbers beside the paper's, into RESULTS.md (between the
@@ -19,14 +19,15 @@ per weight with the step size fixed at 0.01.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
-import fire
-import numpy as np
 import torch
 
-from diffopt.compare import compare
-from diffopt.evaluate import EVAL_SEED, mean_ci95
+from diffopt.compare import Row, Settings, compare
+from diffopt.evaluate import EVAL_SEED
+from diffopt.firecli import fire_checked
 from diffopt.report import library_versions, machine_description, write_section
 
 PAPER = {  # Park & Oliva 2019, table 1 (MAML and Meta-SGD as reported by Li et al. 2017)
@@ -42,6 +43,8 @@ CONFIGS = {
     "lslr": {"algorithm": "maml", "inner_optimizer": "lslr"},
     "meta_curvature+meta_sgd": {"algorithm": "maml", "inner_optimizer": "meta_curvature+meta_sgd"},
     "reptile": {"algorithm": "reptile"},
+    "anil": {"algorithm": "anil", "inner_optimizer": "sgd"},
+    "boil": {"algorithm": "boil", "inner_optimizer": "sgd"},
 }
 
 
@@ -51,14 +54,12 @@ def paper_bound(text: str) -> float:
     return mean + interval
 
 
-def summary(scores) -> str:
-    """'mean +- interval', or how many tasks diverged (a rule learned for 1 step, run for 10)."""
-    scores = np.asarray(scores)
-    bad = int((~np.isfinite(scores)).sum())
-    if bad:
-        return f"diverges on {bad} of {scores.size} tasks"
-    mean, ci = mean_ci95(scores)
-    return f"{mean:.3f} +- {ci:.3f}"
+def summary(row: Row, steps: int) -> str:
+    """'mean +- interval' after ``steps``, or how many tasks diverged (a rule learned for 1 step,
+    run for 10)."""
+    if row.diverged[steps]:
+        return f"diverges on {row.diverged[steps]} of {row.scored} tasks"
+    return f"{row.mean[steps]:.3f} +- {row.ci95_tasks[steps]:.3f}"
 
 
 def main(
@@ -82,9 +83,9 @@ def main(
     torch.set_num_threads(threads)
     started = time.time()
     rows = compare(
-        dataset="sinusoid", configs={m: CONFIGS[m] for m in methods}, shots=shots,
-        iterations=iterations, eval_tasks=eval_tasks, eval_steps=(0, 1, 10),
-        eval_test_shots=eval_test_shots, seed=seed, out=out, progress=progress,
+        dataset="sinusoid", configs={m: CONFIGS[m] for m in methods}, shots=shots, seeds=(seed,),
+        iterations=iterations, settings=Settings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED),
+        out=Path(out), progress=progress,
     )
     lines = [
         "| method | K | paper (1 step) | diffopt (1 step) | diffopt (10 steps) | within paper's bound |"
@@ -93,12 +94,12 @@ def main(
     ]
     means = {}
     for row in sorted(rows, key=lambda r: (r.shots, methods.index(r.label))):
-        one, ci = mean_ci95(row.scores[1])
+        one = row.mean[1]
         means[row.label, row.shots] = one
         paper = PAPER.get(row.label, {}).get(row.shots)
         within = "-" if paper is None else ("yes" if one <= paper_bound(paper) else "**no**")
-        lines.append(f"| {row.label} | {row.shots} | {paper or '-'} | {one:.3f} +- {ci:.3f} | "
-                     f"{summary(row.scores[10])} | {within} | {row.train_seconds / 60:.1f} min | "
+        lines.append(f"| {row.label} | {row.shots} | {paper or '-'} | {summary(row, 1)} | "
+                     f"{summary(row, 10)} | {within} | {row.train_seconds / 60:.1f} min | "
                      f"{row.seconds_per_iteration:.4f} |")
     order = []
     for k in shots:
@@ -128,4 +129,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main, sys.argv[1:], name="sinusoid_table")
