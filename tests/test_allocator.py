@@ -32,7 +32,9 @@ def _page_faults(setting: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_kept_memory_is_reused_without_page_faults():
     default, kept = _page_faults("default"), _page_faults("kept")
-    # 5 rounds x 80 MB of fresh pages is ~100k faults (4 KiB pages); kept, the heap is reused
-    # (measured: 2k-10k faults, one tensor's pages per round at most)
+    # 5 rounds x 80 MB of fresh pages is ~100k faults with 4 KiB pages (~22k where transparent
+    # huge pages serve part of it); kept, the heap is reused: at most one 8 MB tensor's pages a
+    # round (measured 2k-10k). A ratio to the default flaked where huge pages shrank the default.
+    one_tensor_a_round = 5 * (8 << 20) // 4096
     assert default > 20_000
-    assert kept < default / 4
+    assert kept <= one_tensor_a_round + 512 < default
