@@ -18,8 +18,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from diffopt import distributed
 from diffopt.compare import shared_train_options
 from diffopt.config import TrainConfig, check_float, check_int, resolve_config, resolve_saved_config
@@ -162,7 +160,7 @@ def evaluate(
     summary = {}
     for step in sorted(evaluation.scores):
         mean, ci = evaluation.summary(step)
-        diverged = int((~np.isfinite(np.asarray(evaluation.scores[step], dtype=float))).sum())
+        diverged = evaluation.diverged(step)
         summary[step] = {"mean": mean, "ci95": ci, **({"diverged": diverged} if diverged else {})}
         after = f"{evaluation.metric} after {step:>3} step{'s' * (step != 1)}:"
         if diverged:

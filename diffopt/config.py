@@ -249,8 +249,8 @@ def resolve_config(**flags: Any) -> TrainConfig:
     values.update(BASE_DEFAULTS)
     values.update(spec.defaults)
     cls = algorithm_class(algorithm)
-    values.update(spec.algorithm_defaults.get(getattr(cls, "protocol_of", algorithm), {}))
-    if getattr(cls, "adapts", None):  # ANIL, BOIL: what the inner loop adapts is the algorithm
+    values.update(spec.algorithm_defaults.get(cls.protocol_of or algorithm, {}))
+    if cls.adapts:  # ANIL, BOIL: what the inner loop adapts is the algorithm
         if flags.get("inner_params") not in (None, cls.adapts):
             raise DiffoptError(f"--algorithm {algorithm} adapts the {cls.adapts} in the inner loop; drop "
                                f"--inner_params, or use maml with --inner_params {flags['inner_params']}")

@@ -67,6 +67,10 @@ class Evaluation:
     def summary(self, steps: int) -> tuple[float, float]:
         return mean_ci95(self.scores[steps])
 
+    def diverged(self, steps: int) -> int:
+        """How many tasks' scores after ``steps`` are not finite (the summary is then NaN)."""
+        return int((~np.isfinite(np.asarray(self.scores[steps], dtype=np.float64))).sum())
+
 
 def _batches(tasks: Episode | Iterable[Task | Episode], batch_size: int) -> Iterator[Episode]:
     """Episodes of at most ``batch_size`` tasks from an Episode or an iterable of tasks/Episodes."""

@@ -10,6 +10,7 @@ during the step is what differs between algorithms (second-order graphs, more in
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,22 @@ from pathlib import Path
 import torch
 
 _STATUS = Path("/proc/self/status")
+_STATM = Path("/proc/self/statm")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
 
 
 def resident_mb() -> dict[str, float]:
     """{'VmRSS': current, 'VmHWM': peak since the last reset} resident set size in MiB (Linux)."""
-    text = _STATUS.read_text()
-    return {key: int(kib) / 1024 for key, kib in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", text)}
+    with open(_STATUS, "rb") as file:  # bytes, not read_text: this runs around every meta-step
+        text = file.read()
+    return {key.decode(): int(kib) / 1024 for key, kib in re.findall(rb"(VmHWM|VmRSS):\s+(\d+) kB", text)}
+
+
+def _current_resident_mb() -> float:
+    """VmRSS alone, from statm (its second field, in pages): a third of parsing the status."""
+    with open(_STATM, "rb") as file:
+        return int(file.read().split()[1]) * _PAGE_MB
 
 
 def reset_resident_peak() -> bool:
@@ -53,7 +63,7 @@ class StepMemory:
             yield
             growth = torch.cuda.max_memory_allocated(self.device) / 2**20 - before
         elif reset_resident_peak():
-            before = resident_mb()["VmRSS"]
+            before = _current_resident_mb()
             yield
             growth = resident_mb()["VmHWM"] - before
         else:

@@ -19,8 +19,7 @@ from diffopt.inner import InnerLoop, LossFn
 
 class _PartialMAML(MAML):
     adapts: ClassVar[str]
-    """The ``InnerLoop`` params setting this algorithm is (``diffopt.inner.INNER_PARAMS``)."""
-    protocol_of: ClassVar[str] = "maml"
+    protocol_of = "maml"
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
                  task_threads: int = 1) -> None:

@@ -44,6 +44,11 @@ class MetaAlgorithm(nn.Module):
     exact_meta_gradient: ClassVar[bool] = False
     learns_update_rule: ClassVar[bool] = False
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
+    protocol_of: ClassVar[str | None] = None
+    """The registered algorithm whose per-dataset defaults this one takes (ANIL, BOIL: maml's);
+    None: its own name's."""
+    adapts: ClassVar[str | None] = None
+    """The ``InnerLoop`` params setting the algorithm fixes (ANIL: 'head'), or None."""
     carries_inner_state: ClassVar[bool] = False
     """Whether meta-training may carry the inner optimizer's state from task to task
     (``InnerLoop(state='persist')``): first-order algorithms, whose meta-gradient is not the
