@@ -345,11 +345,13 @@ def gradcheck(
     algorithm: str = "maml",
     inner_optimizer: str = "sgd",
     inner_lr: float = 0.1,
-    inner_steps: int = 2,
+    inner_steps: int | None = None,
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
     norm: str = "none",
     inner_params: str | None = None,
+    inner_proximal: float | None = None,
+    cg_steps: int | None = None,
     vectorize: str = "auto",
     shots: int = 5,
     test_shots: int = 5,
@@ -369,12 +371,16 @@ def gradcheck(
         algorithm: algorithm whose meta-gradient is checked (it must be exact, e.g. maml)
         inner_optimizer: inner-loop optimizer
         inner_lr: inner-loop step size
-        inner_steps: inner-loop steps
+        inner_steps: inner-loop steps (default 2; imaml: 100, enough for its inner problem to
+            converge, which its implicit gradient assumes)
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
         norm: normalisation after each hidden layer: none, batch, per_step_batch
         inner_params: what the inner loop adapts: all (the default), weights, head, body
             (--algorithm anil and boil fix it to head and body)
+        inner_proximal: weight lambda of the inner loop's proximal term (imaml's default here: 5)
+        cg_steps: imaml's conjugate-gradient iterations (default here: 1000, stopping once the
+            residual is 1e-10 of the gradient's norm)
         vectorize: check the vmapped meta-batch (auto, always) or the loop over tasks (never)
         shots: support examples per task
         test_shots: query examples per task
@@ -385,6 +391,7 @@ def gradcheck(
         rtol: pass threshold for the worst relative error
         run: check this trained run's model (its own options) instead of a fresh small one
     """
+    from diffopt.algorithms import algorithm_class
     from diffopt.data import Episode, get_dataset
     from diffopt.gradcheck import check_meta_gradient
     from diffopt.train import build, load_trained
@@ -392,11 +399,15 @@ def gradcheck(
     if run is not None:
         config, meta_learner, _ = load_trained(run, meta_batch_size=tasks, run_dir=None, init_from=None)
     else:
+        implicit = algorithm_class(algorithm).gradient_at_optimum  # converge the inner loop
         config = resolve_config(
             algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
-            inner_steps=inner_steps, hidden=hidden, activation=activation, norm=norm,
+            inner_steps=inner_steps if inner_steps is not None else 100 if implicit else 2,
+            hidden=hidden, activation=activation, norm=norm,
             inner_params=inner_params, vectorize=vectorize, shots=shots, test_shots=test_shots,
             meta_batch_size=tasks,
+            inner_proximal=5.0 if implicit and inner_proximal is None else inner_proximal,
+            cg_steps=1000 if implicit and cg_steps is None else cg_steps,
             seed=seed,
         )
     eps = _as_tuple("eps", eps, float)
@@ -418,6 +429,9 @@ def gradcheck(
           f"steps={config.inner_steps} adapting {config.inner_params}, hidden={config.hidden} "
           f"{config.activation} norm={config.norm}, "
           f"{config.meta_batch_size} tasks, {path}, eps={eps}, float64")
+    if config.inner_proximal:
+        solve = f", {config.cg_steps} CG iterations at most" if config.cg_steps is not None else ""
+        print(f"  inner proximal term lambda={config.inner_proximal:g}{solve}")
     for name, error in result.per_parameter.items():
         print(f"  {name:<24} abs {error.abs_error:.2e}  rel {error.rel_error:.2e}  "
               f"(|grad| up to {error.grad_scale:.2e})")

@@ -115,6 +115,13 @@ class TrainConfig:
         None, f"the parameters the inner loop adapts: {', '.join(INNER_PARAMS)} (weights: convolution "
         "and linear layers, not normalisation; head: the last linear layer, ANIL; body: the rest, "
         "BOIL); default: weights for maml and fomaml on images (cbfinn/maml), else all")
+    inner_proximal: float | None = option(
+        None, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner steps add to their "
+        "loss (phi: the meta-learned initial weights); imaml needs it > 0 (default 1, Omniglot 2: "
+        "imaml_dev's README); default for the others: 0 (none)")
+    cg_steps: int | None = option(
+        None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
+        "(0: the first-order approximation); default 5 (imaml_dev)")
     inner_state: str | None = option(
         None, "what a stateful inner optimizer (adam's moments, momentum) starts each meta-training "
         "task from: reset (a fresh state) or persist (the previous task's final state, as "
@@ -196,14 +203,16 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
-    inner_params="all",
+    inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
+    cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None,
     query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
-    head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean", inner_state="reset",
+    inner_proximal=0.0, head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean",
+    inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
     input_norm="none", max_grad_value=None, images="bilinear")
 """What a run saved before an option existed did: its value for options whose defaults now follow
@@ -336,6 +345,12 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--hidden for conv4 is one filter count or four, e.g. 64 or 32,32,64,64; "
                            f"got {','.join(map(str, config.hidden))}")
     check_float("inner_lr", config.inner_lr, positive=True)
+    check_float("inner_proximal", config.inner_proximal, positive=config.algorithm == "imaml")
+    if config.cg_steps is not None:
+        if config.algorithm != "imaml":
+            raise DiffoptError(f"--cg_steps is imaml's linear solve; drop it for --algorithm "
+                               f"{config.algorithm}")
+        check_int("cg_steps", config.cg_steps, 0)
     check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:

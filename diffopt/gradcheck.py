@@ -71,7 +71,9 @@ def check_meta_gradient(
     """Compare ``algorithm.meta_gradient(episode)`` with finite differences, in float64.
 
     Works on a float64 copy of ``algorithm`` and ``episode``; the originals are untouched.
-    The algorithm must compute the exact gradient of its meta-loss (``exact_meta_gradient``).
+    The algorithm must compute the exact gradient of its meta-loss (``exact_meta_gradient``), or
+    the gradient it has once its inner loop has converged (``gradient_at_optimum``, iMAML: the
+    errors then also measure how far the inner loop and its linear solve are from converged).
 
     Each tensor's error is taken relative to its own gradient scale, but never to less than
     ``scale_floor`` times the largest gradient scale: finite differences carry an absolute
@@ -79,7 +81,7 @@ def check_meta_gradient(
     gradient is near zero (a learned step size early in training, say). A tensor whose gradient
     is wrong still shows an error of about its own scale / floor.
     """
-    if not algorithm.exact_meta_gradient:
+    if not (algorithm.exact_meta_gradient or algorithm.gradient_at_optimum):
         raise DiffoptError(
             f"{algorithm.name}'s meta-gradient is not the gradient of a meta-loss, so finite "
             "differences cannot check it; gradcheck an exact algorithm such as maml"

@@ -168,17 +168,19 @@ class InnerLoop(nn.Module):
 
     ``query_norm_row`` (``QUERY_NORM_ROWS``): the per-step norm row the adapted model reads
     outside the inner steps. ``loss_reduction`` (``LOSS_REDUCTIONS``): the inner loss the steps
-    descend (the losses reported are the means). ``state`` (``INNER_STATES``): with ``persist``,
-    an unroll called with ``carry_state`` (a meta-training task) leaves its torch optimizer's
-    final state in ``carried_state``, which every later unroll starts from; other unrolls
-    (evaluation tasks) start from it and leave it as it was, as supervised-reptile saves and
-    restores its full state around an evaluation task.
+    descend (the losses reported are the means). ``proximal`` (lambda > 0): the steps descend
+    that loss plus lambda/2 ||w - w0||^2 over the adapted tensors, w0 the weights the unroll
+    started from (iMAML's proximal term; differentiable with respect to w0). ``state``
+    (``INNER_STATES``): with ``persist``, an unroll called with ``carry_state`` (a meta-training
+    task) leaves its torch optimizer's final state in ``carried_state``, which every later unroll
+    starts from; other unrolls (evaluation tasks) start from it and leave it as it was, as
+    supervised-reptile saves and restores its full state around an evaluation task.
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
-                 query_norm_row: str = "last_step") -> None:
+                 query_norm_row: str = "last_step", proximal: float = 0.0) -> None:
         super().__init__()
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
@@ -190,6 +192,9 @@ class InnerLoop(nn.Module):
         if params not in INNER_PARAMS:
             raise unknown_name("set of inner parameters", params, INNER_PARAMS)
         self.params = params
+        if not isinstance(proximal, (int, float)) or isinstance(proximal, bool) or not proximal >= 0:
+            raise DiffoptError(f"the proximal weight is a number >= 0; got {proximal!r}")
+        self.proximal = float(proximal)
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction
         self.carried_state: list[dict] | None = None
@@ -267,6 +272,7 @@ class InnerLoop(nn.Module):
                     template.state[param] = saved  # higher copies it
         fmodel, per_step = self._functional(model, track_higher_grads)
         mask = adapted_mask(model, self.params)
+        anchor = list(model.parameters())
 
         def grad_callback(grads):
             return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
@@ -283,7 +289,8 @@ class InnerLoop(nn.Module):
         for step in range(steps):
             if per_step:
                 set_inner_step(fmodel, step)
-            diffopt.step(self._step_loss(fmodel, loss_fn, *minibatch(x, y, order, step), losses))
+            diffopt.step(self._step_loss(fmodel, loss_fn, *minibatch(x, y, order, step), losses,
+                                         anchor, mask))
             if per_step:
                 set_inner_step(fmodel, self.query_row(step + 1))
             yield fmodel
@@ -294,13 +301,25 @@ class InnerLoop(nn.Module):
                                   for index in range(len(template.param_groups[0]["params"]))]
 
     def _step_loss(self, fmodel, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                   losses: list[torch.Tensor] | None) -> torch.Tensor:
-        """The loss an inner step descends on (x, y) (``loss_reduction``); its mean goes to ``losses``."""
+                   losses: list[torch.Tensor] | None, anchor: list[torch.Tensor],
+                   mask: list[bool]) -> torch.Tensor:
+        """The loss an inner step descends on (x, y) (``loss_reduction``, plus the proximal term
+        around ``anchor``); the mean loss goes to ``losses``."""
         prediction = fmodel(x)
         loss = loss_fn(prediction, y)
         if losses is not None:
             losses.append(loss.detach())
-        return reduce_loss(loss, prediction, self.loss_reduction)
+        return (reduce_loss(loss, prediction, self.loss_reduction)
+                + self.proximal_term(list(fmodel.parameters()), anchor, mask))
+
+    def proximal_term(self, weights: list[torch.Tensor], anchor: list[torch.Tensor],
+                      mask: list[bool]) -> torch.Tensor | float:
+        """lambda/2 sum over adapted tensors of ||w - w0||^2 (0 without ``proximal``)."""
+        if not self.proximal:
+            return 0.0
+        squares = [((w - w0) ** 2).sum() for w, w0, adapted in zip(weights, anchor, mask, strict=True)
+                   if adapted]
+        return 0.5 * self.proximal * torch.stack(squares).sum()
 
     def query_row(self, steps_taken: int) -> int:
         """The per-step norm row the model after ``steps_taken`` steps reads for queries."""
@@ -346,10 +365,11 @@ class InnerLoop(nn.Module):
         state = self.carried_state if carried else rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
         mask = adapted_mask(model, self.params)
+        anchor = [p.detach() for p in model.parameters()]
         for step in range(steps):
             if per_step:
                 set_inner_step(learner, step)
-            loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses)
+            loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses, anchor, mask)
             grads = _keep_adapted(torch.autograd.grad(loss, params, allow_unused=True), mask)
             with torch.no_grad():
                 updates, state = rule.update(list(grads), state, params, step)
@@ -385,18 +405,19 @@ class InnerLoop(nn.Module):
                                "use sgd or a learned rule, or vectorize='never'")
         names = [name for name, _ in model.named_parameters()]
         params = list(model.parameters())
+        anchor, mask = params, adapted_mask(model, self.params)
 
         def inner_loss(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
-            """(the reduced loss, the mean loss)"""
+            """(the reduced loss plus the proximal term, the mean loss)"""
             prediction = FunctionalModel(model, names, weights)(xb)
             loss = loss_fn(prediction, yb)
-            return reduce_loss(loss, prediction, self.loss_reduction), loss
+            proximal = self.proximal_term(weights, anchor, mask)
+            return reduce_loss(loss, prediction, self.loss_reduction) + proximal, loss
 
         set_inner_step(model, 0)
         yield FunctionalModel(model, names, params)
         state = rule.init(params)
         order = batch_order(x, y, steps, self.batch_size)
-        mask = adapted_mask(model, self.params)
         for step in range(steps):
             set_inner_step(model, step)
             constant = detach_inner_grads or not track  # no graph through the inner gradient
@@ -474,5 +495,6 @@ class InnerLoop(nn.Module):
         state = "" if self.state == "reset" else f", state={self.state!r}"
         reduction = "" if self.loss_reduction == "mean" else f", loss_reduction={self.loss_reduction!r}"
         adapted = "" if self.params == "all" else f", params={self.params!r}"
+        proximal = f", proximal={self.proximal}" if self.proximal else ""
         return (f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
-                f"{batch}{state}{reduction}{adapted}")
+                f"{batch}{state}{reduction}{adapted}{proximal}")

@@ -7,6 +7,7 @@ from torch import nn
 from diffopt.algorithms.anil import ANIL, BOIL
 from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
 from diffopt.algorithms.fomaml import FOMAML
+from diffopt.algorithms.imaml import IMAML
 from diffopt.algorithms.maml import MAML
 from diffopt.algorithms.pretrain import Pretrain
 from diffopt.algorithms.reptile import Reptile
@@ -14,11 +15,11 @@ from diffopt.errors import DiffoptError, unknown_name
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["ALGORITHMS", "ANIL", "BOIL", "FOMAML", "MAML", "MetaAlgorithm", "Pretrain", "Reptile",
+__all__ = ["ALGORITHMS", "ANIL", "BOIL", "FOMAML", "IMAML", "MAML", "MetaAlgorithm", "Pretrain", "Reptile",
            "accumulate_grad", "algorithm_class", "build_algorithm"]
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, Pretrain,
-                                                                     ANIL, BOIL)}
+                                                                     ANIL, BOIL, IMAML)}
 
 
 def algorithm_class(name: object) -> type[MetaAlgorithm]:
@@ -35,7 +36,9 @@ def algorithm_class(name: object) -> type[MetaAlgorithm]:
 
 
 def build_algorithm(name: str, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
-                    vectorize: str = "auto", task_threads: int = 1) -> MetaAlgorithm:
+                    vectorize: str = "auto", task_threads: int = 1, **options) -> MetaAlgorithm:
     """The algorithm ``name`` (registered or ``module:attribute``) around ``model``
-    (``vectorize``, ``task_threads``: see MetaAlgorithm)."""
-    return algorithm_class(name)(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
+    (``vectorize``, ``task_threads``: see MetaAlgorithm; ``options``: the algorithm's own
+    constructor arguments, e.g. imaml's ``cg_steps``)."""
+    return algorithm_class(name)(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads,
+                                 **options)

@@ -44,6 +44,9 @@ class MetaAlgorithm(nn.Module):
     exact_meta_gradient: ClassVar[bool] = False
     learns_update_rule: ClassVar[bool] = False
     """Whether ``meta_gradient`` reaches a learned inner rule's parameters."""
+    gradient_at_optimum: ClassVar[bool] = False
+    """Whether ``meta_gradient`` is the gradient of ``meta_loss`` once the inner loop has converged
+    (iMAML's implicit gradient): ``diffopt.gradcheck`` checks it with a converged inner loop."""
     protocol_of: ClassVar[str | None] = None
     """The registered algorithm whose per-dataset defaults this one takes (ANIL, BOIL: maml's);
     None: its own name's."""

@@ -128,6 +128,15 @@ MAML_OMNIGLOT: dict[str, Any] = dict(MAML_IMAGES, test_shots=None, head="mean", 
 (main.py: DataGenerator(update_batch_size * 2)); the output layer reads the last map averaged
 over positions, initialised N(0, 1)."""
 
+IMAML_OMNIGLOT: dict[str, Any] = dict(
+    norm="batch", norm_eps=1e-5, head="flatten", test_shots=None, inner_lr=0.1, inner_steps=16,
+    inner_proximal=2.0, cg_steps=5, meta_batch_size=32, meta_lr=1e-3)
+"""imaml_dev's Omniglot 5-way 1-shot run (examples/README.md; docs/protocols.md section 6): batch
+norm with a scale, batch statistics, eps 1e-5; the last map flattened (2x2x64); as many query
+images per class as support ones; 16 inner SGD steps of 0.1 on the mean loss, lambda 2, 5 CG
+iterations; meta-batch 32, Adam 1e-3."""
+
+
 def cbfinn_value_clip(values: dict[str, Any]) -> float:
     """cbfinn/maml clamps Mini-ImageNet's meta-gradient elements to [-10, 10] (maml.py:147-148), the
     gradient of a meta-loss summed over a task's queries and divided by the shots (maml.py:136):
@@ -183,7 +192,7 @@ DATASETS: dict[str, DatasetSpec] = {
                       ways=5, shots=1, test_shots=15, meta_batch_size=32, inner_lr=0.4, inner_steps=1),
         # Nichol et al. 2018, Omniglot 5-way: 10 examples per class per task while meta-training
         # (here 5 support + 5 query, as Reptile trains on both), 5 inner steps.
-        algorithm_defaults=dict(maml=MAML_OMNIGLOT, fomaml=MAML_OMNIGLOT,
+        algorithm_defaults=dict(maml=MAML_OMNIGLOT, fomaml=MAML_OMNIGLOT, imaml=IMAML_OMNIGLOT,
                                 reptile=dict(REPTILE_IMAGES, train_shots=5, test_shots=5, inner_steps=5)),
     ),
     "miniimagenet": _image_classification(

@@ -1,0 +1,138 @@
+"""Implicit MAML (Rajeswaran et al. 2019): the meta-gradient at the inner problem's solution,
+without differentiating through the inner steps.
+
+The inner loop solves w*(phi) = argmin_w L_s(w) + lambda/2 ||w - phi||^2 approximately (the inner
+steps, ``InnerLoop(proximal=lambda)``). At a minimum, grad L_s(w*) + lambda (w* - phi) = 0, so
+dw*/dphi = (I + H/lambda)^-1 with H the Hessian of L_s at w*, and the meta-gradient of the query
+loss L_q(w*) is (I + H/lambda)^-1 grad L_q(w*) (H symmetric), solved by conjugate gradient on
+Hessian-vector products. No graph of the inner steps is kept: memory does not grow with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
+from diffopt.data.episode import Episode, Task
+from diffopt.errors import DiffoptError
+from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
+
+Vectors = list[torch.Tensor]
+
+
+def _dot(a: Vectors, b: Vectors) -> torch.Tensor:
+    return torch.stack([(u * v).sum() for u, v in zip(a, b, strict=True)]).sum()
+
+
+def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Vectors, steps: int,
+                       tolerance: float = 1e-10) -> Vectors:
+    """x ~ A^-1 b for a symmetric positive definite A given as ``matvec`` (lists of tensors),
+    after at most ``steps`` iterations from x = 0 (imaml_dev's utils.cg_solve), stopping once the
+    residual ||b - A x|| is below ``tolerance`` ||b|| (imaml_dev: ||r||^2 < 1e-10, absolute,
+    which stops float64 checks early on small gradients); ``steps`` = 0 gives b itself (the
+    first-order approximation)."""
+    if steps == 0:
+        return [v.clone() for v in b]
+    x = [torch.zeros_like(v) for v in b]
+    r = [v.clone() for v in b]
+    p = [v.clone() for v in b]
+    r_dot_r = _dot(r, r)
+    stop = tolerance ** 2 * r_dot_r.item()
+    for _ in range(steps):
+        if r_dot_r.item() <= stop:
+            break
+        a_p = matvec(p)
+        alpha = r_dot_r / _dot(p, a_p)
+        x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
+        r = [ri - alpha * ai for ri, ai in zip(r, a_p, strict=True)]
+        new_r_dot_r = _dot(r, r)
+        p = [ri + (new_r_dot_r / r_dot_r) * pi for ri, pi in zip(r, p, strict=True)]
+        r_dot_r = new_r_dot_r
+    return x
+
+
+class IMAML(MetaAlgorithm):
+    """Implicit MAML: the inner loop with the proximal term (``inner.proximal`` = lambda > 0, the
+    ``--inner_proximal`` option), then per task v = (I + H/lambda)^-1 grad_w L_q(w*) by
+    ``cg_steps`` of conjugate gradient, H the Hessian of the inner loss (``loss_reduction``) at w*
+    over the adapted tensors. Adapted tensors get v; tensors the inner loop leaves alone
+    (``--inner_params``) get their direct gradient minus H[them, adapted] v / lambda (the same
+    implicit derivative). The meta-gradient is the gradient of ``meta_loss`` (the query loss at
+    the inner loop's result) once the inner loop has converged and CG has solved the system:
+    ``gradient_at_optimum``. Tasks run one at a time (``task_threads`` on threads); no vmap.
+
+    Constructor arguments: see ``MetaAlgorithm``; ``cg_steps``, conjugate-gradient iterations
+    per task (0: the first-order approximation grad L_q(w*)).
+    """
+
+    name = "imaml"
+    gradient_at_optimum = True
+
+    def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
+                 task_threads: int = 1, cg_steps: int = 5) -> None:
+        if not inner.proximal > 0:
+            raise DiffoptError("imaml's inner problem has a proximal term: set its weight lambda > 0 "
+                               "(--inner_proximal, InnerLoop(proximal=...))")
+        if vectorize == "always":
+            raise DiffoptError("imaml solves a linear system per task with conjugate gradient, which "
+                               "does not run under torch.func.vmap: use vectorize='never'")
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
+            raise DiffoptError(f"cg_steps must be a whole number >= 0; got {cg_steps!r}")
+        super().__init__(model, inner, loss_fn, vectorize="never", task_threads=task_threads)
+        self.cg_steps = cg_steps
+
+    def _solve(self, task: Task) -> nn.Module:
+        """The model after the inner loop on the support set (no graph)."""
+        return self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+
+    def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
+        """The mean query loss at the inner loop's result."""
+        return torch.stack([self.loss_fn(self._solve(task)(task.query_x), task.query_y)
+                            for task in episode]).mean()
+
+    def task_gradient(self, task: Task, scale: float = 1.0) -> TaskGradient:
+        """(the implicit meta-gradient of ``scale`` x the task's query loss per model parameter,
+        that loss)."""
+        solved = self._solve(task)
+        weights = list(solved.parameters())
+        query = self.loss_fn(solved(task.query_x), task.query_y) * scale
+        query_grads = _zeros_for_none(torch.autograd.grad(query, weights, allow_unused=True), weights)
+        prediction = solved(task.support_x)
+        support = reduce_loss(self.loss_fn(prediction, task.support_y), prediction, self.inner.loss_reduction)
+        support_grads = _zeros_for_none(
+            torch.autograd.grad(support, weights, create_graph=True, allow_unused=True), weights)
+        lam = self.inner.proximal
+        mask = adapted_mask(self.model, self.inner.params)
+
+        def hessian_times(vectors: Vectors) -> Vectors:
+            """H [vectors on the adapted tensors, 0 elsewhere], for every tensor."""
+            product = _dot([g for g, adapted in zip(support_grads, mask, strict=True) if adapted], vectors)
+            return _zeros_for_none(torch.autograd.grad(product, weights, retain_graph=True,
+                                                       allow_unused=True), weights)
+
+        def system(vectors: Vectors) -> Vectors:  # (I + H_aa / lambda) vectors
+            hv = [h for h, adapted in zip(hessian_times(vectors), mask, strict=True) if adapted]
+            return [v + h / lam for v, h in zip(vectors, hv, strict=True)]
+
+        adapted = [g for g, a in zip(query_grads, mask, strict=True) if a]
+        solution = iter(conjugate_gradient(system, adapted, self.cg_steps))
+        solved_adapted = [next(solution) if a else None for a in mask]
+        if all(mask):
+            return solved_adapted, query.detach()
+        cross = hessian_times([v for v in solved_adapted if v is not None])
+        grads = [v if a else g - h / lam
+                 for v, g, h, a in zip(solved_adapted, query_grads, cross, mask, strict=True)]
+        return grads, query.detach()
+
+    def meta_gradient(self, episode: Episode) -> dict[str, float]:
+        """Metrics: ``loss``, the mean query loss at the inner loop's results."""
+        params = list(self.model.parameters())
+        return {"loss": self.accumulate_tasks(
+            lambda task: self.task_gradient(task, 1.0 / len(episode)), episode, params)}
+
+
+def _zeros_for_none(grads, like: Vectors) -> Vectors:
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, like, strict=True)]
