@@ -15,10 +15,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
+from diffopt.algorithms.base import MetaAlgorithm, TaskGradient, accumulate_grad
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
-from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
+from diffopt.inner import FunctionalModel, InnerLoop, LossFn, adapted_mask, reduce_loss
+from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
 
@@ -27,29 +28,35 @@ def _dot(a: Vectors, b: Vectors) -> torch.Tensor:
     return torch.stack([(u * v).sum() for u, v in zip(a, b, strict=True)]).sum()
 
 
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (a solved system's residual)."""
+    return numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+
+
 def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Vectors, steps: int,
-                       tolerance: float = 1e-10) -> Vectors:
+                       tolerance: float | None = 1e-10) -> Vectors:
     """x ~ A^-1 b for a symmetric positive definite A given as ``matvec`` (lists of tensors),
     after at most ``steps`` iterations from x = 0 (imaml_dev's utils.cg_solve), stopping once the
     residual ||b - A x|| is below ``tolerance`` ||b|| (imaml_dev: ||r||^2 < 1e-10, absolute,
-    which stops float64 checks early on small gradients); ``steps`` = 0 gives b itself (the
-    first-order approximation)."""
+    which stops float64 checks early on small gradients). ``tolerance`` None: exactly ``steps``
+    iterations, no data-dependent stop (under ``torch.func.vmap``). ``steps`` = 0 gives b itself
+    (the first-order approximation)."""
     if steps == 0:
         return [v.clone() for v in b]
     x = [torch.zeros_like(v) for v in b]
     r = [v.clone() for v in b]
     p = [v.clone() for v in b]
     r_dot_r = _dot(r, r)
-    stop = tolerance ** 2 * r_dot_r.item()
+    stop = None if tolerance is None else tolerance ** 2 * r_dot_r.item()
     for _ in range(steps):
-        if r_dot_r.item() <= stop:
+        if stop is not None and r_dot_r.item() <= stop:
             break
         a_p = matvec(p)
-        alpha = r_dot_r / _dot(p, a_p)
+        alpha = _ratio(r_dot_r, _dot(p, a_p))
         x = [xi + alpha * pi for xi, pi in zip(x, p, strict=True)]
         r = [ri - alpha * ai for ri, ai in zip(r, a_p, strict=True)]
         new_r_dot_r = _dot(r, r)
-        p = [ri + (new_r_dot_r / r_dot_r) * pi for ri, pi in zip(r, p, strict=True)]
+        p = [ri + _ratio(new_r_dot_r, r_dot_r) * pi for ri, pi in zip(r, p, strict=True)]
         r_dot_r = new_r_dot_r
     return x
 
@@ -62,7 +69,10 @@ class IMAML(MetaAlgorithm):
     (``--inner_params``) get their direct gradient minus H[them, adapted] v / lambda (the same
     implicit derivative). The meta-gradient is the gradient of ``meta_loss`` (the query loss at
     the inner loop's result) once the inner loop has converged and CG has solved the system:
-    ``gradient_at_optimum``. Tasks run one at a time (``task_threads`` on threads); no vmap.
+    ``gradient_at_optimum``. Vectorized (``vectorize``, where ``diffopt.vectorize`` allows), every
+    task's inner loop, gradients and CG run in one ``torch.func.vmap`` (Hessian-vector products
+    as ``vjp`` of ``grad``; CG then takes exactly ``cg_steps`` iterations);
+    otherwise tasks run one at a time (``task_threads`` on threads), CG stopping early once solved.
 
     Constructor arguments: see ``MetaAlgorithm``; ``cg_steps``, conjugate-gradient iterations
     per task (0: the first-order approximation grad L_q(w*)).
@@ -76,17 +86,15 @@ class IMAML(MetaAlgorithm):
         if not inner.proximal > 0:
             raise DiffoptError("imaml's inner problem has a proximal term: set its weight lambda > 0 "
                                "(--inner_proximal, InnerLoop(proximal=...))")
-        if vectorize == "always":
-            raise DiffoptError("imaml solves a linear system per task with conjugate gradient, which "
-                               "does not run under torch.func.vmap: use vectorize='never'")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
             raise DiffoptError(f"cg_steps must be a whole number >= 0; got {cg_steps!r}")
-        super().__init__(model, inner, loss_fn, vectorize="never", task_threads=task_threads)
+        super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.cg_steps = cg_steps
 
     def _solve(self, task: Task) -> nn.Module:
-        """The model after the inner loop on the support set (no graph)."""
-        return self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        """The model after the inner loop on the support set (no graph), one task (not vmapped)."""
+        return self.inner.adapt(self.model, self.loss_fn, task.support_x, task.support_y,
+                                track_higher_grads=False)
 
     def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
         """The mean query loss at the inner loop's result."""
@@ -127,9 +135,51 @@ class IMAML(MetaAlgorithm):
                  for v, g, h, a in zip(solved_adapted, query_grads, cross, mask, strict=True)]
         return grads, query.detach()
 
+    def _functional_task_gradient(self, task: Task) -> tuple[Vectors, torch.Tensor]:
+        """``task_gradient`` as pure functions of tensors (``torch.func``), for vmap."""
+        model, reduction, lam = self.model, self.inner.loss_reduction, self.inner.proximal
+        names = [name for name, _ in model.named_parameters()]
+        mask = adapted_mask(model, self.inner.params)
+        solved = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        weights = [w.detach() for w in solved.parameters()]
+
+        def query_loss(w: Vectors) -> torch.Tensor:
+            return self.loss_fn(FunctionalModel(model, names, w)(task.query_x), task.query_y)
+
+        def support_loss(w: Vectors) -> torch.Tensor:
+            prediction = FunctionalModel(model, names, w)(task.support_x)
+            return reduce_loss(self.loss_fn(prediction, task.support_y), prediction, reduction)
+
+        # H v as the vector-Jacobian product of the support gradient (H symmetric), its graph
+        # built once for every CG iteration
+        _, support_vjp = torch.func.vjp(torch.func.grad(support_loss), weights)
+
+        def hessian_times(vectors: Vectors) -> Vectors:
+            on_adapted = iter(vectors)
+            (product,) = support_vjp([next(on_adapted) if adapted else torch.zeros_like(w)
+                                      for w, adapted in zip(weights, mask, strict=True)])
+            return product
+
+        def system(vectors: Vectors) -> Vectors:
+            hv = [h for h, adapted in zip(hessian_times(vectors), mask, strict=True) if adapted]
+            return [v + h / lam for v, h in zip(vectors, hv, strict=True)]
+
+        query_grads, loss = torch.func.grad_and_value(query_loss)(weights)
+        adapted = [g for g, a in zip(query_grads, mask, strict=True) if a]
+        solution = conjugate_gradient(system, adapted, self.cg_steps, tolerance=None)
+        if all(mask):
+            return solution, loss
+        cross, solved_adapted = hessian_times(solution), iter(solution)
+        return [next(solved_adapted) if a else g - h / lam
+                for g, h, a in zip(query_grads, cross, mask, strict=True)], loss
+
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean query loss at the inner loop's results."""
         params = list(self.model.parameters())
+        if self.vectorized:
+            grads, losses = over_tasks(self._functional_task_gradient, episode)
+            accumulate_grad(params, [g.mean(0) for g in grads])
+            return {"loss": losses.mean().item()}
         return {"loss": self.accumulate_tasks(
             lambda task: self.task_gradient(task, 1.0 / len(episode)), episode, params)}
 
