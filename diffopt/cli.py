@@ -345,6 +345,7 @@ def gradcheck(
     algorithm: str = "maml",
     inner_optimizer: str = "sgd",
     inner_lr: float = 0.1,
+    inner_options: dict | None = None,
     inner_steps: int | None = None,
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
@@ -371,6 +372,7 @@ def gradcheck(
         algorithm: algorithm whose meta-gradient is checked (it must be exact, e.g. maml)
         inner_optimizer: inner-loop optimizer
         inner_lr: inner-loop step size
+        inner_options: the inner optimizer's other hyper-parameters, e.g. '{betas: [0.5, 0.9]}'
         inner_steps: inner-loop steps (default 2; imaml: 100, enough for its inner problem to
             converge, which its implicit gradient assumes)
         hidden: hidden layer widths of the MLP
@@ -402,6 +404,7 @@ def gradcheck(
         implicit = algorithm_class(algorithm).gradient_at_optimum  # converge the inner loop
         config = resolve_config(
             algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
+            inner_options=inner_options,
             inner_steps=inner_steps if inner_steps is not None else 100 if implicit else 2,
             hidden=hidden, activation=activation, norm=norm,
             inner_params=inner_params, vectorize=vectorize, shots=shots, test_shots=test_shots,
@@ -425,7 +428,8 @@ def gradcheck(
     result = check_meta_gradient(meta_learner, episode, eps=eps)
     eps = ",".join(f"{step:g}" for step in eps)
     path = "vmap over tasks" if meta_learner.vectorized else "loop over tasks"
-    print(f"{config.algorithm}: inner {config.inner_optimizer} lr={config.inner_lr} "
+    options = "".join(f" {key}={value}" for key, value in (config.inner_options or {}).items())
+    print(f"{config.algorithm}: inner {config.inner_optimizer} lr={config.inner_lr}{options} "
           f"steps={config.inner_steps} adapting {config.inner_params}, hidden={config.hidden} "
           f"{config.activation} norm={config.norm}, "
           f"{config.meta_batch_size} tasks, {path}, eps={eps}, float64")

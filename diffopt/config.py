@@ -26,7 +26,7 @@ from diffopt.models import (
     POOL_PADDINGS,
     model_factory,
 )
-from diffopt.optim import check_rule_name, inner_rule_names
+from diffopt.optim import check_inner_options, check_rule_name, inner_rule_names
 from diffopt.vectorize import VECTORIZE_MODES
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -104,6 +104,10 @@ class TrainConfig:
         None, f"inner-loop update rule: {', '.join(inner_rule_names())}, or module:attribute (an "
         "UpdateRule subclass or a factory (params, lr, steps) -> UpdateRule)")
     inner_lr: float | None = option(None, "inner-loop step size")
+    inner_options: dict | None = option(
+        None, "hyper-parameters of the inner optimizer besides its step size, e.g. '{betas: [0.5, 0.9], "
+        "eps: 1e-6}' (adam), '{momentum: 0.5}' (momentum), '{weight_decay: 0.1}' (adamw); "
+        "`diffopt train --inner_optimizer NAME --inner_options '{x: 1}'` lists a name's choices")
     inner_steps: int | None = option(None, "inner-loop steps during meta-training")
     inner_batch_size: int | None = option(
         None, "examples per inner step, cycling through the task's data (Reptile); default: all")
@@ -294,6 +298,7 @@ def validate(config: TrainConfig) -> None:
     _check_name("activation", "activation", config.activation, ACTIVATIONS)
     _check_name("norm", "norm", config.norm, NORMS)
     check_rule_name(config.inner_optimizer)
+    check_inner_options(config.inner_optimizer, config.inner_options)
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
     _check_name("set of inner parameters", "inner_params", config.inner_params, INNER_PARAMS)

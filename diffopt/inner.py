@@ -23,6 +23,7 @@ from diffopt.optim import (
     RuleOptimizer,
     UpdateRule,
     build_rule,
+    check_inner_options,
     check_rule_name,
     first_order_twin,
     make_inner_optimizer,
@@ -160,7 +161,8 @@ class InnerLoop(nn.Module):
     without replacement from a shuffle of the task's examples (``batch_order``: Reptile's
     inner mini-batches).
 
-    ``optimizer``: a torch optimizer name (sgd, momentum, adam), a learned rule's name
+    ``optimizer``: a torch optimizer name (sgd, momentum, adam, ...; ``options``: its
+    hyper-parameters, e.g. ``{"betas": (0.5, 0.9)}``, also a rule factory's keywords), a learned rule's name
     (``diffopt.optim.LEARNED_RULES``, or ``module:attribute``; ``model`` is then needed to size
     it), or an
     ``UpdateRule`` instance. A learned rule is a submodule (``self.rule``), so its parameters
@@ -180,7 +182,8 @@ class InnerLoop(nn.Module):
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
-                 query_norm_row: str = "last_step", proximal: float = 0.0) -> None:
+                 query_norm_row: str = "last_step", proximal: float = 0.0,
+                 options: dict | None = None) -> None:
         super().__init__()
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
@@ -195,6 +198,7 @@ class InnerLoop(nn.Module):
         if not isinstance(proximal, (int, float)) or isinstance(proximal, bool) or not proximal >= 0:
             raise DiffoptError(f"the proximal weight is a number >= 0; got {proximal!r}")
         self.proximal = float(proximal)
+        self.options = dict(options or {})
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction
         self.carried_state: list[dict] | None = None
@@ -203,12 +207,13 @@ class InnerLoop(nn.Module):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
         self.optimizer = optimizer
+        check_rule_name(optimizer)  # an unknown name says so first
+        check_inner_options(optimizer, self.options)
         if model is None and optimizer not in INNER_OPTIMIZERS:
-            check_rule_name(optimizer)  # an unknown name says so first
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
         params = [] if model is None else [p.detach() for p in model.parameters()]
-        self.rule = build_rule(optimizer, params, lr, steps)
+        self.rule = build_rule(optimizer, params, lr, steps, self.options)
 
     @property
     def learned(self) -> bool:
@@ -266,7 +271,7 @@ class InnerLoop(nn.Module):
         if self.rule is not None:
             template = RuleOptimizer(model.parameters(), self.rule)
         else:
-            template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr)
+            template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr, self.options)
             if self.carries_state and self.carried_state is not None:
                 for param, saved in zip(model.parameters(), self.carried_state, strict=True):
                     template.state[param] = saved  # higher copies it
@@ -327,10 +332,11 @@ class InnerLoop(nn.Module):
 
     @property
     def functional_rule(self) -> UpdateRule | None:
-        """The rule the functional unroll applies: the learned rule, SGD for 'sgd', else None."""
+        """The rule the functional unroll applies: the learned rule, SGD for plain 'sgd' (no
+        momentum or weight decay in ``options``), else None."""
         if self.rule is not None:
             return self.rule
-        return SGD(self.lr) if self.optimizer == "sgd" else None
+        return self.first_order_rule if isinstance(self.first_order_rule, SGD) else None
 
     @property
     def carries_state(self) -> bool:
@@ -344,10 +350,11 @@ class InnerLoop(nn.Module):
         optimizer's functional twin (``diffopt.optim.first_order_twin``: sgd, adam), else None."""
         if self.rule is not None:
             return self.rule
+        key = (self.optimizer, self.lr, repr(sorted(self.options.items())))
         twin = self.__dict__.get("_first_order_twin")
-        if twin is None or twin[0] != (self.optimizer, self.lr):
-            twin = self.__dict__["_first_order_twin"] = ((self.optimizer, self.lr),
-                                                         first_order_twin(self.optimizer, self.lr))
+        if twin is None or twin[0] != key:
+            twin = self.__dict__["_first_order_twin"] = (
+                key, first_order_twin(self.optimizer, self.lr, self.options))
         return twin[1]
 
     def _unroll_first_order(self, model, loss_fn, x, y, steps, losses, carry_state):
@@ -496,5 +503,6 @@ class InnerLoop(nn.Module):
         reduction = "" if self.loss_reduction == "mean" else f", loss_reduction={self.loss_reduction!r}"
         adapted = "" if self.params == "all" else f", params={self.params!r}"
         proximal = f", proximal={self.proximal}" if self.proximal else ""
+        options = f", options={self.options}" if self.options else ""
         return (f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
-                f"{batch}{state}{reduction}{adapted}{proximal}")
+                f"{options}{batch}{state}{reduction}{adapted}{proximal}")

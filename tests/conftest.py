@@ -39,11 +39,13 @@ def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
 
 def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1, steps: int = 1,
                     hidden=(8, 8), activation: str = "tanh", seed: int = 0,
-                    dtype: torch.dtype = torch.float64, vectorize: str = "never"):
-    """An algorithm on a small MLP; the loop over tasks (higher) unless ``vectorize`` says."""
+                    dtype: torch.dtype = torch.float64, vectorize: str = "never", options=None):
+    """An algorithm on a small MLP; the loop over tasks (higher) unless ``vectorize`` says;
+    ``options``: the inner optimizer's hyper-parameters."""
     torch.manual_seed(seed)
     model = MLP(1, 1, hidden, activation).to(dtype)
-    return build_algorithm(name, model, InnerLoop(optimizer, lr, steps), F.mse_loss, vectorize)
+    inner = InnerLoop(optimizer, lr, steps, model=model, options=options)
+    return build_algorithm(name, model, inner, F.mse_loss, vectorize)
 
 
 def cold_warm_and_uncached(loader, monkeypatch, **kwargs) -> list[tuple[torch.Tensor, ...]]:

@@ -77,6 +77,56 @@ def test_every_optimizer_higher_differentiates_matches_finite_differences(optimi
     assert result.max_rel_error < 1e-5, result.per_parameter
 
 
+SETTINGS = {  # hyper-parameters away from the defaults, each a branch of higher's update
+    "adam": {"betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.1, "amsgrad": True},
+    "momentum": {"momentum": 0.5, "dampening": 0.2, "weight_decay": 0.05},
+    "nesterov": {"momentum": 0.7, "weight_decay": 0.05},
+    "rmsprop": {"alpha": 0.9, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
+    "adagrad": {"lr_decay": 0.1, "initial_accumulator_value": 0.1},
+    "adamw": {"betas": (0.8, 0.99), "weight_decay": 0.2},
+}
+
+
+@pytest.mark.parametrize("optimizer", [*SETTINGS, "adamw_defaults"])
+@settings(max_examples=3, deadline=None)
+@given(steps=st.integers(1, 3), lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16))
+def test_inner_hyperparameters_are_differentiated_through(optimizer, steps, lr, seed):
+    """``--inner_options``: the optimizers with settings other than their defaults, and AdamW (a
+    diffopt rule: higher has none), checked where inner gradients are away from 0 (as above);
+    the meta-gradient must differ from the defaults' (the settings reach the unroll)."""
+    name, options = ("adamw", None) if optimizer == "adamw_defaults" else (optimizer, SETTINGS[optimizer])
+    algorithm = small_algorithm("maml", name, lr, steps, (5,), "tanh", seed, options=options)
+    episode = random_episode(seed, 2, 4, 4)
+    assume(inner_gradient_floor(algorithm, episode) > 1e-3)
+    result = check_meta_gradient(algorithm, episode)
+    assert result.max_rel_error < 1e-5, result.per_parameter
+    if options:
+        default = meta_grads(small_algorithm("maml", name, lr, steps, (5,), "tanh", seed), episode)
+        mine = meta_grads(algorithm, episode)
+        assert any(not torch.allclose(a, b) for a, b in zip(mine, default, strict=True))
+
+
+@pytest.mark.parametrize("options", [None, {"betas": (0.5, 0.9), "eps": 1e-3}])
+def test_first_order_twin_follows_the_inner_options(options):
+    """First-order unrolls of adam run diffopt's twin rule, not higher: with other betas and eps
+    both paths must still take the same steps."""
+    algorithm = small_algorithm("fomaml", "adam", 0.05, 3, (5,), "tanh", 2, options=options)
+    task = next(iter(random_episode(2, 1, 4, 4)))
+    twin = algorithm.adapt(task.support_x, task.support_y, track_higher_grads=False)
+    assert not hasattr(twin, "fast_params")  # the higher-free path ran
+    twin_weights = [p.detach().clone() for p in twin.parameters()]
+    via_higher = algorithm.inner.unroll(algorithm.model, algorithm.loss_fn, task.support_x,
+                                        task.support_y, track_higher_grads=False,
+                                        detach_inner_grads=True)
+    *_, adapted = via_higher
+    for a, b in zip(twin_weights, adapted.parameters(), strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)
+    if options:
+        plain = small_algorithm("fomaml", "adam", 0.05, 3, (5,), "tanh", 2)
+        other = plain.adapt(task.support_x, task.support_y, track_higher_grads=False)
+        assert not torch.allclose(twin_weights[0], next(iter(other.parameters())).detach())
+
+
 def test_rprop_meta_gradient_has_no_second_order_part():
     """Rprop's step is lr * sign(g) (scaled): the meta-gradient equals first-order MAML's."""
     episode = random_episode(5, 2, 4, 4)

@@ -15,44 +15,64 @@ name it ``module:attribute`` wherever a rule name is taken (``diffopt.plugins``)
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.optim.adam import Adam
+from diffopt.optim.adam import Adam, AdamW
 from diffopt.optim.lslr import LSLR
 from diffopt.optim.meta_curvature import MetaCurvature
 from diffopt.optim.meta_sgd import MetaSGD
 from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["HIGHER_NOTICES", "INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "Chain",
+__all__ = ["HIGHER_NOTICES", "INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "AdamW", "Chain",
            "MetaCurvature", "MetaSGD",
-           "RuleOptimizer", "UpdateRule", "build_rule", "check_rule_name", "first_order_twin",
+           "RuleOptimizer", "UpdateRule", "build_rule", "check_inner_options", "check_rule_name",
+           "first_order_twin", "inner_hyperparameters",
            "inner_rule_names", "make_inner_optimizer", "register_rule"]
 
-OptimizerFactory = Callable[[Iterable[torch.Tensor], float], torch.optim.Optimizer]
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""(params, lr, **hyper-parameters) -> torch optimizer."""
+
+_NOT_HYPERPARAMETERS = {"params", "lr", "foreach", "maximize", "capturable", "differentiable", "fused",
+                        "decoupled_weight_decay"}
+"""torch optimizer arguments that are not the update's hyper-parameters, or that higher 0.2.1
+does not implement (it ignores them: a setting would silently not apply)."""
+
+
+def _torch_optimizer(cls: type[torch.optim.Optimizer], **preset: Any) -> OptimizerFactory:
+    """A factory of ``cls`` with ``preset`` hyper-parameters, which the caller's override."""
+    def factory(params, lr, **options):
+        return cls(params, lr=lr, **{**preset, **options})
+
+    factory.hyperparameters = tuple(  # type: ignore[attr-defined]
+        name for name in inspect.signature(cls).parameters if name not in _NOT_HYPERPARAMETERS)
+    return factory
+
 
 INNER_OPTIMIZERS: dict[str, OptimizerFactory] = {
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "sgd": _torch_optimizer(torch.optim.SGD),
+    "momentum": _torch_optimizer(torch.optim.SGD, momentum=0.9),
     # higher's differentiable Adam uses the pre-1.5 torch formula (eps before bias correction).
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adam": _torch_optimizer(torch.optim.Adam),
     # Nichol et al. 2018 (Reptile): inner Adam without momentum.
-    "adam_beta1_0": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999)),
+    "adam_beta1_0": _torch_optimizer(torch.optim.Adam, betas=(0.0, 0.999)),
     # The rest of what higher 0.2.1 differentiates (higher.optim._opt_mapping), torch's defaults
-    # but the step size. AdamW is not among them. Rprop steps by the gradient's sign: its
-    # meta-gradient has no second-order part (exact, since the sign is piecewise constant);
-    # higher warns that its RMSprop may be wrong, yet it matches finite differences wherever
-    # the squared-gradient average is away from 0 (tests/test_gradients.py).
-    "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
-    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
-    "adadelta": lambda params, lr: torch.optim.Adadelta(params, lr=lr),
-    "adamax": lambda params, lr: torch.optim.Adamax(params, lr=lr),
-    "asgd": lambda params, lr: torch.optim.ASGD(params, lr=lr),
-    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
-    "rprop": lambda params, lr: torch.optim.Rprop(params, lr=lr),
+    # but the step size (``--inner_options`` sets the others). AdamW is not among them: see
+    # ``adamw`` below. Rprop steps by the gradient's sign: its meta-gradient has no second-order
+    # part (exact, since the sign is piecewise constant); higher warns that its RMSprop may be
+    # wrong, yet it matches finite differences wherever the squared-gradient average is away
+    # from 0 (tests/test_gradients.py).
+    "nesterov": _torch_optimizer(torch.optim.SGD, momentum=0.9, nesterov=True),
+    "adagrad": _torch_optimizer(torch.optim.Adagrad),
+    "adadelta": _torch_optimizer(torch.optim.Adadelta),
+    "adamax": _torch_optimizer(torch.optim.Adamax),
+    "asgd": _torch_optimizer(torch.optim.ASGD),
+    "rmsprop": _torch_optimizer(torch.optim.RMSprop),
+    "rprop": _torch_optimizer(torch.optim.Rprop),
 }
 
 HIGHER_NOTICES = r"Differentiable (RMSprop suffers|Rprop \(correctly\) yields)"
@@ -62,6 +82,12 @@ RuleFactory = Callable[[Sequence[torch.Tensor], float, int], UpdateRule]
 """(parameters to update, initial step size, inner steps) -> rule; a factory (or ``UpdateRule``
 subclass) taking only the first two or the first one is called with those."""
 
+def _adamw(params: Sequence[torch.Tensor], lr: float, steps: int, **options: Any) -> UpdateRule:
+    return AdamW(lr, **options)
+
+
+_adamw.hyperparameters = ("betas", "eps", "weight_decay")  # type: ignore[attr-defined]
+
 _STEP_SIZES: dict[str, RuleFactory] = {
     "lslr": lambda params, lr, steps: LSLR(params, steps, lr),
     "meta_sgd": lambda params, lr, steps: MetaSGD(params, lr),
@@ -69,6 +95,9 @@ _STEP_SIZES: dict[str, RuleFactory] = {
 }
 
 LEARNED_RULES: dict[str, RuleFactory] = {
+    # AdamW (Loshchilov & Hutter 2019) as an UpdateRule (higher has no differentiable AdamW):
+    # higher's Adam formula plus the decoupled weight decay -lr wd w; nothing meta-learned.
+    "adamw": _adamw,
     **_STEP_SIZES,
     "meta_curvature": lambda params, lr, steps: Chain(MetaCurvature(params), SGD(lr)),
     **{f"meta_curvature+{name}": (lambda f: lambda params, lr, steps: Chain(
@@ -115,32 +144,72 @@ def check_rule_name(name: object) -> None:
         _rule_factory(name)
 
 
-def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int) -> UpdateRule | None:
+def inner_hyperparameters(name: str) -> tuple[str, ...]:
+    """The hyper-parameters ``--inner_options`` may set for the inner optimizer ``name``: a torch
+    optimizer's (betas, eps, momentum, ...), or the keyword arguments its rule's factory takes."""
+    factory = INNER_OPTIMIZERS[name] if name in INNER_OPTIMIZERS else _rule_factory(name)
+    if hasattr(factory, "hyperparameters"):
+        return factory.hyperparameters
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY or (
+        p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "params", "lr", "steps")))
+
+
+def check_inner_options(name: str, options: Mapping[str, Any] | None) -> None:
+    """DiffoptError unless every key of ``options`` is a hyper-parameter of ``name`` whose value
+    the optimizer accepts."""
+    if not options:
+        return
+    if not isinstance(options, Mapping):
+        raise DiffoptError(f"--inner_options takes name: value pairs, e.g. '{{momentum: 0.5}}'; "
+                           f"got {options!r}")
+    known = inner_hyperparameters(name)
+    for key in options:
+        if key not in known:
+            raise unknown_name(f"hyper-parameter of the inner optimizer {name}", key, known or ("none",))
+    try:
+        if name in INNER_OPTIMIZERS:
+            make_inner_optimizer(name, [torch.zeros(1)], 0.1, options)
+        else:
+            build_rule(name, [torch.zeros(1)], 0.1, 1, options)
+    except (TypeError, ValueError) as error:
+        raise DiffoptError(f"--inner_options {dict(options)} do not suit the inner optimizer {name} "
+                           f"({error})") from None
+
+
+def build_rule(name: str, params: Sequence[torch.Tensor], lr: float, steps: int,
+               options: Mapping[str, Any] | None = None) -> UpdateRule | None:
     """The learned rule ``name`` (registered, or ``module:attribute``) for ``params`` (their
-    shapes, dtype, device); None for a torch optimizer."""
+    shapes, dtype, device), its factory given the keyword arguments ``options``; None for a
+    torch optimizer."""
     if name in INNER_OPTIMIZERS:
         return None
     factory = _rule_factory(name)
     arguments = (params, lr, steps)
     try:
         signature = inspect.signature(factory)
-        taken = len(signature.parameters)
+        taken = len([p for p in signature.parameters.values() if p.name not in (options or {})
+                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
         if not any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
             arguments = arguments[:max(1, min(taken, 3))]
     except (TypeError, ValueError):  # no signature to read: the full one
         pass
-    rule = factory(*arguments)
+    rule = factory(*arguments, **(options or {}))
     if not isinstance(rule, UpdateRule):
         raise DiffoptError(f"inner optimizer {name!r} made a {type(rule).__name__}, not a "
                            "diffopt.optim.UpdateRule")
     return rule
 
 
-def first_order_twin(name: str, lr: float) -> UpdateRule | None:
-    """The ``UpdateRule`` that computes what the torch optimizer ``name`` does (plain SGD, Adam
-    without weight decay or amsgrad, as higher differentiates it), for first-order unrolls; None
-    where there is none (momentum)."""
-    optimizer = make_inner_optimizer(name, [torch.zeros(1)], lr)
+def first_order_twin(name: str, lr: float,
+                     options: Mapping[str, Any] | None = None) -> UpdateRule | None:
+    """The ``UpdateRule`` that computes what the torch optimizer ``name`` with hyper-parameters
+    ``options`` does (plain SGD, Adam without weight decay or amsgrad, as higher differentiates
+    it), for first-order unrolls; None where there is none (momentum)."""
+    optimizer = make_inner_optimizer(name, [torch.zeros(1)], lr, options)
     group = optimizer.param_groups[0]
     if isinstance(optimizer, torch.optim.SGD) and not group["momentum"] and not group["weight_decay"]:
         return SGD(lr)
@@ -149,8 +218,10 @@ def first_order_twin(name: str, lr: float) -> UpdateRule | None:
     return None
 
 
-def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    """The torch optimizer ``name`` over ``params`` with step size ``lr``."""
+def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float,
+                         options: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer ``name`` over ``params`` with step size ``lr`` and the
+    hyper-parameters ``options`` (the name's presets otherwise, then torch's defaults)."""
     if name not in INNER_OPTIMIZERS:
         raise unknown_name("inner optimizer", name, inner_rule_names())
-    return INNER_OPTIMIZERS[name](params, lr)
+    return INNER_OPTIMIZERS[name](params, lr, **(options or {}))

@@ -19,7 +19,7 @@ class Adam(UpdateRule):
 
     State: per tensor ``{'step': t, 'exp_avg': m, 'exp_avg_sq': v}``, higher's own layout, so a
     state carried from task to task (``InnerLoop(state='persist')``) passes between the two.
-    First-order use only (``InnerLoop``'s fast path): where v is 0, sqrt has no second derivative,
+    Second order (AdamW below) only where v > 0: where v is 0, sqrt has no second derivative,
     which higher masks and this rule does not.
     """
 
@@ -51,3 +51,23 @@ class Adam(UpdateRule):
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, betas={self.betas}, eps={self.eps}"
+
+
+class AdamW(Adam):
+    """Adam (the formula above) with decoupled weight decay (Loshchilov & Hutter 2019, torch's
+    AdamW): update = Adam's update - lr * weight_decay * w, w the weights before the step.
+    Differentiable (an ``UpdateRule``: higher carries it through ``RuleOptimizer``), where the
+    squared-gradient average is away from 0."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        super().__init__(lr, betas, eps)
+        self.weight_decay = weight_decay
+
+    def update(self, grads, state, params, step):
+        updates, state = super().update(grads, state, params, step)
+        decay = self.lr * self.weight_decay
+        return [None if u is None else u - decay * p for u, p in zip(updates, params, strict=True)], state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_decay={self.weight_decay}"
