@@ -14,7 +14,7 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS, QUERY_NORM_ROWS
+from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS, QUERY_NORM_ROWS, check_inner_params
 from diffopt.models import (
     ACTIVATIONS,
     HEADS,
@@ -118,7 +118,9 @@ class TrainConfig:
     inner_params: str | None = option(
         None, f"the parameters the inner loop adapts: {', '.join(INNER_PARAMS)} (weights: convolution "
         "and linear layers, not normalisation; head: the last linear layer, ANIL; body: the rest, "
-        "BOIL); default: weights for maml and fomaml on images (cbfinn/maml), else all")
+        "BOIL), or comma-separated patterns of parameter names, e.g. 'layers.3.*,head.*' (learned "
+        "rules then carry parameters for those tensors alone); default: weights for maml and "
+        "fomaml on images (cbfinn/maml), else all")
     inner_proximal: float | None = option(
         None, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner steps add to their "
         "loss (phi: the meta-learned initial weights); imaml needs it > 0 (default 1, Omniglot 2: "
@@ -301,7 +303,7 @@ def validate(config: TrainConfig) -> None:
     check_inner_options(config.inner_optimizer, config.inner_options)
     _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
     _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
-    _check_name("set of inner parameters", "inner_params", config.inner_params, INNER_PARAMS)
+    check_inner_params(config.inner_params)
     _check_name("weight initialisation", "init", config.init, INITS)
     _check_name("head", "head", config.head, HEADS)
     if config.head != "flatten" and config.model != "conv4":

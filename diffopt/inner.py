@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import threading
 import warnings
@@ -28,6 +29,7 @@ from diffopt.optim import (
     first_order_twin,
     make_inner_optimizer,
 )
+from diffopt.optim.rule import init_on, update_on
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,16 +52,32 @@ def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) ->
 INNER_PARAMS = ("all", "weights", "head", "body")
 """Which parameters the inner loop adapts (the others keep their meta-learned values through it):
 ``all``; ``weights``, those of convolution and linear layers (cbfinn/maml: not batch norm's);
-``head``, the last linear layer's (ANIL); ``body``, all but those (BOIL)."""
+``head``, the last linear layer's (ANIL); ``body``, all but those (BOIL); or name patterns
+(``check_inner_params``)."""
+
+
+def check_inner_params(which: object) -> None:
+    """DiffoptError unless ``which`` is one of ``INNER_PARAMS`` or comma-separated glob patterns
+    of parameter names (``fnmatch``: ``layers.3.*,head.weight``)."""
+    if not isinstance(which, str) or not which.strip(" ,"):
+        raise unknown_name("set of inner parameters", which, INNER_PARAMS)
 
 
 def adapted_mask(model: nn.Module, which: str) -> list[bool]:
-    """Per parameter of ``model``, in ``parameters()`` order, whether ``which`` (``INNER_PARAMS``)
-    adapts it."""
-    if which not in INNER_PARAMS:
-        raise unknown_name("set of inner parameters", which, INNER_PARAMS)
+    """Per parameter of ``model``, in ``parameters()`` order, whether ``which`` (``INNER_PARAMS``,
+    or name patterns, which must match some parameter) adapts it."""
+    check_inner_params(which)
     if which == "all":
         return [True for _ in model.parameters()]
+    if which not in INNER_PARAMS:
+        names = [name for name, _ in model.named_parameters()]
+        patterns = [pattern.strip() for pattern in which.split(",") if pattern.strip()]
+        mask = [any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns) for name in names]
+        if not any(mask):
+            raise DiffoptError(
+                f"--inner_params {which!r} is neither {', '.join(INNER_PARAMS)} nor name patterns "
+                f"matching a parameter of the model; its parameters: {', '.join(names)}")
+        return mask
     owners = {f"{prefix}.{name}" if prefix else name: module for prefix, module in model.named_modules()
               for name, _ in module.named_parameters(recurse=False)}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -192,8 +210,7 @@ class InnerLoop(nn.Module):
             raise unknown_name("inner optimizer state", state, INNER_STATES)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise unknown_name("inner loss reduction", loss_reduction, LOSS_REDUCTIONS)
-        if params not in INNER_PARAMS:
-            raise unknown_name("set of inner parameters", params, INNER_PARAMS)
+        check_inner_params(params)
         self.params = params
         if not isinstance(proximal, (int, float)) or isinstance(proximal, bool) or not proximal >= 0:
             raise DiffoptError(f"the proximal weight is a number >= 0; got {proximal!r}")
@@ -203,7 +220,8 @@ class InnerLoop(nn.Module):
         self.loss_reduction = loss_reduction
         self.carried_state: list[dict] | None = None
         """Per model parameter, the persisting torch optimizer's state (detached), or None."""
-        if isinstance(optimizer, UpdateRule):
+        self.rule_by_name = not isinstance(optimizer, UpdateRule)
+        if not self.rule_by_name:
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
         self.optimizer = optimizer
@@ -212,8 +230,26 @@ class InnerLoop(nn.Module):
         if model is None and optimizer not in INNER_OPTIMIZERS:
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
-        params = [] if model is None else [p.detach() for p in model.parameters()]
-        self.rule = build_rule(optimizer, params, lr, steps, self.options)
+        self.rule = self._build_rule(model)
+
+    def _build_rule(self, model: nn.Module | None) -> UpdateRule | None:
+        """The named rule, sized to the tensors of ``model`` the inner loop adapts."""
+        adapted = [] if model is None else [p.detach() for p, keep in zip(
+            model.parameters(), adapted_mask(model, self.params), strict=True) if keep]
+        return build_rule(self.optimizer, adapted, self.lr, self.steps, self.options)
+
+    def adapt_only(self, params: str, model: nn.Module) -> None:
+        """Adapt ``params`` (``INNER_PARAMS`` or patterns) of ``model`` from now on; a rule built
+        from its name is rebuilt for those tensors (ANIL, BOIL: the algorithm fixes them)."""
+        check_inner_params(params)
+        self.params = params
+        if self.rule_by_name and self.rule is not None:
+            self.rule = self._build_rule(model)
+
+    @staticmethod
+    def rule_index(mask: list[bool]) -> list[int] | None:
+        """Positions of the adapted tensors, which a rule sees alone (None: all of them)."""
+        return None if all(mask) else [i for i, keep in enumerate(mask) if keep]
 
     @property
     def learned(self) -> bool:
@@ -268,15 +304,15 @@ class InnerLoop(nn.Module):
         if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
             yield from self._unroll_first_order(model, loss_fn, x, y, steps, losses, carry_state)
             return
+        mask = adapted_mask(model, self.params)
         if self.rule is not None:
-            template = RuleOptimizer(model.parameters(), self.rule)
+            template = RuleOptimizer(model.parameters(), self.rule, self.rule_index(mask))
         else:
             template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr, self.options)
             if self.carries_state and self.carried_state is not None:
                 for param, saved in zip(model.parameters(), self.carried_state, strict=True):
                     template.state[param] = saved  # higher copies it
         fmodel, per_step = self._functional(model, track_higher_grads)
-        mask = adapted_mask(model, self.params)
         anchor = list(model.parameters())
 
         def grad_callback(grads):
@@ -368,10 +404,11 @@ class InnerLoop(nn.Module):
         if per_step:
             set_inner_step(learner, 0)
         yield learner
-        carried = self.carries_state and self.carried_state is not None
-        state = self.carried_state if carried else rule.init(params)
-        order = batch_order(x, y, steps, self.batch_size)
         mask = adapted_mask(model, self.params)
+        index = self.rule_index(mask) if rule is self.rule else None  # twins: per model tensor
+        carried = self.carries_state and self.carried_state is not None
+        state = self.carried_state if carried else init_on(rule, params, index)
+        order = batch_order(x, y, steps, self.batch_size)
         anchor = [p.detach() for p in model.parameters()]
         for step in range(steps):
             if per_step:
@@ -379,7 +416,7 @@ class InnerLoop(nn.Module):
             loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses, anchor, mask)
             grads = _keep_adapted(torch.autograd.grad(loss, params, allow_unused=True), mask)
             with torch.no_grad():
-                updates, state = rule.update(list(grads), state, params, step)
+                updates, state = update_on(rule, list(grads), state, params, step, index)
                 for param, update in zip(params, updates, strict=True):
                     if update is not None:
                         param.add_(update)
@@ -423,7 +460,8 @@ class InnerLoop(nn.Module):
 
         set_inner_step(model, 0)
         yield FunctionalModel(model, names, params)
-        state = rule.init(params)
+        index = self.rule_index(mask) if rule is self.rule else None
+        state = init_on(rule, params, index)
         order = batch_order(x, y, steps, self.batch_size)
         for step in range(steps):
             set_inner_step(model, step)
@@ -432,7 +470,7 @@ class InnerLoop(nn.Module):
                 _detach_all(params) if constant else params, *minibatch(x, y, order, step))
             if losses is not None:
                 losses.append(loss.detach())
-            updates, state = rule.update(_keep_adapted(grads, mask), state, params, step)
+            updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
             if not track:
                 updates = _detach_all(updates)
             params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]

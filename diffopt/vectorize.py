@@ -32,7 +32,7 @@ from torch import nn
 
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
-from diffopt.inner import InnerLoop
+from diffopt.inner import InnerLoop, adapted_mask
 from diffopt.models.conv4 import InputNorm, SameConv2d
 from diffopt.models.norm import ShiftBatchNorm
 from diffopt.optim import UpdateRule
@@ -66,13 +66,16 @@ def vmap_obstacle(model: nn.Module, inner: InnerLoop) -> str | None:
         return f"the inner optimizer {inner.optimizer!r} has no functional form"
     if inner.batch_size is not None:
         return "inner mini-batches are shuffled per task (inner_batch_size)"
-    return rule_obstacle(inner.functional_rule, model)
+    rule = inner.functional_rule
+    adapted = [p for p, keep in zip(model.parameters(), adapted_mask(model, inner.params), strict=True)
+               if keep or rule is not inner.rule]  # a learned rule sees the adapted tensors alone
+    return rule_obstacle(rule, adapted)
 
 
-def rule_obstacle(rule: UpdateRule, model: nn.Module) -> str | None:
+def rule_obstacle(rule: UpdateRule, params: list[torch.Tensor]) -> str | None:
     """Why ``rule`` cannot run under ``torch.func.vmap`` (e.g. it calls ``.item()``), found by
-    running one update of it on two copies of ``model``'s parameters; None if it can."""
-    params = [p.detach() for p in model.parameters()]
+    running one update of it on two copies of ``params`` (the tensors it updates); None if it can."""
+    params = [p.detach() for p in params]
 
     def one_update(*weights: torch.Tensor) -> list:
         weights = list(weights)

@@ -55,3 +55,46 @@ def test_compare_runs_anil_and_boil_beside_maml(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| anil | 3 |" in report and "| boil | 3 |" in report
     assert "| inner_params | all | head | body |" in report
+
+
+def test_inner_params_takes_name_patterns():
+    """``--inner_params`` patterns (fnmatch, comma-separated) adapt the matching tensors alone;
+    one matching nothing lists the model's parameters."""
+    episode = random_episode(3, tasks=2)
+    torch.manual_seed(0)
+    model = MLP(1, 1, (8, 8), "tanh").double()
+    by_pattern = MAML(model, InnerLoop("sgd", 0.1, 2, params="4.*"), F.mse_loss)
+    by_name = MAML(model, InnerLoop("sgd", 0.1, 2, params="head"), F.mse_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads(by_pattern, episode), grads(by_name, episode),
+                                                  strict=True))
+    two = MAML(model, InnerLoop("sgd", 0.1, 2, params="0.weight, 2.*"), F.mse_loss)
+    task = next(iter(episode))
+    adapted = two.adapt(task.support_x, task.support_y)
+    moved = [not torch.equal(a, b) for a, b in zip(adapted.parameters(), model.parameters(), strict=True)]
+    assert moved == [True, False, True, True, False, False]
+    with pytest.raises(DiffoptError, match=r"matching a parameter of the model; its parameters: 0.weight"):
+        MAML(model, InnerLoop("lslr", 0.1, 2, params="heads", model=model), F.mse_loss)
+    assert resolve_config(inner_params="layers.*").inner_params == "layers.*"
+
+
+@pytest.mark.parametrize("rule", ["meta_sgd", "lslr", "meta_curvature"])
+@pytest.mark.parametrize("vectorize", ["never", "always"])
+def test_learned_rules_carry_parameters_for_the_adapted_tensors_alone(rule, vectorize):
+    """ANIL with a learned rule: the rule is sized to the head (also when the algorithm, not the
+    InnerLoop, fixes it), its meta-gradient checked by finite differences on both paths."""
+    from diffopt.gradcheck import check_meta_gradient
+
+    torch.manual_seed(1)
+    model = MLP(1, 1, (5,), "tanh").double()
+    head = [p for name, p in model.named_parameters() if name.startswith("2.")]
+    for inner in (InnerLoop(rule, 0.1, 2, model=model), InnerLoop(rule, 0.1, 2, model=model, params="head")):
+        algorithm = ANIL(model, inner, F.mse_loss, vectorize=vectorize)
+        assert algorithm.vectorized == (vectorize == "always")
+        sized = InnerLoop(rule, 0.1, 2, model=torch.nn.ParameterList(head))
+        assert [p.shape for p in algorithm.inner.parameters()] == [p.shape for p in sized.parameters()]
+    with torch.no_grad():  # off their initial values, as after meta-training
+        for p in algorithm.inner.parameters():
+            p.mul_(1.3)
+    result = check_meta_gradient(algorithm, random_episode(4, tasks=2))
+    assert result.max_rel_error < 1e-5, result.per_parameter
+    assert any(name.startswith("inner.rule.") for name in result.per_parameter)

@@ -26,7 +26,8 @@ class _PartialMAML(MAML):
         if inner.params not in ("all", self.adapts):  # 'all' is InnerLoop's default: set it here
             raise DiffoptError(f"{self.name} adapts the {self.adapts} in the inner loop, not "
                                f"{inner.params!r}; use maml with --inner_params {inner.params}")
-        inner.params = self.adapts
+        if inner.params != self.adapts:
+            inner.adapt_only(self.adapts, model)  # a learned rule then sized to those tensors
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
 
 

@@ -2,7 +2,9 @@
 
 Two kinds share one registry of names, and one path into higher (``get_diff_optim``):
 
-- torch optimizers that higher differentiates itself: ``sgd``, ``momentum``, ``adam``;
+- torch optimizers that higher differentiates itself: ``sgd``, ``momentum``, ``adam``, ...
+  (``INNER_OPTIMIZERS``), their hyper-parameters set by ``options`` (``--inner_options``);
+- ``adamw``, an ``UpdateRule`` with nothing learned (``FIXED_RULES``: higher has no AdamW);
 - learned rules (``UpdateRule`` modules whose parameters are meta-learned), carried to higher
   by ``RuleOptimizer``: ``lslr``, ``meta_sgd``, ``meta_sgd_per_step``, ``meta_curvature``
   (with a fixed step size) and ``meta_curvature+lslr`` / ``meta_curvature+meta_sgd``.
@@ -28,8 +30,8 @@ from diffopt.optim.meta_sgd import MetaSGD
 from diffopt.optim.rule import SGD, Chain, RuleOptimizer, UpdateRule
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["HIGHER_NOTICES", "INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam", "AdamW", "Chain",
-           "MetaCurvature", "MetaSGD",
+__all__ = ["FIXED_RULES", "HIGHER_NOTICES", "INNER_OPTIMIZERS", "LEARNED_RULES", "LSLR", "SGD", "Adam",
+           "AdamW", "Chain", "MetaCurvature", "MetaSGD",
            "RuleOptimizer", "UpdateRule", "build_rule", "check_inner_options", "check_rule_name",
            "first_order_twin", "inner_hyperparameters",
            "inner_rule_names", "make_inner_optimizer", "register_rule"]
@@ -94,10 +96,14 @@ _STEP_SIZES: dict[str, RuleFactory] = {
     "meta_sgd_per_step": lambda params, lr, steps: MetaSGD(params, lr, steps, per_step=True),
 }
 
-LEARNED_RULES: dict[str, RuleFactory] = {
+FIXED_RULES: dict[str, RuleFactory] = {
     # AdamW (Loshchilov & Hutter 2019) as an UpdateRule (higher has no differentiable AdamW):
     # higher's Adam formula plus the decoupled weight decay -lr wd w; nothing meta-learned.
     "adamw": _adamw,
+}
+"""Optimizers diffopt writes as rules (higher does not differentiate them); nothing is learned."""
+
+LEARNED_RULES: dict[str, RuleFactory] = {
     **_STEP_SIZES,
     "meta_curvature": lambda params, lr, steps: Chain(MetaCurvature(params), SGD(lr)),
     **{f"meta_curvature+{name}": (lambda f: lambda params, lr, steps: Chain(
@@ -108,7 +114,7 @@ LEARNED_RULES: dict[str, RuleFactory] = {
 
 def inner_rule_names() -> list[str]:
     """Every name ``--inner_optimizer`` accepts."""
-    return [*INNER_OPTIMIZERS, *LEARNED_RULES]
+    return [*INNER_OPTIMIZERS, *FIXED_RULES, *LEARNED_RULES]
 
 
 def register_rule(name: str, factory: RuleFactory) -> None:
@@ -117,7 +123,7 @@ def register_rule(name: str, factory: RuleFactory) -> None:
     them ``module:attribute`` instead."""
     if not isinstance(name, str) or not name or is_plugin(name):
         raise DiffoptError(f"a rule's name is a word without ':'; got {name!r}")
-    if name in INNER_OPTIMIZERS or name in LEARNED_RULES:
+    if name in inner_rule_names():
         raise DiffoptError(f"inner optimizer {name!r} exists already; choose another name")
     if not callable(factory):
         raise DiffoptError(f"register_rule({name!r}, ...) takes a factory or an UpdateRule subclass")
@@ -131,9 +137,10 @@ def _rule_factory(name: str) -> RuleFactory:
             raise DiffoptError(f"inner optimizer {name!r} is a {type(factory).__name__}, not a rule "
                                "factory or an UpdateRule subclass")
         return factory
-    if name not in LEARNED_RULES:
+    factory = FIXED_RULES.get(name) or LEARNED_RULES.get(name)
+    if factory is None:
         raise unknown_name("inner optimizer", name, inner_rule_names())
-    return LEARNED_RULES[name]
+    return factory
 
 
 def check_rule_name(name: object) -> None:

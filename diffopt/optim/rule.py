@@ -78,12 +78,32 @@ class SGD(UpdateRule):
         return f"lr={self.lr}"
 
 
-class RuleOptimizer(torch.optim.Optimizer):
-    """Carries an ``UpdateRule`` to ``higher.optim.get_diff_optim``; it is never stepped itself."""
+def init_on(rule: UpdateRule, params: Sequence[torch.Tensor], index: Sequence[int] | None) -> Any:
+    """``rule.init`` over the tensors at ``index`` (None: all): a rule sized to the tensors an
+    inner loop adapts (``InnerLoop(params=...)``) sees those alone."""
+    return rule.init(list(params) if index is None else [params[i] for i in index])
 
-    def __init__(self, params, rule: UpdateRule) -> None:
+
+def update_on(rule: UpdateRule, grads: Tensors, state: Any, params: Sequence[torch.Tensor], step: int,
+              index: Sequence[int] | None) -> tuple[Tensors, Any]:
+    """``rule.update`` over the tensors at ``index`` (None: all); None (no update) for the others."""
+    if index is None:
+        return rule.update(grads, state, params, step)
+    updates, state = rule.update([grads[i] for i in index], state, [params[i] for i in index], step)
+    full: Tensors = [None] * len(params)
+    for position, update in zip(index, updates, strict=True):
+        full[position] = update
+    return full, state
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """Carries an ``UpdateRule`` to ``higher.optim.get_diff_optim``, applied to the parameters at
+    ``index`` (None: all); it is never stepped itself."""
+
+    def __init__(self, params, rule: UpdateRule, index: Sequence[int] | None = None) -> None:
         super().__init__(params, {})
-        self.rule = rule  # an attribute, not a group setting: higher deep-copies the groups
+        self.rule = rule  # attributes, not group settings: higher deep-copies the groups
+        self.index = index
 
     def step(self, closure=None):
         raise RuntimeError("RuleOptimizer only parameterises a higher differentiable optimizer")
@@ -94,7 +114,7 @@ class DifferentiableRuleOptimizer(higher.optim.DifferentiableOptimizer):
 
     def __init__(self, other: RuleOptimizer, reference_params, **kwargs) -> None:
         super().__init__(other, reference_params, **kwargs)
-        self._rule = other.rule
+        self._rule, self._index = other.rule, other.index
         self._rule_state: Any = None
         self._step = 0
 
@@ -102,8 +122,9 @@ class DifferentiableRuleOptimizer(higher.optim.DifferentiableOptimizer):
         (group,), (grads,) = self.param_groups, grouped_grads
         params = group["params"]
         if self._step == 0:
-            self._rule_state = self._rule.init(params)
-        updates, self._rule_state = self._rule.update(list(grads), self._rule_state, params, self._step)
+            self._rule_state = init_on(self._rule, params, self._index)
+        updates, self._rule_state = update_on(self._rule, list(grads), self._rule_state, params,
+                                              self._step, self._index)
         group["params"] = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
         self._step += 1
 
