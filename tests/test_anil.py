@@ -31,7 +31,7 @@ def test_anil_and_boil_are_maml_adapting_the_head_or_the_body(cls, which):
     masked = MAML(model, InnerLoop("sgd", 0.1, 2, params=which), F.mse_loss)
     full = MAML(model, InnerLoop("sgd", 0.1, 2), F.mse_loss)
     got, want, maml = grads(named, episode), grads(masked, episode), grads(full, episode)
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, want, strict=True))
     assert any(not torch.allclose(a, b) for a, b in zip(got, maml, strict=True))
     with pytest.raises(DiffoptError, match=f"adapts the {which} in the inner loop, not 'weights'"):
         cls(model, InnerLoop("sgd", 0.1, 2, params="weights"), F.mse_loss)
@@ -98,3 +98,33 @@ def test_learned_rules_carry_parameters_for_the_adapted_tensors_alone(rule, vect
     result = check_meta_gradient(algorithm, random_episode(4, tasks=2))
     assert result.max_rel_error < 1e-5, result.per_parameter
     assert any(name.startswith("inner.rule.") for name in result.per_parameter)
+
+
+@pytest.mark.parametrize("vectorize", ["never", "always"])
+def test_anil_runs_the_body_once_per_support_set_and_query_set(vectorize):
+    """ANIL's body is fixed in the inner loop: its features are computed once (two body forwards
+    a task, not steps + 1), giving MAML-adapting-the-head's meta-gradient on both paths."""
+    episode = random_episode(6, tasks=2)
+    torch.manual_seed(0)
+    model = MLP(1, 1, (8, 8), "tanh").double()
+    anil = ANIL(model, InnerLoop("sgd", 0.1, 4), F.mse_loss, vectorize=vectorize)
+    assert anil.body_and_head() is not None
+    calls = []
+    handle = model[0].register_forward_hook(lambda *_: calls.append(1))
+    got = grads(anil, episode)
+    handle.remove()
+    assert len(calls) == (2 if vectorize == "always" else 2 * len(episode))
+    masked = MAML(model, InnerLoop("sgd", 0.1, 4, params="head"), F.mse_loss, vectorize=vectorize)
+    for a, b in zip(got, grads(masked, episode), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_anil_runs_the_whole_model_where_the_body_changes_with_the_step():
+    from diffopt.models import build_model
+
+    per_step = build_model("mlp", hidden=(4,), activation="tanh", norm="per_step_batch", steps=2,
+                           in_features=1, out_features=1)
+    assert ANIL(per_step, InnerLoop("sgd", 0.1, 2), F.mse_loss).body_and_head() is None
+    conv = build_model("conv4", hidden=(4,), activation="relu", norm="batch_shift", in_channels=1,
+                       image_size=28, out_features=5, pool=False)
+    assert ANIL(conv, InnerLoop("sgd", 0.1, 2), F.mse_loss).body_and_head() is not None

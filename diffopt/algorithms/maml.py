@@ -42,11 +42,16 @@ class MAML(MetaAlgorithm):
 
     def query_loss(self, task: Task, *, track_higher_grads: bool = True) -> torch.Tensor:
         """Query loss after adapting on the support set (or the weighted per-step sum); a scalar."""
+        return self.adapted_query_loss(self.model, task, track_higher_grads)
+
+    def adapted_query_loss(self, model: nn.Module, task: Task, track_higher_grads: bool) -> torch.Tensor:
+        """``query_loss`` with the inner loop adapting ``model`` (the whole model, or ANIL's head
+        on features computed once)."""
         weights = self.step_weights
         total = None
-        unrolled = self.unroll(task.support_x, task.support_y,
-                               track_higher_grads=track_higher_grads,
-                               detach_inner_grads=self.first_order)
+        unrolled = self.inner.unroll(model, self.loss_fn, task.support_x, task.support_y,
+                                     track_higher_grads=track_higher_grads,
+                                     detach_inner_grads=self.first_order, functional=self.vectorized)
         for step, fmodel in enumerate(unrolled):
             if weights is not None and step > 0:
                 loss = weights[step - 1] * self.loss_fn(fmodel(task.query_x), task.query_y)
