@@ -4,7 +4,7 @@
     python examples/sinusoid_table.py --iterations 2000 --results none   # a quick look
 
 Trains MAML, Meta-SGD, Meta-Curvature, LSLR, Meta-Curvature with Meta-SGD step sizes, Reptile,
-ANIL and BOIL at K = 5 and 10 on torchmeta's Sinusoid
+ANIL, BOIL and iMAML at K = 5 and 10 on torchmeta's Sinusoid
 (amplitude [0.1, 5], phase [0, pi]) through ``diffopt.compare``: the same training seed and
 task stream, the same budget, and the same held-out evaluation tasks for every method. Then
 writes the table, diffopt's numbers beside the paper's, into RESULTS.md (between the
@@ -12,7 +12,7 @@ writes the table, diffopt's numbers beside the paper's, into RESULTS.md (between
 interrupted reproduction continues where it stopped (an unfinished run starts afresh).
 
 Setup as Finn et al.: 1-40-40-1 ReLU MLP, meta-batch 25, Adam 1e-3, one inner step of initial
-size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data). Meta-SGD learns one
+size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data; iMAML: 5 steps). Meta-SGD learns one
 step size per weight, LSLR one per tensor, Meta-Curvature a Kronecker-factored preconditioner
 per weight with the step size fixed at 0.01.
 """
@@ -45,6 +45,8 @@ CONFIGS = {
     "reptile": {"algorithm": "reptile"},
     "anil": {"algorithm": "anil", "inner_optimizer": "sgd"},
     "boil": {"algorithm": "boil", "inner_optimizer": "sgd"},
+    # iMAML's implicit gradient assumes a solved inner problem: 5 steps (lambda 1, 5 CG steps)
+    "imaml": {"algorithm": "imaml", "inner_optimizer": "sgd", "inner_steps": 5},
 }
 
 
@@ -72,9 +74,11 @@ def main(
     threads: int = 1,
     out: str = "runs/sinusoid-table",
     results: str = "RESULTS.md",
+    section: str = "sinusoid-table",
     progress: bool = False,
 ) -> None:
-    """Train and evaluate every method; write the table into ``results`` (``none``: only print)."""
+    """Train and evaluate every method; write the table into ``results`` (``none``: only print)
+    between the ``section`` markers (another section: a table of the methods named)."""
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     shots = (shots,) if isinstance(shots, int) else tuple(shots)
     unknown = sorted(set(methods) - set(CONFIGS))
@@ -108,9 +112,11 @@ def main(
             holds = trio[0] < trio[1] < trio[2]
             order.append(f"K={k}: Meta-Curvature < Meta-SGD < MAML {'holds' if holds else '**fails**'} "
                          f"({trio[0]:.3f} < {trio[1]:.3f} < {trio[2]:.3f})")
+    command = f"python examples/sinusoid_table.py --iterations {iterations}"
+    if section != "sinusoid-table":
+        command += f" --methods {','.join(methods)} --section {section}"
     body = "\n".join([
-        f"Command: `python examples/sinusoid_table.py --iterations {iterations}` "
-        f"(runs in `{out}`; finished runs are reused).",
+        f"Command: `{command}` (runs in `{out}`; finished runs are reused).",
         "",
         f"{iterations} meta-iterations per run, meta-batch 25, training seed {seed}; MSE on "
         f"{eval_tasks} held-out tasks (evaluation seed {EVAL_SEED}, {eval_test_shots} query points "
@@ -125,7 +131,9 @@ def main(
     ])
     print(body)
     if results != "none":
-        write_section(results, "sinusoid-table", "Sinusoid: the Meta-Curvature table", body)
+        title = ("Sinusoid: the Meta-Curvature table" if section == "sinusoid-table" else
+                 f"Sinusoid: the Meta-Curvature table's protocol, {', '.join(methods)}")
+        write_section(results, section, title, body)
 
 
 if __name__ == "__main__":

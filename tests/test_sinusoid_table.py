@@ -13,10 +13,10 @@ def test_sinusoid_table_script_writes_every_methods_row(tmp_path, capsys):
     main = runpy.run_path(str(EXAMPLE))["main"]
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n")
-    main(iterations=2, methods=("maml", "anil", "boil", "reptile"), shots=(5,), eval_tasks=4,
+    main(iterations=2, methods=("maml", "anil", "boil", "reptile", "imaml"), shots=(5,), eval_tasks=4,
          out=str(tmp_path / "runs"), results=str(results))
     text = results.read_text()
     assert "<!-- sinusoid-table:start -->" in text
-    for method in ("maml", "anil", "boil", "reptile"):
+    for method in ("maml", "anil", "boil", "reptile", "imaml"):
         assert f"| {method} | 5 |" in text, method
     assert "| maml | 5 | 0.69 +- 0.07 |" in text  # the paper's number beside diffopt's
