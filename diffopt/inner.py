@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
-import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 
 import higher
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from diffopt.errors import DiffoptError, unknown_name
+from diffopt.fastweights import FunctionalModel, ModelCopies
 from diffopt.models.norm import set_inner_step
 from diffopt.optim import (
     HIGHER_NOTICES,
@@ -107,37 +104,6 @@ next step would use. Support forwards always read row k (the steps taken)."""
 
 def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
-
-
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters are leaves of their own (not on any graph)."""
-    with torch.no_grad():
-        return copy.deepcopy(model)
-
-
-def _share_buffers(module: nn.Module, fmodule: nn.Module) -> None:
-    """Make ``fmodule``'s buffers the very tensors of ``module`` (higher copies them), so running
-    statistics updated during an unroll accumulate in the model, as in ordinary training."""
-    fmodule._buffers.update(module._buffers)
-    for name, child in module._modules.items():
-        _share_buffers(child, fmodule._modules[name])
-
-
-class FunctionalModel:
-    """``model`` evaluated with the weights ``params`` (``torch.func.functional_call``).
-
-    What ``InnerLoop.unroll(..., functional=True)`` yields: pure functions of tensors, so an
-    unroll can run under ``torch.func.vmap`` (one task per batch entry).
-    """
-
-    def __init__(self, model: nn.Module, names: list[str], params: list[torch.Tensor]) -> None:
-        self.model, self.names, self.params = model, names, params
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, dict(zip(self.names, self.params, strict=True)), (x,))
-
-    def parameters(self) -> list[torch.Tensor]:
-        return self.params
 
 
 def batch_order(x: torch.Tensor, y: torch.Tensor, steps: int, size: int | None) -> torch.Tensor | None:
@@ -312,7 +278,7 @@ class InnerLoop(nn.Module):
             if self.carries_state and self.carried_state is not None:
                 for param, saved in zip(model.parameters(), self.carried_state, strict=True):
                     template.state[param] = saved  # higher copies it
-        fmodel, per_step = self._functional(model, track_higher_grads)
+        fmodel, per_step = self.copies.monkeypatched(model, track_higher_grads)
         anchor = list(model.parameters())
 
         def grad_callback(grads):
@@ -394,9 +360,10 @@ class InnerLoop(nn.Module):
         return twin[1]
 
     def _unroll_first_order(self, model, loss_fn, x, y, steps, losses, carry_state):
-        """``unroll`` without higher, first order: see there. The copy (``_copy``) is yielded."""
+        """``unroll`` without higher, first order: see there. The copy (``ModelCopies.plain``) is
+        yielded."""
         rule = self.first_order_rule
-        learner, per_step = self._copy(model)
+        learner, per_step = self.copies.plain(model)
         params = list(learner.parameters())
         with torch.no_grad():
             for mine, theirs in zip(params, model.parameters(), strict=True):
@@ -425,22 +392,6 @@ class InnerLoop(nn.Module):
             yield learner
         if carry_state and self.carries_state and state is not None:
             self.carried_state = state
-
-    def _copy(self, model: nn.Module) -> tuple[nn.Module, bool]:
-        """(a copy of ``model`` for first-order unrolls, cached per model and thread like
-        ``_functional``'s, in ``model``'s mode and sharing its buffers; whether it has per-step
-        layers). Its weights are ``model``'s only once ``_unroll_first_order`` has reset them."""
-        key = [(id(p), p.dtype, p.device, p.shape) for p in model.parameters()]
-        per_thread = self.__dict__.setdefault("_copy_cache", threading.local())
-        cached = getattr(per_thread, "entry", None)
-        if cached is None or cached[0]() is not model or cached[1] != key:
-            learner = deepcopy_model(model)
-            per_step = any(hasattr(module, "inner_step") for module in learner.modules())
-            cached = per_thread.entry = (weakref.ref(model), key, learner, per_step)
-        _, _, learner, per_step = cached
-        learner.train(model.training)
-        _share_buffers(model, learner)  # re-shared: model.to(...) replaces its buffer tensors
-        return learner, per_step
 
     def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads, losses):
         rule = self.functional_rule
@@ -477,45 +428,18 @@ class InnerLoop(nn.Module):
             set_inner_step(model, self.query_row(step + 1))
             yield FunctionalModel(model, names, params)
 
-    def _functional(self, model: nn.Module, track: bool) -> tuple[higher.patch._MonkeyPatchBase, bool]:
-        """(``higher.monkeypatch(model, copy_initial_weights=False)``, built once per model; whether
-        it has per-step layers (``set_inner_step``)).
-
-        Building the functional model dominates a small model's inner loop, so it is cached
-        (outside the module tree, one per thread: ``diffopt.vectorize.map_tasks``) and reset here
-        exactly as ``monkeypatch`` initialises it: empty fast-weight history, fast weights that
-        are clones of the current parameters, and the train/eval mode of ``model``; buffers are
-        shared with ``model`` (not copied). One unroll per model and thread may be in progress
-        at a time.
-        """
-        key = [id(p) for p in model.parameters()]
-        per_thread = self.__dict__.setdefault("_functional_cache", threading.local())
-        cached = getattr(per_thread, "entry", None)
-        if cached is None or cached[0]() is not model or cached[1] != key:
-            fmodel = higher.monkeypatch(
-                model, copy_initial_weights=False, track_higher_grads=track
-            )
-            _share_buffers(model, fmodel)
-            has_buffers = any(True for _ in model.buffers())
-            per_step = any(hasattr(module, "inner_step") for module in fmodel.modules())
-            per_thread.entry = (weakref.ref(model), key, fmodel, has_buffers, per_step)
-            return fmodel, per_step
-        _, _, fmodel, has_buffers, per_step = cached
-        # A fresh monkeypatch starts with no fast-weight history; higher appends to it while
-        # tracking and reads its last entry, so a stale history would leak graphs and weights.
-        # Same order as monkeypatch: first weights set while tracking, then the mode.
-        fmodel._fast_params = None
-        fmodel.track_higher_grads = True
-        fmodel.train(model.training)
-        if has_buffers:  # re-shared: model.to(...) replaces its buffer tensors
-            _share_buffers(model, fmodel)
-        fmodel.update_params([p.clone() for p in model.parameters()])
-        fmodel.track_higher_grads = track
-        return fmodel, per_step
+    @property
+    def copies(self) -> ModelCopies:
+        """This loop's cached working copies of models (not module state: dropped by copy and
+        pickle, rebuilt on first use)."""
+        copies = self.__dict__.get("_copies")
+        if copies is None:
+            copies = self.__dict__["_copies"] = ModelCopies()
+        return copies
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_functional_cache", "_copy_cache")}
+        return {k: v for k, v in state.items() if k != "_copies"}
 
     def adapt(
         self,

@@ -11,7 +11,8 @@ from torch import nn
 
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
-from diffopt.inner import FunctionalModel, InnerLoop, LossFn
+from diffopt.fastweights import FunctionalModel
+from diffopt.inner import InnerLoop, LossFn
 from diffopt.vectorize import map_tasks, resolve_task_threads, resolve_vectorize
 
 TaskGradient = tuple[list[torch.Tensor | None], torch.Tensor]

@@ -7,7 +7,7 @@ import torch
 
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
 from diffopt.data.episode import Episode, Task
-from diffopt.inner import FunctionalModel
+from diffopt.fastweights import FunctionalModel
 from diffopt.vectorize import over_tasks
 
 

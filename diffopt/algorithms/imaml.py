@@ -18,7 +18,8 @@ from torch import nn
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient, accumulate_grad
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
-from diffopt.inner import FunctionalModel, InnerLoop, LossFn, adapted_mask, reduce_loss
+from diffopt.fastweights import FunctionalModel
+from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
 from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
