@@ -12,7 +12,7 @@ from diffopt.data import torchmeta_compat as _torchmeta_compat
 
 _torchmeta_compat.load()
 
-from diffopt.algorithms import ALGORITHMS, ANIL, BOIL, FOMAML, MAML, MetaAlgorithm, Reptile  # noqa: E402
+from diffopt.algorithms import ALGORITHMS, ANIL, BOIL, FOMAML, IMAML, MAML, MetaAlgorithm, Reptile  # noqa: E402
 from diffopt.data import DATASETS, Episode, Task, get_dataset  # noqa: E402
 from diffopt.errors import DiffoptError  # noqa: E402
 from diffopt.evaluate import evaluate, mean_ci95  # noqa: E402
@@ -23,7 +23,7 @@ from diffopt.optim import register_rule  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALGORITHMS", "ANIL", "BOIL", "DATASETS", "FOMAML", "MAML", "DiffoptError", "Episode", "GradcheckResult",
-    "InnerLoop", "MetaAlgorithm", "Reptile", "Task", "check_meta_gradient", "evaluate",
+    "ALGORITHMS", "ANIL", "BOIL", "DATASETS", "FOMAML", "IMAML", "MAML", "DiffoptError", "Episode",
+    "GradcheckResult", "InnerLoop", "MetaAlgorithm", "Reptile", "Task", "check_meta_gradient", "evaluate",
     "get_dataset", "mean_ci95", "register_rule",
 ]
