@@ -190,4 +190,5 @@ def test_imaml_memory_does_not_grow_with_inner_steps_maml_does():
     imaml = {steps: growth(IMAML, steps, cg_steps=5) for steps in (5, 40)}
     maml = {steps: growth(MAML, steps) for steps in (5, 40)}
     assert maml[40] > maml[5] + 300, maml  # 35 more steps' graphs: the measure sees growth
-    assert imaml[40] < imaml[5] + 32, imaml
+    # iMAML measured 24, 0, 56, 16 MB at 5, 10, 20, 40 steps (allocator noise): flat
+    assert imaml[40] < imaml[5] + 80 and imaml[40] < maml[40] / 4, (imaml, maml)
