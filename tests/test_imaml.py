@@ -192,3 +192,26 @@ def test_imaml_memory_does_not_grow_with_inner_steps_maml_does():
     assert maml[40] > maml[5] + 300, maml  # 35 more steps' graphs: the measure sees growth
     # iMAML measured 24, 0, 56, 16 MB at 5, 10, 20, 40 steps (allocator noise): flat
     assert imaml[40] < imaml[5] + 80 and imaml[40] < maml[40] / 4, (imaml, maml)
+
+
+def test_imaml_from_the_command_line(capsys):
+    """gradcheck converges the inner loop for imaml by default; train's options resolve per
+    dataset (imaml_dev's Omniglot settings) and --cg_steps belongs to imaml alone."""
+    from diffopt.cli import main
+    from diffopt.config import resolve_config
+
+    assert main(["gradcheck", "--algorithm", "imaml", "--hidden", "4", "--inner_params", "head"]) == 0
+    out = capsys.readouterr().out
+    assert "imaml: inner sgd lr=0.1 steps=100 adapting head" in out
+    assert "inner proximal term lambda=5, 1000 CG iterations at most" in out
+    assert out.strip().endswith("PASS (rtol 1e-05)")
+    sinusoid = resolve_config(algorithm="imaml")
+    omniglot = resolve_config(algorithm="imaml", dataset="omniglot")
+    assert (sinusoid.inner_proximal, sinusoid.cg_steps) == (1.0, 5)
+    assert (omniglot.inner_proximal, omniglot.inner_steps, omniglot.inner_lr, omniglot.meta_batch_size,
+            omniglot.norm, omniglot.test_shots) == (2.0, 16, 0.1, 32, "batch", 1)
+    assert resolve_config(algorithm="maml").inner_proximal == 0.0
+    with pytest.raises(DiffoptError, match="--cg_steps is imaml's linear solve"):
+        resolve_config(algorithm="maml", cg_steps=3)
+    with pytest.raises(DiffoptError, match="--inner_proximal must be a finite number > 0"):
+        resolve_config(algorithm="imaml", inner_proximal=0)
