@@ -43,7 +43,8 @@ def test_conv4_meta_iteration_with_every_algorithm_and_rule(variant, algorithm, 
     options, shape = VARIANTS[variant]
     torch.manual_seed(0)
     model = build_model("conv4", out_features=3, activation="relu", steps=2, **{"norm": "batch", **options})
-    inner = InnerLoop(rule, 0.1 if "adam" not in rule else 0.001, 2, model=model)
+    inner = InnerLoop(rule, 0.1 if "adam" not in rule else 0.001, 2, model=model,
+                      proximal=1.0 if algorithm == "imaml" else 0.0)
     meta = build_algorithm(algorithm, model, inner, F.cross_entropy)
     metrics = meta.meta_gradient(image_episode(shape))
     assert torch.isfinite(torch.tensor(metrics["loss"]))

@@ -10,6 +10,7 @@ Hessian-vector products. No graph of the inner steps is kept: memory does not gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,9 +21,11 @@ from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
+from diffopt.models.norm import ShiftBatchNorm
 from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
+NORM_LAYERS = (ShiftBatchNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def _dot(a: Vectors, b: Vectors) -> torch.Tensor:
@@ -89,6 +92,15 @@ class IMAML(MetaAlgorithm):
                                "(--inner_proximal, InnerLoop(proximal=...))")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
             raise DiffoptError(f"cg_steps must be a whole number >= 0; got {cg_steps!r}")
+        if vectorize != "never" and any(isinstance(m, NORM_LAYERS) for m in model.modules()):
+            obstacle = ("its Hessian-vector products through batch norm do not run under "
+                        "torch.func.vmap (a double backward reads .data)")
+            if vectorize == "always":
+                raise DiffoptError(f"cannot vectorize imaml's meta-batch: {obstacle}; use "
+                                   "vectorize='never' (--vectorize never)")
+            warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
+                          UserWarning, stacklevel=2)
+            vectorize = "never"
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.cg_steps = cg_steps
 
