@@ -302,9 +302,9 @@ def test_train_help_lists_every_option():
                  "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
                  "eval_seed", "eval_transductive", "validate_every", "validation_tasks", "out", "progress",
                  "tensorboard"]),
-    ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_steps", "hidden", "activation",
-                   "norm", "inner_params", "vectorize", "shots", "test_shots", "tasks", "seed", "eps", "rtol",
-                   "run"]),
+    ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_options", "inner_steps", "hidden",
+                   "activation", "norm", "inner_params", "inner_proximal", "cg_steps", "vectorize", "shots",
+                   "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
 ])
 def test_other_commands_help_lists_every_option(command, options):
     import inspect
