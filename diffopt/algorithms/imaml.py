@@ -125,32 +125,38 @@ class IMAML(MetaAlgorithm):
         support = reduce_loss(self.loss_fn(prediction, task.support_y), prediction, self.inner.loss_reduction)
         support_grads = _zeros_for_none(
             torch.autograd.grad(support, weights, create_graph=True, allow_unused=True), weights)
-        lam = self.inner.proximal
         mask = adapted_mask(self.model, self.inner.params)
 
         def hessian_times(vectors: Vectors) -> Vectors:
-            """H [vectors on the adapted tensors, 0 elsewhere], for every tensor."""
             product = _dot([g for g, adapted in zip(support_grads, mask, strict=True) if adapted], vectors)
             return _zeros_for_none(torch.autograd.grad(product, weights, retain_graph=True,
                                                        allow_unused=True), weights)
+
+        return self._implicit_gradient(query_grads, hessian_times, mask, tolerance=1e-10), query.detach()
+
+    def _implicit_gradient(self, query_grads: Vectors, hessian_times: Callable[[Vectors], Vectors],
+                           mask: list[bool], tolerance: float | None) -> Vectors:
+        """Per model tensor, the implicit meta-gradient from the query gradient at w*, given
+        ``hessian_times`` (vectors on the adapted tensors -> H [vectors, 0 elsewhere] for every
+        tensor): v = (I + H_aa / lambda)^-1 g_a by CG for the adapted tensors, g_n - H_na v / lambda
+        for the others."""
+        lam = self.inner.proximal
 
         def system(vectors: Vectors) -> Vectors:  # (I + H_aa / lambda) vectors
             hv = [h for h, adapted in zip(hessian_times(vectors), mask, strict=True) if adapted]
             return [v + h / lam for v, h in zip(vectors, hv, strict=True)]
 
         adapted = [g for g, a in zip(query_grads, mask, strict=True) if a]
-        solution = iter(conjugate_gradient(system, adapted, self.cg_steps))
-        solved_adapted = [next(solution) if a else None for a in mask]
+        solution = conjugate_gradient(system, adapted, self.cg_steps, tolerance=tolerance)
         if all(mask):
-            return solved_adapted, query.detach()
-        cross = hessian_times([v for v in solved_adapted if v is not None])
-        grads = [v if a else g - h / lam
-                 for v, g, h, a in zip(solved_adapted, query_grads, cross, mask, strict=True)]
-        return grads, query.detach()
+            return solution
+        cross, on_adapted = hessian_times(solution), iter(solution)
+        return [next(on_adapted) if a else g - h / lam
+                for g, h, a in zip(query_grads, cross, mask, strict=True)]
 
     def _functional_task_gradient(self, task: Task) -> tuple[Vectors, torch.Tensor]:
         """``task_gradient`` as pure functions of tensors (``torch.func``), for vmap."""
-        model, reduction, lam = self.model, self.inner.loss_reduction, self.inner.proximal
+        model, reduction = self.model, self.inner.loss_reduction
         names = [name for name, _ in model.named_parameters()]
         mask = adapted_mask(model, self.inner.params)
         solved = self.adapt(task.support_x, task.support_y, track_higher_grads=False)
@@ -173,18 +179,8 @@ class IMAML(MetaAlgorithm):
                                       for w, adapted in zip(weights, mask, strict=True)])
             return product
 
-        def system(vectors: Vectors) -> Vectors:
-            hv = [h for h, adapted in zip(hessian_times(vectors), mask, strict=True) if adapted]
-            return [v + h / lam for v, h in zip(vectors, hv, strict=True)]
-
         query_grads, loss = torch.func.grad_and_value(query_loss)(weights)
-        adapted = [g for g, a in zip(query_grads, mask, strict=True) if a]
-        solution = conjugate_gradient(system, adapted, self.cg_steps, tolerance=None)
-        if all(mask):
-            return solution, loss
-        cross, solved_adapted = hessian_times(solution), iter(solution)
-        return [next(solved_adapted) if a else g - h / lam
-                for g, h, a in zip(query_grads, cross, mask, strict=True)], loss
+        return self._implicit_gradient(query_grads, hessian_times, mask, tolerance=None), loss
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
         """Metrics: ``loss``, the mean query loss at the inner loop's results."""
