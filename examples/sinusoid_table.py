@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from diffopt.compare import Row, Settings, compare
+from diffopt.compare import EVALUATION_NAME, Row, Settings, compare, run_name
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import fire_checked
 from diffopt.report import library_versions, machine_description, write_section
@@ -76,10 +76,12 @@ def main(
     out: str = "runs/sinusoid-table",
     results: str = "RESULTS.md",
     section: str = "sinusoid-table",
+    train: bool = True,
     progress: bool = False,
 ) -> None:
     """Train and evaluate every method; write the table into ``results`` (``none``: only print)
-    between the ``section`` markers (another section: a table of the methods named)."""
+    between the ``section`` markers (another section: a table of the methods named).
+    ``train=False``: tabulate the runs already finished in ``out``, naming the others."""
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     shots = (shots,) if isinstance(shots, int) else tuple(shots)
     unknown = sorted(set(methods) - set(CONFIGS))
@@ -87,11 +89,15 @@ def main(
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
     torch.set_num_threads(threads)
     started = time.time()
-    rows = compare(
-        dataset="sinusoid", configs={m: CONFIGS[m] for m in methods}, shots=shots, seeds=(seed,),
-        iterations=iterations, settings=Settings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED),
-        out=Path(out), progress=progress,
-    )
+    settings = Settings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED)
+    finished = {(m, k) for m in methods for k in shots
+                if (Path(out) / "runs" / run_name(m, k, seed) / EVALUATION_NAME).exists()}
+    pending = [] if train else [(m, k) for k in shots for m in methods if (m, k) not in finished]
+    groups = [(methods, shots)] if not pending else [
+        ([m for m in methods if (m, k) in finished], (k,)) for k in shots]
+    rows = [row for chosen, ks in groups if chosen for row in compare(
+        dataset="sinusoid", configs={m: CONFIGS[m] for m in chosen}, shots=ks, seeds=(seed,),
+        iterations=iterations, settings=settings, out=Path(out), progress=progress)]
     lines = [
         "| method | K | paper (1 step) | diffopt (1 step) | diffopt (10 steps) | within paper's bound |"
         " train wall time | s / meta-iter |",
@@ -129,6 +135,8 @@ def main(
         *lines,
         "",
         *[f"- {line}" for line in order],
+        *[f"- not finished yet: {m} K={k} (the command without --train False trains it)"
+          for m, k in pending],
     ])
     print(body)
     if results != "none":

@@ -20,3 +20,18 @@ def test_sinusoid_table_script_writes_every_methods_row(tmp_path, capsys):
     for method in ("maml", "anil", "boil", "reptile", "imaml"):
         assert f"| {method} | 5 |" in text, method
     assert "| maml | 5 | 0.69 +- 0.07 |" in text  # the paper's number beside diffopt's
+
+
+def test_sinusoid_table_tabulates_finished_runs_without_training(tmp_path):
+    """--train False: the runs already in --out make the table, the others are named, none is
+    trained (a long reproduction written up while its last runs still train)."""
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    results, out = tmp_path / "RESULTS.md", tmp_path / "runs"
+    results.write_text("# Results\n")
+    main(iterations=2, methods=("boil",), shots=(5,), eval_tasks=4, out=str(out), results="none")
+    main(iterations=2, methods=("boil", "imaml"), shots=(5, 10), eval_tasks=4, out=str(out),
+         results=str(results), section="family", train=False)
+    text = results.read_text()
+    assert "| boil | 5 |" in text and "| imaml |" not in text
+    assert "- not finished yet: imaml K=5" in text and "- not finished yet: boil K=10" in text
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["boil-k5-seed0"]
