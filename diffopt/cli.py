@@ -145,7 +145,7 @@ def evaluate(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config, algorithm, payload = load_trained(run, **overrides)
     if ensemble > 1:
-        from diffopt.train import best_checkpoints
+        from diffopt.runfolder import best_checkpoints
 
         algorithm = [load_trained(path, **overrides)[1] for path in best_checkpoints(run, ensemble)]
     spec = get_dataset(config.dataset)

@@ -1,20 +1,19 @@
 """Meta-training: loader -> episode -> algorithm.meta_gradient -> outer step, logged to a run folder.
 
-A run folder holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged iteration)
-and ``checkpoint.pt`` (see ``diffopt.checkpoint``).
+``train`` sets a run up (or restores it from its checkpoint); a ``_Session`` runs the loop:
+``meta_step`` (the guarded outer step), logging, validation and checkpoints, all written through
+``diffopt.runfolder.RunFolder``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +24,7 @@ from diffopt import distributed
 from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
 from diffopt.algorithms.mamlpp import apply_recipe
 from diffopt.allocator import keep_freed_memory
-from diffopt.checkpoint import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    restore_module,
-    run_folder_lock,
-    save_checkpoint,
-    write_json,
-    write_text,
-)
+from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_module
 from diffopt.config import TrainConfig, resolve_saved_config
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
@@ -42,6 +33,7 @@ from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
 from diffopt.models import build_model, initialize
 from diffopt.progress import progress_bar
+from diffopt.runfolder import RunFolder
 
 
 def build(config: TrainConfig) -> MetaAlgorithm:
@@ -141,40 +133,6 @@ def current_epoch(config: TrainConfig, iteration: int, progress: float) -> int:
     return (iteration - 1) // config.iterations_per_epoch
 
 
-BEST_FOLDER = "best"
-"""Where ``--keep_best`` keeps checkpoints: ``<iteration>.pt`` and ``index.json``, a list of
-{"iteration", "score"} best first."""
-
-
-def keep_if_best(folder: Path, iteration: int, score: float, keep: int, lower_is_better: bool,
-                 save: Callable[[Path], None]) -> None:
-    """Keep the checkpoint of the validation at ``iteration`` (``save(path)`` writes it) if its
-    ``score`` is among the ``keep`` best so far, dropping the one it displaces; the index is
-    rewritten last, so a crash leaves at worst an unlisted file."""
-    index_path = folder / "index.json"
-    kept = json.loads(index_path.read_text()) if index_path.exists() else []
-    kept = [entry for entry in kept if entry["iteration"] != iteration]  # a resumed run's repeat
-    ranked = sorted(kept + [{"iteration": iteration, "score": score}],
-                    key=lambda entry: entry["score"] if lower_is_better else -entry["score"])
-    best = ranked[:keep]
-    if any(entry["iteration"] == iteration for entry in best):
-        folder.mkdir(parents=True, exist_ok=True)
-        save(folder / f"{iteration:08d}.pt")
-    write_json(index_path, best)
-    for entry in ranked[keep:]:
-        (folder / f"{entry['iteration']:08d}.pt").unlink(missing_ok=True)
-
-
-def best_checkpoints(run: str | Path, count: int) -> list[Path]:
-    """The checkpoints of run folder ``run``'s ``count`` best validations (``--keep_best``)."""
-    index_path = Path(run) / BEST_FOLDER / "index.json"
-    kept = json.loads(index_path.read_text()) if index_path.exists() else []
-    if len(kept) < count:
-        raise DiffoptError(f"{run} kept {len(kept)} best checkpoints; --ensemble {count} needs a run "
-                           f"trained with --keep_best {count} or more (and validation)")
-    return [Path(run) / BEST_FOLDER / f"{entry['iteration']:08d}.pt" for entry in kept[:count]]
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
@@ -216,19 +174,6 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _metrics_up_to(path: Path, iteration: int) -> str:
-    """The complete lines of a metrics log that belong to iterations <= ``iteration``."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if record.get("iteration", iteration + 1) <= iteration:
-            kept.append(line + "\n")
-    return "".join(kept)
-
-
 def resume(run_dir: str | Path, *, progress: bool | None = None) -> TrainResult:
     """Continue the run in ``run_dir`` from its checkpoint, exactly as if it had never stopped.
 
@@ -267,130 +212,150 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         start=done * config.meta_batch_size, **config.data_options(),
     )
     distributed.init(config.device)
-    main = distributed.is_main()
     algorithm = build(config)
     if config.init_from is not None and resume_from is None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
     optimizer = outer_optimizer(config, algorithm)
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
-    metrics_path = run_dir / "metrics.jsonl"
-    validation_path = run_dir / "validation.jsonl"
+    folder = RunFolder(config.run_dir or default_run_dir(config), writer=distributed.is_main())
     # The loader's iterator draws its base seed from torch's global generator: draw it before a
     # resumed run restores the random state, as the uninterrupted run drew it before iteration 1.
     batches = iter(loader)
-    with run_folder_lock(run_dir) if main else contextlib.nullcontext():
+    with folder.locked():
         if resume_from is None:
-            if (run_dir / CHECKPOINT_NAME).exists():
-                raise DiffoptError(f"{run_dir} already holds a run; choose another --run_dir, or "
-                                   f"continue it with `diffopt train --resume {run_dir}`")
-            if main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_json(run_dir / "config.json", config.to_dict())
-                write_text(metrics_path, "")
-                write_text(validation_path, "")
+            folder.start(config.to_dict())
         else:
-            restore_module(algorithm, resume_from["algorithm"], run_dir)
+            restore_module(algorithm, resume_from["algorithm"], folder.path)
             algorithm.inner.carried_state = resume_from.get("inner_state")
             optimizer.load_state_dict(resume_from["outer_optimizer"])
             _set_random_state(resume_from["random_state"])
-            if main:
-                write_text(metrics_path, _metrics_up_to(metrics_path, done))
-                write_text(validation_path, _metrics_up_to(validation_path, done))
+            folder.rewind(done)
         distributed.broadcast_module(algorithm)
+        return _Session(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
 
-        clock = 0.0 if resume_from is None else float(resume_from.get("train_seconds", 0.0))
-        step_memory = StepMemory(config.device)
-        if resume_from is not None:
-            step_memory.peak_growth_mb = float(resume_from.get("step_memory_mb", 0.0))
-        skipped = 0 if resume_from is None else int(resume_from.get("skipped_steps", 0))
-        bad_in_row = 0
 
-        def checkpoint(iteration: int, path: Path = run_dir / CHECKPOINT_NAME) -> None:
-            if not main:
-                return
-            save_checkpoint(path, {
-                "config": config.to_dict(), "iteration": iteration,
-                "algorithm": algorithm.state_dict(), "outer_optimizer": optimizer.state_dict(),
-                "inner_state": algorithm.inner.carried_state, "random_state": _random_state(),
-                "train_seconds": clock, "step_memory_mb": step_memory.peak_growth_mb,
-                "skipped_steps": skipped,
-            })
+def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episode: Episode,
+              config: TrainConfig, memory: StepMemory) -> tuple[dict[str, float], float, bool]:
+    """One outer step on ``episode``'s meta-gradient, averaged over torchrun ranks and clipped as
+    ``config`` says (``memory`` measures it). A non-finite loss, gradient or new parameter skips
+    it: parameters, optimizer state and running statistics stay as they were.
 
-        every = config.validate_every_seconds
-        next_validation = 0.0 if every is None else (math.floor(clock / every) + 1) * every
-        snapshot_every = config.snapshot_every_seconds
-        next_snapshot = (math.inf if snapshot_every is None
-                         else (math.floor(clock / snapshot_every) + 1) * snapshot_every)
-        validating = every is not None or config.validate_every > 0
+    Returns the metrics (the same on every rank), the gradient norm before norm clipping, and
+    whether the step was taken.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
+    with memory.measured():
+        metrics = algorithm.meta_gradient(episode)
+        distributed.all_reduce_grads(algorithm)
+        metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
+        if config.max_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
+        norm = torch.nn.utils.clip_grad_norm_(algorithm.parameters(), config.max_grad_norm or math.inf)
+        taken = (math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
+                 and guarded_step(algorithm, optimizer))
+    if not taken:
+        with torch.no_grad():
+            for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+    return metrics, float(norm), taken
 
-        def validate(iteration: int) -> None:
-            """Score the validation tasks; the training random streams are left untouched."""
-            state = _random_state()
-            evaluation = evaluate(
-                algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots, ways=config.ways,
-                tasks=config.validation_tasks, steps=(config.validation_steps,), split="val",
-                device=config.device, **config.data_options())
-            _set_random_state(state)
-            mean, ci95 = evaluation.summary(config.validation_steps)
-            with open(validation_path if main else os.devnull, "a") as out:
-                out.write(json.dumps({"iteration": iteration, "train_seconds": clock,
-                                      "steps": config.validation_steps, evaluation.metric: mean,
-                                      "ci95": ci95}) + "\n")
-            if config.keep_best and main:
-                keep_if_best(run_dir / BEST_FOLDER, iteration, mean, config.keep_best, spec.lower_is_better,
-                             lambda path: checkpoint(iteration, path))
 
+def follow_schedule(config: TrainConfig, algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer,
+                    iteration: int, train_seconds: float) -> None:
+    """Set meta-iteration ``iteration``'s outer learning rate and, for MAML, its MAML++ recipe."""
+    progress = run_progress(config, iteration, train_seconds)
+    if isinstance(algorithm, MAML):
+        apply_recipe(algorithm, current_epoch(config, iteration, progress),
+                     multi_step_loss_epochs=config.multi_step_loss_epochs,
+                     first_order_epochs=config.first_order_epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = meta_learning_rate(config, progress)
+
+
+def _next_multiple(clock: float, every: float | None) -> float:
+    """The first multiple of ``every`` seconds after ``clock`` (never, if ``every`` is None)."""
+    return math.inf if every is None else (math.floor(clock / every) + 1) * every
+
+
+class _Session:
+    """One sitting of a run, from its checkpoint (or the start) to ``--iterations`` or the time
+    budget: the loop with its training clock and counters, all of which the checkpoint keeps."""
+
+    def __init__(self, config: TrainConfig, spec, algorithm: MetaAlgorithm,
+                 optimizer: torch.optim.Optimizer, folder: RunFolder, resume_from: dict | None) -> None:
+        self.config, self.spec, self.algorithm, self.optimizer, self.folder = (
+            config, spec, algorithm, optimizer, folder)
+        saved = resume_from or {}
+        self.fresh = resume_from is None
+        self.done = int(saved.get("iteration", 0))
+        self.clock = float(saved.get("train_seconds", 0.0))
+        """Training seconds over every sitting (the --max_seconds clock; validation excluded)."""
+        self.skipped = int(saved.get("skipped_steps", 0))
+        self.memory = StepMemory(config.device)
+        self.memory.peak_growth_mb = float(saved.get("step_memory_mb", 0.0))
+
+    def payload(self, iteration: int) -> dict:
+        """The checkpoint after meta-iteration ``iteration``: everything ``resume`` needs."""
+        return {
+            "config": self.config.to_dict(), "iteration": iteration,
+            "algorithm": self.algorithm.state_dict(), "outer_optimizer": self.optimizer.state_dict(),
+            "inner_state": self.algorithm.inner.carried_state, "random_state": _random_state(),
+            "train_seconds": self.clock, "step_memory_mb": self.memory.peak_growth_mb,
+            "skipped_steps": self.skipped,
+        }
+
+    def validate(self, iteration: int) -> None:
+        """Score the validation tasks into validation.jsonl (and best/ with --keep_best); the
+        training random streams are left untouched."""
+        config = self.config
+        state = _random_state()
+        evaluation = evaluate(
+            self.algorithm, self.spec, shots=config.shots, test_shots=self.spec.eval_test_shots,
+            ways=config.ways, tasks=config.validation_tasks, steps=(config.validation_steps,),
+            split="val", device=config.device, **config.data_options())
+        _set_random_state(state)
+        mean, ci95 = evaluation.summary(config.validation_steps)
+        self.folder.log_validation({"iteration": iteration, "train_seconds": self.clock,
+                                    "steps": config.validation_steps, evaluation.metric: mean,
+                                    "ci95": ci95})
+        if config.keep_best:
+            self.folder.keep_if_best(iteration, mean, config.keep_best, self.spec.lower_is_better,
+                                     lambda: self.payload(iteration))
+
+    def run(self, batches: Iterator) -> TrainResult:
+        """Meta-train on ``batches`` (the loader's iterator, at the next task), logging every
+        iteration, validating and checkpointing as the config says."""
+        config, folder, algorithm = self.config, self.folder, self.algorithm
+        next_validation = _next_multiple(self.clock, config.validate_every_seconds)
+        next_snapshot = _next_multiple(self.clock, config.snapshot_every_seconds)
+        validating = config.validate_every_seconds is not None or config.validate_every > 0
         durations: list[float] = []
         metrics: dict[str, float] = {}
-        completed = done
-        validated = done  # the last iteration validated: a resumed run validated up to its checkpoint
-        if validating and resume_from is None:
-            validate(0)
-        bar = progress_bar(total=config.iterations, initial=done, disable=not (config.progress and main),
-                           desc=config.algorithm, leave=False)
-        with open(metrics_path if main else os.devnull, "a") as log:
+        bad_in_row = 0
+        completed = validated = self.done  # a resumed run validated up to its checkpoint
+        if validating and self.fresh:
+            self.validate(0)
+        bar = progress_bar(total=config.iterations, initial=self.done, leave=False,
+                           disable=not (config.progress and folder.writer), desc=config.algorithm)
+        with folder.metrics_log() as log:
             start = time.perf_counter()
-            for iteration, batch in enumerate(batches, start=done + 1):
-                if config.max_seconds is not None and clock >= config.max_seconds:
+            for iteration, batch in enumerate(batches, start=self.done + 1):
+                if config.max_seconds is not None and self.clock >= config.max_seconds:
                     break
                 episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
-                progress = run_progress(config, iteration, clock)
-                if isinstance(algorithm, MAML):
-                    apply_recipe(algorithm, current_epoch(config, iteration, progress),
-                                 multi_step_loss_epochs=config.multi_step_loss_epochs,
-                                 first_order_epochs=config.first_order_epochs)
-                for group in optimizer.param_groups:
-                    group["lr"] = meta_learning_rate(config, progress)
-                optimizer.zero_grad(set_to_none=True)
-                buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
-                with step_memory.measured():
-                    metrics = algorithm.meta_gradient(episode)
-                    distributed.all_reduce_grads(algorithm)
-                    metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
-                    if config.max_grad_value is not None:
-                        torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
-                    norm = torch.nn.utils.clip_grad_norm_(
-                        algorithm.parameters(), config.max_grad_norm or math.inf)
-                    finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
-                    if finite:
-                        finite = guarded_step(algorithm, optimizer)
-                if finite:
-                    bad_in_row = 0
-                else:  # skipped: the parameters, optimizer state and running statistics stay as they were
-                    with torch.no_grad():
-                        for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
-                            buffer.copy_(saved)
-                    skipped += 1
-                    bad_in_row += 1
+                follow_schedule(config, algorithm, self.optimizer, iteration, self.clock)
+                metrics, norm, taken = meta_step(algorithm, self.optimizer, episode, config, self.memory)
+                bad_in_row = 0 if taken else bad_in_row + 1
+                self.skipped += not taken
                 now = time.perf_counter()
                 metrics = distributed.mean_over_ranks({**metrics, "seconds": now - start})
                 durations.append(metrics.pop("seconds"))  # the same clock on every rank
-                clock += durations[-1]
+                self.clock += durations[-1]
                 start = now
                 completed = iteration
-                record = {"iteration": iteration, **metrics, "lr": optimizer.param_groups[0]["lr"],
-                          "grad_norm": float(norm), "seconds": durations[-1], "train_seconds": clock}
-                if not finite:
+                record = {"iteration": iteration, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                          "grad_norm": norm, "seconds": durations[-1], "train_seconds": self.clock}
+                if not taken:
                     record["skipped"] = True
                 if isinstance(algorithm, MAML):
                     record["first_order"] = algorithm.first_order
@@ -398,31 +363,29 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
                 log.flush()  # followers (diffopt compare's progress bar) see every iteration
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn with the next update
-                if (every is not None and clock >= next_validation) or (
+                if self.clock >= next_validation or (
                         config.validate_every and iteration % config.validate_every == 0):
-                    validate(iteration)
+                    self.validate(iteration)
                     validated = iteration
-                    if every is not None:
-                        next_validation = (math.floor(clock / every) + 1) * every
+                    next_validation = _next_multiple(self.clock, config.validate_every_seconds)
                     start = time.perf_counter()  # validation is not training time
-                if clock >= next_snapshot:
-                    if main:
-                        (run_dir / "snapshots").mkdir(exist_ok=True)
-                    checkpoint(iteration, run_dir / "snapshots" / f"{iteration:08d}.pt")
-                    next_snapshot = (math.floor(clock / snapshot_every) + 1) * snapshot_every
+                if self.clock >= next_snapshot:
+                    folder.snapshot(iteration, self.payload(iteration))
+                    next_snapshot = _next_multiple(self.clock, config.snapshot_every_seconds)
                     start = time.perf_counter()  # nor is writing a snapshot
                 if bad_in_row > config.max_bad_steps:
-                    checkpoint(iteration)  # the last good parameters: skipped steps changed nothing
+                    # the last good parameters: the skipped steps changed nothing
+                    folder.save(self.payload(iteration))
                     raise DiffoptError(
                         f"{bad_in_row} meta-iterations in a row (up to {iteration}) gave a non-finite "
-                        f"meta-loss, meta-gradient or parameters; {run_dir / CHECKPOINT_NAME} holds the "
-                        "last good parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
+                        f"meta-loss, meta-gradient or parameters; {folder.path / CHECKPOINT_NAME} holds "
+                        "the last good parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
                 if config.checkpoint_every and iteration % config.checkpoint_every == 0:
-                    checkpoint(iteration)  # after the log line: the log reaches the checkpoint
+                    folder.save(self.payload(iteration))  # after the log line: the log reaches the checkpoint
         bar.close()
         if validating and validated != completed:
-            validate(completed)
-        checkpoint(completed)
+            self.validate(completed)
+        folder.save(self.payload(completed))
         median = statistics.median(durations) if durations else float("nan")
-        return TrainResult(run_dir, algorithm, median, metrics.get("loss", float("nan")), completed, clock,
-                           step_memory.peak_growth_mb)
+        return TrainResult(folder.path, algorithm, median, metrics.get("loss", float("nan")), completed,
+                           self.clock, self.memory.peak_growth_mb)

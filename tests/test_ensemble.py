@@ -14,7 +14,7 @@ from diffopt.cli import main
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED, evaluate
-from diffopt.train import BEST_FOLDER, best_checkpoints, keep_if_best
+from diffopt.runfolder import BEST_FOLDER, best_checkpoints, keep_if_best
 
 
 def test_keep_if_best_keeps_the_k_best_and_drops_the_rest(tmp_path):
