@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import warnings
 from collections.abc import Callable, Iterator
 
 import higher
 import torch
 from torch import nn
 
+from diffopt import unroll as paths
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.fastweights import FunctionalModel, ModelCopies
-from diffopt.models.norm import set_inner_step
 from diffopt.optim import (
-    HIGHER_NOTICES,
     INNER_OPTIMIZERS,
     SGD,
-    RuleOptimizer,
     UpdateRule,
     build_rule,
     check_inner_options,
     check_rule_name,
     first_order_twin,
-    make_inner_optimizer,
 )
-from diffopt.optim.rule import init_on, update_on
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -85,11 +79,6 @@ def adapted_mask(model: nn.Module, which: str) -> list[bool]:
     return [keep(owners[name]) for name, _ in model.named_parameters()]
 
 
-def _keep_adapted(grads, mask: list[bool]) -> list:
-    """The gradients of adapted parameters; None (no update) for the others."""
-    return [g if adapted else None for g, adapted in zip(grads, mask, strict=True)]
-
-
 INNER_STATES = ("reset", "persist")
 """What a stateful inner optimizer (Adam's moments and step count, momentum) starts a task from:
 ``reset``, a fresh state; ``persist``, the state the previous meta-training task ended with
@@ -100,42 +89,6 @@ for data other than the next step's support forward (queries, evaluation): ``las
 k - 1, the row of the support forward of step k, as MAML++ (its query forward after update k
 passes the step's index, few_shot_learning_system.py:217-243); ``steps_taken`` row k, the one the
 next step would use. Support forwards always read row k (the steps taken)."""
-
-
-def _detach_all(grads):
-    return [None if g is None else g.detach() for g in grads]
-
-
-def batch_order(x: torch.Tensor, y: torch.Tensor, steps: int, size: int | None) -> torch.Tensor | None:
-    """[steps, size] indices of the examples each inner step trains on, or None (all of them).
-
-    As supervised-reptile's ``_mini_batches`` (reptile.py): the examples are shuffled, taken
-    ``size`` at a time, and reshuffled whenever they run out (a batch may span two shuffles).
-    The shuffles are seeded by a fingerprint of (x, y), so a task's batches are a function of
-    its data alone: of (seed, i) for task i of a loader, whatever process or worker built it,
-    and the same at every evaluation. Loaders return a task's examples grouped by class
-    (torchmeta's ``ClassSplitter``), so consecutive runs would each see one or two classes.
-    """
-    count = x.shape[0]
-    if size is None or size >= count or steps == 0:
-        return None
-    if torch._C._functorch.is_batchedtensor(x):
-        raise DiffoptError("inner mini-batches are shuffled per task, which torch.func.vmap cannot "
-                           "do: loop over tasks (vectorize='never')")
-    digest = hashlib.blake2b(digest_size=8)
-    for tensor in (x, y):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
-    passes = -(-steps * size // count)  # ceil
-    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(passes)])
-    return order[: steps * size].view(steps, size).to(x.device)
-
-
-def minibatch(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, step: int):
-    """The examples of inner step ``step`` under ``order`` (``batch_order``): all of them if None."""
-    if order is None:
-        return x, y
-    return x[order[step]], y[order[step]]
 
 
 class InnerLoop(nn.Module):
@@ -260,64 +213,26 @@ class InnerLoop(nn.Module):
         First order (no ``track_higher_grads``, no ``detach_inner_grads``), the loop takes the
         same steps without higher where the rule has a functional form (``first_order_rule``):
         a copy of ``model`` whose weights are reset to ``model``'s, plain autograd, and the
-        rule's update applied in place (``_unroll_first_order``).
+        rule's update applied in place. The three paths: ``diffopt.unroll``.
         """
         steps = self.steps if steps is None else steps
-        if functional:
-            yield from self._unroll_functional(
-                model, loss_fn, x, y, steps, track_higher_grads, detach_inner_grads, losses)
-            return
-        if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
-            yield from self._unroll_first_order(model, loss_fn, x, y, steps, losses, carry_state)
-            return
         mask = adapted_mask(model, self.params)
-        if self.rule is not None:
-            template = RuleOptimizer(model.parameters(), self.rule, self.rule_index(mask))
-        else:
-            template = make_inner_optimizer(self.optimizer, model.parameters(), self.lr, self.options)
-            if self.carries_state and self.carried_state is not None:
-                for param, saved in zip(model.parameters(), self.carried_state, strict=True):
-                    template.state[param] = saved  # higher copies it
-        fmodel, per_step = self.copies.monkeypatched(model, track_higher_grads)
-        anchor = list(model.parameters())
+        if functional:
+            return paths.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
+                                    detach_inner_grads, losses)
+        if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
+            return paths.first_order(self, model, loss_fn, x, y, steps, mask, losses, carry_state)
+        return paths.through_higher(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
+                                    detach_inner_grads, losses, carry_state)
 
-        def grad_callback(grads):
-            return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
-            diffopt = higher.optim.get_diff_optim(
-                template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
-                grad_callback=grad_callback)
-        if per_step:
-            set_inner_step(fmodel, 0)
-        yield fmodel
-        order = batch_order(x, y, steps, self.batch_size)
-        for step in range(steps):
-            if per_step:
-                set_inner_step(fmodel, step)
-            diffopt.step(self._step_loss(fmodel, loss_fn, *minibatch(x, y, order, step), losses,
-                                         anchor, mask))
-            if per_step:
-                set_inner_step(fmodel, self.query_row(step + 1))
-            yield fmodel
-        if carry_state and self.carries_state:
-            (group,) = diffopt.state  # one parameter group, in model.parameters() order
-            self.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
-                                   for key, value in group[index].items()}
-                                  for index in range(len(template.param_groups[0]["params"]))]
-
-    def _step_loss(self, fmodel, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                   losses: list[torch.Tensor] | None, anchor: list[torch.Tensor],
-                   mask: list[bool]) -> torch.Tensor:
-        """The loss an inner step descends on (x, y) (``loss_reduction``, plus the proximal term
-        around ``anchor``); the mean loss goes to ``losses``."""
-        prediction = fmodel(x)
+    def objective(self, loss_fn: LossFn, prediction: torch.Tensor, y: torch.Tensor,
+                  weights: list[torch.Tensor], anchor: list[torch.Tensor],
+                  mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss an inner step descends: ``loss_reduction`` of ``loss_fn(prediction, y)``
+        plus the proximal term of ``weights`` around ``anchor``; the mean loss)."""
         loss = loss_fn(prediction, y)
-        if losses is not None:
-            losses.append(loss.detach())
         return (reduce_loss(loss, prediction, self.loss_reduction)
-                + self.proximal_term(list(fmodel.parameters()), anchor, mask))
+                + self.proximal_term(weights, anchor, mask)), loss
 
     def proximal_term(self, weights: list[torch.Tensor], anchor: list[torch.Tensor],
                       mask: list[bool]) -> torch.Tensor | float:
@@ -358,75 +273,6 @@ class InnerLoop(nn.Module):
             twin = self.__dict__["_first_order_twin"] = (
                 key, first_order_twin(self.optimizer, self.lr, self.options))
         return twin[1]
-
-    def _unroll_first_order(self, model, loss_fn, x, y, steps, losses, carry_state):
-        """``unroll`` without higher, first order: see there. The copy (``ModelCopies.plain``) is
-        yielded."""
-        rule = self.first_order_rule
-        learner, per_step = self.copies.plain(model)
-        params = list(learner.parameters())
-        with torch.no_grad():
-            for mine, theirs in zip(params, model.parameters(), strict=True):
-                mine.copy_(theirs)
-        if per_step:
-            set_inner_step(learner, 0)
-        yield learner
-        mask = adapted_mask(model, self.params)
-        index = self.rule_index(mask) if rule is self.rule else None  # twins: per model tensor
-        carried = self.carries_state and self.carried_state is not None
-        state = self.carried_state if carried else init_on(rule, params, index)
-        order = batch_order(x, y, steps, self.batch_size)
-        anchor = [p.detach() for p in model.parameters()]
-        for step in range(steps):
-            if per_step:
-                set_inner_step(learner, step)
-            loss = self._step_loss(learner, loss_fn, *minibatch(x, y, order, step), losses, anchor, mask)
-            grads = _keep_adapted(torch.autograd.grad(loss, params, allow_unused=True), mask)
-            with torch.no_grad():
-                updates, state = update_on(rule, list(grads), state, params, step, index)
-                for param, update in zip(params, updates, strict=True):
-                    if update is not None:
-                        param.add_(update)
-            if per_step:
-                set_inner_step(learner, self.query_row(step + 1))
-            yield learner
-        if carry_state and self.carries_state and state is not None:
-            self.carried_state = state
-
-    def _unroll_functional(self, model, loss_fn, x, y, steps, track, detach_inner_grads, losses):
-        rule = self.functional_rule
-        if rule is None:
-            raise DiffoptError(f"the inner optimizer {self.optimizer!r} has no functional form; "
-                               "use sgd or a learned rule, or vectorize='never'")
-        names = [name for name, _ in model.named_parameters()]
-        params = list(model.parameters())
-        anchor, mask = params, adapted_mask(model, self.params)
-
-        def inner_loss(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
-            """(the reduced loss plus the proximal term, the mean loss)"""
-            prediction = FunctionalModel(model, names, weights)(xb)
-            loss = loss_fn(prediction, yb)
-            proximal = self.proximal_term(weights, anchor, mask)
-            return reduce_loss(loss, prediction, self.loss_reduction) + proximal, loss
-
-        set_inner_step(model, 0)
-        yield FunctionalModel(model, names, params)
-        index = self.rule_index(mask) if rule is self.rule else None
-        state = init_on(rule, params, index)
-        order = batch_order(x, y, steps, self.batch_size)
-        for step in range(steps):
-            set_inner_step(model, step)
-            constant = detach_inner_grads or not track  # no graph through the inner gradient
-            grads, (_, loss) = torch.func.grad_and_value(inner_loss, has_aux=True)(
-                _detach_all(params) if constant else params, *minibatch(x, y, order, step))
-            if losses is not None:
-                losses.append(loss.detach())
-            updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
-            if not track:
-                updates = _detach_all(updates)
-            params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
-            set_inner_step(model, self.query_row(step + 1))
-            yield FunctionalModel(model, names, params)
 
     @property
     def copies(self) -> ModelCopies:

@@ -15,8 +15,9 @@ from conftest import random_episode, small_algorithm
 
 from diffopt.algorithms import build_algorithm
 from diffopt.errors import DiffoptError
-from diffopt.inner import InnerLoop, batch_order
+from diffopt.inner import InnerLoop
 from diffopt.models import MLP
+from diffopt.unroll import batch_order
 
 
 def first_task(seed=0):

@@ -24,8 +24,8 @@ from diffopt.cli import main
 from diffopt.data import Episode
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
 from diffopt.errors import DiffoptError
-from diffopt.inner import batch_order
 from diffopt.train import load_trained
+from diffopt.unroll import batch_order
 
 
 @pytest.mark.slow

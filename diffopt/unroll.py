@@ -1,0 +1,196 @@
+"""The three ways ``InnerLoop.unroll`` takes its steps, each a generator of the model before
+adaptation and after every step:
+
+- ``through_higher``: higher's differentiable optimizer over a monkeypatched copy (every torch
+  optimizer and rule; second order, MAML++'s detached inner gradients, or first order);
+- ``first_order``: plain autograd on a copy, the rule's update applied in place (first order
+  only, no graph kept across steps);
+- ``functional``: ``torch.func`` on a list of weights, for ``torch.func.vmap`` (update rules).
+
+``loop`` is the ``InnerLoop`` whose settings they follow; ``mask`` marks the tensors it adapts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import higher
+import torch
+from torch import nn
+
+from diffopt.errors import DiffoptError
+from diffopt.fastweights import FunctionalModel
+from diffopt.models.norm import set_inner_step
+from diffopt.optim import HIGHER_NOTICES, RuleOptimizer, make_inner_optimizer
+from diffopt.optim.rule import init_on, update_on
+
+if TYPE_CHECKING:
+    from diffopt.inner import InnerLoop, LossFn
+
+
+def batch_order(x: torch.Tensor, y: torch.Tensor, steps: int, size: int | None) -> torch.Tensor | None:
+    """[steps, size] indices of the examples each inner step trains on, or None (all of them).
+
+    As supervised-reptile's ``_mini_batches`` (reptile.py): the examples are shuffled, taken
+    ``size`` at a time, and reshuffled whenever they run out (a batch may span two shuffles).
+    The shuffles are seeded by a fingerprint of (x, y), so a task's batches are a function of
+    its data alone: of (seed, i) for task i of a loader, whatever process or worker built it,
+    and the same at every evaluation. Loaders return a task's examples grouped by class
+    (torchmeta's ``ClassSplitter``), so consecutive runs would each see one or two classes.
+    """
+    count = x.shape[0]
+    if size is None or size >= count or steps == 0:
+        return None
+    if torch._C._functorch.is_batchedtensor(x):
+        raise DiffoptError("inner mini-batches are shuffled per task, which torch.func.vmap cannot "
+                           "do: loop over tasks (vectorize='never')")
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in (x, y):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    passes = -(-steps * size // count)  # ceil
+    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(passes)])
+    return order[: steps * size].view(steps, size).to(x.device)
+
+
+def minibatch(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, step: int):
+    """The examples of inner step ``step`` under ``order`` (``batch_order``): all of them if None."""
+    if order is None:
+        return x, y
+    return x[order[step]], y[order[step]]
+
+
+def _keep_adapted(grads, mask: list[bool]) -> list:
+    """The gradients of adapted parameters; None (no update) for the others."""
+    return [g if adapted else None for g, adapted in zip(grads, mask, strict=True)]
+
+
+def _detach_all(grads):
+    return [None if g is None else g.detach() for g in grads]
+
+
+
+
+def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
+                   y: torch.Tensor, steps: int, mask: list[bool], track_higher_grads: bool,
+                   detach_inner_grads: bool, losses: list | None,
+                   carry_state: bool) -> Iterator[higher.patch._MonkeyPatchBase]:
+    """higher's differentiable optimizer over a monkeypatched copy of ``model``; the same object is
+    yielded each time, its weights updated."""
+    if loop.rule is not None:
+        template = RuleOptimizer(model.parameters(), loop.rule, loop.rule_index(mask))
+    else:
+        template = make_inner_optimizer(loop.optimizer, model.parameters(), loop.lr, loop.options)
+        if loop.carries_state and loop.carried_state is not None:
+            for param, saved in zip(model.parameters(), loop.carried_state, strict=True):
+                template.state[param] = saved  # higher copies it
+    fmodel, per_step = loop.copies.monkeypatched(model, track_higher_grads)
+    anchor = list(model.parameters())
+
+    def grad_callback(grads):
+        return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
+        diffopt = higher.optim.get_diff_optim(
+            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
+            grad_callback=grad_callback)
+    if per_step:
+        set_inner_step(fmodel, 0)
+    yield fmodel
+    order = batch_order(x, y, steps, loop.batch_size)
+    for step in range(steps):
+        if per_step:
+            set_inner_step(fmodel, step)
+        xb, yb = minibatch(x, y, order, step)
+        objective, loss = loop.objective(loss_fn, fmodel(xb), yb, list(fmodel.parameters()), anchor, mask)
+        if losses is not None:
+            losses.append(loss.detach())
+        diffopt.step(objective)
+        if per_step:
+            set_inner_step(fmodel, loop.query_row(step + 1))
+        yield fmodel
+    if carry_state and loop.carries_state:
+        (group,) = diffopt.state  # one parameter group, in model.parameters() order
+        loop.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
+                               for key, value in group[index].items()}
+                              for index in range(len(template.param_groups[0]["params"]))]
+
+
+def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                steps: int, mask: list[bool], losses: list | None,
+                carry_state: bool) -> Iterator[nn.Module]:
+    """First order without higher: a copy of ``model`` (``ModelCopies.plain``) whose weights are
+    reset to ``model``'s, plain autograd, and ``loop.first_order_rule``'s update applied in place;
+    the copy is yielded."""
+    rule = loop.first_order_rule
+    learner, per_step = loop.copies.plain(model)
+    params = list(learner.parameters())
+    with torch.no_grad():
+        for mine, theirs in zip(params, model.parameters(), strict=True):
+            mine.copy_(theirs)
+    if per_step:
+        set_inner_step(learner, 0)
+    yield learner
+    index = loop.rule_index(mask) if rule is loop.rule else None  # twins: per model tensor
+    carried = loop.carries_state and loop.carried_state is not None
+    state = loop.carried_state if carried else init_on(rule, params, index)
+    order = batch_order(x, y, steps, loop.batch_size)
+    anchor = [p.detach() for p in model.parameters()]
+    for step in range(steps):
+        if per_step:
+            set_inner_step(learner, step)
+        xb, yb = minibatch(x, y, order, step)
+        objective, loss = loop.objective(loss_fn, learner(xb), yb, params, anchor, mask)
+        if losses is not None:
+            losses.append(loss.detach())
+        grads = _keep_adapted(torch.autograd.grad(objective, params, allow_unused=True), mask)
+        with torch.no_grad():
+            updates, state = update_on(rule, list(grads), state, params, step, index)
+            for param, update in zip(params, updates, strict=True):
+                if update is not None:
+                    param.add_(update)
+        if per_step:
+            set_inner_step(learner, loop.query_row(step + 1))
+        yield learner
+    if carry_state and loop.carries_state and state is not None:
+        loop.carried_state = state
+
+
+def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+               steps: int, mask: list[bool], track: bool, detach_inner_grads: bool,
+               losses: list | None) -> Iterator[FunctionalModel]:
+    """``torch.func`` steps on a list of weights (``loop.functional_rule``), each yielded as a
+    ``FunctionalModel`` of ``model``; vmappable."""
+    rule = loop.functional_rule
+    if rule is None:
+        raise DiffoptError(f"the inner optimizer {loop.optimizer!r} has no functional form; "
+                           "use sgd or a learned rule, or vectorize='never'")
+    names = [name for name, _ in model.named_parameters()]
+    params = anchor = list(model.parameters())
+
+    def objective(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        return loop.objective(loss_fn, FunctionalModel(model, names, weights)(xb), yb, weights,
+                              anchor, mask)
+
+    set_inner_step(model, 0)
+    yield FunctionalModel(model, names, params)
+    index = loop.rule_index(mask) if rule is loop.rule else None
+    state = init_on(rule, params, index)
+    order = batch_order(x, y, steps, loop.batch_size)
+    for step in range(steps):
+        set_inner_step(model, step)
+        constant = detach_inner_grads or not track  # no graph through the inner gradient
+        grads, (_, loss) = torch.func.grad_and_value(objective, has_aux=True)(
+            _detach_all(params) if constant else params, *minibatch(x, y, order, step))
+        if losses is not None:
+            losses.append(loss.detach())
+        updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
+        if not track:
+            updates = _detach_all(updates)
+        params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+        set_inner_step(model, loop.query_row(step + 1))
+        yield FunctionalModel(model, names, params)
