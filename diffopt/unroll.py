@@ -8,6 +8,7 @@ adaptation and after every step:
 - ``functional``: ``torch.func`` on a list of weights, for ``torch.func.vmap`` (update rules).
 
 ``loop`` is the ``InnerLoop`` whose settings they follow; ``mask`` marks the tensors it adapts.
+All three draw inner mini-batches (Reptile's) the same way: ``batch_order``, ``minibatch``.
 """
 
 from __future__ import annotations
