@@ -8,8 +8,9 @@ ANIL, BOIL and iMAML at K = 5 and 10 on torchmeta's Sinusoid
 (amplitude [0.1, 5], phase [0, pi]) through ``diffopt.compare``: the same training seed and
 task stream, the same budget, and the same held-out evaluation tasks for every method. Then
 writes the table, diffopt's numbers beside the paper's, into RESULTS.md (between the
-``sinusoid-table`` markers). Finished runs are kept in ``--out`` and not run again, so an
-interrupted reproduction continues where it stopped (an unfinished run starts afresh).
+``sinusoid-table`` markers). Finished runs are kept in ``--out`` and not run again, and an
+interrupted run resumes from its last checkpoint (every 500 meta-iterations), so a
+reproduction continues where it stopped.
 
 Setup as Finn et al.: 1-40-40-1 ReLU MLP, meta-batch 25, Adam 1e-3, one inner step of initial
 size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data; iMAML: 5 steps with
