@@ -37,6 +37,26 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return numerator / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
 
 
+def inner_residual(support_grads: Vectors, weights: Vectors, anchor: Vectors, lam: float,
+                   mask: list[bool]) -> torch.Tensor:
+    """How far the inner loop's result w is from solving the proximal problem, scale-free:
+    ||g + lambda (w - phi)|| / (||g|| + lambda ||w - phi||) over the adapted tensors, g the
+    support loss's gradient at w, phi = ``anchor``. 0 at the solution (the implicit gradient is
+    the meta-gradient there); near 1 when the steps barely moved (w ~ phi: the implicit gradient
+    is then not the meta-gradient). Vmappable."""
+    def norm(vectors) -> torch.Tensor:
+        return torch.sqrt(sum((v * v).sum() for v in vectors))
+
+    chosen = [(g, w - phi) for g, w, phi, adapted in zip(support_grads, weights, anchor, mask, strict=True)
+              if adapted]
+    residual = norm([g + lam * moved for g, moved in chosen])
+    return _ratio(residual, norm([g for g, _ in chosen]) + lam * norm([moved for _, moved in chosen]))
+
+
+RESIDUAL_WARNING = 0.5
+"""``IMAML`` warns once when the mean ``inner_residual`` of a meta-batch is above this."""
+
+
 def conjugate_gradient(matvec: Callable[[Vectors], Vectors], b: Vectors, steps: int,
                        tolerance: float | None = 1e-10) -> Vectors:
     """x ~ A^-1 b for a symmetric positive definite A given as ``matvec`` (lists of tensors),
@@ -117,6 +137,11 @@ class IMAML(MetaAlgorithm):
     def task_gradient(self, task: Task, scale: float = 1.0) -> TaskGradient:
         """(the implicit meta-gradient of ``scale`` x the task's query loss per model parameter,
         that loss)."""
+        grads, loss, _ = self._task_terms(task, scale)
+        return grads, loss
+
+    def _task_terms(self, task: Task, scale: float) -> tuple[Vectors, torch.Tensor, torch.Tensor]:
+        """``task_gradient``'s pair and the task's ``inner_residual``, one task (not vmapped)."""
         solved = self._solve(task)
         weights = list(solved.parameters())
         query = self.loss_fn(solved(task.query_x), task.query_y) * scale
@@ -132,7 +157,11 @@ class IMAML(MetaAlgorithm):
             return _zeros_for_none(torch.autograd.grad(product, weights, retain_graph=True,
                                                        allow_unused=True), weights)
 
-        return self._implicit_gradient(query_grads, hessian_times, mask, tolerance=1e-10), query.detach()
+        grads = self._implicit_gradient(query_grads, hessian_times, mask, tolerance=1e-10)
+        with torch.no_grad():
+            residual = inner_residual([g.detach() for g in support_grads], weights,
+                                      list(self.model.parameters()), self.inner.proximal, mask)
+        return grads, query.detach(), residual
 
     def _implicit_gradient(self, query_grads: Vectors, hessian_times: Callable[[Vectors], Vectors],
                            mask: list[bool], tolerance: float | None) -> Vectors:
@@ -154,8 +183,8 @@ class IMAML(MetaAlgorithm):
         return [next(on_adapted) if a else g - h / lam
                 for g, h, a in zip(query_grads, cross, mask, strict=True)]
 
-    def _functional_task_gradient(self, task: Task) -> tuple[Vectors, torch.Tensor]:
-        """``task_gradient`` as pure functions of tensors (``torch.func``), for vmap."""
+    def _functional_task_terms(self, task: Task) -> tuple[Vectors, torch.Tensor, torch.Tensor]:
+        """``_task_terms`` (scale 1) as pure functions of tensors (``torch.func``), for vmap."""
         model, reduction = self.model, self.inner.loss_reduction
         names = [name for name, _ in model.named_parameters()]
         mask = adapted_mask(model, self.inner.params)
@@ -171,7 +200,7 @@ class IMAML(MetaAlgorithm):
 
         # H v as the vector-Jacobian product of the support gradient (H symmetric), its graph
         # built once for every CG iteration
-        _, support_vjp = torch.func.vjp(torch.func.grad(support_loss), weights)
+        support_grads, support_vjp = torch.func.vjp(torch.func.grad(support_loss), weights)
 
         def hessian_times(vectors: Vectors) -> Vectors:
             on_adapted = iter(vectors)
@@ -180,17 +209,37 @@ class IMAML(MetaAlgorithm):
             return product
 
         query_grads, loss = torch.func.grad_and_value(query_loss)(weights)
-        return self._implicit_gradient(query_grads, hessian_times, mask, tolerance=None), loss
+        anchor = [p.detach() for p in model.parameters()]
+        residual = inner_residual(support_grads, weights, anchor, self.inner.proximal, mask)
+        return self._implicit_gradient(query_grads, hessian_times, mask, tolerance=None), loss, residual
 
     def meta_gradient(self, episode: Episode) -> dict[str, float]:
-        """Metrics: ``loss``, the mean query loss at the inner loop's results."""
+        """Metrics: ``loss``, the mean query loss at the inner loop's results; ``inner_residual``,
+        the tasks' mean ``inner_residual`` (a warning, once, if it is above ``RESIDUAL_WARNING``)."""
         params = list(self.model.parameters())
         if self.vectorized:
-            grads, losses = over_tasks(self._functional_task_gradient, episode)
+            grads, losses, residuals = over_tasks(self._functional_task_terms, episode)
             accumulate_grad(params, [g.mean(0) for g in grads])
-            return {"loss": losses.mean().item()}
-        return {"loss": self.accumulate_tasks(
-            lambda task: self.task_gradient(task, 1.0 / len(episode)), episode, params)}
+            return self._metrics(losses.mean().item(), residuals.mean().item())
+        residuals: list[float] = []
+
+        def task_gradient(task: Task) -> TaskGradient:
+            grads, loss, residual = self._task_terms(task, 1.0 / len(episode))
+            residuals.append(residual.item())
+            return grads, loss
+
+        loss = self.accumulate_tasks(task_gradient, episode, params)
+        return self._metrics(loss, sum(residuals) / len(residuals))
+
+    def _metrics(self, loss: float, residual: float) -> dict[str, float]:
+        if residual > RESIDUAL_WARNING and not self.__dict__.get("_warned"):
+            self.__dict__["_warned"] = True
+            warnings.warn(
+                f"imaml's inner steps leave the proximal problem far from solved (inner_residual "
+                f"{residual:.2f}; 0 is solved), so its implicit gradient is not the meta-gradient: "
+                "take more --inner_steps, a larger --inner_lr or a larger --inner_proximal",
+                UserWarning, stacklevel=3)
+        return {"loss": loss, "inner_residual": residual}
 
 
 def _zeros_for_none(grads, like: Vectors) -> Vectors:
