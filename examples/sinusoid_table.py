@@ -47,7 +47,8 @@ CONFIGS = {
     "reptile": {"algorithm": "reptile"},
     "anil": {"algorithm": "anil", "inner_optimizer": "sgd"},
     "boil": {"algorithm": "boil", "inner_optimizer": "sgd"},
-    # iMAML's implicit gradient assumes a solved inner problem: 5 steps (lambda 1, 5 CG steps)
+    # iMAML (lambda 1, 5 CG steps): its implicit gradient assumes a solved inner problem, which
+    # these 5 steps of 0.01 do not give (inner_residual 0.9; 4.04 MSE, RESULTS.md): no row yet
     "imaml": {"algorithm": "imaml", "inner_optimizer": "sgd", "inner_steps": 5},
 }
 
