@@ -44,8 +44,8 @@ def inner_residual(support_grads: Vectors, weights: Vectors, anchor: Vectors, la
     support loss's gradient at w, phi = ``anchor``. 0 at the solution (the implicit gradient is
     the meta-gradient there); near 1 when the steps barely moved (w ~ phi: the implicit gradient
     is then not the meta-gradient). Vmappable."""
-    def norm(vectors) -> torch.Tensor:
-        return torch.sqrt(sum((v * v).sum() for v in vectors))
+    def norm(vectors: Vectors) -> torch.Tensor:
+        return torch.sqrt(_dot(vectors, vectors))
 
     chosen = [(g, w - phi) for g, w, phi, adapted in zip(support_grads, weights, anchor, mask, strict=True)
               if adapted]
@@ -123,6 +123,8 @@ class IMAML(MetaAlgorithm):
             vectorize = "never"
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.cg_steps = cg_steps
+        self.warned_unsolved = False
+        """Whether the warning about an unsolved inner problem was given (it is given once)."""
 
     def _solve(self, task: Task) -> nn.Module:
         """The model after the inner loop on the support set (no graph), one task (not vmapped)."""
@@ -159,8 +161,8 @@ class IMAML(MetaAlgorithm):
 
         grads = self._implicit_gradient(query_grads, hessian_times, mask, tolerance=1e-10)
         with torch.no_grad():
-            residual = inner_residual([g.detach() for g in support_grads], weights,
-                                      list(self.model.parameters()), self.inner.proximal, mask)
+            residual = inner_residual(support_grads, weights, list(self.model.parameters()),
+                                      self.inner.proximal, mask)
         return grads, query.detach(), residual
 
     def _implicit_gradient(self, query_grads: Vectors, hessian_times: Callable[[Vectors], Vectors],
@@ -232,8 +234,9 @@ class IMAML(MetaAlgorithm):
         return self._metrics(loss, sum(residuals) / len(residuals))
 
     def _metrics(self, loss: float, residual: float) -> dict[str, float]:
-        if residual > RESIDUAL_WARNING and not self.__dict__.get("_warned"):
-            self.__dict__["_warned"] = True
+        """``meta_gradient``'s metrics; the warning, once, if ``residual`` is above the bound."""
+        if residual > RESIDUAL_WARNING and not self.warned_unsolved:
+            self.warned_unsolved = True
             warnings.warn(
                 f"imaml's inner steps leave the proximal problem far from solved (inner_residual "
                 f"{residual:.2f}; 0 is solved), so its implicit gradient is not the meta-gradient: "
