@@ -196,3 +196,18 @@ def test_gradcheck_catches_a_missing_rule_gradient(rule):
     result = check_meta_gradient(broken, random_episode(0))
     worst_rule = max(e.rel_error for n, e in result.per_parameter.items() if n.startswith("inner."))
     assert worst_rule > 1e-3 and not result.passed()
+
+
+def test_adam_rules_sqrt_has_a_zero_derivative_where_the_squared_average_is_zero():
+    """Adam's and AdamW's sqrt(v): finite derivative 0 at v = 0 (a parameter whose gradient is
+    exactly 0, as higher masks it; plain sqrt's is infinite and makes the meta-gradient NaN),
+    1 / (2 sqrt(v)) elsewhere, and without grad mode the same values as torch.sqrt."""
+    from diffopt.optim.adam import _sqrt
+
+    v = torch.tensor([0.0, 4.0], requires_grad=True)
+    (derivative,) = torch.autograd.grad(_sqrt([v])[0].sum(), v)
+    assert derivative.tolist() == [0.0, 0.25]
+    (plain,) = torch.autograd.grad(v.sqrt().sum(), v)
+    assert not torch.isfinite(plain).all()  # what the mask is for
+    with torch.no_grad():
+        assert torch.equal(_sqrt([v])[0], v.sqrt())
