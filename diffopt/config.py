@@ -125,6 +125,10 @@ class TrainConfig:
         None, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner steps add to their "
         "loss (phi: the meta-learned initial weights); imaml needs it > 0 (default 1, Omniglot 2: "
         "imaml_dev's README); default for the others: 0 (none)")
+    inner_backtrack: bool | None = option(
+        None, "imaml: take an inner step only if it lowers the proximal objective, halving the "
+        "next step after a refused one and doubling it (up to --inner_lr) after a step taken, so "
+        "the steps stay convergent as meta-training sharpens the loss; default False")
     cg_steps: int | None = option(
         None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
         "(0: the first-order approximation); default 5 (imaml_dev)")
@@ -210,7 +214,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
     inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
-    cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None,
+    cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None, inner_backtrack=False,
     query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
@@ -220,7 +224,7 @@ SAVED_BEFORE: dict[str, Any] = dict(
     inner_proximal=0.0, head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean",
     inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
-    input_norm="none", max_grad_value=None, images="bilinear")
+    input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False)
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -358,6 +362,9 @@ def validate(config: TrainConfig) -> None:
             raise DiffoptError(f"--cg_steps is imaml's linear solve; drop it for --algorithm "
                                f"{config.algorithm}")
         check_int("cg_steps", config.cg_steps, 0)
+    if config.inner_backtrack and config.algorithm != "imaml":
+        raise DiffoptError(f"--inner_backtrack is for imaml, whose inner steps are not "
+                           f"differentiated; drop it for --algorithm {config.algorithm}")
     check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
@@ -388,6 +395,6 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
-    for name in ("progress", "keep_freed_memory"):
+    for name in ("progress", "keep_freed_memory", "inner_backtrack"):
         if not isinstance(getattr(config, name), bool):
             raise DiffoptError(f"--{name} must be True or False; got {getattr(config, name)!r}")

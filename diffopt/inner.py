@@ -114,13 +114,16 @@ class InnerLoop(nn.Module):
     task) leaves its torch optimizer's final state in ``carried_state``, which every later unroll
     starts from; other unrolls (evaluation tasks) start from it and leave it as it was, as
     supervised-reptile saves and restores its full state around an evaluation task.
+    ``backtrack``: a step is taken only if it lowers that objective on its examples; a refused
+    step halves the next one, a step taken doubles it back up to the rule's (``unroll.backtrack``;
+    loops that are not differentiated, on rules with a functional form: iMAML's solver).
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
                  query_norm_row: str = "last_step", proximal: float = 0.0,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, backtrack: bool = False) -> None:
         super().__init__()
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
@@ -134,6 +137,9 @@ class InnerLoop(nn.Module):
         if not isinstance(proximal, (int, float)) or isinstance(proximal, bool) or not proximal >= 0:
             raise DiffoptError(f"the proximal weight is a number >= 0; got {proximal!r}")
         self.proximal = float(proximal)
+        if not isinstance(backtrack, bool):
+            raise DiffoptError(f"backtrack is True or False; got {backtrack!r}")
+        self.backtrack = backtrack
         self.options = dict(options or {})
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction

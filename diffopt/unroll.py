@@ -73,6 +73,20 @@ def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
 
 
+def backtrack(objective_at, params: list[torch.Tensor], updates: list, before: torch.Tensor,
+              scale: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One step of ``InnerLoop(backtrack=True)`` (a "bold driver"): the weights ``params`` moved
+    by ``scale`` x ``updates`` if that lowers the inner objective below ``before`` (its value at
+    ``params``; ``objective_at``: weights -> objective), else left where they are; the scale
+    doubles (up to 1) after a step taken and halves after one refused. (new weights, new scale);
+    elementwise, so under vmap each task keeps its own scale."""
+    trial = [p if u is None else p + scale * u for p, u in zip(params, updates, strict=True)]
+    taken = objective_at(trial) < before
+    moved = [p if u is None else torch.where(taken, t, p)
+             for p, t, u in zip(params, trial, updates, strict=True)]
+    return moved, torch.where(taken, torch.clamp(2 * scale, max=1.0), scale / 2)
+
+
 
 
 def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
@@ -81,6 +95,9 @@ def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.
                    carry_state: bool) -> Iterator[higher.patch._MonkeyPatchBase]:
     """higher's differentiable optimizer over a monkeypatched copy of ``model``; the same object is
     yielded each time, its weights updated."""
+    if loop.backtrack:
+        raise DiffoptError("backtracking inner steps run without higher: an update rule with a "
+                           "functional form (sgd or a diffopt rule) and no differentiated unroll")
     if loop.rule is not None:
         template = RuleOptimizer(model.parameters(), loop.rule, loop.rule_index(mask))
     else:
@@ -141,6 +158,7 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
     state = loop.carried_state if carried else init_on(rule, params, index)
     order = batch_order(x, y, steps, loop.batch_size)
     anchor = [p.detach() for p in model.parameters()]
+    names, scale = [name for name, _ in learner.named_parameters()], torch.ones((), dtype=x.dtype, device=x.device)
     for step in range(steps):
         if per_step:
             set_inner_step(learner, step)
@@ -151,9 +169,17 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
         grads = _keep_adapted(torch.autograd.grad(objective, params, allow_unused=True), mask)
         with torch.no_grad():
             updates, state = update_on(rule, list(grads), state, params, step, index)
-            for param, update in zip(params, updates, strict=True):
-                if update is not None:
-                    param.add_(update)
+            if loop.backtrack:
+                def objective_at(weights, xb=xb, yb=yb):
+                    prediction = FunctionalModel(learner, names, weights)(xb)
+                    return loop.objective(loss_fn, prediction, yb, weights, anchor, mask)[0]
+                moved, scale = backtrack(objective_at, params, updates, objective.detach(), scale)
+                for param, new in zip(params, moved, strict=True):
+                    param.copy_(new)
+            else:
+                for param, update in zip(params, updates, strict=True):
+                    if update is not None:
+                        param.add_(update)
         if per_step:
             set_inner_step(learner, loop.query_row(step + 1))
         yield learner
@@ -182,16 +208,22 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
     index = loop.rule_index(mask) if rule is loop.rule else None
     state = init_on(rule, params, index)
     order = batch_order(x, y, steps, loop.batch_size)
+    scale = torch.ones((), dtype=x.dtype, device=x.device)
     for step in range(steps):
         set_inner_step(model, step)
         constant = detach_inner_grads or not track  # no graph through the inner gradient
-        grads, (_, loss) = torch.func.grad_and_value(objective, has_aux=True)(
-            _detach_all(params) if constant else params, *minibatch(x, y, order, step))
+        xb, yb = minibatch(x, y, order, step)
+        grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
+            _detach_all(params) if constant else params, xb, yb)
         if losses is not None:
             losses.append(loss.detach())
         updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
         if not track:
             updates = _detach_all(updates)
-        params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+        if loop.backtrack:
+            params, scale = backtrack(lambda w, xb=xb, yb=yb: objective(w, xb, yb)[0], params, updates,
+                                      before.detach(), scale)
+        else:
+            params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
         set_inner_step(model, loop.query_row(step + 1))
         yield FunctionalModel(model, names, params)
