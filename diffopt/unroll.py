@@ -158,7 +158,8 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
     state = loop.carried_state if carried else init_on(rule, params, index)
     order = batch_order(x, y, steps, loop.batch_size)
     anchor = [p.detach() for p in model.parameters()]
-    names, scale = [name for name, _ in learner.named_parameters()], torch.ones((), dtype=x.dtype, device=x.device)
+    names = [name for name, _ in learner.named_parameters()]
+    scale = torch.ones((), dtype=x.dtype, device=x.device)
     for step in range(steps):
         if per_step:
             set_inner_step(learner, step)

@@ -14,9 +14,9 @@ reproduction continues where it stopped.
 
 Setup as Finn et al.: 1-40-40-1 ReLU MLP, meta-batch 25, Adam 1e-3, one inner step of initial
 size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data; iMAML: 10
-backtracking steps of at most 0.01 on the proximal problem, lambda 100, and 5 CG iterations). Meta-SGD learns one step size per weight,
-LSLR one per tensor, Meta-Curvature a Kronecker-factored preconditioner per weight with the
-step size fixed at 0.01.
+backtracking steps of at most 0.01 on the proximal problem, lambda 100, and 5 CG iterations).
+Meta-SGD learns one step size per weight, LSLR one per tensor, Meta-Curvature a
+Kronecker-factored preconditioner per weight with the step size fixed at 0.01.
 """
 
 from __future__ import annotations
