@@ -14,6 +14,7 @@ from torch import nn
 from diffopt import InnerLoop
 from diffopt.algorithms import IMAML, MAML
 from diffopt.algorithms.imaml import conjugate_gradient
+from diffopt.algorithms.imaml import inner_residual as IMAML_RESIDUAL
 from diffopt.data.episode import Episode
 from diffopt.errors import DiffoptError
 from diffopt.gradcheck import check_meta_gradient
@@ -265,3 +266,84 @@ def test_imaml_residual_script_reports_a_trained_runs_residual(tmp_path, capsys)
     assert 0.5 < value <= 1.0  # 5 steps of 0.01 with lambda 1 barely move the weights
     with pytest.raises(DiffoptError, match="trained anil, not imaml"):
         script["main"](str(tmp_path / "anil"))
+
+
+def _proximal_objective(model: nn.Module, adapted: nn.Module, x, y, lam: float) -> float:
+    pairs = zip(adapted.parameters(), model.parameters(), strict=True)
+    return (F.mse_loss(adapted(x), y) + lam / 2 * sum(((w - w0) ** 2).sum() for w, w0 in pairs)).item()
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_backtracking_steps_converge_where_fixed_steps_diverge(functional):
+    """An inner lr ten times past the stability bound of a sharp task: fixed steps blow the
+    proximal objective up, backtracking steps (``InnerLoop(backtrack=True)``) never raise it
+    and solve the problem (inner_residual ~0); both stepping paths (first order, functional)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = 3 * torch.randn(6, 1, dtype=torch.float64)
+    y = torch.sin(x)
+    lam, lr = 10.0, 2.0  # lr x lam alone is 20 > 2: every fixed step overshoots
+    start = _proximal_objective(model, model, x, y, lam)
+    fixed = InnerLoop("sgd", lr, 30, proximal=lam)
+    adapted = fixed.adapt(model, F.mse_loss, x, y, track_higher_grads=False, functional=functional)
+    blown = _proximal_objective(model, adapted, x, y, lam)
+    assert not blown < 100 * start  # diverged (or non-finite)
+    careful = InnerLoop("sgd", lr, 60, proximal=lam, backtrack=True)
+    objectives = [_proximal_objective(model, m, x, y, lam) for m in careful.unroll(
+        model, F.mse_loss, x, y, track_higher_grads=False, functional=functional)]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
+    assert objectives[-1] < objectives[0]
+    *_, solved = careful.unroll(model, F.mse_loss, x, y, track_higher_grads=False, functional=functional)
+    weights = list(solved.parameters())
+    grads = torch.autograd.grad(F.mse_loss(solved(x), y), weights)
+    residual = IMAML_RESIDUAL(list(grads), [w.detach() for w in weights], list(model.parameters()), lam,
+                              [True] * len(weights))
+    assert residual < 1e-6
+
+
+def test_backtracking_loop_and_vmap_agree():
+    """iMAML with backtracking steps: the loop (first order path) and vmap (functional path)
+    give the same meta-gradient and residual, each task keeping its own step scale; a
+    higher-only optimizer (rmsprop) is refused with a message naming the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    episode = _episode(4, 5, 7, 1, 0)
+    episode = Episode(3 * episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+    results, grads = [], []
+    for vectorize in ("never", "always"):
+        algorithm = IMAML(model, InnerLoop("sgd", 0.5, 10, proximal=2.0, backtrack=True), F.mse_loss,
+                          vectorize=vectorize).double()
+        algorithm.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.append(algorithm.meta_gradient(episode))
+        grads.append(_gradient(algorithm))
+    assert results[0]["inner_residual"] == pytest.approx(results[1]["inner_residual"], rel=1e-9)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-9)
+    for loop, vmapped in zip(*grads, strict=True):
+        assert torch.allclose(loop, vmapped, rtol=1e-9, atol=1e-12)
+    plain = IMAML(model, InnerLoop("sgd", 0.5, 10, proximal=2.0), F.mse_loss, vectorize="never").double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unguarded = plain.meta_gradient(episode)
+    assert not unguarded["loss"] < 10 * results[0]["loss"]  # the same steps without backtracking blow up
+    rmsprop = IMAML(model, InnerLoop("rmsprop", 0.1, 2, proximal=1.0, backtrack=True), F.mse_loss,
+                    vectorize="never").double()
+    with pytest.raises(DiffoptError, match="backtracking inner steps run without higher"):
+        rmsprop.meta_gradient(episode)
+
+
+def test_inner_backtrack_option():
+    """--inner_backtrack resolves for imaml, is refused for an algorithm that differentiates its
+    inner loop, and must be a bool; runs saved before it existed load without it."""
+    from diffopt.config import resolve_config, resolve_saved_config
+
+    assert resolve_config(algorithm="imaml", inner_backtrack=True).inner_backtrack is True
+    assert resolve_config(algorithm="imaml").inner_backtrack is False
+    with pytest.raises(DiffoptError, match="--inner_backtrack is for imaml"):
+        resolve_config(algorithm="maml", inner_backtrack=True)
+    with pytest.raises(DiffoptError, match="--inner_backtrack must be True or False"):
+        resolve_config(algorithm="imaml", inner_backtrack="yes")
+    saved = resolve_config(algorithm="imaml").to_dict()
+    del saved["inner_backtrack"]
+    assert resolve_saved_config(saved).inner_backtrack is False
