@@ -14,7 +14,14 @@ from typing import Any
 from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import INNER_PARAMS, INNER_STATES, LOSS_REDUCTIONS, QUERY_NORM_ROWS, check_inner_params
+from diffopt.inner import (
+    INNER_PARAMS,
+    INNER_SOLVERS,
+    INNER_STATES,
+    LOSS_REDUCTIONS,
+    QUERY_NORM_ROWS,
+    check_inner_params,
+)
 from diffopt.models import (
     ACTIVATIONS,
     HEADS,
@@ -129,6 +136,10 @@ class TrainConfig:
         None, "imaml: take an inner step only if it lowers the proximal objective, halving the "
         "next step after a refused one and doubling it (up to --inner_lr) after a step taken, so "
         "the steps stay convergent as meta-training sharpens the loss; default False")
+    inner_solver: str | None = option(
+        None, "imaml: how an inner step is computed: gradient (the --inner_optimizer's step) or "
+        "gauss_newton (--inner_lr x the proximal problem's Gauss-Newton step, exact through a "
+        "system of one row per prediction: well scaled however sharp the loss); default gradient")
     cg_steps: int | None = option(
         None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
         "(0: the first-order approximation); default 5 (imaml_dev)")
@@ -215,6 +226,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
     inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
     cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None, inner_backtrack=False,
+    inner_solver="gradient",
     query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
@@ -224,7 +236,8 @@ SAVED_BEFORE: dict[str, Any] = dict(
     inner_proximal=0.0, head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean",
     inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
-    input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False)
+    input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False,
+    inner_solver="gradient")
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -362,6 +375,14 @@ def validate(config: TrainConfig) -> None:
             raise DiffoptError(f"--cg_steps is imaml's linear solve; drop it for --algorithm "
                                f"{config.algorithm}")
         check_int("cg_steps", config.cg_steps, 0)
+    _check_name("inner solver", "inner_solver", config.inner_solver, INNER_SOLVERS)
+    if config.inner_solver != "gradient":
+        if config.algorithm != "imaml":
+            raise DiffoptError(f"--inner_solver {config.inner_solver} is for imaml, whose inner steps "
+                               f"are not differentiated; drop it for --algorithm {config.algorithm}")
+        if config.inner_optimizer != "sgd" or config.inner_options:
+            raise DiffoptError(f"--inner_solver {config.inner_solver} computes its own steps: drop "
+                               "--inner_optimizer and --inner_options")
     if config.inner_backtrack and config.algorithm != "imaml":
         raise DiffoptError(f"--inner_backtrack is for imaml, whose inner steps are not "
                            f"differentiated; drop it for --algorithm {config.algorithm}")

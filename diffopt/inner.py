@@ -40,6 +40,9 @@ def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) ->
     return mean
 
 
+INNER_SOLVERS = ("gradient", "gauss_newton")
+"""How an inner step is computed (``InnerLoop(solver=...)``)."""
+
 INNER_PARAMS = ("all", "weights", "head", "body")
 """Which parameters the inner loop adapts (the others keep their meta-learned values through it):
 ``all``; ``weights``, those of convolution and linear layers (cbfinn/maml: not batch norm's);
@@ -114,16 +117,20 @@ class InnerLoop(nn.Module):
     task) leaves its torch optimizer's final state in ``carried_state``, which every later unroll
     starts from; other unrolls (evaluation tasks) start from it and leave it as it was, as
     supervised-reptile saves and restores its full state around an evaluation task.
-    ``backtrack``: a step is taken only if it lowers that objective on its examples; a refused
-    step halves the next one, a step taken doubles it back up to the rule's (``unroll.backtrack``;
-    loops that are not differentiated, on rules with a functional form: iMAML's solver).
+    ``solver`` (``INNER_SOLVERS``): ``gradient``, the optimizer's steps; ``gauss_newton``, lr x
+    the proximal problem's Gauss-Newton step (``unroll.gauss_newton_step``: sgd, a proximal term,
+    no differentiated unroll; iMAML's solver). ``backtrack``: a step is taken only if it lowers
+    that objective on its examples; a refused step halves the next one, a step taken doubles it
+    back up to the full step (``unroll.backtrack``; loops that are not differentiated, on rules
+    with a functional form: iMAML's solver).
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
                  query_norm_row: str = "last_step", proximal: float = 0.0,
-                 options: dict | None = None, backtrack: bool = False) -> None:
+                 options: dict | None = None, backtrack: bool = False,
+                 solver: str = "gradient") -> None:
         super().__init__()
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
@@ -140,6 +147,12 @@ class InnerLoop(nn.Module):
         if not isinstance(backtrack, bool):
             raise DiffoptError(f"backtrack is True or False; got {backtrack!r}")
         self.backtrack = backtrack
+        if solver not in INNER_SOLVERS:
+            raise unknown_name("inner solver", solver, INNER_SOLVERS)
+        if solver == "gauss_newton" and not self.proximal > 0:
+            raise DiffoptError("the gauss_newton inner solver needs a proximal term: proximal > 0 "
+                               "(--inner_proximal)")
+        self.solver = solver
         self.options = dict(options or {})
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction
@@ -223,6 +236,11 @@ class InnerLoop(nn.Module):
         """
         steps = self.steps if steps is None else steps
         mask = adapted_mask(model, self.params)
+        if self.solver == "gauss_newton":
+            if track_higher_grads or detach_inner_grads:
+                raise DiffoptError("the gauss_newton inner solver's steps are not differentiated: "
+                                   "use it with imaml")
+            functional = True  # its step is a torch.func function, vmapped or not
         if functional:
             return paths.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
                                     detach_inner_grads, losses)

@@ -89,6 +89,56 @@ def backtrack(objective_at, params: list[torch.Tensor], updates: list, before: t
 
 
 
+def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_fn: LossFn,
+                      weights: list[torch.Tensor], anchor: list[torch.Tensor], mask: list[bool],
+                      x: torch.Tensor, y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """``InnerLoop(solver="gauss_newton")``'s step: lr x d over the adapted tensors w, where
+    d = -(G + lambda I)^-1 (grad L(w) + lambda (w - w0)) solves the proximal problem's Gauss-Newton
+    model: G = J^T H_o J, J [m, n] the Jacobian of the m = x.shape[0] x outputs predictions in w,
+    H_o [m, m] the inner loss's Hessian in the predictions. Exact through an m x m system (push-
+    through identity: (lambda I + A J)^-1 = (I - A (lambda I + J A)^-1 J) / lambda with
+    A = J^T H_o), so the step stays well scaled however sharp the loss is: the predictions' m
+    directions are fitted, the rest of w moves by -grad / lambda. Needs lambda > 0. Pure
+    ``torch.func``, vmappable. (per-tensor updates, None where not adapted; the objective, loss
+    plus proximal term, at w; the mean loss at w)."""
+    from diffopt.inner import reduce_loss  # inner imports this module
+
+    lam = loop.proximal
+    adapted = [w for w, keep in zip(weights, mask, strict=True) if keep]
+
+    def predictions(chosen: list[torch.Tensor]) -> torch.Tensor:
+        given = iter(chosen)
+        full = [next(given) if keep else w for w, keep in zip(weights, mask, strict=True)]
+        return FunctionalModel(model, names, full)(x)
+
+    prediction, pullback = torch.func.vjp(predictions, adapted)
+    shape, count = prediction.shape, prediction.numel()
+
+    def inner_loss(flat: torch.Tensor) -> torch.Tensor:
+        return reduce_loss(loss_fn(flat.view(shape), y), flat.view(shape), loop.loss_reduction)
+
+    flat = prediction.reshape(-1)
+    basis = torch.eye(count, dtype=flat.dtype, device=flat.device).view(count, *shape)
+    (rows,) = torch.func.vmap(pullback)(basis)  # per prediction, its gradient in each tensor
+    jacobian = torch.cat([j.reshape(count, -1) for j in rows], 1)
+    hessian = torch.func.hessian(inner_loss)(flat)
+    moved = torch.cat([(w - w0).reshape(-1) for w, w0, keep in zip(weights, anchor, mask, strict=True)
+                       if keep])
+    rhs = -(jacobian.T @ torch.func.grad(inner_loss)(flat) + lam * moved)
+    a = jacobian.T @ hessian
+    system = lam * torch.eye(count, dtype=flat.dtype, device=flat.device) + jacobian @ a
+    direction = (rhs - a @ torch.linalg.solve(system, jacobian @ rhs)) / lam
+    updates, start = [], 0
+    for w, keep in zip(weights, mask, strict=True):
+        if keep:
+            updates.append(loop.lr * direction[start:start + w.numel()].view(w.shape))
+            start += w.numel()
+        else:
+            updates.append(None)
+    objective, loss = loop.objective(loss_fn, prediction, y, weights, anchor, mask)
+    return updates, objective, loss
+
+
 def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
                    y: torch.Tensor, steps: int, mask: list[bool], track_higher_grads: bool,
                    detach_inner_grads: bool, losses: list | None,
@@ -214,11 +264,15 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
         set_inner_step(model, step)
         constant = detach_inner_grads or not track  # no graph through the inner gradient
         xb, yb = minibatch(x, y, order, step)
-        grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
-            _detach_all(params) if constant else params, xb, yb)
+        if loop.solver == "gauss_newton":
+            updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),
+                                                      anchor, mask, xb, yb)
+        else:
+            grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
+                _detach_all(params) if constant else params, xb, yb)
+            updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
         if losses is not None:
             losses.append(loss.detach())
-        updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
         if not track:
             updates = _detach_all(updates)
         if loop.backtrack:
