@@ -13,8 +13,8 @@ interrupted run resumes from its last checkpoint (every 500 meta-iterations), so
 reproduction continues where it stopped.
 
 Setup as Finn et al.: 1-40-40-1 ReLU MLP, meta-batch 25, Adam 1e-3, one inner step of initial
-size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data; iMAML: 10
-backtracking steps of at most 0.01 on the proximal problem, lambda 100, and 5 CG iterations).
+size 0.01 while meta-training (Reptile: its own recipe, see diffopt.data; iMAML: 3
+backtracking Gauss-Newton steps on the proximal problem, lambda 100, and 5 CG iterations).
 Meta-SGD learns one step size per weight, LSLR one per tensor, Meta-Curvature a
 Kronecker-factored preconditioner per weight with the step size fixed at 0.01.
 """
@@ -47,10 +47,11 @@ CONFIGS = {
     "reptile": {"algorithm": "reptile"},
     "anil": {"algorithm": "anil", "inner_optimizer": "sgd"},
     "boil": {"algorithm": "boil", "inner_optimizer": "sgd"},
-    # iMAML: lambda = 1 / the inner lr (a weight with no curvature moves as one MAML step would),
-    # 10 backtracking steps (fixed steps diverge as meta-training sharpens the loss), 5 CG steps
-    "imaml": {"algorithm": "imaml", "inner_optimizer": "sgd", "inner_steps": 10,
-              "inner_proximal": 100.0, "inner_backtrack": True},
+    # iMAML: lambda 100 = 1 / the protocol's inner lr (a weight with no curvature moves as one
+    # MAML step would); 3 backtracking Gauss-Newton steps (gradient steps, fixed or backtracking,
+    # fall behind as meta-training sharpens the loss, and the run collapses); 5 CG steps
+    "imaml": {"algorithm": "imaml", "inner_optimizer": "sgd", "inner_solver": "gauss_newton",
+              "inner_steps": 3, "inner_lr": 1.0, "inner_proximal": 100.0, "inner_backtrack": True},
 }
 
 
