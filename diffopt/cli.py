@@ -344,9 +344,11 @@ def compare(
 def gradcheck(
     algorithm: str = "maml",
     inner_optimizer: str = "sgd",
-    inner_lr: float = 0.1,
+    inner_lr: float | None = None,
     inner_options: dict | None = None,
     inner_steps: int | None = None,
+    inner_solver: str = "gradient",
+    inner_backtrack: bool = False,
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
     norm: str = "none",
@@ -371,10 +373,12 @@ def gradcheck(
     Args:
         algorithm: algorithm whose meta-gradient is checked (it must be exact, e.g. maml)
         inner_optimizer: inner-loop optimizer
-        inner_lr: inner-loop step size
+        inner_lr: inner-loop step size (default 0.1; 1, the full step, for gauss_newton)
         inner_options: the inner optimizer's other hyper-parameters, e.g. '{betas: [0.5, 0.9]}'
         inner_steps: inner-loop steps (default 2; imaml: 100, enough for its inner problem to
             converge, which its implicit gradient assumes)
+        inner_solver: imaml's inner steps: gradient or gauss_newton
+        inner_backtrack: imaml: take only the inner steps that lower the proximal objective
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
         norm: normalisation after each hidden layer: none, batch, per_step_batch
@@ -403,8 +407,9 @@ def gradcheck(
     else:
         implicit = algorithm_class(algorithm).gradient_at_optimum  # converge the inner loop
         config = resolve_config(
-            algorithm=algorithm, inner_optimizer=inner_optimizer, inner_lr=inner_lr,
-            inner_options=inner_options,
+            algorithm=algorithm, inner_optimizer=inner_optimizer,
+            inner_lr=inner_lr if inner_lr is not None else 1.0 if inner_solver == "gauss_newton" else 0.1,
+            inner_options=inner_options, inner_solver=inner_solver, inner_backtrack=inner_backtrack,
             inner_steps=inner_steps if inner_steps is not None else 100 if implicit else 2,
             hidden=hidden, activation=activation, norm=norm,
             inner_params=inner_params, vectorize=vectorize, shots=shots, test_shots=test_shots,
@@ -429,7 +434,9 @@ def gradcheck(
     eps = ",".join(f"{step:g}" for step in eps)
     path = "vmap over tasks" if meta_learner.vectorized else "loop over tasks"
     options = "".join(f" {key}={value}" for key, value in (config.inner_options or {}).items())
-    print(f"{config.algorithm}: inner {config.inner_optimizer} lr={config.inner_lr}{options} "
+    solver = "gauss_newton" if config.inner_solver == "gauss_newton" else config.inner_optimizer
+    solver += " backtracking" if config.inner_backtrack else ""
+    print(f"{config.algorithm}: inner {solver} lr={config.inner_lr}{options} "
           f"steps={config.inner_steps} adapting {config.inner_params}, hidden={config.hidden} "
           f"{config.activation} norm={config.norm}, "
           f"{config.meta_batch_size} tasks, {path}, eps={eps}, float64")

@@ -73,15 +73,23 @@ def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
 
 
+ROUNDING = 8
+"""``backtrack`` takes a step whose objective is above the current one by at most this many
+units of rounding (machine epsilon x |objective|)."""
+
+
 def backtrack(objective_at, params: list[torch.Tensor], updates: list, before: torch.Tensor,
               scale: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One step of ``InnerLoop(backtrack=True)`` (a "bold driver"): the weights ``params`` moved
     by ``scale`` x ``updates`` if that lowers the inner objective below ``before`` (its value at
-    ``params``; ``objective_at``: weights -> objective), else left where they are; the scale
+    ``params``; ``objective_at``: weights -> objective; ties within ``ROUNDING`` count as lower),
+    else left where they are; the scale
     doubles (up to 1) after a step taken and halves after one refused. (new weights, new scale);
     elementwise, so under vmap each task keeps its own scale."""
     trial = [p if u is None else p + scale * u for p, u in zip(params, updates, strict=True)]
-    taken = objective_at(trial) < before
+    # not higher, within rounding: near the solution a step's decrease (~ residual^2) is below
+    # the objective's precision, and a strict test would refuse every step from there on
+    taken = objective_at(trial) <= before + ROUNDING * torch.finfo(before.dtype).eps * before.abs()
     moved = [p if u is None else torch.where(taken, t, p)
              for p, t, u in zip(params, trial, updates, strict=True)]
     return moved, torch.where(taken, torch.clamp(2 * scale, max=1.0), scale / 2)
