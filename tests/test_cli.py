@@ -302,7 +302,8 @@ def test_train_help_lists_every_option():
                  "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",
                  "eval_seed", "eval_transductive", "validate_every", "validation_tasks", "out", "progress",
                  "tensorboard"]),
-    ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_options", "inner_steps", "hidden",
+    ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_options", "inner_steps", "inner_solver",
+                   "inner_backtrack", "hidden",
                    "activation", "norm", "inner_params", "inner_proximal", "cg_steps", "vectorize", "shots",
                    "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
 ])
