@@ -376,16 +376,15 @@ def validate(config: TrainConfig) -> None:
                                f"{config.algorithm}")
         check_int("cg_steps", config.cg_steps, 0)
     _check_name("inner solver", "inner_solver", config.inner_solver, INNER_SOLVERS)
-    if config.inner_solver != "gradient":
-        if config.algorithm != "imaml":
-            raise DiffoptError(f"--inner_solver {config.inner_solver} is for imaml, whose inner steps "
-                               f"are not differentiated; drop it for --algorithm {config.algorithm}")
-        if config.inner_optimizer != "sgd" or config.inner_options:
-            raise DiffoptError(f"--inner_solver {config.inner_solver} computes its own steps: drop "
-                               "--inner_optimizer and --inner_options")
-    if config.inner_backtrack and config.algorithm != "imaml":
-        raise DiffoptError(f"--inner_backtrack is for imaml, whose inner steps are not "
-                           f"differentiated; drop it for --algorithm {config.algorithm}")
+    imaml_only = {f"--inner_solver {config.inner_solver}": config.inner_solver != "gradient",
+                  "--inner_backtrack": config.inner_backtrack is True}
+    for flag, given in imaml_only.items():
+        if given and config.algorithm != "imaml":
+            raise DiffoptError(f"{flag} is for imaml, whose inner steps are not differentiated; "
+                               f"drop it for --algorithm {config.algorithm}")
+    if config.inner_solver != "gradient" and (config.inner_optimizer != "sgd" or config.inner_options):
+        raise DiffoptError(f"--inner_solver {config.inner_solver} computes its own steps: drop "
+                           "--inner_optimizer and --inner_options")
     check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:

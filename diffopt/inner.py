@@ -169,6 +169,9 @@ class InnerLoop(nn.Module):
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")
         self.rule = self._build_rule(model)
+        if backtrack and self.first_order_rule is None:
+            raise DiffoptError(f"backtracking inner steps run without higher, which {optimizer!r} "
+                               "needs: use sgd, adam or a diffopt rule")
 
     def _build_rule(self, model: nn.Module | None) -> UpdateRule | None:
         """The named rule, sized to the tensors of ``model`` the inner loop adapts."""

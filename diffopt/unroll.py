@@ -95,8 +95,6 @@ def backtrack(objective_at, params: list[torch.Tensor], updates: list, before: t
     return moved, torch.where(taken, torch.clamp(2 * scale, max=1.0), scale / 2)
 
 
-
-
 def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_fn: LossFn,
                       weights: list[torch.Tensor], anchor: list[torch.Tensor], mask: list[bool],
                       x: torch.Tensor, y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -216,8 +214,9 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
     state = loop.carried_state if carried else init_on(rule, params, index)
     order = batch_order(x, y, steps, loop.batch_size)
     anchor = [p.detach() for p in model.parameters()]
-    names = [name for name, _ in learner.named_parameters()]
-    scale = torch.ones((), dtype=x.dtype, device=x.device)
+    if loop.backtrack:  # the trial weights' objective, and each task's step scale
+        names = [name for name, _ in learner.named_parameters()]
+        scale = torch.ones((), dtype=x.dtype, device=x.device)
     for step in range(steps):
         if per_step:
             set_inner_step(learner, step)
