@@ -25,6 +25,44 @@ settings.register_profile("explore", derandomize=False, deadline=None, max_examp
 settings.load_profile("ci")
 
 
+def _torch_globals() -> dict:
+    """torch's process-wide settings a test may change (the random generators aside: tests seed
+    what they draw)."""
+    return {"threads": torch.get_num_threads(), "dtype": torch.get_default_dtype(),
+            "grad": torch.is_grad_enabled(), "anomaly": (torch.is_anomaly_enabled(),
+                                                         torch.is_anomaly_check_nan_enabled()),
+            "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled()),
+            "matmul_precision": torch.get_float32_matmul_precision()}
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Every test starts from the settings the session started with: torch's thread count,
+    default dtype, grad mode, anomaly and determinism modes, the environment and the working
+    directory are put back after it (a test that sets one thread would otherwise run every later
+    test on one thread, and a thread-count check would compare 1 with 1)."""
+    before, environ, cwd = _torch_globals(), dict(os.environ), os.getcwd()
+    yield
+    after = _torch_globals()
+    if after["threads"] != before["threads"]:
+        torch.set_num_threads(before["threads"])
+    if after["dtype"] != before["dtype"]:
+        torch.set_default_dtype(before["dtype"])
+    torch.set_grad_enabled(before["grad"])
+    if after["anomaly"] != before["anomaly"]:
+        torch.autograd.set_detect_anomaly(*before["anomaly"])
+    if after["deterministic"] != before["deterministic"]:
+        torch.use_deterministic_algorithms(before["deterministic"][0], warn_only=before["deterministic"][1])
+    if after["matmul_precision"] != before["matmul_precision"]:
+        torch.set_float32_matmul_precision(before["matmul_precision"])
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
+
+
 def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
                    dtype: torch.dtype = torch.float64) -> Episode:
     """A meta-batch of random 1-d regression tasks: x ~ N(0, 1), y ~ N(0, 1)."""

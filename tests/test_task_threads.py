@@ -99,11 +99,15 @@ def test_tasks_run_under_the_callers_grad_mode():
 
 
 def test_models_with_buffers_or_dropout_run_one_task_at_a_time():
+    """Auto (0) gives torch's thread count where tasks may share threads and 1 where not; the
+    count is set to 3 here (conftest restores it) so the two answers differ: under one thread
+    (OMP_NUM_THREADS=1, or a test that leaked it) both would be 1."""
+    torch.set_num_threads(3)
     with_stats = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     with_dropout = nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.1), nn.Linear(4, 1))
     assert resolve_task_threads(0, with_stats) == 1
     assert resolve_task_threads(0, with_dropout) == 1
-    assert resolve_task_threads(0, MLP(1, 1, (4,), "relu")) == torch.get_num_threads()
+    assert resolve_task_threads(0, MLP(1, 1, (4,), "relu")) == 3
     with pytest.raises(DiffoptError, match="running statistics.*--task_threads 1"):
         build_algorithm("maml", with_stats, InnerLoop("sgd"), F.mse_loss, "never", task_threads=2)
     with pytest.raises(DiffoptError, match="dropout.*--task_threads 1"):
