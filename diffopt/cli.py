@@ -56,7 +56,11 @@ def train(resume: str | None = None, dry_run: bool = False, **options: Any) -> N
             return
         result = resume_training(resume, progress=options.get("progress"))
     elif dry_run:
-        print(json.dumps(resolve_config(**options).to_dict(), indent=1))
+        from diffopt.train import build
+
+        config = resolve_config(**options)
+        build(config)  # the checks the algorithm, model and inner loop make when built
+        print(json.dumps(config.to_dict(), indent=1))
         return
     else:
         result = run_training(resolve_config(**options))
@@ -349,6 +353,7 @@ def gradcheck(
     inner_steps: int | None = None,
     inner_solver: str = "gradient",
     inner_backtrack: bool = False,
+    inner_checkpoint: int | str | None = None,
     hidden: Sequence[int] = (8, 8),
     activation: str = "tanh",
     norm: str = "none",
@@ -379,6 +384,8 @@ def gradcheck(
             converge, which its implicit gradient assumes)
         inner_solver: imaml's inner steps: gradient or gauss_newton
         inner_backtrack: imaml: take only the inner steps that lower the proximal objective
+        inner_checkpoint: check the checkpointed unroll: K inner steps per recomputed segment,
+            or auto
         hidden: hidden layer widths of the MLP
         activation: MLP activation (smooth ones such as tanh suit finite differences)
         norm: normalisation after each hidden layer: none, batch, per_step_batch
@@ -410,6 +417,7 @@ def gradcheck(
             algorithm=algorithm, inner_optimizer=inner_optimizer,
             inner_lr=inner_lr if inner_lr is not None else 1.0 if inner_solver == "gauss_newton" else 0.1,
             inner_options=inner_options, inner_solver=inner_solver, inner_backtrack=inner_backtrack,
+            inner_checkpoint=inner_checkpoint,
             inner_steps=inner_steps if inner_steps is not None else 100 if implicit else 2,
             hidden=hidden, activation=activation, norm=norm,
             inner_params=inner_params, vectorize=vectorize, shots=shots, test_shots=test_shots,
@@ -436,6 +444,7 @@ def gradcheck(
     options = "".join(f" {key}={value}" for key, value in (config.inner_options or {}).items())
     solver = "gauss_newton" if config.inner_solver == "gauss_newton" else config.inner_optimizer
     solver += " backtracking" if config.inner_backtrack else ""
+    solver += "" if config.inner_checkpoint is None else f" checkpointed every {config.inner_checkpoint}"
     print(f"{config.algorithm}: inner {solver} lr={config.inner_lr}{options} "
           f"steps={config.inner_steps} adapting {config.inner_params}, hidden={config.hidden} "
           f"{config.activation} norm={config.norm}, "

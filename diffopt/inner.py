@@ -9,6 +9,7 @@ import higher
 import torch
 from torch import nn
 
+from diffopt import recompute
 from diffopt import unroll as paths
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.fastweights import FunctionalModel, ModelCopies
@@ -94,6 +95,16 @@ passes the step's index, few_shot_learning_system.py:217-243); ``steps_taken`` r
 next step would use. Support forwards always read row k (the steps taken)."""
 
 
+def check_checkpoint(checkpoint: object, steps: int) -> None:
+    """DiffoptError unless ``checkpoint`` is None, ``'auto'`` or a whole number of steps from 1 to
+    ``steps`` (``InnerLoop(checkpoint=...)``)."""
+    if checkpoint is None or checkpoint == "auto":
+        return
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or not 1 <= checkpoint <= steps:
+        raise DiffoptError(f"--inner_checkpoint is auto or a whole number of inner steps per segment "
+                           f"from 1 to --inner_steps ({steps}); got {checkpoint!r}")
+
+
 class InnerLoop(nn.Module):
     """``steps`` steps of an inner update rule with (initial) step size ``lr``.
 
@@ -122,7 +133,16 @@ class InnerLoop(nn.Module):
     no differentiated unroll; iMAML's solver). ``backtrack``: a step is taken only if it lowers
     that objective on its examples; a refused step halves the next one, a step taken doubles it
     back up to the full step (``unroll.backtrack``; loops that are not differentiated, on rules
-    with a functional form: iMAML's solver).
+    with a functional form: iMAML's solver). ``checkpoint`` (k, ``'auto'`` for ceil(sqrt(steps)),
+    or None): second-order unrolls keep the weights and the optimizer's state every k steps and
+    rebuild one segment's graph at a time in the meta-backward (``diffopt.recompute``): the same
+    meta-gradient in memory that grows with steps / k + k instead of steps.
+
+    Example::
+
+        inner = InnerLoop("adam", lr=0.01, steps=100, checkpoint="auto")
+        for fmodel in inner.unroll(model, F.mse_loss, x, y):   # the model after each step
+            ...
     """
 
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
@@ -130,8 +150,10 @@ class InnerLoop(nn.Module):
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
                  query_norm_row: str = "last_step", proximal: float = 0.0,
                  options: dict | None = None, backtrack: bool = False,
-                 solver: str = "gradient") -> None:
+                 solver: str = "gradient", checkpoint: int | str | None = None) -> None:
         super().__init__()
+        check_checkpoint(checkpoint, steps)
+        self.checkpoint = checkpoint
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
         self.query_norm_row = query_norm_row
@@ -244,6 +266,12 @@ class InnerLoop(nn.Module):
                 raise DiffoptError("the gauss_newton inner solver's steps are not differentiated: "
                                    "use it with imaml")
             functional = True  # its step is a torch.func function, vmapped or not
+        if self.checkpoint is not None and track_higher_grads:
+            if functional:
+                raise DiffoptError("checkpointed unrolls loop over tasks (their segments are autograd "
+                                   "nodes that torch.func.vmap cannot batch): vectorize='never'")
+            return recompute.checkpointed(self, model, loss_fn, x, y, steps, mask, detach_inner_grads,
+                                          losses)
         if functional:
             return paths.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
                                     detach_inner_grads, losses)
@@ -338,6 +366,7 @@ class InnerLoop(nn.Module):
         reduction = "" if self.loss_reduction == "mean" else f", loss_reduction={self.loss_reduction!r}"
         adapted = "" if self.params == "all" else f", params={self.params!r}"
         proximal = f", proximal={self.proximal}" if self.proximal else ""
+        proximal += "" if self.checkpoint is None else f", checkpoint={self.checkpoint!r}"
         options = f", options={self.options}" if self.options else ""
         return (f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
                 f"{options}{batch}{state}{reduction}{adapted}{proximal}")

@@ -145,6 +145,29 @@ def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_
     return updates, objective, loss
 
 
+def differentiable_optimizer(loop: InnerLoop, model: nn.Module, fmodel: higher.patch._MonkeyPatchBase,
+                             mask: list[bool], track: bool, detach_inner_grads: bool,
+                             carried: list[dict] | None = None):
+    """(higher's differentiable optimizer stepping ``fmodel`` as ``loop`` says, the torch optimizer
+    it was made from). Inner gradients reach the adapted tensors alone, as constants with
+    ``detach_inner_grads``; ``carried``: a torch optimizer's state per model parameter to start from."""
+    if loop.rule is not None:
+        template = RuleOptimizer(model.parameters(), loop.rule, loop.rule_index(mask))
+    else:
+        template = make_inner_optimizer(loop.optimizer, model.parameters(), loop.lr, loop.options)
+        for param, saved in zip(model.parameters(), carried or (), strict=bool(carried)):
+            template.state[param] = saved  # higher copies it
+
+    def grad_callback(grads):
+        return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
+        return higher.optim.get_diff_optim(
+            template, model.parameters(), fmodel=fmodel, track_higher_grads=track,
+            grad_callback=grad_callback), template
+
+
 def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
                    y: torch.Tensor, steps: int, mask: list[bool], track_higher_grads: bool,
                    detach_inner_grads: bool, losses: list | None,
@@ -154,24 +177,11 @@ def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.
     if loop.backtrack:
         raise DiffoptError("backtracking inner steps run without higher: an update rule with a "
                            "functional form (sgd or a diffopt rule) and no differentiated unroll")
-    if loop.rule is not None:
-        template = RuleOptimizer(model.parameters(), loop.rule, loop.rule_index(mask))
-    else:
-        template = make_inner_optimizer(loop.optimizer, model.parameters(), loop.lr, loop.options)
-        if loop.carries_state and loop.carried_state is not None:
-            for param, saved in zip(model.parameters(), loop.carried_state, strict=True):
-                template.state[param] = saved  # higher copies it
     fmodel, per_step = loop.copies.monkeypatched(model, track_higher_grads)
+    carried = loop.carried_state if loop.carries_state else None
+    diffopt, template = differentiable_optimizer(loop, model, fmodel, mask, track_higher_grads,
+                                                 detach_inner_grads, carried)
     anchor = list(model.parameters())
-
-    def grad_callback(grads):
-        return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
-        diffopt = higher.optim.get_diff_optim(
-            template, model.parameters(), fmodel=fmodel, track_higher_grads=track_higher_grads,
-            grad_callback=grad_callback)
     if per_step:
         set_inner_step(fmodel, 0)
     yield fmodel

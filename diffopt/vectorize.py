@@ -66,6 +66,8 @@ def vmap_obstacle(model: nn.Module, inner: InnerLoop) -> str | None:
         return f"the inner optimizer {inner.optimizer!r} has no functional form"
     if inner.batch_size is not None:
         return "inner mini-batches are shuffled per task (inner_batch_size)"
+    if inner.checkpoint is not None:
+        return "checkpointed unrolls run per task (inner_checkpoint: autograd nodes vmap cannot batch)"
     rule = inner.functional_rule
     adapted = [p for p, keep in zip(model.parameters(), adapted_mask(model, inner.params), strict=True)
                if keep or rule is not inner.rule]  # a learned rule sees the adapted tensors alone

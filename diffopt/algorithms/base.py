@@ -53,6 +53,9 @@ class MetaAlgorithm(nn.Module):
     None: its own name's."""
     adapts: ClassVar[str | None] = None
     """The ``InnerLoop`` params setting the algorithm fixes (ANIL: 'head'), or None."""
+    differentiates_unroll: ClassVar[bool] = False
+    """Whether ``meta_gradient`` backpropagates through the inner steps (MAML and its partial
+    variants), the only unrolls a checkpointed inner loop (``InnerLoop(checkpoint=k)``) changes."""
     carries_inner_state: ClassVar[bool] = False
     """Whether meta-training may carry the inner optimizer's state from task to task
     (``InnerLoop(state='persist')``): first-order algorithms, whose meta-gradient is not the
@@ -71,6 +74,10 @@ class MetaAlgorithm(nn.Module):
                 f"{self.name} starts every task from a fresh inner optimizer state (a carried one "
                 "would make its meta-gradient depend on the task order); use inner_state='reset' "
                 "(--inner_state reset), or fomaml or reptile")
+        if inner.checkpoint is not None and not self.differentiates_unroll:
+            raise DiffoptError(f"{self.name} does not backpropagate through the inner steps, so there "
+                               "is nothing to checkpoint: drop --inner_checkpoint (it is for maml, "
+                               "anil and boil)")
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.vectorized = resolve_vectorize(vectorize, model, inner)
         resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training

@@ -29,6 +29,7 @@ class MAML(MetaAlgorithm):
 
     name = "maml"
     learns_update_rule = True
+    differentiates_unroll = True
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
                  task_threads: int = 1) -> None:
