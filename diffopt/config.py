@@ -20,6 +20,7 @@ from diffopt.inner import (
     INNER_STATES,
     LOSS_REDUCTIONS,
     QUERY_NORM_ROWS,
+    check_checkpoint,
     check_inner_params,
 )
 from diffopt.models import (
@@ -140,6 +141,11 @@ class TrainConfig:
         None, "imaml: how an inner step is computed: gradient (the --inner_optimizer's step) or "
         "gauss_newton (--inner_lr x the proximal problem's Gauss-Newton step, exact through a "
         "system of one row per prediction: well scaled however sharp the loss); default gradient")
+    inner_checkpoint: int | str | None = option(
+        None, "second-order unrolls in bounded memory: keep the weights and the inner optimizer's "
+        "state every K inner steps and rebuild one segment's graph at a time in the meta-backward "
+        "(the same meta-gradient; memory ~ steps/K + K steps' graph instead of steps', about 1.3x "
+        "the time); auto: K = ceil(sqrt(inner steps)); maml, anil and boil; default: off")
     cg_steps: int | None = option(
         None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
         "(0: the first-order approximation); default 5 (imaml_dev)")
@@ -226,7 +232,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
     inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
     cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None, inner_backtrack=False,
-    inner_solver="gradient",
+    inner_solver="gradient", inner_checkpoint=None,
     query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
@@ -237,7 +243,7 @@ SAVED_BEFORE: dict[str, Any] = dict(
     inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
     input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False,
-    inner_solver="gradient")
+    inner_solver="gradient", inner_checkpoint=None)
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -375,6 +381,7 @@ def validate(config: TrainConfig) -> None:
             raise DiffoptError(f"--cg_steps is imaml's linear solve; drop it for --algorithm "
                                f"{config.algorithm}")
         check_int("cg_steps", config.cg_steps, 0)
+    check_checkpoint(config.inner_checkpoint, config.inner_steps)
     _check_name("inner solver", "inner_solver", config.inner_solver, INNER_SOLVERS)
     imaml_only = {f"--inner_solver {config.inner_solver}": config.inner_solver != "gradient",
                   "--inner_backtrack": config.inner_backtrack is True}
