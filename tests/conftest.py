@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,39 @@ def restore_global_state():
         os.environ.update(environ)
     if os.getcwd() != cwd:
         os.chdir(cwd)
+
+
+class _StepClockTime:
+    """``time`` for diffopt.train with a fake ``perf_counter`` (the rest is the real module)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """``step_clock(seconds)``: from then on, in this test, each meta-step of ``diffopt.train``
+    takes exactly ``seconds`` of its training clock and nothing else takes any time, so what
+    --max_seconds, --validate_every_seconds and --snapshot_every_seconds do is deterministic."""
+    import diffopt.train as train_module
+
+    def install(seconds: float) -> None:
+        clock, real = _StepClockTime(), train_module.meta_step
+
+        def meta_step(*args, **kwargs):
+            clock.now += seconds
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "time", clock)
+        monkeypatch.setattr(train_module, "meta_step", meta_step)
+
+    return install
 
 
 def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,

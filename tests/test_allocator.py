@@ -19,22 +19,25 @@ for _ in range(6):  # a task's activations: ten 8 MB tensors, written, then all 
     tensors = [torch.ones(2 << 20) for _ in range(10)]
     del tensors
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[1:]))  # after the first round
+print(*faults)
 """
 
 
-def _page_faults(setting: str) -> int:
+def _page_faults(setting: str) -> list[int]:
+    """Minor page faults of each of six rounds, in one fresh process."""
     result = subprocess.run([sys.executable, "-c", ROUNDS, setting], capture_output=True, text=True,
                             check=True)
-    return int(result.stdout.strip())
+    return [int(n) for n in result.stdout.split()]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_kept_memory_is_reused_without_page_faults():
+    """Each process's first round faults its 80 MB in; that round is the yardstick for the later
+    ones of the same process, so the page size and transparent huge pages (which shrank the
+    default's count on another machine) scale both sides alike. By default every round faults
+    its pages in again; kept, a later round faults at most one of its ten tensors' pages in
+    (measured here: default 20.5k in every round; kept 20.5k, then 2k, then 0)."""
     default, kept = _page_faults("default"), _page_faults("kept")
-    # 5 rounds x 80 MB of fresh pages is ~100k faults with 4 KiB pages (~22k where transparent
-    # huge pages serve part of it); kept, the heap is reused: at most one 8 MB tensor's pages a
-    # round (measured 2k-10k). A ratio to the default flaked where huge pages shrank the default.
-    one_tensor_a_round = 5 * (8 << 20) // 4096
-    assert default > 20_000
-    assert kept <= one_tensor_a_round + 512 < default
+    assert min(default[1:]) > 0.5 * default[0], default  # freed memory went back to the system
+    assert max(kept[1:]) < 0.2 * kept[0], kept  # at most a tenth of the first round, and slack
+    assert sum(kept[1:]) < 0.2 * sum(default[1:]), (kept, default)

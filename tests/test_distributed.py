@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -94,15 +93,17 @@ def test_two_processes_train_as_one(tmp_path, options, launch):
 
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_run_and_resume_finishes_it(tmp_path):
-    """Rank 1 dies in iteration 3 (after the checkpoint of iteration 2): torchrun stops the
-    other rank and fails; resumed under torchrun, the run ends as one process's run."""
+    """Rank 1 dies in iteration 3 (after the checkpoint of iteration 2): the other rank does not
+    wait for it (its collective timeout is an hour here, longer than the test's guard, so a run
+    that ends at all did not hang on the dead peer) and torchrun fails; resumed under torchrun,
+    the run ends as one process's run."""
     script = tmp_path / "dying.py"
     script.write_text(DYING)
     options = [*MAML, "--iterations", "4", "--checkpoint_every", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    start = time.monotonic()
-    died = torchrun(str(script), "train", *options, "--run_dir", str(two), DIE_AT="3", timeout=60)
-    assert died.returncode != 0 and time.monotonic() - start < 60
+    died = torchrun(str(script), "train", *options, "--run_dir", str(two), DIE_AT="3", timeout=300,
+                    DIFFOPT_DIST_TIMEOUT="3600")
+    assert died.returncode != 0
     assert load_checkpoint(two)["iteration"] == 2
     resumed = torchrun("-m", "diffopt", "train", "--resume", str(two), "--progress", "False")
     assert resumed.returncode == 0, resumed.stderr

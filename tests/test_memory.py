@@ -24,20 +24,28 @@ def release_freed_memory() -> None:
 
 
 def test_a_step_that_allocates_256_mb_measures_about_that_and_one_that_does_not_measures_little():
+    """The yardstick is measured in this process: the resident growth of touching the 256 MiB
+    tensor the process then holds (not counted by later steps). A step that touches as much
+    again measures about that growth; a step that allocates nothing measures a small part of it;
+    the measure keeps the largest step."""
     release_freed_memory()
+    before = resident_mb()["VmRSS"]
     held = torch.ones(64 * 2**20)  # 256 MiB the process holds before the steps: not counted
+    yardstick = resident_mb()["VmRSS"] - before
+    assert yardstick > 0.5 * held.nbytes / 2**20, yardstick  # the pages were touched
     memory = StepMemory("cpu")
     with memory.measured():
         pass
-    assert memory.peak_growth_mb < 32
+    assert memory.peak_growth_mb < 0.1 * yardstick, (memory.peak_growth_mb, yardstick)
     with memory.measured():
         step = torch.ones(64 * 2**20)  # 256 MiB, touched
         del step
-    assert 240 < memory.peak_growth_mb < 300
+    largest = memory.peak_growth_mb
+    assert 0.8 * yardstick < largest < 1.2 * yardstick, (largest, yardstick)
     with memory.measured():
         pass
-    assert 240 < memory.peak_growth_mb < 300  # the largest over the steps
-    assert resident_mb()["VmRSS"] > 256 and held.sum() > 0
+    assert memory.peak_growth_mb == largest  # the largest over the steps
+    assert held.sum() > 0
 
 
 def test_cannot_measure_gives_nan(monkeypatch):

@@ -8,8 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
+import threading
 
 import pytest
 import torch
@@ -22,31 +21,50 @@ OPTIONS = ["--iterations", "300", "--meta_batch_size", "4", "--shots", "3", "--h
            "--meta_lr_schedule", "cosine", "--meta_lr_final", "1e-4", "--progress", "False"]
 
 
-def diffopt(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "diffopt", *args], env=env,
+STOPPING = """\
+import os, signal, sys
+import diffopt.train as train
+from diffopt.cli import main
+calls, real = 0, train.meta_step
+def stopping(*args, **kwargs):  # the process stops itself inside meta-iteration STOP_AT
+    global calls
+    calls += 1
+    if calls == int(os.environ["STOP_AT"]):
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real(*args, **kwargs)
+train.meta_step = stopping
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def diffopt(*args: str, **env: str) -> subprocess.Popen:
+    """``python -m diffopt ARGS`` (or ``python SCRIPT ARGS``) in a process of its own."""
+    command = args if args[0].endswith(".py") else ("-m", "diffopt", *args)
+    return subprocess.Popen([sys.executable, *command], env=dict(os.environ, OMP_NUM_THREADS="1", **env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def checkpoint_iteration(run: Path) -> int:
-    try:
-        return load_checkpoint(run)["iteration"]
-    except Exception:  # not written yet
-        return 0
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    """The victim stops itself (SIGSTOP) in meta-iteration 40, after the checkpoint of 35 and
+    the log lines of 36-39; the test waits for that stop (an event, not a clock) and kills it."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = diffopt("train", *OPTIONS, "--run_dir", str(whole))
-    victim = diffopt("train", *OPTIONS, "--run_dir", str(killed))
-    deadline = time.monotonic() + 120
-    while checkpoint_iteration(killed) < 30 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    victim = diffopt(str(script), "train", *OPTIONS, "--run_dir", str(killed), STOP_AT="40")
+    guard = threading.Timer(300, victim.kill)  # a victim that never stops fails the test, not hangs it
+    guard.start()
+    try:
+        _, status = os.waitpid(victim.pid, os.WUNTRACED)
+    finally:
+        guard.cancel()
+    assert os.WIFSTOPPED(status), (status, victim.stderr.read().decode())
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL
-    stopped_at = checkpoint_iteration(killed)
-    assert 30 <= stopped_at < 300, stopped_at  # killed mid-run, after a checkpoint
+    assert load_checkpoint(killed)["iteration"] == 35  # killed mid-run, after a checkpoint
+    logged = [json.loads(line)["iteration"] for line in (killed / "metrics.jsonl").open()]
+    assert logged == list(range(1, 40))  # the iterations after the checkpoint: logged, to redo
     assert reference.wait() == 0, reference.stderr.read().decode()
 
     assert main(["train", "--resume", str(killed), "--progress", "False"]) == 0

@@ -89,17 +89,21 @@ def test_reptile_outer_step_is_annealed_linearly(tmp_path):
     np.testing.assert_allclose(lrs, [1 - (t - 1) / 4 for t in range(1, 5)])
 
 
-def test_time_budget_drives_the_schedule(tmp_path):
-    config = resolve_config(algorithm="reptile", iterations=10**6, meta_batch_size=2, hidden=(4,),
+def test_time_budget_drives_the_schedule(tmp_path, step_clock):
+    """A meta-step takes 0.25 s of the training clock (``step_clock``), so a 1 s budget is four
+    iterations whatever the machine's speed."""
+    step_clock(0.25)
+    config = resolve_config(algorithm="reptile", iterations=100, meta_batch_size=2, hidden=(4,),
                             max_seconds=1.0, run_dir=str(tmp_path), progress=False)
-    train(config)
+    assert train(config).iterations == 4
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) >= 2
+    assert [r["train_seconds"] for r in records] == [0.25, 0.5, 0.75, 1.0]
     clock_before = [0.0] + [r["train_seconds"] for r in records[:-1]]
-    # eps = 1 -> 0 over the time budget, which runs out long before 10**6 iterations
-    expected = [1 - max((r["iteration"] - 1) / 10**6, clock / 1.0)
+    # eps = 1 -> 0 over the time budget, which runs out long before 100 iterations
+    expected = [1 - max((r["iteration"] - 1) / 100, clock / 1.0)
                 for r, clock in zip(records, clock_before, strict=True)]
-    np.testing.assert_allclose([r["lr"] for r in records], np.clip(expected, 0, 1))
+    np.testing.assert_allclose(expected, [1.0, 0.75, 0.5, 0.25])
+    np.testing.assert_allclose([r["lr"] for r in records], expected)
 
 
 def test_cosine_schedule_matches_torch():
