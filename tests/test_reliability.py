@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,11 +143,69 @@ def test_fuzzed_train_options_are_one_line_errors_or_valid(option, value, other,
         assert len(text.strip().splitlines()) == 1, text
 
 
-def test_running_out_of_memory_is_one_line(tmp_path, capsys):
-    code = main(["train", "--iterations", "1", "--meta_batch_size", "2", "--hidden", str(10**13),
+HUGE = 10**13
+"""--hidden HUGE: a 1 x 10**13 float32 weight, 40 TB."""
+
+ALLOCATION_ERRORS = {  # what torch raises when an allocation fails (messages as torch words them)
+    "cpu": lambda nbytes: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+        f"you tried to allocate {nbytes} bytes. Error code 12 (Cannot allocate memory)"),
+    "cuda": lambda nbytes: torch.OutOfMemoryError(
+        f"CUDA out of memory. Tried to allocate {nbytes / 2**30:.2f} GiB. GPU 0 has a total capacity "
+        "of 79.19 GiB of which 78.50 GiB is free."),
+    "python": lambda nbytes: MemoryError(),
+}
+
+
+@pytest.fixture
+def address_space_cap():
+    """While the test runs, the process may map at most 16 GiB more than it has: should a patch
+    miss and a real huge allocation start, it fails at once instead of touching pages until the
+    kernel's OOM killer ends pytest (where the kernel overcommits)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("needs /proc/self/status")
+    mapped = int(status.read_text().split("VmSize:")[1].split()[0]) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = mapped + 16 * 2**30
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.parametrize("kind", list(ALLOCATION_ERRORS))
+def test_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, address_space_cap, kind):
+    """--hidden 10**13: the model's allocation is patched to fail as torch's allocators fail
+    (CPU, CUDA) or as Python does, instead of really asking for 40 TB."""
+    real_empty, asked = torch.empty, []
+
+    def empty(*size, **kwargs):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        if math.prod(shape) >= HUGE:
+            asked.append(tuple(shape))
+            raise ALLOCATION_ERRORS[kind](4 * math.prod(shape))
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    code = main(["train", "--iterations", "1", "--meta_batch_size", "2", "--hidden", str(HUGE),
                  "--run_dir", str(tmp_path / "r"), "--progress", "False"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("diffopt: error: out of memory") and err.count("\n") == 1
+    assert asked  # the failure came from the patched allocation
+    assert code == 2 and err.startswith("diffopt: error: out of memory") and err.count("\n") == 1, err
+
+
+def test_a_runtime_error_that_is_not_an_allocation_is_not_called_out_of_memory(tmp_path, monkeypatch):
+    def build(config):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(train_module, "build", build)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["train", "--iterations", "1", "--meta_batch_size", "2", "--run_dir", str(tmp_path / "r"),
+              "--progress", "False"])
 
 
 def test_a_step_that_overflows_the_parameters_is_undone_and_counted(tmp_path, monkeypatch):
