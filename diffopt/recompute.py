@@ -153,9 +153,10 @@ class _Segment(torch.autograd.Function):
         with torch.enable_grad():
             after, final = plan.steps(leaves[:len(weights)], [_working(s) for s in leaves[len(weights):]],
                                       x_leaf, track=True)
-        with torch.no_grad():  # the graph-free pass already moved the running statistics
-            for buffer, saved in zip(plan.model.buffers(), buffers, strict=True):
-                buffer.copy_(saved)
+        # the graph-free pass already moved the running statistics; as batch norm's own update,
+        # this leaves the version counters alone (a batch-norm node saves its running statistics)
+        for buffer, saved in zip(plan.model.buffers(), buffers, strict=True):
+            buffer.data.copy_(saved)
         outputs = [*(w for ws in after for w in ws), *_flatten_state(final)[0]]
         pairs = [(out, grad) for out, grad in zip(outputs, grads, strict=True)
                  if grad is not None and out.requires_grad]
