@@ -119,12 +119,39 @@ def test_anil_runs_the_body_once_per_support_set_and_query_set(vectorize):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_anil_runs_the_whole_model_where_the_body_changes_with_the_step():
+def test_anil_runs_the_whole_model_where_the_body_changes_with_the_step(monkeypatch):
+    """A per-step batch norm (MAML++) gives the body one weight row per inner step: ANIL runs
+    the whole model at each step, as MAML adapting the head does (the norm's forwards, and the
+    rows they use, recorded: rows 0 and 1 for the two support steps, the last step's row 1 for
+    the queries, InnerLoop's default; a body run once would use one row), both rows get their
+    meta-gradient, and the meta-gradient is MAML-adapting-the-head's. A conv4 without per-step
+    layers is split."""
     from diffopt.models import build_model
+    from diffopt.models.norm import PerStepBatchNorm
 
+    episode = random_episode(7, tasks=2)
+    torch.manual_seed(0)
     per_step = build_model("mlp", hidden=(4,), activation="tanh", norm="per_step_batch", steps=2,
-                           in_features=1, out_features=1)
-    assert ANIL(per_step, InnerLoop("sgd", 0.1, 2), F.mse_loss).body_and_head() is None
+                           in_features=1, out_features=1).double()
+    with torch.no_grad():  # rows unlike each other, as after meta-training
+        per_step[1].weight.mul_(torch.tensor([[0.5], [1.0], [2.0]], dtype=torch.float64))
+        per_step[1].bias.add_(torch.tensor([[-0.3], [0.0], [0.3]], dtype=torch.float64))
+    anil = ANIL(per_step, InnerLoop("sgd", 0.1, 2), F.mse_loss, vectorize="never")  # no vmap for it
+    assert anil.body_and_head() is None
+    masked = MAML(per_step, InnerLoop("sgd", 0.1, 2, params="head"), F.mse_loss, vectorize="never")
+    rows, real_forward = [], PerStepBatchNorm.forward
+    monkeypatch.setattr(PerStepBatchNorm, "forward",
+                        lambda self, x: rows.append(self.inner_step) or real_forward(self, x))
+    seen, results = [], []
+    for algorithm in (anil, masked):
+        rows.clear()
+        results.append(grads(algorithm, episode))
+        seen.append(list(rows))
+    assert seen == [[0, 1, 1] * len(episode)] * 2  # each task: 2 support steps and the query
+    names = [name for name, _ in per_step.named_parameters()]
+    assert all(row.abs().max() > 0 for row in results[0][names.index("1.weight")][:2])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     conv = build_model("conv4", hidden=(4,), activation="relu", norm="batch_shift", in_channels=1,
                        image_size=28, out_features=5, pool=False)
     assert ANIL(conv, InnerLoop("sgd", 0.1, 2), F.mse_loss).body_and_head() is not None

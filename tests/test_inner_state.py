@@ -24,13 +24,19 @@ def reptile(state: str, steps: int = 3, lr: float = 0.05):
     return build_algorithm("reptile", base.model, InnerLoop("adam", lr, steps, state=state), F.mse_loss)
 
 
-def hand_adam_tasks(model, tasks, lr, steps, betas=(0.9, 0.999), eps=1e-8):
+def hand_adam_tasks(model, tasks, lr, steps, betas=(0.9, 0.999), eps=1e-8, state=None):
     """Each task's adapted weights, Adam written out (higher's formula: eps before the bias
-    correction), its moments and step count carried from task to task, the weights not."""
+    correction), its moments and step count carried from task to task, the weights not;
+    ``state``: the per-tensor ``{'step', 'exp_avg', 'exp_avg_sq'}`` to start from (else zeros)."""
     initial = [p.detach().clone() for p in model.parameters()]
-    m = [torch.zeros_like(p) for p in initial]
-    v = [torch.zeros_like(p) for p in initial]
-    t = 0
+    if state is None:
+        m = [torch.zeros_like(p) for p in initial]
+        v = [torch.zeros_like(p) for p in initial]
+        t = 0
+    else:
+        m = [s["exp_avg"].clone() for s in state]
+        v = [s["exp_avg_sq"].clone() for s in state]
+        (t,) = {s["step"] for s in state}
     adapted = []
     for x, y in tasks:
         weights = [p.clone().requires_grad_() for p in initial]
@@ -70,20 +76,31 @@ def test_reptile_carries_adams_state_from_task_to_task_only_when_persisting(stat
 
 
 def test_evaluation_tasks_start_from_the_carried_state_and_leave_it_unchanged():
+    """The evaluation task's weights are Adam's written out from the carried moments and step
+    count (6 steps taken: 2 tasks x 3), not from zeros (what ``reset`` gives, also checked); the
+    carried state is the same after the task."""
     algorithm, episode = reptile("persist"), random_episode(4, tasks=2)
     algorithm.meta_gradient(episode)
     carried = [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
                for s in algorithm.inner.carried_state]
+    assert {s["step"] for s in carried} == {6}
     task = next(iter(random_episode(5, tasks=1)))
     persisted = list(algorithm.adapt(task.support_x, task.support_y).parameters())
     for before, after in zip(carried, algorithm.inner.carried_state, strict=True):
         assert before.keys() == after.keys()
         assert all(torch.equal(before[k], after[k]) if torch.is_tensor(before[k]) else before[k] == after[k]
                    for k in before)
+    support = [(task.support_x, task.support_y)]
+    (from_carried,), _ = hand_adam_tasks(algorithm.model, support, 0.05, 3, state=carried)
+    (from_zeros,), _ = hand_adam_tasks(algorithm.model, support, 0.05, 3)
+    for got, want in zip(persisted, from_carried, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
     fresh = reptile("reset")
     fresh.load_state_dict(algorithm.state_dict())
     reset = list(fresh.adapt(task.support_x, task.support_y).parameters())
-    assert any(not torch.allclose(a, b) for a, b in zip(persisted, reset, strict=True))
+    for got, want in zip(reset, from_zeros, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-12)
+    assert any(not torch.allclose(a, b) for a, b in zip(from_carried, from_zeros, strict=True))
 
 
 def test_inner_state_option_defaults_and_checks():
