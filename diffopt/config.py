@@ -26,12 +26,14 @@ from diffopt.inner import (
 from diffopt.models import (
     ACTIVATIONS,
     HEADS,
+    IMAGE_MODELS,
     INITS,
     INPUT_NORMS,
     MODELS,
     NORMS,
     PADDINGS,
     POOL_PADDINGS,
+    model_defaults,
     model_factory,
 )
 from diffopt.optim import check_inner_options, check_rule_name, inner_rule_names
@@ -74,8 +76,9 @@ class TrainConfig:
     meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
     model: str | None = option(
         None, f"model: {', '.join(MODELS)}, or module:factory (called with the data's model keyword "
-        "arguments); default: the dataset's")
-    hidden: tuple[int, ...] | None = option(None, "hidden layer widths of the MLP, e.g. 40,40")
+        "arguments); default: the dataset's (resnet12 brings its own widths, activation, norm, head, init)")
+    hidden: tuple[int, ...] | None = option(
+        None, "hidden layer widths of the MLP, e.g. 40,40; conv4's filters or resnet12's widths: one or four")
     activation: str | None = option(None, f"activation of the MLP and conv4: {', '.join(ACTIVATIONS)}")
     head: str | None = option(
         None, f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map averaged over "
@@ -293,6 +296,7 @@ def resolve_config(**flags: Any) -> TrainConfig:
             raise DiffoptError(f"--algorithm {algorithm} adapts the {cls.adapts} in the inner loop; drop "
                                f"--inner_params, or use maml with --inner_params {flags['inner_params']}")
         values["inner_params"] = cls.adapts
+    values.update(model_defaults(flags.get("model")))  # the model's own (resnet12: not conv-4's)
     values.update({k: v for k, v in flags.items() if v is not None})
     if isinstance(values["hidden"], int) and not isinstance(values["hidden"], bool):
         values["hidden"] = (values["hidden"],)
@@ -329,11 +333,13 @@ def validate(config: TrainConfig) -> None:
     check_inner_params(config.inner_params)
     _check_name("weight initialisation", "init", config.init, INITS)
     _check_name("head", "head", config.head, HEADS)
-    if config.head != "flatten" and config.model != "conv4":
-        raise DiffoptError(f"--head {config.head} applies to conv4; {config.model} has no head to choose")
+    if config.head != "flatten" and config.model not in IMAGE_MODELS:
+        raise DiffoptError(f"--head {config.head} applies to {' and '.join(IMAGE_MODELS)}; "
+                           f"{config.model} has no head to choose")
     _check_name("padding", "padding", config.padding, PADDINGS)
     if config.padding != "same" and config.model != "conv4":
-        raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no convolutions")
+        raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no strided "
+                           "convolutions")
     _check_name("pool padding", "pool_padding", config.pool_padding, POOL_PADDINGS)
     _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
     spec.data_options(images=config.images, class_split=config.class_split)  # offered by this dataset
@@ -343,8 +349,9 @@ def validate(config: TrainConfig) -> None:
     if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
                            "and --validate_every_seconds")
-    if config.input_norm != "none" and config.model != "conv4":
-        raise DiffoptError(f"--input_norm {config.input_norm} applies to conv4 (images)")
+    if config.input_norm != "none" and config.model not in IMAGE_MODELS:
+        raise DiffoptError(f"--input_norm {config.input_norm} applies to {' and '.join(IMAGE_MODELS)} "
+                           "(images)")
     _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)
     if config.pool is not None and (config.model != "conv4" or not isinstance(config.pool, bool)):
         raise DiffoptError(f"--pool takes True or False and applies to conv4; got {config.pool!r} with "
@@ -371,9 +378,12 @@ def validate(config: TrainConfig) -> None:
         raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
     for width in config.hidden:
         check_int("hidden", width, 1)
-    if config.model == "conv4" and len(config.hidden) not in (1, 4):
-        raise DiffoptError(f"--hidden for conv4 is one filter count or four, e.g. 64 or 32,32,64,64; "
+    if config.model in IMAGE_MODELS and len(config.hidden) not in (1, 4):
+        example = "64 or 32,32,64,64" if config.model == "conv4" else "64 (64,160,320,640) or 2,3,4,5"
+        raise DiffoptError(f"--hidden for {config.model} is one filter count or four, e.g. {example}; "
                            f"got {','.join(map(str, config.hidden))}")
+    if config.model in IMAGE_MODELS and "in_channels" not in spec.model_io:
+        raise DiffoptError(f"--model {config.model} reads images; {spec.name} has none")
     check_float("inner_lr", config.inner_lr, positive=True)
     check_float("inner_proximal", config.inner_proximal, positive=config.algorithm == "imaml")
     if config.cg_steps is not None:

@@ -31,7 +31,7 @@ from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
-from diffopt.models import build_model, initialize
+from diffopt.models import IMAGE_MODELS, build_model, initialize
 from diffopt.progress import progress_bar
 from diffopt.runfolder import RunFolder
 
@@ -41,12 +41,14 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    conv4_options = (dict(head=config.head, padding=config.padding, pool_padding=config.pool_padding,
-                          input_norm=config.input_norm) if config.model == "conv4" else {})
+    image_options = (dict(head=config.head, pool_padding=config.pool_padding, input_norm=config.input_norm)
+                     if config.model in IMAGE_MODELS else {})
+    if config.model == "conv4":
+        image_options["padding"] = config.padding
     if config.pool is not None:
         io = dict(io, pool=config.pool)
     model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
-                        norm_eps=config.norm_eps, steps=config.inner_steps, **conv4_options, **io)
+                        norm_eps=config.norm_eps, steps=config.inner_steps, **image_options, **io)
     initialize(model, config.init)
     inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
                       batch_size=config.inner_batch_size, state=config.inner_state,

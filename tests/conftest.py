@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -141,13 +142,28 @@ SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the proje
 CACHE = Path(os.environ.get("DIFFOPT_TEST_CACHE", Path.home() / ".cache" / "diffopt-tests"))
 
 
+OMNIGLOT_ZIPS = ("images_background.zip", "images_evaluation.zip")
+
+
+def omniglot_key(source: Path) -> str:
+    """The cache key of the shared zips: sha256 of their contents (the two 15 MB zips hash in
+    about 0.1 s), so a replaced copy of the same size is prepared again."""
+    digest = hashlib.sha256()
+    for name in OMNIGLOT_ZIPS:
+        with open(source / name, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
-    """The shared zips prepared once into a cache outside the source tree (keyed by zip sizes)."""
-    if not SHARED_OMNIGLOT.is_dir():
-        pytest.skip(f"the shared Omniglot copy is not at {SHARED_OMNIGLOT}")
-    key = "-".join(str((SHARED_OMNIGLOT / f"{g}.zip").stat().st_size)
-                   for g in ("images_background", "images_evaluation"))
-    root = CACHE / f"omniglot-{key}"
+    """The shared zips prepared once into a cache outside the source tree (keyed by their
+    content). Missing shared data fails the tests that need it: a skip would turn them green."""
+    missing = [name for name in OMNIGLOT_ZIPS if not (SHARED_OMNIGLOT / name).is_file()]
+    if missing:
+        pytest.fail(f"the shared Omniglot zips are not at {SHARED_OMNIGLOT} (missing {', '.join(missing)}); "
+                    "set DIFFOPT_OMNIGLOT_SOURCE to the folder that holds them", pytrace=False)
+    root = CACHE / f"omniglot-{omniglot_key(SHARED_OMNIGLOT)}"
     prepare_omniglot(SHARED_OMNIGLOT, root)
     return root

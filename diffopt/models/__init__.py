@@ -11,13 +11,23 @@ from diffopt.errors import DiffoptError, unknown_name
 from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
+from diffopt.models.resnet12 import RESNET12_DEFAULTS, ResNet12
 from diffopt.plugins import is_plugin, load_plugin
 
-__all__ = ["ACTIVATIONS", "HEADS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS", "PADDINGS",
-           "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ShiftBatchNorm", "build_model", "initialize",
-           "model_factory", "set_inner_step"]
+__all__ = ["ACTIVATIONS", "HEADS", "IMAGE_MODELS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS",
+           "PADDINGS", "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ResNet12", "ShiftBatchNorm",
+           "build_model", "initialize", "model_defaults", "model_factory", "set_inner_step"]
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4, "resnet12": ResNet12}
+IMAGE_MODELS = ("conv4", "resnet12")
+"""The registered image models: they take the options ``head``, ``pool_padding`` and ``input_norm``."""
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {"resnet12": RESNET12_DEFAULTS}
+"""Training options a registered model starts from, over the dataset's and the algorithm's."""
+
+
+def model_defaults(name: object) -> dict[str, Any]:
+    """``MODEL_DEFAULTS`` of the model ``name`` (none for most models, and for a plugin)."""
+    return dict(MODEL_DEFAULTS.get(name, {})) if isinstance(name, str) else {}
 
 
 def model_factory(name: object) -> Callable[..., nn.Module]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from torch import nn
 
 from diffopt.models.norm import make_norm
 
-ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "softplus": nn.Softplus,
-               "sigmoid": nn.Sigmoid}
-"""By name; ``leaky_relu`` has torch's slope 0.01, the MAML++ model's (``F.leaky_relu``'s default)."""
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "leaky_relu_0.1": partial(nn.LeakyReLU, 0.1),
+               "tanh": nn.Tanh, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid}
+"""By name; ``leaky_relu`` has torch's slope 0.01, the MAML++ model's (``F.leaky_relu``'s default);
+``leaky_relu_0.1`` slope 0.1, ResNet-12's (Lee et al. 2019)."""
 
 
 class MLP(nn.Sequential):
