@@ -20,6 +20,7 @@ from diffopt.inner import (
     INNER_STATES,
     LOSS_REDUCTIONS,
     QUERY_NORM_ROWS,
+    check_backprop_steps,
     check_checkpoint,
     check_inner_params,
 )
@@ -149,6 +150,10 @@ class TrainConfig:
         "state every K inner steps and rebuild one segment's graph at a time in the meta-backward "
         "(the same meta-gradient; memory ~ steps/K + K steps' graph instead of steps', about 1.3x "
         "the time); auto: K = ceil(sqrt(inner steps)); maml, anil and boil; default: off")
+    inner_backprop_steps: int | None = option(
+        None, "truncated backpropagation: differentiate only the last K inner steps, taking the "
+        "inner gradients of the steps before them as constants (an approximation between "
+        "first-order and exact MAML, memory ~ K steps' graph); maml, anil and boil; default: all")
     cg_steps: int | None = option(
         None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
         "(0: the first-order approximation); default 5 (imaml_dev)")
@@ -235,7 +240,7 @@ BASE_DEFAULTS: dict[str, Any] = dict(
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
     inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
     cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None, inner_backtrack=False,
-    inner_solver="gradient", inner_checkpoint=None,
+    inner_solver="gradient", inner_checkpoint=None, inner_backprop_steps=None,
     query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
@@ -246,7 +251,7 @@ SAVED_BEFORE: dict[str, Any] = dict(
     inner_state="reset",
     inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
     input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False,
-    inner_solver="gradient", inner_checkpoint=None)
+    inner_solver="gradient", inner_checkpoint=None, inner_backprop_steps=None)
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -392,6 +397,7 @@ def validate(config: TrainConfig) -> None:
                                f"{config.algorithm}")
         check_int("cg_steps", config.cg_steps, 0)
     check_checkpoint(config.inner_checkpoint, config.inner_steps)
+    check_backprop_steps(config.inner_backprop_steps, config.inner_steps)
     _check_name("inner solver", "inner_solver", config.inner_solver, INNER_SOLVERS)
     imaml_only = {f"--inner_solver {config.inner_solver}": config.inner_solver != "gradient",
                   "--inner_backtrack": config.inner_backtrack is True}

@@ -95,14 +95,23 @@ passes the step's index, few_shot_learning_system.py:217-243); ``steps_taken`` r
 next step would use. Support forwards always read row k (the steps taken)."""
 
 
+def _is_step_count(value: object, steps: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= steps
+
+
 def check_checkpoint(checkpoint: object, steps: int) -> None:
     """DiffoptError unless ``checkpoint`` is None, ``'auto'`` or a whole number of steps from 1 to
     ``steps`` (``InnerLoop(checkpoint=...)``)."""
-    if checkpoint is None or checkpoint == "auto":
-        return
-    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or not 1 <= checkpoint <= steps:
+    if checkpoint is not None and checkpoint != "auto" and not _is_step_count(checkpoint, steps):
         raise DiffoptError(f"--inner_checkpoint is auto or a whole number of inner steps per segment "
                            f"from 1 to --inner_steps ({steps}); got {checkpoint!r}")
+
+
+def check_backprop_steps(backprop_steps: object, steps: int) -> None:
+    """DiffoptError unless ``backprop_steps`` is None or a whole number from 1 to ``steps``."""
+    if backprop_steps is not None and not _is_step_count(backprop_steps, steps):
+        raise DiffoptError(f"--inner_backprop_steps is the number of last inner steps differentiated, "
+                           f"from 1 to --inner_steps ({steps}); got {backprop_steps!r}")
 
 
 class InnerLoop(nn.Module):
@@ -136,7 +145,10 @@ class InnerLoop(nn.Module):
     with a functional form: iMAML's solver). ``checkpoint`` (k, ``'auto'`` for ceil(sqrt(steps)),
     or None): second-order unrolls keep the weights and the optimizer's state every k steps and
     rebuild one segment's graph at a time in the meta-backward (``diffopt.recompute``): the same
-    meta-gradient in memory that grows with steps / k + k instead of steps.
+    meta-gradient in memory that grows with steps / k + k instead of steps. ``backprop_steps``
+    (k, or None: all): truncated backpropagation, second-order unrolls differentiate the last k
+    steps alone, the inner gradients of the steps before them taken as constants (the weights
+    entering step T - k differ from the initial ones by a constant: first order up to there).
 
     Example::
 
@@ -150,10 +162,12 @@ class InnerLoop(nn.Module):
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
                  query_norm_row: str = "last_step", proximal: float = 0.0,
                  options: dict | None = None, backtrack: bool = False,
-                 solver: str = "gradient", checkpoint: int | str | None = None) -> None:
+                 solver: str = "gradient", checkpoint: int | str | None = None,
+                 backprop_steps: int | None = None) -> None:
         super().__init__()
         check_checkpoint(checkpoint, steps)
-        self.checkpoint = checkpoint
+        check_backprop_steps(backprop_steps, steps)
+        self.checkpoint, self.backprop_steps = checkpoint, backprop_steps
         if query_norm_row not in QUERY_NORM_ROWS:
             raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
         self.query_norm_row = query_norm_row
@@ -280,6 +294,12 @@ class InnerLoop(nn.Module):
         return paths.through_higher(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
                                     detach_inner_grads, losses, carry_state)
 
+    def constant_gradient(self, step: int, steps: int, detach_inner_grads: bool) -> bool:
+        """Whether step ``step`` (0-based) of a ``steps``-step unroll takes its inner gradient as a
+        constant: everywhere with ``detach_inner_grads``, before the last ``backprop_steps``."""
+        return detach_inner_grads or (self.backprop_steps is not None
+                                      and step < steps - self.backprop_steps)
+
     def objective(self, loss_fn: LossFn, prediction: torch.Tensor, y: torch.Tensor,
                   weights: list[torch.Tensor], anchor: list[torch.Tensor],
                   mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,6 +387,7 @@ class InnerLoop(nn.Module):
         adapted = "" if self.params == "all" else f", params={self.params!r}"
         proximal = f", proximal={self.proximal}" if self.proximal else ""
         proximal += "" if self.checkpoint is None else f", checkpoint={self.checkpoint!r}"
+        proximal += "" if self.backprop_steps is None else f", backprop_steps={self.backprop_steps}"
         options = f", options={self.options}" if self.options else ""
         return (f"optimizer={self.optimizer!r}, lr={self.lr}, steps={self.steps}"
                 f"{options}{batch}{state}{reduction}{adapted}{proximal}")

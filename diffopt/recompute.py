@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from diffopt.fastweights import FunctionalModel
 from diffopt.models.norm import set_inner_step
-from diffopt.unroll import batch_order, differentiable_optimizer, minibatch
+from diffopt.unroll import batch_order, differentiable_optimizer, higher_step, minibatch
 
 if TYPE_CHECKING:
     from diffopt.inner import InnerLoop, LossFn
@@ -48,6 +48,8 @@ class _Plan:
     order: torch.Tensor | None
     start: int
     count: int
+    total: int
+    """The whole unroll's steps (``InnerLoop.constant_gradient`` counts from its end)."""
     detach_inner_grads: bool
     losses: list | None
     state_spec: Any = None
@@ -89,7 +91,8 @@ class _Plan:
                                              anchor, mask)
             if self.losses is not None and not track:  # once, in the graph-free pass
                 self.losses.append(loss.detach())
-            diffopt.step(objective)
+            higher_step(diffopt, fmodel, objective, mask,
+                        track and loop.constant_gradient(step, self.total, self.detach_inner_grads))
             after.append(list(fmodel.parameters()))
         if loop.rule is not None:
             final = diffopt._rule_state
@@ -194,8 +197,8 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
     spec, constants = None, ()
     for start in range(0, steps, length):
         count = min(length, steps - start)
-        plan = _Plan(loop, model, loss_fn, y, mask, order, start, count, detach_inner_grads, losses,
-                     spec, constants, meta)
+        plan = _Plan(loop, model, loss_fn, y, mask, order, start, count, steps, detach_inner_grads,
+                     losses, spec, constants, meta)
         outputs = _Segment.apply(plan, *weights, *state, x, *meta)
         size = len(weights)
         for step in range(count):

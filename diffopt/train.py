@@ -55,7 +55,8 @@ def build(config: TrainConfig) -> MetaAlgorithm:
                       loss_reduction=config.inner_loss_reduction, params=config.inner_params,
                       query_norm_row=config.query_norm_row, proximal=config.inner_proximal,
                       options=config.inner_options, backtrack=config.inner_backtrack,
-                      solver=config.inner_solver, checkpoint=config.inner_checkpoint)
+                      solver=config.inner_solver, checkpoint=config.inner_checkpoint,
+                      backprop_steps=config.inner_backprop_steps)
     options = {} if config.cg_steps is None else {"cg_steps": config.cg_steps}
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
                                 config.task_threads, **options)

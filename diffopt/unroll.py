@@ -158,14 +158,31 @@ def differentiable_optimizer(loop: InnerLoop, model: nn.Module, fmodel: higher.p
         for param, saved in zip(model.parameters(), carried or (), strict=bool(carried)):
             template.state[param] = saved  # higher copies it
 
-    def grad_callback(grads):
-        return _keep_adapted(_detach_all(grads) if detach_inner_grads else grads, mask)
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
         return higher.optim.get_diff_optim(
             template, model.parameters(), fmodel=fmodel, track_higher_grads=track,
-            grad_callback=grad_callback), template
+            grad_callback=inner_grad_callback(mask, detach_inner_grads)), template
+
+
+def higher_step(diffopt, fmodel: higher.patch._MonkeyPatchBase, objective: torch.Tensor, mask: list[bool],
+                constant: bool) -> None:
+    """``diffopt.step(objective)`` on the adapted tensors. With ``constant`` inner gradients they
+    are computed without a graph and handed to higher through a surrogate whose gradient they are:
+    higher differentiates with create_graph, which would keep the step's forward graph alive."""
+    if constant:
+        params = [p for p in fmodel.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
+        objective = sum(((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None),
+                        objective.detach() * 0)
+    diffopt.step(objective, grad_callback=inner_grad_callback(mask, constant))
+
+
+def inner_grad_callback(mask: list[bool], constant: bool):
+    """higher's ``grad_callback``: the adapted tensors' inner gradients, detached if ``constant``."""
+    def callback(grads):
+        return _keep_adapted(_detach_all(grads) if constant else grads, mask)
+    return callback
 
 
 def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
@@ -193,7 +210,8 @@ def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.
         objective, loss = loop.objective(loss_fn, fmodel(xb), yb, list(fmodel.parameters()), anchor, mask)
         if losses is not None:
             losses.append(loss.detach())
-        diffopt.step(objective)
+        higher_step(diffopt, fmodel, objective, mask,
+                    track_higher_grads and loop.constant_gradient(step, steps, detach_inner_grads))
         if per_step:
             set_inner_step(fmodel, loop.query_row(step + 1))
         yield fmodel
@@ -279,7 +297,7 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
     scale = torch.ones((), dtype=x.dtype, device=x.device)
     for step in range(steps):
         set_inner_step(model, step)
-        constant = detach_inner_grads or not track  # no graph through the inner gradient
+        constant = loop.constant_gradient(step, steps, detach_inner_grads) or not track
         xb, yb = minibatch(x, y, order, step)
         if loop.solver == "gauss_newton":
             updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),

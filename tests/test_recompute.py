@@ -138,11 +138,11 @@ class _Held:
         self.owner.live -= self.size
 
 
-def graph_peak(steps: int, checkpoint) -> int:
+def graph_peak(steps: int, checkpoint, optimizer: str = "adam", **inner) -> int:
     """Peak saved-tensor bytes of one task's meta-gradient through a 1-64-64-1 MLP, 20 examples."""
     torch.manual_seed(0)
     model = MLP(1, 1, (64, 64), "tanh")
-    loop = InnerLoop("adam", 0.01, steps, model=model, checkpoint=checkpoint)
+    loop = InnerLoop(optimizer, 0.01, steps, model=model, checkpoint=checkpoint, **inner)
     x, y = torch.randn(20, 1), torch.randn(20, 1)
     counter = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):

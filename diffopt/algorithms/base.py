@@ -74,10 +74,12 @@ class MetaAlgorithm(nn.Module):
                 f"{self.name} starts every task from a fresh inner optimizer state (a carried one "
                 "would make its meta-gradient depend on the task order); use inner_state='reset' "
                 "(--inner_state reset), or fomaml or reptile")
-        if inner.checkpoint is not None and not self.differentiates_unroll:
-            raise DiffoptError(f"{self.name} does not backpropagate through the inner steps, so there "
-                               "is nothing to checkpoint: drop --inner_checkpoint (it is for maml, "
-                               "anil and boil)")
+        for given, flag, what in [(inner.checkpoint, "--inner_checkpoint", "checkpoint"),
+                                  (inner.backprop_steps, "--inner_backprop_steps", "truncate")]:
+            if given is not None and not self.differentiates_unroll:
+                raise DiffoptError(f"{self.name} does not backpropagate through the inner steps, so "
+                                   f"there is nothing to {what}: drop {flag} (it is for maml, anil "
+                                   "and boil)")
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.vectorized = resolve_vectorize(vectorize, model, inner)
         resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training

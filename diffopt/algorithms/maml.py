@@ -22,7 +22,9 @@ class MAML(MetaAlgorithm):
     Two settings (the MAML++ recipe sets them per iteration, see ``mamlpp``):
     ``step_weights`` (one per inner step) makes the meta-loss the weighted sum of the query
     losses after every step; ``first_order`` detaches the inner gradients, so the initial weights
-    get the first-order gradient while learned step sizes still get theirs.
+    get the first-order gradient while learned step sizes still get theirs. Its inner loop's
+    ``checkpoint`` computes the same meta-gradient in bounded memory; its ``backprop_steps``
+    truncates it to the last steps (``InnerLoop``).
 
     Constructor arguments (model, inner, loss_fn, vectorize, task_threads): see ``MetaAlgorithm``.
     """
@@ -39,7 +41,7 @@ class MAML(MetaAlgorithm):
 
     @property
     def exact_meta_gradient(self) -> bool:  # type: ignore[override]
-        return not self.first_order
+        return not self.first_order and self.inner.backprop_steps is None
 
     def query_loss(self, task: Task, *, track_higher_grads: bool = True) -> torch.Tensor:
         """Query loss after adapting on the support set (or the weighted per-step sum); a scalar."""
