@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 
 from diffopt.fastweights import FunctionalModel
 from diffopt.models.norm import set_inner_step
-from diffopt.unroll import batch_order, differentiable_optimizer, higher_step, minibatch
+from diffopt.optim.rule import init_on, update_on
+from diffopt.unroll import batch_order, differentiable_optimizer, higher_step, keep_adapted, minibatch
 
 if TYPE_CHECKING:
     from diffopt.inner import InnerLoop, LossFn
@@ -67,9 +68,10 @@ class _Plan:
         return (list(tensors[:count]), list(tensors[count:count + state]), tensors[count + state])
 
     def steps(self, weights: list[torch.Tensor], state: list[torch.Tensor], x: torch.Tensor,
-              track: bool) -> tuple[list[list[torch.Tensor]], Any]:
+              track: bool, record: bool) -> tuple[list[list[torch.Tensor]], Any]:
         """Take the segment's steps from ``weights`` and ``state`` through higher: (the weights
-        after each step, the optimizer's final state as a pytree)."""
+        after each step, the optimizer's final state as a pytree); ``record``: append the inner
+        losses to ``losses``."""
         loop, model, mask = self.loop, self.model, self.mask
         fmodel, per_step = loop.copies.monkeypatched(model, track)
         fmodel.update_params(weights)
@@ -89,7 +91,7 @@ class _Plan:
             xb, yb = minibatch(x, self.y, self.order, step)
             objective, loss = loop.objective(self.loss_fn, fmodel(xb), yb, list(fmodel.parameters()),
                                              anchor, mask)
-            if self.losses is not None and not track:  # once, in the graph-free pass
+            if self.losses is not None and record:
                 self.losses.append(loss.detach())
             higher_step(diffopt, fmodel, objective, mask,
                         track and loop.constant_gradient(step, self.total, self.detach_inner_grads))
@@ -100,6 +102,41 @@ class _Plan:
             final = [dict(diffopt.state[0][index]) for index in range(len(mask))]
         fmodel._fast_params = None  # drop higher's history (and the graph it holds)
         return after, final
+
+
+    def steps_without_graph(self, weights: list[torch.Tensor], state: list[torch.Tensor],
+                            x: torch.Tensor) -> tuple[list[list[torch.Tensor]], Any]:
+        """``steps`` without a graph for rules with a functional form (``functional_rule``: plain
+        sgd, learned rules), without higher's per-step machinery: the same operations, the same
+        weights; the state in higher's layout (a learned rule's own, sgd's an empty dict per
+        tensor)."""
+        loop, model, mask = self.loop, self.model, self.mask
+        rule = loop.functional_rule
+        index = loop.rule_index(mask) if rule is loop.rule else None
+        names = [name for name, _ in model.named_parameters()]
+        per_step = any(hasattr(module, "inner_step") for module in model.modules())
+        anchor = list(model.parameters())
+        if loop.rule is None:
+            rule_state = None  # sgd keeps none
+        elif self.start == 0:
+            rule_state = init_on(rule, weights, index)
+        else:
+            rule_state = pytree.tree_unflatten(_merge(state, self.constants), self.state_spec)
+        after = []
+        for step in range(self.start, self.start + self.count):
+            if per_step:
+                set_inner_step(model, step)
+            xb, yb = minibatch(x, self.y, self.order, step)
+            objective, loss = loop.objective(self.loss_fn, FunctionalModel(model, names, weights)(xb), yb,
+                                             weights, anchor, mask)
+            if self.losses is not None:
+                self.losses.append(loss.detach())
+            grads = keep_adapted(torch.autograd.grad(objective, weights, allow_unused=True), mask)
+            updates, rule_state = update_on(rule, grads, rule_state, weights, step, index)
+            weights = [w if u is None else (w + u).detach().requires_grad_()
+                       for w, u in zip(weights, updates, strict=True)]
+            after.append(weights)
+        return after, [{} for _ in mask] if loop.rule is None else rule_state
 
 
 _TENSOR = object()
@@ -137,9 +174,12 @@ class _Segment(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, *tensors: torch.Tensor):
         weights, state, x = plan.split(tensors)
+        weights, state = [_leaf(w) for w in weights], [s.detach().clone() for s in state]
         with torch.enable_grad():
-            after, final = plan.steps([_leaf(w) for w in weights], [s.detach().clone() for s in state],
-                                      x.detach(), track=False)
+            if plan.loop.functional_rule is not None:
+                after, final = plan.steps_without_graph(weights, state, x.detach())
+            else:
+                after, final = plan.steps(weights, state, x.detach(), track=False, record=True)
         final_tensors, plan.out_constants, plan.out_spec = _flatten_state(final)
         ctx.plan = plan
         ctx.save_for_backward(*tensors[:len(tensors) - len(plan.meta)])
@@ -155,7 +195,7 @@ class _Segment(torch.autograd.Function):
         buffers = [b.detach().clone() for b in plan.model.buffers()]
         with torch.enable_grad():
             after, final = plan.steps(leaves[:len(weights)], [_working(s) for s in leaves[len(weights):]],
-                                      x_leaf, track=True)
+                                      x_leaf, track=True, record=False)
         # the graph-free pass already moved the running statistics; as batch norm's own update,
         # this leaves the version counters alone (a batch-norm node saves its running statistics)
         for buffer, saved in zip(plan.model.buffers(), buffers, strict=True):
@@ -179,7 +219,9 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
                  steps: int, mask: list[bool], detach_inner_grads: bool,
                  losses: list | None) -> Iterator[FunctionalModel]:
     """A second-order unroll in segments of ``segment_length(loop.checkpoint, steps)`` steps (see
-    the module's docstring); the model after each step is yielded as a ``FunctionalModel``."""
+    the module's docstring); the model after each step is yielded as a ``FunctionalModel``. A
+    shorter segment, if any, comes first; the last one keeps its graph from the start, as a plain
+    unroll does (its backward comes first, and would rebuild it at once)."""
     names = [name for name, _ in model.named_parameters()]
     weights = list(model.parameters())
     per_step = any(hasattr(module, "inner_step") for module in model.modules())
@@ -195,15 +237,19 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
         meta += tuple(p for p in model.parameters() if p.requires_grad)
     state: list[torch.Tensor] = []
     spec, constants = None, ()
-    for start in range(0, steps, length):
-        count = min(length, steps - start)
+    first = steps % length or length
+    for start in [0, *range(first, steps, length)]:
+        count = first if start == 0 else length
         plan = _Plan(loop, model, loss_fn, y, mask, order, start, count, steps, detach_inner_grads,
                      losses, spec, constants, meta)
-        outputs = _Segment.apply(plan, *weights, *state, x, *meta)
-        size = len(weights)
-        for step in range(count):
-            weights = list(outputs[step * size:(step + 1) * size])
+        if start + count < steps:
+            outputs = _Segment.apply(plan, *weights, *state, x, *meta)
+            size = len(weights)
+            after = [list(outputs[step * size:(step + 1) * size]) for step in range(count)]
+            state, spec, constants = list(outputs[count * size:]), plan.out_spec, plan.out_constants
+        else:  # clones: an optimizer may count its steps in place, in a tensor
+            after, _ = plan.steps(weights, [s.clone() for s in state], x, track=True, record=True)
+        for step, weights in enumerate(after):
             if per_step:
                 set_inner_step(model, loop.query_row(start + step + 1))
             yield FunctionalModel(model, names, weights)
-        state, spec, constants = list(outputs[count * size:]), plan.out_spec, plan.out_constants

@@ -64,7 +64,7 @@ def minibatch(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, step
     return x[order[step]], y[order[step]]
 
 
-def _keep_adapted(grads, mask: list[bool]) -> list:
+def keep_adapted(grads, mask: list[bool]) -> list:
     """The gradients of adapted parameters; None (no update) for the others."""
     return [g if adapted else None for g, adapted in zip(grads, mask, strict=True)]
 
@@ -181,7 +181,7 @@ def higher_step(diffopt, fmodel: higher.patch._MonkeyPatchBase, objective: torch
 def inner_grad_callback(mask: list[bool], constant: bool):
     """higher's ``grad_callback``: the adapted tensors' inner gradients, detached if ``constant``."""
     def callback(grads):
-        return _keep_adapted(_detach_all(grads) if constant else grads, mask)
+        return keep_adapted(_detach_all(grads) if constant else grads, mask)
     return callback
 
 
@@ -252,7 +252,7 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
         objective, loss = loop.objective(loss_fn, learner(xb), yb, params, anchor, mask)
         if losses is not None:
             losses.append(loss.detach())
-        grads = _keep_adapted(torch.autograd.grad(objective, params, allow_unused=True), mask)
+        grads = keep_adapted(torch.autograd.grad(objective, params, allow_unused=True), mask)
         with torch.no_grad():
             updates, state = update_on(rule, list(grads), state, params, step, index)
             if loop.backtrack:
@@ -305,7 +305,7 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
         else:
             grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
                 _detach_all(params) if constant else params, xb, yb)
-            updates, state = update_on(rule, _keep_adapted(grads, mask), state, params, step, index)
+            updates, state = update_on(rule, keep_adapted(grads, mask), state, params, step, index)
         if losses is not None:
             losses.append(loss.detach())
         if not track:
