@@ -63,6 +63,17 @@ class SameConv2d(nn.Conv2d):
         return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
 
 
+def image_input(head: str, pool_padding: str, input_norm: str) -> list[nn.Module]:
+    """The layers an image model starts with (``input_norm``'s standardisation, if any), once its
+    ``head`` and ``pool_padding`` are checked: ValueError naming a bad one."""
+    for kind, value, choices in [("head", head, HEADS), ("pool padding", pool_padding, POOL_PADDINGS),
+                                 ("input norm", input_norm, INPUT_NORMS)]:
+        if value not in choices:
+            raise ValueError(f"unknown {kind} {value!r}; choose from {', '.join(choices)}")
+    statistics = INPUT_NORMS[input_norm]
+    return [] if statistics is None else [InputNorm(*statistics)]
+
+
 class Conv4(nn.Sequential):
     """[N, in_channels, size, size] -> [N, out_features] logits.
 
@@ -92,20 +103,13 @@ class Conv4(nn.Sequential):
         pool_padding: str = "valid",
         input_norm: str = "none",
     ) -> None:
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
         if padding not in PADDINGS:
             raise ValueError(f"unknown padding {padding!r}; choose from {', '.join(PADDINGS)}")
-        if pool_padding not in POOL_PADDINGS:
-            raise ValueError(f"unknown pool padding {pool_padding!r}; choose from {', '.join(POOL_PADDINGS)}")
         widths = [hidden] * 4 if isinstance(hidden, int) else list(hidden)
         widths = widths * 4 if len(widths) == 1 else widths
         if len(widths) != 4:
             raise ValueError(f"conv4 takes one filter count or four; got {hidden!r}")
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"unknown input norm {input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
-        statistics = INPUT_NORMS[input_norm]
-        layers: list[nn.Module] = [] if statistics is None else [InputNorm(*statistics)]
+        layers = image_input(head, pool_padding, input_norm)
         size, channels = image_size, in_channels
         for width in widths:
             stride = 1 if pool else 2

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffopt.models.conv4 import HEADS, INPUT_NORMS, POOL_PADDINGS, InputNorm
+from diffopt.models.conv4 import image_input
 from diffopt.models.mlp import ACTIVATIONS
 from diffopt.models.norm import make_norm
 
@@ -95,14 +95,7 @@ class ResNet12(nn.Sequential):
         input_norm: str = "none",
     ) -> None:
         del pool  # see the docstring
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
-        if pool_padding not in POOL_PADDINGS:
-            raise ValueError(f"unknown pool padding {pool_padding!r}; choose from {', '.join(POOL_PADDINGS)}")
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"unknown input norm {input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
-        statistics = INPUT_NORMS[input_norm]
-        layers: list[nn.Module] = [] if statistics is None else [InputNorm(*statistics)]
+        layers = image_input(head, pool_padding, input_norm)
         keep_odd = pool_padding == "same"
         size, channels = image_size, in_channels
         for width in resnet12_widths(hidden):
