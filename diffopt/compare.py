@@ -128,6 +128,10 @@ def load_grid_file(path: str | Path) -> dict[str, Any]:
         _check_train_keys(flags or {}, f"{path}, configs.{label}", train_options)
     if configs:
         grid["configs"] = {str(label): dict(flags or {}) for label, flags in configs.items()}
+        products = sorted({"algorithms", "inner_optimizers", "inner_steps"} & set(grid))
+        if products:
+            raise DiffoptError(f"{path} lists its configs, which {products[0]!r} would replace: set "
+                               f"it inside each configuration (e.g. {{algorithm: maml, inner_steps: 5}})")
     common = grid.get("common", {})
     if not isinstance(common, dict):
         raise DiffoptError(f"'common' in {path} must map train options to values, e.g. meta_batch_size: 4")

@@ -303,3 +303,15 @@ def test_a_train_option_one_letter_from_a_compare_option_is_named(tmp_path, caps
     assert main(["compare", "--algorithm", "maml,reptile", "--out", str(tmp_path / "c")]) == 2
     assert "did you mean compare's --algorithms?" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_grid_file_with_configs_refuses_the_keys_it_would_ignore(tmp_path):
+    from diffopt.compare import load_grid_file
+    from diffopt.errors import DiffoptError
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("dataset: sinusoid\ninner_steps: [5, 25]\nconfigs:\n  plain: {algorithm: maml}\n")
+    with pytest.raises(DiffoptError, match="'inner_steps' would replace: set it inside each configuration"):
+        load_grid_file(grid)
+    assert set(load_grid_file("examples/checkpoint_grid.yaml")["configs"]) == {
+        "plain-5steps", "checkpointed-5steps", "plain-25steps", "checkpointed-25steps"}

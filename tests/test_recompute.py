@@ -230,3 +230,4 @@ def test_training_with_a_checkpoint_trains_the_same_model(tmp_path):
     assert algorithm.inner.checkpoint == 2
     scores = evaluate(algorithm, get_dataset("sinusoid"), shots=5, test_shots=10, tasks=4, steps=(0, 1))
     assert set(scores.scores) == {0, 1}
+
