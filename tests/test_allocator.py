@@ -30,6 +30,7 @@ def _page_faults(setting: str) -> list[int]:
     return [int(n) for n in result.stdout.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_kept_memory_is_reused_without_page_faults():
     """Each process's first round faults its 80 MB in; that round is the yardstick for the later

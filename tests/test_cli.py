@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,12 +36,22 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.fixture
-def trained_run(tmp_path_factory, capsys):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """One tiny trained run for the whole module (training it for each test cost 27 trainings)."""
     run = tmp_path_factory.mktemp("runs") / "maml"
-    code, out, _ = run_cli(capsys, "train", *TINY, "--run_dir", str(run))
-    assert code == 0 and "run folder" in out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", *TINY, "--run_dir", str(run)])
+    assert code == 0 and "run folder" in out.getvalue()
     return run
+
+
+@pytest.fixture
+def trained_run(trained_once, tmp_path_factory):
+    """This test's own copy of the module's trained run (tests write evaluations into it),
+    outside ``tmp_path``, which some tests check stays empty."""
+    return Path(shutil.copytree(trained_once, tmp_path_factory.mktemp("run") / "maml"))
 
 
 def test_train_writes_run_folder(trained_run):
@@ -287,6 +301,7 @@ def help_text(command: str, flag: str = "--help") -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_train_help_lists_every_option():
     text = help_text("train")
     assert text.startswith("usage: diffopt train [--option VALUE ...]") and "INFO" not in text
@@ -295,6 +310,7 @@ def test_train_help_lists_every_option():
     assert text == help_text("train", "-h")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, options", [
     ("evaluate", ["run", "tasks", "steps", "shots", "test_shots", "seed", "device", "transductive",
                   "inner_batch_size", "rotations", "ensemble"]),
@@ -303,7 +319,7 @@ def test_train_help_lists_every_option():
                  "eval_seed", "eval_transductive", "validate_every", "validation_tasks", "out", "progress",
                  "tensorboard"]),
     ("gradcheck", ["algorithm", "inner_optimizer", "inner_lr", "inner_options", "inner_steps", "inner_solver",
-                   "inner_backtrack", "hidden",
+                   "inner_backtrack", "inner_checkpoint", "hidden",
                    "activation", "norm", "inner_params", "inner_proximal", "cg_steps", "vectorize", "shots",
                    "test_shots", "tasks", "seed", "eps", "rtol", "run"]),
 ])
@@ -318,6 +334,7 @@ def test_other_commands_help_lists_every_option(command, options):
         assert f"--{option}" in text or option.upper() in text
 
 
+@pytest.mark.slow
 def test_console_script_error_has_no_traceback(tmp_path):
     script = __import__("pathlib").Path(sys.executable).parent / "diffopt"
     result = subprocess.run([str(script), "train", "--algorithm", "nope"], capture_output=True,
@@ -339,12 +356,14 @@ def run_example(script: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_example_script_runs():
     result = run_example("sinusoid_maml.py")
     lines = [line for line in result.stdout.splitlines() if line.startswith("MSE after")]
     assert len(lines) == 3 and lines[-1].startswith("MSE after 10 inner steps")
 
 
+@pytest.mark.slow
 def test_custom_rule_example_checks_and_trains_its_rule():
     result = run_example("custom_rule.py")
     check = next(line for line in result.stdout.splitlines() if line.startswith("gradcheck:"))

@@ -41,6 +41,7 @@ def sinusoid_grid(tmp_path_factory):
     return out, rows
 
 
+@pytest.mark.slow
 def test_every_run_is_scored_on_the_same_tasks(sinusoid_grid):
     out, _ = sinusoid_grid
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -52,6 +53,7 @@ def test_every_run_is_scored_on_the_same_tasks(sinusoid_grid):
     assert runs[0]["scores"]["0"] != runs[1]["scores"]["0"]
 
 
+@pytest.mark.slow
 def test_the_report_is_recomputed_from_results_json(sinusoid_grid):
     out, rows = sinusoid_grid
     results = json.loads((out / "results.json").read_text())
@@ -73,6 +75,7 @@ def test_the_report_is_recomputed_from_results_json(sinusoid_grid):
     assert results["versions"].startswith("Python ") and "torch " in results["versions"]
 
 
+@pytest.mark.slow
 def test_the_plots_are_real_images(sinusoid_grid):
     out, _ = sinusoid_grid
     report = (out / "report.md").read_text()
@@ -91,6 +94,7 @@ def test_the_plotted_sinusoid_is_the_tasks_function():
     assert x.shape == (5, 1)
 
 
+@pytest.mark.slow
 def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tmp_path, monkeypatch):
     source, rows = sinusoid_grid
     out = tmp_path / "copy"
@@ -119,6 +123,7 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tm
     assert compare_module._finished(lost, replace(config, inner_lr=0.5), SETTINGS) is None
 
 
+@pytest.mark.slow
 def test_grid_file_and_command_line(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text("dataset: sinusoid\nshots: [2]\nseeds: 1\niterations: 2\neval_tasks: 3\n"
@@ -136,6 +141,7 @@ def test_grid_file_and_command_line(tmp_path, capsys):
     assert "unknown key 'sheds'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_options_on_the_command_line_and_in_common_apply_to_every_configuration(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text("shots: [2]\niterations: 2\neval_tasks: 3\neval_steps: [1]\n"
@@ -189,6 +195,7 @@ def test_bad_grid_files_are_one_line_errors(tmp_path):
         load_grid_file(tmp_path / "configs.yaml")
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -250,6 +257,7 @@ def test_diverging_scores_are_counted_not_averaged():
     assert "diverges on 1 of 4 (seed, task) pairs" in table and "0.600 +- 0.000" in table
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_is_the_same_for_every_configuration(tmp_path):
     compare(**{**GRID, "seeds": (0,), "iterations": 10**4}, max_seconds=0.5, out=tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
@@ -274,6 +282,7 @@ def test_curve_legends_say_after_how_many_inner_steps_where_lines_differ():
     assert labels == {"maml K=5": "maml K=5", "fomaml K=5": "fomaml K=5"} and axis == "after 10 inner steps"
 
 
+@pytest.mark.slow
 def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(tmp_path, monkeypatch):
     evaluate_module = importlib.import_module("diffopt.evaluate")  # the package exports the function
 

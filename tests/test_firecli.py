@@ -100,6 +100,7 @@ def test_functions_taking_any_option_are_left_to_fire():
     assert seen == {"whatever": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, args", [
     ("examples/omniglot_table.py", ["train", "--budgett", "1"]),
     ("benchmarks/time_to_accuracy.py", ["--budget_minute", "1"]),

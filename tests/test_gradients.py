@@ -28,6 +28,7 @@ def inner_gradient_floor(algorithm, episode) -> float:
     return floor
 
 
+@pytest.mark.slow
 @settings(max_examples=settings.default.max_examples * 6 // 10)  # profile's, conftest.py
 @given(
     hidden=st.lists(st.integers(2, 8), min_size=1, max_size=3),
@@ -253,6 +254,7 @@ def test_reptile_one_sgd_step_moves_phi_by_eps_alpha_grad():
         torch.testing.assert_close(new.detach() - old, -eps * alpha * g, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["head", "body"])
 @pytest.mark.parametrize("vectorize", ["always", "never"])
 @settings(max_examples=4, deadline=None)

@@ -33,6 +33,7 @@ def _gradient(algorithm) -> list[torch.Tensor]:
     return [p.grad.clone() for p in algorithm.parameters()]
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(lam=st.floats(0.5, 8.0), seed=st.integers(0, 10_000))
 def test_on_a_quadratic_inner_loss_the_implicit_gradient_is_the_closed_form(lam, seed):
@@ -82,6 +83,7 @@ PAIRWISE = [  # every pair of (adapted tensors, path, solver) values occurs in s
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params, vectorize, solver", PAIRWISE, ids=["-".join(case) for case in PAIRWISE])
 @settings(max_examples=1, deadline=None)
 @given(seed=st.integers(0, 10_000), lam=st.floats(4.0, 8.0))
@@ -107,6 +109,7 @@ def test_implicit_gradient_matches_finite_differences_of_the_converged_inner_sol
     assert result.max_rel_error < 1e-6, result.per_parameter
 
 
+@pytest.mark.slow
 def test_the_cross_term_of_tensors_the_inner_loop_leaves_alone_matters():
     """Dropping H[body, head] v / lambda from the body's gradient (ANIL-style inner loop) must
     show in the gradient check: the check of the test above can fail."""
@@ -225,6 +228,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not reset_resident_peak(), reason="needs /proc/self/clear_refs")
 def test_imaml_memory_does_not_grow_with_inner_steps_maml_does(one_thread):
     """Peak growth of a meta-step (diffopt.memory.StepMemory) at 5 and 40 inner steps: MAML keeps

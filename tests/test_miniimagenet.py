@@ -111,6 +111,7 @@ def test_the_pkl_distribution_prepares_to_the_same_files(distribution, prepared,
                 np.testing.assert_array_equal(x["datasets"][label][:], y["datasets"][label][:])
 
 
+@pytest.mark.slow
 def test_loader_gives_84x84_rgb_tasks_and_maml_trains_and_evaluates(prepared, tmp_path):
     spec = get_dataset("miniimagenet")
     loader = spec.loader("train", seed=0, shots=1, test_shots=2, ways=5, batch_size=2, num_tasks=2,

@@ -35,6 +35,7 @@ def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0,
     return build_algorithm(algorithm, model, inner, F.mse_loss)
 
 
+@pytest.mark.slow
 @settings(max_examples=settings.default.max_examples // 10)  # profile's (conftest.py); slow FD
 @given(steps=st.integers(1, 3), rule=st.sampled_from(["sgd", "lslr", "meta_curvature"]),
        lr=st.floats(0.01, 0.2), seed=st.integers(0, 2**16), row=st.sampled_from(QUERY_NORM_ROWS))
@@ -157,6 +158,7 @@ def tf_batch_norm_maml(lr: float, seed: int, steps: int) -> object:
     return build_algorithm("maml", model, InnerLoop("sgd", lr, steps, loss_reduction="class_sum"), F.mse_loss)
 
 
+@pytest.mark.slow
 @settings(max_examples=settings.default.max_examples // 10)
 @given(steps=st.integers(1, 2), lr=st.floats(0.01, 0.1), seed=st.integers(0, 2**16))
 def test_shift_only_batch_norm_meta_gradient_matches_finite_differences(steps, lr, seed):

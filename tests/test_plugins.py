@@ -72,6 +72,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_rule_model_and_algorithm_by_import_path_train_and_evaluate_in_a_new_process(plugin_folder, capsys):
     run = plugin_folder / "run"
     code, _, err = cli(capsys, "train", *TINY, "--inner_optimizer", "my_rules:LearnedScale",
@@ -107,6 +108,7 @@ def test_gradcheck_proves_a_plugin_rule(plugin_folder, capsys):
     assert "inner.rule.s" in out
 
 
+@pytest.mark.slow
 def test_compare_runs_a_plugin_rule_in_its_child_processes(plugin_folder, capsys):
     out = plugin_folder / "cmp"
     code, _, err = cli(capsys, "compare", "--algorithms", "maml,reptile", "--inner_optimizers",
@@ -198,3 +200,4 @@ def test_the_algorithms_show_and_document_their_constructor():
         assert "see ``MetaAlgorithm``" in cls.__doc__
     for argument in ("model:", "inner:", "loss_fn:", "vectorize:", "task_threads:"):
         assert f"        {argument}" in MetaAlgorithm.__doc__
+

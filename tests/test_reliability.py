@@ -108,6 +108,7 @@ OPTIONS = sorted(f.name for f in TrainConfig.__dataclass_fields__.values()
                  if f.name not in ("run_dir", "progress"))
 
 
+@pytest.mark.slow
 @settings(max_examples=500)
 @given(option=st.sampled_from(OPTIONS), value=BAD_VALUES, other=st.sampled_from(OPTIONS),
        other_value=BAD_VALUES)

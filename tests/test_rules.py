@@ -60,6 +60,7 @@ def perturb_rule(algorithm, seed: int, scale: float = 0.05) -> None:
 SETTINGS = settings(max_examples=settings.default.max_examples // 4)  # profile's, conftest.py
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(rule=st.sampled_from(RULES), hidden=st.lists(st.integers(2, 6), min_size=1, max_size=2),
        activation=st.sampled_from(["tanh", "softplus"]), steps=st.integers(1, 3),
@@ -76,6 +77,7 @@ def test_learned_rules_on_mlps_match_finite_differences(rule, hidden, activation
     assert any(name.startswith("inner.rule.") for name in result.per_parameter)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(rule=st.sampled_from(RULES), steps=st.integers(1, 3), lr=st.floats(0.01, 0.2),
        seed=st.integers(0, 2**16), vectorize=st.sampled_from(["never", "always"]))
@@ -178,6 +180,7 @@ def test_training_learns_and_checkpoints_the_rule(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["lslr", "meta_sgd", "meta_curvature"])
 def test_gradcheck_catches_a_missing_rule_gradient(rule):
     """The relative-error floor must not hide a wrong gradient of the (small) rule parameters."""

@@ -57,6 +57,7 @@ def test_threads_give_the_same_meta_gradient_bit_for_bit(name, rule, steps):
     assert all(g.abs().max() > 0 for g in grads_three)
 
 
+@pytest.mark.slow
 @settings(max_examples=5)
 @given(seed=st.integers(0, 2**16), steps=st.integers(1, 2), rule=st.sampled_from(["sgd", "lslr"]))
 def test_threaded_maml_matches_finite_differences_through_batch_norm(seed, steps, rule):

@@ -42,6 +42,7 @@ def test_time_to_accuracy_runs_both_implementations_on_the_same_tasks(omniglot_r
     assert "side by side" not in again.stdout  # a finished method is not run again
 
 
+@pytest.mark.slow
 def test_a_misspelled_option_stops_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--budget_minute", "1", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=60)

@@ -47,6 +47,7 @@ def test_fixes_are_noops_once_upstream_is_right():
     assert compat._fix_check_integrity_import() is False
 
 
+@pytest.mark.slow
 def test_a_import_torchmeta_fails_without_fix():
     result = run_python("import torchmeta")
     assert result.returncode != 0
@@ -90,6 +91,7 @@ def test_b_first_batch_of_class_splitter_dataset_works():
     assert torch.all(y.abs() <= 5.0) and torch.all(x.abs() <= 5.0)
 
 
+@pytest.mark.slow
 def test_b_first_batch_fails_without_fix():
     result = run_with_only_fix_a("""
         from torchmeta.toy.helpers import sinusoid
@@ -110,6 +112,7 @@ def test_c_google_drive_helper_finds_verified_file(tmp_path, capsys):
     assert "Using downloaded and verified file" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_c_fails_without_fix(tmp_path):
     (tmp_path / "archive.tar").write_bytes(b"payload")
     result = run_with_only_fix_a(f"""
@@ -120,6 +123,7 @@ def test_c_fails_without_fix(tmp_path):
     assert "NameError" in result.stderr and "check_integrity" in result.stderr
 
 
+@pytest.mark.slow
 def test_import_diffopt_without_torchmeta_names_the_install_step():
     result = run_python("""
         import sys, importlib.abc
@@ -135,6 +139,7 @@ def test_import_diffopt_without_torchmeta_names_the_install_step():
     assert "pip install --no-deps torchmeta==1.8.0" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["diffopt", "diffopt.cli", "diffopt.train"])
 def test_every_entry_point_applies_the_fixes(module):
     # Importing any diffopt module imports the package first, which applies the fixes.

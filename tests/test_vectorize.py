@@ -191,6 +191,7 @@ def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps, params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @settings(max_examples=3)  # about 20 s an example: every weight of a conv net, two differences each
 @given(steps=st.integers(1, 2), seed=st.integers(0, 2**16))
 def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, seed):
