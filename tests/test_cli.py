@@ -107,6 +107,29 @@ def test_evaluations_under_two_protocols_keep_both_scores(trained_run, capsys):
     assert again == inductive and len(list(trained_run.glob("eval-*.json"))) == 2
 
 
+def test_evaluate_shots_overrides_the_runs(trained_run, capsys):
+    """--shots 3 on a run trained with 10: the support sets have 3 examples (the scores are the
+    library's with shots=3, not those of 10), and the file and protocol say k3."""
+    from diffopt.data import get_dataset
+    from diffopt.evaluate import evaluate
+    from diffopt.train import load_trained
+
+    code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "4", "--steps", "0,2",
+                           "--shots", "3")
+    assert code == 0
+    written = out.strip().splitlines()[-1].removeprefix("wrote ")
+    assert written.startswith(f"{trained_run}/eval-k3-trans-")
+    saved = json.loads(open(written).read())
+    assert saved["protocol"]["shots"] == 3
+    _, algorithm, _ = load_trained(trained_run)
+    scores = {k: evaluate(algorithm, get_dataset("sinusoid"), shots=k, test_shots=100, tasks=4,
+                          steps=(0, 2)).scores[2].tolist() for k in (3, 10)}
+    assert saved["scores"]["2"] == pytest.approx(scores[3], rel=1e-12)
+    assert saved["scores"]["2"] != pytest.approx(scores[10], rel=1e-3)
+    code, out, _ = run_cli(capsys, "evaluate", str(trained_run), "--tasks", "4", "--steps", "0,2")
+    assert code == 0 and "/eval-k10-trans-" in out.strip().splitlines()[-1]  # the run's own by default
+
+
 def test_evaluate_inner_batch_size_overrides_the_runs(trained_run, capsys):
     """Reptile's --eval-batch: inner steps at evaluation on mini-batches of the support set."""
     from diffopt.checkpoint import load_checkpoint, restore_module

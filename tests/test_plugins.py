@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -201,3 +202,55 @@ def test_the_algorithms_show_and_document_their_constructor():
     for argument in ("model:", "inner:", "loss_fn:", "vectorize:", "task_threads:"):
         assert f"        {argument}" in MetaAlgorithm.__doc__
 
+
+WRONG_DERIVATIVE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    from diffopt.optim import UpdateRule
+    from diffopt.optim.rule import tensor_map
+
+
+    class Scaled(UpdateRule):
+        """update = -lr * exp(s) * g, one learned log-scale s per tensor."""
+
+        def __init__(self, params, lr):
+            super().__init__()
+            self.lr = lr
+            self.s = nn.Parameter(params[0].new_zeros(len(params)))
+
+        def direction(self, g):
+            return g
+
+        def update(self, grads, state, params, step):
+            return tensor_map(lambda i, g: -self.lr * torch.exp(self.s[i]) * self.direction(g), grads), state
+
+
+    class DetachedScaled(Scaled):
+        """The same updates, but g.detach(): the inner gradient's own derivative (the meta-
+        gradient's second-order part) is missing, so the meta-gradient is wrong."""
+
+        def direction(self, g):
+            return g.detach()
+''')
+
+
+@pytest.mark.slow
+def test_gradcheck_exits_1_on_a_rule_with_a_wrong_derivative(tmp_path, monkeypatch, capsys):
+    """The rule whose update detaches the gradient fails ``diffopt gradcheck``: in a fresh
+    process, the rule module on PYTHONPATH, the exit status is 1 and the verdict FAIL. Its twin
+    without the detach (the same updates, the same meta-loss) passes, here in this process."""
+    (tmp_path / "wrong_rules.py").write_text(WRONG_DERIVATIVE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        code, out, _ = cli(capsys, "gradcheck", "--inner_optimizer", "wrong_rules:Scaled")
+    finally:
+        sys.modules.pop("wrong_rules", None)
+    assert code == 0 and out.strip().endswith("PASS (rtol 1e-05)")
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    wrong = subprocess.run([sys.executable, "-m", "diffopt", "gradcheck", "--inner_optimizer",
+                            "wrong_rules:DetachedScaled"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    assert wrong.returncode == 1, (wrong.returncode, wrong.stdout, wrong.stderr)
+    assert wrong.stdout.strip().splitlines()[-1].endswith("FAIL (rtol 1e-05)"), wrong.stdout
+    assert "model.0.weight" in wrong.stdout

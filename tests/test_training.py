@@ -106,6 +106,28 @@ def test_time_budget_drives_the_schedule(tmp_path, step_clock):
     np.testing.assert_allclose([r["lr"] for r in records], expected)
 
 
+def test_snapshots_are_taken_at_multiples_of_the_training_clock(tmp_path, step_clock):
+    """--snapshot_every_seconds 1 where each meta-step takes exactly 0.25 s of training time
+    (``step_clock``): snapshots after iterations 4 and 8 (clock 1.0 and 2.0, a snapshot exactly
+    on the boundary included), none after 10 (2.5), each the run's checkpoint at that iteration."""
+    from diffopt.checkpoint import load_checkpoint
+
+    step_clock(0.25)
+    config = resolve_config(iterations=10, meta_batch_size=2, hidden=(4,), snapshot_every_seconds=1.0,
+                            run_dir=str(tmp_path / "run"), progress=False)
+    train(config)
+    snapshots = sorted((tmp_path / "run" / "snapshots").iterdir())
+    assert [p.name for p in snapshots] == ["00000004.pt", "00000008.pt"]
+    for path, iteration in zip(snapshots, (4, 8), strict=True):
+        payload = load_checkpoint(path)
+        assert (payload["iteration"], payload["train_seconds"]) == (iteration, 0.25 * iteration)
+    final = load_checkpoint(tmp_path / "run")
+    assert (final["iteration"], final["train_seconds"]) == (10, 2.5)
+    weights = [load_checkpoint(path)["algorithm"]["model.0.weight"] for path in snapshots]
+    assert not torch.equal(weights[0], weights[1])  # each holds the weights of its own time
+    assert not torch.equal(weights[1], final["algorithm"]["model.0.weight"])
+
+
 def test_cosine_schedule_matches_torch():
     config = resolve_config(meta_lr=1e-3, meta_lr_final=1e-5, meta_lr_schedule="cosine", iterations=10)
     optimizer = outer_optimizer(config, build(config))
