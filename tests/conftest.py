@@ -167,3 +167,16 @@ def omniglot_root() -> Path:
     root = CACHE / f"omniglot-{omniglot_key(SHARED_OMNIGLOT)}"
     prepare_omniglot(SHARED_OMNIGLOT, root)
     return root
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest-random-order's seed at the end of a shuffled run, under -q too (its header line,
+    the only other place it is printed, is hidden there): rerun an order with the flags shown."""
+    try:
+        from random_order.config import Config
+    except ImportError:  # the plugin is in the test extras; without it nothing is shuffled
+        return
+    order = Config(config)
+    if order.is_enabled:
+        terminalreporter.write_line(f"test order: --random-order-bucket={order.bucket_type} "
+                                    f"--random-order-seed={order.seed}")
