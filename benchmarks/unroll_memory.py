@@ -201,7 +201,8 @@ def run(workloads=("omniglot", "miniimagenet", "sinusoid"), steps=(1, 5, 10, 25,
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=1))
     _plot(results, Path(plot))
-    head = (f"Command: `python benchmarks/unroll_memory.py run`. Second-order MAML, one task per "
+    command = " ".join(["python benchmarks/unroll_memory.py", *sys.argv[1:]])
+    head = (f"Command: `{command}`. Second-order MAML, one task per "
             f"meta-step, inner SGD lr 0.01; each cell a fresh process on one torch thread under a "
             f"{cap_gb:g} GiB address-space cap: peak resident growth during the meta-steps, median "
             f"seconds per meta-step after the first (up to {seconds:g} s of them). Machine: "
@@ -211,8 +212,11 @@ def run(workloads=("omniglot", "miniimagenet", "sinusoid"), steps=(1, 5, 10, 25,
     body = "\n".join([head, "", *lines, f"![memory and time against inner steps]({plot})"])
     print(body)
     if write != "none":
-        key = "unroll-memory" + "".join(f"-{w}" for w in workloads if w == "resnet12")
-        write_section(write, key, "Second-order memory against inner steps", body)
+        if workloads == ("resnet12",):
+            write_section(write, "unroll-memory-resnet12", "ResNet-12: second-order memory, plain and "
+                          "checkpointed", body)
+        else:
+            write_section(write, "unroll-memory", "Second-order memory against inner steps", body)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ For each dataset and horizon T (inner steps), one meta-batch of real tasks and t
 meta-parameters (training seed 0, MAML's per-dataset defaults) give, each in a fresh process:
 the exact second-order meta-gradient (``--inner_checkpoint auto``), first-order MAML, truncated
 backpropagation through the last 1 and 10 steps (``--inner_backprop_steps``) and iMAML (its
-per-dataset defaults: proximal lambda, CG iterations; the inner loop then descends the loss plus
-the proximal term). Compared with the exact meta-gradient of the initial weights (the model's
-meta-parameters, which every method has): cosine similarity and relative error
+per-dataset proximal lambda and CG iterations, MAML's model and inner step otherwise; its inner
+loop descends the loss plus the proximal term). Compared with the exact meta-gradient of the
+initial weights (the model's meta-parameters, which every method has): cosine similarity and
+relative error
 ||g - g_exact|| / ||g_exact||; with each method's peak resident memory growth during the
 meta-gradient and its seconds.
 """
@@ -46,16 +47,23 @@ DATASETS = {
 T times a step's for every task)."""
 
 
+SHARED = ("model", "hidden", "activation", "norm", "norm_eps", "head", "init", "pool", "padding",
+          "pool_padding", "input_norm", "inner_lr", "inner_loss_reduction", "inner_params", "test_shots")
+"""MAML's per-dataset settings every method takes (iMAML's own defaults differ in model and step
+size on Omniglot): only what the method changes differs."""
+
+
 def gradient(dataset: str, method: str, steps: int, out: str, data_root: str | None = None) -> None:
     """(In a fresh process) one meta-gradient; its model gradient saved to ``out``, and the JSON of
     its memory and seconds printed."""
     from diffopt.train import build
 
     torch.set_num_threads(1)
-    options = dict(DATASETS[dataset], inner_steps=steps, **METHODS[method], progress=False,
-                   vectorize="never")
+    options = dict(DATASETS[dataset], inner_steps=steps, progress=False, vectorize="never")
     if data_root is not None and "data_root" in options:
         options["data_root"] = data_root
+    maml = resolve_config(**options).to_dict()  # the model and inner loop every method shares
+    options.update({key: maml[key] for key in SHARED}, **METHODS[method])
     if options.get("inner_backprop_steps", 0) > steps:
         options["inner_backprop_steps"] = steps
     config = resolve_config(**options)
