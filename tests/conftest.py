@@ -98,6 +98,24 @@ def step_clock(monkeypatch):
     return install
 
 
+@pytest.fixture
+def compare_in_process(monkeypatch):
+    """diffopt compare's runs in this process (``run_one``, what each child process runs)
+    instead of one fresh interpreter each, which costs a torch import (seconds on a loaded
+    machine): for tests of what compare does with its runs. The child processes themselves are
+    tested by test_compare's module grid and resumption and by test_plugins."""
+    import json
+
+    import diffopt.compare as compare_module
+
+    def run_here(config, settings, log, progress):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        compare_module.run_one(config, settings)
+        return json.loads((Path(config.run_dir) / compare_module.EVALUATION_NAME).read_text())
+
+    monkeypatch.setattr(compare_module, "_run_in_subprocess", run_here)
+
+
 def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
                    dtype: torch.dtype = torch.float64) -> Episode:
     """A meta-batch of random 1-d regression tasks: x ~ N(0, 1), y ~ N(0, 1)."""

@@ -47,8 +47,7 @@ def test_anil_takes_the_datasets_maml_protocol_and_fixes_what_adapts():
         resolve_config(algorithm="anil", inner_params="all")
 
 
-@pytest.mark.slow
-def test_compare_runs_anil_and_boil_beside_maml(tmp_path, capsys):
+def test_compare_runs_anil_and_boil_beside_maml(tmp_path, capsys, compare_in_process):
     out = tmp_path / "c"
     assert main(["compare", "--algorithms", "maml,anil,boil", "--shots", "3", "--iterations", "3",
                  "--eval_tasks", "4", "--eval_steps", "1", "--hidden", "8", "--out", str(out),

@@ -12,7 +12,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sinusoid_table.py"
 
 
 @pytest.mark.slow
-def test_sinusoid_table_script_writes_every_methods_row(tmp_path, capsys):
+def test_sinusoid_table_script_writes_every_methods_row(tmp_path, capsys, compare_in_process):
     main = runpy.run_path(str(EXAMPLE))["main"]
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n")
@@ -25,8 +25,7 @@ def test_sinusoid_table_script_writes_every_methods_row(tmp_path, capsys):
     assert "| maml | 5 | 0.69 +- 0.07 |" in text  # the paper's number beside diffopt's
 
 
-@pytest.mark.slow
-def test_sinusoid_table_tabulates_finished_runs_without_training(tmp_path):
+def test_sinusoid_table_tabulates_finished_runs_without_training(tmp_path, compare_in_process):
     """--train False: the runs already in --out make the table, the others are named, none is
     trained (a long reproduction written up while its last runs still train)."""
     main = runpy.run_path(str(EXAMPLE))["main"]
