@@ -90,6 +90,7 @@ def test_checkpointed_mamlpp_with_per_step_batch_norm(first_order):
     assert all(torch.equal(a, b) for a, b in zip(plain_buffers, checkpointed_buffers, strict=True))
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(
     optimizer=st.sampled_from(["sgd", "momentum", "adam", "lslr", "meta_curvature"]),
