@@ -175,9 +175,11 @@ def fire_checked(component: Component, argv: Sequence[str] | None = None,
 def run_checked(component: Component, argv: Sequence[str], name: str) -> Any:
     """Check ``argv`` (``DiffoptError`` if it is bad), print help if asked, else call through fire."""
     target, rest, command = _select(component, list(argv), name)
-    if any(arg in HELP_FLAGS for arg in rest) or (isinstance(target, Mapping) and not rest):
+    if any(arg in HELP_FLAGS for arg in rest):
         print(help_text(target, command))
         return None
     if isinstance(target, Mapping):
+        if not rest:  # no command: the help, on stderr, and a failing status
+            print(help_text(target, command), file=sys.stderr)
         raise DiffoptError(f"{command} takes a command first: {', '.join(target)}")
     return fire.Fire(target, command=check_arguments(target, rest, command), name=command)

@@ -86,8 +86,12 @@ def test_help_is_plain_text_with_defaults_and_h_is_help(capsys):
         assert text.splitlines()[0] == "usage: job gradcheck [--option VALUE ...]"
         assert "  --hidden=8,8\n      hidden layer widths of the MLP\n" in text
         assert "  --rtol=1e-05\n      pass threshold" in text
-    fire_checked({"gradcheck": gradcheck}, [], name="job")
-    assert "  gradcheck  Check gradients." in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:  # no command: help on stderr, a failing status
+        fire_checked({"gradcheck": gradcheck}, [], name="job")
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.out == ""
+    assert "  gradcheck  Check gradients." in captured.err
+    assert captured.err.rstrip().endswith("job: error: job takes a command first: gradcheck")
 
 
 def test_functions_taking_any_option_are_left_to_fire():
