@@ -219,5 +219,45 @@ def run(workloads=("omniglot", "miniimagenet", "sinusoid"), steps=(1, 5, 10, 25,
             write_section(write, "unroll-memory", "Second-order memory against inner steps", body)
 
 
+def speed(workloads=("sinusoid", "omniglot", "miniimagenet"), steps=(10, 25), rounds: int = 7,
+          write: str = "BENCHMARKS.md") -> None:
+    """Checkpointed against plain seconds per meta-step, interleaved in one process (each round
+    times one meta-step of each, so load drifts hit both alike): medians and their ratio."""
+    torch.set_num_threads(1)
+    workloads = (workloads,) if isinstance(workloads, str) else tuple(workloads)
+    steps = (steps,) if isinstance(steps, int) else tuple(steps)
+    lines = ["| workload | T | plain (s) | checkpointed (s) | ratio of medians |", "|---|---|---|---|---|"]
+    for workload in workloads:
+        spec = WORKLOADS[workload]
+        for count in steps:
+            builders = _builders(spec, count)
+            runs = []
+            for label in (PLAIN, CHECKPOINTED):
+                torch.manual_seed(0)
+                model = spec.model()
+                runs.append((model, builders[label](model), []))
+            episode = spec.episode(torch.Generator().manual_seed(0))
+            for round_ in range(rounds + 1):
+                for model, step, times in runs:
+                    model.zero_grad(set_to_none=True)
+                    start = time.perf_counter()
+                    step(episode)
+                    if round_:  # the first round warms up
+                        times.append(time.perf_counter() - start)
+            plain, checkpointed = (statistics.median(times) for _, _, times in runs)
+            lines.append(f"| {workload} | {count} | {plain:.4f} | {checkpointed:.4f} | "
+                         f"{checkpointed / plain:.2f}x |")
+            print(lines[-1], flush=True)
+    command = " ".join(["python benchmarks/unroll_memory.py", *sys.argv[1:]])
+    body = "\n".join([
+        f"Command: `{command}`. One task per meta-step, one torch thread, {rounds} rounds after one "
+        "warm-up, plain and checkpointed (auto) meta-steps alternating in one process; medians. "
+        f"Machine: {machine_description()}, {library_versions()}; measured "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "", *lines])
+    print(body)
+    if write != "none":
+        write_section(write, "unroll-speed", "Checkpointed against plain meta-step time", body)
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "point": point})
+    fire.Fire({"run": run, "point": point, "speed": speed})
