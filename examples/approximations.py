@@ -2,6 +2,7 @@
 
     python examples/approximations.py run                      # sinusoid and Omniglot, T = 10, 50, 100
     python examples/approximations.py run --datasets sinusoid --horizons 10 --results none
+    python examples/approximations.py direction --dataset omniglot --steps 10   # the exact one, checked
 
 For each dataset and horizon T (inner steps), one meta-batch of real tasks and the same initial
 meta-parameters (training seed 0, MAML's per-dataset defaults) give, each in a fresh process:
@@ -94,6 +95,44 @@ def gradient(dataset: str, method: str, steps: int, out: str, data_root: str | N
     print(json.dumps({"peak_growth_mb": growth, "seconds": seconds}))
 
 
+def direction(dataset: str = "omniglot", steps: int = 10, eps=(1e-6, 1e-7, 1e-8, 1e-9),
+              data_root: str | None = None) -> None:
+    """Check the exact meta-gradient g of ``gradient``'s setting in float64 along its own direction:
+    central differences of the meta-loss at theta +- eps g/|g| against |g|."""
+    from diffopt.train import build
+
+    torch.set_num_threads(1)
+    options = dict(DATASETS[dataset], inner_steps=steps, inner_checkpoint="auto", progress=False,
+                   vectorize="never")
+    if data_root is not None and "data_root" in options:
+        options["data_root"] = data_root
+    config = resolve_config(**options)
+    algorithm = build(config).double()
+    loader = get_dataset(config.dataset).loader(
+        "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots, ways=config.ways,
+        batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size, **config.data_options())
+    batch = Episode.from_torchmeta(next(iter(loader)))
+    episode = Episode(*(t.double() if t.is_floating_point() else t
+                        for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+    algorithm.meta_gradient(episode)
+    params = [p for p in algorithm.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    unit = [p.grad / norm for p in params]
+    for step in (eps,) if isinstance(eps, float) else eps:
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for p, u in zip(params, unit, strict=True):
+                    p.add_(sign * step * u)
+            values.append(algorithm.meta_loss(episode, track_higher_grads=False).item())
+            with torch.no_grad():
+                for p, u in zip(params, unit, strict=True):
+                    p.sub_(sign * step * u)
+        slope = (values[0] - values[1]) / (2 * step)
+        print(f"{dataset} T={steps} eps={step:g}: central difference {slope:.10g}, |g| {norm.item():.10g}, "
+              f"relative difference {abs(slope - norm.item()) / norm.item():.1e}")
+
+
 def run(datasets=tuple(DATASETS), horizons=(10, 50, 100), data_root: str = "data",
         results: str = "RESULTS.md") -> None:
     """Every method at every horizon on every dataset; a table per dataset into ``results``."""
@@ -144,4 +183,4 @@ def run(datasets=tuple(DATASETS), horizons=(10, 50, 100), data_root: str = "data
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "gradient": gradient})
+    fire.Fire({"run": run, "gradient": gradient, "direction": direction})
