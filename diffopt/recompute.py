@@ -6,8 +6,9 @@ memory grows with the steps. Here the steps run in segments of k: a segment is o
 (``_Segment``) that takes its steps without a graph and keeps only its inputs (the weights, the
 inner optimizer's state, the support data); the meta-backward rebuilds one segment's graph at a
 time from them and backpropagates through it. Memory: T/k checkpoints plus k steps' graph;
-time: one extra graph-free pass over the steps. The steps are higher's, as in a plain unroll, so
-every optimizer and rule higher differentiates is checkpointed the same way.
+time: one extra graph-free pass over the steps. The rebuilt steps are higher's, as in a plain
+unroll, so every optimizer and rule higher differentiates is checkpointed the same way; the
+graph-free pass of rules with a functional form (sgd, learned rules) applies the rule directly.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class _Plan:
     out_constants: tuple = ()
 
     def split(self, tensors):
-        """(weights, state tensors, x, meta) of a segment's flat inputs."""
+        """(weights, state tensors, x) of a segment's flat inputs (the meta-parameters follow x)."""
         count = len(self.mask)
         state = len(tensors) - count - 1 - len(self.meta)
         return (list(tensors[:count]), list(tensors[count:count + state]), tensors[count + state])
@@ -75,7 +76,7 @@ class _Plan:
         loop, model, mask = self.loop, self.model, self.mask
         fmodel, per_step = loop.copies.monkeypatched(model, track)
         fmodel.update_params(weights)
-        diffopt, _ = differentiable_optimizer(loop, model, fmodel, mask, track, self.detach_inner_grads)
+        diffopt, _ = differentiable_optimizer(loop, model, fmodel, mask, track)
         anchor = list(model.parameters())
         if self.start > 0:  # the state the previous segment ended with
             saved = pytree.tree_unflatten(_merge(state, self.constants), self.state_spec)
@@ -103,7 +104,6 @@ class _Plan:
         fmodel._fast_params = None  # drop higher's history (and the graph it holds)
         return after, final
 
-
     def steps_without_graph(self, weights: list[torch.Tensor], state: list[torch.Tensor],
                             x: torch.Tensor) -> tuple[list[list[torch.Tensor]], Any]:
         """``steps`` without a graph for rules with a functional form (``functional_rule``: plain
@@ -114,7 +114,6 @@ class _Plan:
         rule = loop.functional_rule
         index = loop.rule_index(mask) if rule is loop.rule else None
         names = [name for name, _ in model.named_parameters()]
-        per_step = any(hasattr(module, "inner_step") for module in model.modules())
         anchor = list(model.parameters())
         if loop.rule is None:
             rule_state = None  # sgd keeps none
@@ -124,8 +123,7 @@ class _Plan:
             rule_state = pytree.tree_unflatten(_merge(state, self.constants), self.state_spec)
         after = []
         for step in range(self.start, self.start + self.count):
-            if per_step:
-                set_inner_step(model, step)
+            set_inner_step(model, step)
             xb, yb = minibatch(x, self.y, self.order, step)
             objective, loss = loop.objective(self.loss_fn, FunctionalModel(model, names, weights)(xb), yb,
                                              weights, anchor, mask)
@@ -203,15 +201,13 @@ class _Segment(torch.autograd.Function):
         outputs = [*(w for ws in after for w in ws), *_flatten_state(final)[0]]
         pairs = [(out, grad) for out, grad in zip(outputs, grads, strict=True)
                  if grad is not None and out.requires_grad]
-        inputs = [*leaves, *([x_leaf] if x.requires_grad else []), *plan.meta]
+        inputs = [*leaves, x_leaf, *plan.meta]  # in the order forward took them
         wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
         found = torch.autograd.grad([out for out, _ in pairs], [inputs[i] for i in wanted],
                                     [grad for _, grad in pairs], allow_unused=True) if pairs else ()
         result: list[torch.Tensor | None] = [None] * len(inputs)
         for i, grad in zip(wanted, found, strict=True):
             result[i] = grad
-        if not x.requires_grad:
-            result.insert(len(leaves), None)
         return (None, *result)
 
 
@@ -224,9 +220,7 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
     unroll does (its backward comes first, and would rebuild it at once)."""
     names = [name for name, _ in model.named_parameters()]
     weights = list(model.parameters())
-    per_step = any(hasattr(module, "inner_step") for module in model.modules())
-    if per_step:
-        set_inner_step(model, 0)
+    set_inner_step(model, 0)
     yield FunctionalModel(model, names, weights)
     if steps == 0:
         return
@@ -250,6 +244,5 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
         else:  # clones: an optimizer may count its steps in place, in a tensor
             after, _ = plan.steps(weights, [s.clone() for s in state], x, track=True, record=True)
         for step, weights in enumerate(after):
-            if per_step:
-                set_inner_step(model, loop.query_row(start + step + 1))
+            set_inner_step(model, loop.query_row(start + step + 1))
             yield FunctionalModel(model, names, weights)

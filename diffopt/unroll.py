@@ -146,11 +146,10 @@ def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_
 
 
 def differentiable_optimizer(loop: InnerLoop, model: nn.Module, fmodel: higher.patch._MonkeyPatchBase,
-                             mask: list[bool], track: bool, detach_inner_grads: bool,
-                             carried: list[dict] | None = None):
+                             mask: list[bool], track: bool, carried: list[dict] | None = None):
     """(higher's differentiable optimizer stepping ``fmodel`` as ``loop`` says, the torch optimizer
-    it was made from). Inner gradients reach the adapted tensors alone, as constants with
-    ``detach_inner_grads``; ``carried``: a torch optimizer's state per model parameter to start from."""
+    it was made from), to be stepped by ``higher_step`` (which says per step which inner gradients
+    reach which tensors); ``carried``: a torch optimizer's state per model parameter to start from."""
     if loop.rule is not None:
         template = RuleOptimizer(model.parameters(), loop.rule, loop.rule_index(mask))
     else:
@@ -161,8 +160,7 @@ def differentiable_optimizer(loop: InnerLoop, model: nn.Module, fmodel: higher.p
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=HIGHER_NOTICES)
         return higher.optim.get_diff_optim(
-            template, model.parameters(), fmodel=fmodel, track_higher_grads=track,
-            grad_callback=inner_grad_callback(mask, detach_inner_grads)), template
+            template, model.parameters(), fmodel=fmodel, track_higher_grads=track), template
 
 
 def higher_step(diffopt, fmodel: higher.patch._MonkeyPatchBase, objective: torch.Tensor, mask: list[bool],
@@ -196,8 +194,7 @@ def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.
                            "functional form (sgd or a diffopt rule) and no differentiated unroll")
     fmodel, per_step = loop.copies.monkeypatched(model, track_higher_grads)
     carried = loop.carried_state if loop.carries_state else None
-    diffopt, template = differentiable_optimizer(loop, model, fmodel, mask, track_higher_grads,
-                                                 detach_inner_grads, carried)
+    diffopt, template = differentiable_optimizer(loop, model, fmodel, mask, track_higher_grads, carried)
     anchor = list(model.parameters())
     if per_step:
         set_inner_step(fmodel, 0)
