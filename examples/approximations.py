@@ -59,12 +59,10 @@ SHARED = ("model", "hidden", "activation", "norm", "norm_eps", "head", "init", "
 size on Omniglot): only what the method changes differs."""
 
 
-def gradient(dataset: str, method: str, steps: int, out: str, data_root: str | None = None) -> None:
-    """(In a fresh process) one meta-gradient; its model gradient saved to ``out``, and the JSON of
-    its memory and seconds printed."""
+def _setting(dataset: str, method: str, steps: int, data_root: str | None):
+    """(the algorithm, one meta-batch of training tasks) of ``method`` at ``steps`` inner steps."""
     from diffopt.train import build
 
-    torch.set_num_threads(1)
     options = dict(DATASETS[dataset], inner_steps=steps, progress=False, vectorize="never")
     if data_root is not None and "data_root" in options:
         options["data_root"] = data_root
@@ -74,11 +72,17 @@ def gradient(dataset: str, method: str, steps: int, out: str, data_root: str | N
     if options.get("inner_backprop_steps", 0) > steps:
         options["inner_backprop_steps"] = steps
     config = resolve_config(**options)
-    algorithm = build(config)
     loader = get_dataset(config.dataset).loader(
         "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots, ways=config.ways,
         batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size, **config.data_options())
-    episode = Episode.from_torchmeta(next(iter(loader)))
+    return build(config), Episode.from_torchmeta(next(iter(loader)))
+
+
+def gradient(dataset: str, method: str, steps: int, out: str, data_root: str | None = None) -> None:
+    """(In a fresh process) one meta-gradient; its model gradient saved to ``out``, and the JSON of
+    its memory and seconds printed."""
+    torch.set_num_threads(1)
+    algorithm, episode = _setting(dataset, method, steps, data_root)
     algorithm.meta_gradient(episode)  # a first, cold call: lazy initialisation, caches
     algorithm.zero_grad(set_to_none=True)
     gc.collect()
@@ -99,21 +103,9 @@ def direction(dataset: str = "omniglot", steps: int = 10, eps=(1e-6, 1e-7, 1e-8,
               data_root: str | None = None) -> None:
     """Check the exact meta-gradient g of ``gradient``'s setting in float64 along its own direction:
     central differences of the meta-loss at theta +- eps g/|g| against |g|."""
-    from diffopt.train import build
-
     torch.set_num_threads(1)
-    options = dict(DATASETS[dataset], inner_steps=steps, inner_checkpoint="auto", progress=False,
-                   vectorize="never")
-    if data_root is not None and "data_root" in options:
-        options["data_root"] = data_root
-    config = resolve_config(**options)
-    algorithm = build(config).double()
-    loader = get_dataset(config.dataset).loader(
-        "train", seed=config.seed, shots=config.shots, test_shots=config.test_shots, ways=config.ways,
-        batch_size=config.meta_batch_size, num_tasks=config.meta_batch_size, **config.data_options())
-    batch = Episode.from_torchmeta(next(iter(loader)))
-    episode = Episode(*(t.double() if t.is_floating_point() else t
-                        for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+    algorithm, episode = _setting(dataset, "exact (checkpointed)", steps, data_root)
+    algorithm, episode = algorithm.double(), episode.to(dtype=torch.float64)
     algorithm.meta_gradient(episode)
     params = [p for p in algorithm.parameters() if p.grad is not None]
     norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
