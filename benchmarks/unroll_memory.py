@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import PEER_LIBRARIES, Workload, _images  # noqa: E402
+from peers import PEER_LIBRARIES, Workload, _images, _setup  # noqa: E402
 from references import MISSING, available  # noqa: E402
 
 from diffopt.algorithms import build_algorithm  # noqa: E402
@@ -91,10 +91,7 @@ def point(workload: str, implementation: str, steps: int, seconds: float = 60.0,
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.set_num_threads(threads)
     spec = WORKLOADS[workload]
-    torch.manual_seed(0)
-    model = spec.model()
-    step = _builders(spec, steps)[implementation](model)
-    episode = spec.episode(torch.Generator().manual_seed(0))
+    model, step, episode = _setup(spec, _builders(spec, steps)[implementation])
     gc.collect()
     reset_resident_peak()
     before = resident_mb()["VmRSS"]
@@ -233,20 +230,15 @@ def speed(workloads=("sinusoid", "omniglot", "miniimagenet"), steps=(10, 25), ro
         spec = WORKLOADS[workload]
         for count in steps:
             builders = _builders(spec, count)
-            runs = []
-            for label in (PLAIN, CHECKPOINTED):
-                torch.manual_seed(0)
-                model = spec.model()
-                runs.append((model, builders[label](model), []))
-            episode = spec.episode(torch.Generator().manual_seed(0))
+            runs = [(*_setup(spec, builders[label]), []) for label in (PLAIN, CHECKPOINTED)]
             for round_ in range(rounds + 1):
-                for model, step, times in runs:
+                for model, step, episode, times in runs:
                     model.zero_grad(set_to_none=True)
                     start = time.perf_counter()
                     step(episode)
                     if round_:  # the first round warms up
                         times.append(time.perf_counter() - start)
-            plain, checkpointed = (statistics.median(times) for _, _, times in runs)
+            plain, checkpointed = (statistics.median(times) for *_, times in runs)
             lines.append(f"| {workload} | {count} | {plain:.4f} | {checkpointed:.4f} | "
                          f"{checkpointed / plain:.2f}x |")
             print(lines[-1], flush=True)
