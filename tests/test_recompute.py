@@ -30,7 +30,6 @@ def mlp_algorithm(name, optimizer, steps, checkpoint, seed=0, **inner):
 
 
 def meta_gradient(algorithm, episode) -> list[torch.Tensor]:
-    algorithm.zero_grad(set_to_none=False)
     for param in algorithm.parameters():
         param.grad = torch.zeros_like(param)
     algorithm.meta_gradient(episode)
