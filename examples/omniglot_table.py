@@ -128,10 +128,12 @@ def _goal_runs() -> list[Run]:
     return runs
 
 
+GOAL_RECIPE = {k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()}
+"""The goal table's last row: every lever."""
+
 PAPER_RUNS = [
     Run("paper-maml-1shot", "MAML, the goal recipe with a cosine meta-step to 1e-5", METHODS["maml"], 1,
-        {**{k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()},
-         "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}),
+        {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}),
 ]
 """The paper-level table: the goal table's last row (every lever) for two hours, its outer
 learning rate annealed over the budget (``--meta_lr_schedule cosine``), towards MAML's 98.7%."""
@@ -154,13 +156,39 @@ FAMILY_NOTES = [
 ]
 """Lines under the family table: what its columns mean and the published numbers."""
 
-BUDGETS = {"methods": 1200.0, "goal": 2100.0, "family": 1200.0, "paper": 7200.0}
+HORIZON_NOTES = [
+    "- Meta-step memory: as in the family table (diffopt.memory.StepMemory). The exact 25-step runs "
+    "keep about sqrt(25) = 5 steps' graphs at a time (`--inner_checkpoint auto`); the plain unroll "
+    "would keep all 25.",
+]
+NOTES = {"family": FAMILY_NOTES, "horizon": HORIZON_NOTES}
+"""Lines under a table, by table."""
+
+LONG = dict(inner_steps=25)
+HORIZON_RUNS = [
+    Run("horizon-maml-1step", "MAML, 1 inner step (the goal recipe)", METHODS["maml"], 1, GOAL_RECIPE),
+    Run("horizon-mamlpp-5step", "MAML++ recipe, 5 inner steps", METHODS["mamlpp"], 1),
+    Run("horizon-maml-25step-exact", "MAML, 25 steps, exact meta-gradient (checkpointed)",
+        Method("MAML", dict(algorithm="maml"), 25), 1, {**GOAL_RECIPE, **LONG, "inner_checkpoint": "auto"}),
+    Run("horizon-maml-25step-last5", "MAML, 25 steps, the last 5 differentiated (truncated)",
+        Method("MAML", dict(algorithm="maml"), 25), 1, {**GOAL_RECIPE, **LONG, "inner_backprop_steps": 5}),
+    Run("horizon-fomaml-25step", "first-order MAML, 25 steps", Method("first-order MAML",
+        dict(algorithm="fomaml"), 25), 1, {**GOAL_RECIPE, **LONG}),
+    Run("horizon-mamlpp-25step-exact", "MAML++ recipe, 25 steps, exact meta-gradient (checkpointed)",
+        Method("MAML++ recipe", MAMLPP, 25), 1, {**LONG, "inner_checkpoint": "auto"}),
+]
+"""The horizon table (issue 27): 25 inner steps, the exact meta-gradient against its approximations,
+beside the 1- and 5-step protocols, 5-way 1-shot, every run under the same training-time budget;
+scored after as many inner steps as each was trained with (1-step MAML: its protocol's 10)."""
+
+BUDGETS = {"methods": 1200.0, "goal": 2100.0, "family": 1200.0, "paper": 7200.0, "horizon": 900.0}
 TABLES = {
     "methods": [Run(f"{key}-{shots}shot", method.label, method, shots)
                 for shots in (1, 5) for key, method in METHODS.items()],
     "goal": _goal_runs(),
     "family": [Run(f"{key}-1shot", method.label, method, 1) for key, method in FAMILY.items()],
     "paper": PAPER_RUNS,
+    "horizon": HORIZON_RUNS,
 }
 
 
@@ -272,7 +300,8 @@ def _jsonl(path: Path) -> list[dict]:
 TITLES = {"methods": "Omniglot 5-way: MAML, first-order MAML, Reptile, MAML++ recipe",
           "family": "Omniglot 5-way 1-shot: ANIL, BOIL, iMAML",
           "goal": "Omniglot 5-way 1-shot: 95% in 35 minutes, lever by lever",
-          "paper": "Omniglot 5-way 1-shot: towards the paper in two hours"}
+          "paper": "Omniglot 5-way 1-shot: towards the paper in two hours",
+          "horizon": "Omniglot 5-way 1-shot: 25 inner steps, exact and approximate meta-gradients"}
 
 
 def report(
@@ -289,7 +318,7 @@ def report(
     plot_path = Path(plot or f"docs/figures/omniglot-{table}.png")
     torch.set_num_threads(1)
     both = table in ("methods", "family")
-    memory = table == "family"
+    memory = table in ("family", "horizon")
     rows, curves = [], {}
     for run in chosen:
         folder = out_path / run.name
@@ -332,7 +361,7 @@ def report(
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
         *rows,
-        *(["", *FAMILY_NOTES] if memory else []),
+        *(["", *NOTES[table]] if table in NOTES else []),
         "",
         f"![meta-val accuracy against training time and meta-iterations]({relative})",
     ])
