@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffopt-installed
 
-.PHONY: setup demo test lint clean bench-setup bench
+.PHONY: setup demo test lint clean bench-setup bench docs
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ bench-setup: setup
 
 bench: bench-setup
 	$(PY) benchmarks/peers.py all --write BENCHMARKS.md
+
+docs: setup
+	$(PY) -c "from diffopt.config import write_option_reference; write_option_reference()"
 
 lint: setup
 	$(VENV)/bin/ruff check diffopt examples benchmarks tests

@@ -20,10 +20,11 @@ from typing import Any
 
 from diffopt import distributed
 from diffopt.compare import shared_train_options
-from diffopt.config import TrainConfig, check_float, check_int, resolve_config, resolve_saved_config
+from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
+from diffopt.options import check_float, check_int
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:

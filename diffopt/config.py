@@ -7,23 +7,15 @@ from which the CLI builds ``diffopt train --help``.
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATASETS, get_dataset
-from diffopt.errors import DiffoptError, unknown_name
-from diffopt.inner import (
-    INNER_PARAMS,
-    INNER_SOLVERS,
-    INNER_STATES,
-    LOSS_REDUCTIONS,
-    QUERY_NORM_ROWS,
-    check_backprop_steps,
-    check_checkpoint,
-    check_inner_params,
-)
+from diffopt.errors import DiffoptError
+from diffopt.inner import InnerLoop
 from diffopt.models import (
     ACTIVATIONS,
     HEADS,
@@ -37,7 +29,7 @@ from diffopt.models import (
     model_defaults,
     model_factory,
 )
-from diffopt.optim import check_inner_options, check_rule_name, inner_rule_names
+from diffopt.options import AS_TODAY, Option, arguments, check_float, check_int, check_name
 from diffopt.vectorize import VECTORIZE_MODES
 
 OUTER_OPTIMIZERS = ("adam", "sgd")
@@ -49,8 +41,9 @@ def option(default: Any, help: str) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything a meta-training run depends on; saved in its checkpoint."""
+class _RunOptions:
+    """The options no component declares: the run's data, model, outer loop and bookkeeping
+    (``TrainConfig`` adds the inner loop's and the algorithms')."""
 
     algorithm: str = option(
         "maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}, or module:Class (a MetaAlgorithm "
@@ -108,61 +101,6 @@ class TrainConfig:
     norm: str | None = option(
         None, f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: per_step_batch, "
         "per-inner-step running statistics, weights and biases)")
-    query_norm_row: str | None = option(
-        None, f"with --norm per_step_batch, the row the model after k inner steps reads for its "
-        f"queries: {', '.join(QUERY_NORM_ROWS)} (last_step: row k - 1, that of step k's support "
-        "forward, as MAML++; steps_taken: row k); default: last_step")
-    inner_optimizer: str | None = option(
-        None, f"inner-loop update rule: {', '.join(inner_rule_names())}, or module:attribute (an "
-        "UpdateRule subclass or a factory (params, lr, steps) -> UpdateRule)")
-    inner_lr: float | None = option(None, "inner-loop step size")
-    inner_options: dict | None = option(
-        None, "hyper-parameters of the inner optimizer besides its step size, e.g. '{betas: [0.5, 0.9], "
-        "eps: 1e-6}' (adam), '{momentum: 0.5}' (momentum), '{weight_decay: 0.1}' (adamw); "
-        "`diffopt train --inner_optimizer NAME --inner_options '{x: 1}'` lists a name's choices")
-    inner_steps: int | None = option(None, "inner-loop steps during meta-training")
-    inner_batch_size: int | None = option(
-        None, "examples per inner step, cycling through the task's data (Reptile); default: all")
-    inner_loss_reduction: str | None = option(
-        None, f"the loss the inner steps descend: {', '.join(LOSS_REDUCTIONS)} (class_sum: mean x "
-        "classes, cbfinn/maml's; sum over examples: supervised-reptile's); default: the "
-        "algorithm's original code on images, else mean")
-    inner_params: str | None = option(
-        None, f"the parameters the inner loop adapts: {', '.join(INNER_PARAMS)} (weights: convolution "
-        "and linear layers, not normalisation; head: the last linear layer, ANIL; body: the rest, "
-        "BOIL), or comma-separated patterns of parameter names, e.g. 'layers.3.*,head.*' (learned "
-        "rules then carry parameters for those tensors alone); default: weights for maml and "
-        "fomaml on images (cbfinn/maml), else all")
-    inner_proximal: float | None = option(
-        None, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner steps add to their "
-        "loss (phi: the meta-learned initial weights); imaml needs it > 0 (default 1, Omniglot 2: "
-        "imaml_dev's README); default for the others: 0 (none)")
-    inner_backtrack: bool | None = option(
-        None, "imaml: take an inner step only if it lowers the proximal objective, halving the "
-        "next step after a refused one and doubling it (up to --inner_lr) after a step taken, so "
-        "the steps stay convergent as meta-training sharpens the loss; default False")
-    inner_solver: str | None = option(
-        None, "imaml: how an inner step is computed: gradient (the --inner_optimizer's step) or "
-        "gauss_newton (--inner_lr x the proximal problem's Gauss-Newton step, exact through a "
-        "system of one row per prediction: well scaled however sharp the loss); default gradient")
-    inner_checkpoint: int | str | None = option(
-        None, "second-order unrolls in bounded memory: keep the weights and the inner optimizer's "
-        "state every K inner steps and rebuild one segment's graph at a time in the meta-backward "
-        "(the same meta-gradient; memory ~ steps/K + K steps' graph instead of steps'; 1.0-1.3x the "
-        "time on conv-4, about 1.5x on a small MLP); auto: K = ceil(sqrt(inner steps)); maml, anil "
-        "and boil; default: off")
-    inner_backprop_steps: int | None = option(
-        None, "truncated backpropagation: differentiate only the last K inner steps, taking the "
-        "inner gradients of the steps before them as constants (an approximation between "
-        "first-order and exact MAML, memory ~ K steps' graph); maml, anil and boil; default: all")
-    cg_steps: int | None = option(
-        None, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query gradient per task "
-        "(0: the first-order approximation); default 5 (imaml_dev)")
-    inner_state: str | None = option(
-        None, "what a stateful inner optimizer (adam's moments, momentum) starts each meta-training "
-        "task from: reset (a fresh state) or persist (the previous task's final state, as "
-        "supervised-reptile; evaluation tasks start from it and leave it unchanged); default: "
-        "persist for Reptile on images, else reset")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
@@ -176,12 +114,6 @@ class TrainConfig:
         "--iterations or, under --max_seconds, of the budget where that is further along (as the "
         "learning-rate schedules count), so the MAML++ schedules scale to a budget; default: "
         "--iterations_per_epoch")
-    multi_step_loss_epochs: int = option(
-        0, "MAML++ multi-step loss: weight the query loss after every inner step, annealed to the "
-        "last step over this many epochs (0: off; maml only)")
-    first_order_epochs: int = option(
-        0, "MAML++ derivative-order annealing: first order for this many epochs, then second order "
-        "(0: off; maml only)")
     max_grad_value: float | None = option(
         None, "clamp each element of the meta-gradient (of the mean query loss) to [-V, V] before "
         "the outer step (cbfinn/maml and MAML++ on Mini-ImageNet: 10 on their losses' scales; "
@@ -226,33 +158,58 @@ class TrainConfig:
     init_from: str | None = option(None, "initialise the meta-parameters from this checkpoint or run folder")
     progress: bool = option(True, "show a progress bar")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def data_options(self) -> dict[str, Any]:
-        """The keyword arguments every loader of this run takes (``DatasetSpec.loader``,
-        ``diffopt.evaluate.evaluate``): where the data is and how its images are prepared."""
-        return {"root": self.data_root, "images": self.images, "class_split": self.class_split}
+
+def _to_dict(self) -> dict[str, Any]:
+    return asdict(self)
+
+
+def _data_options(self) -> dict[str, Any]:
+    """The keyword arguments every loader of this run takes (``DatasetSpec.loader``,
+    ``diffopt.evaluate.evaluate``): where the data is and how its images are prepared."""
+    return {"root": self.data_root, "images": self.images, "class_split": self.class_split}
+
+
+ALGORITHM_OPTIONS: dict[str, Option] = {
+    name: option for cls in ALGORITHMS.values() for name, option in cls.own_options().items()}
+"""The registered algorithms' own options (iMAML's cg_steps, MAML's MAML++ schedules)."""
+
+
+def _train_config() -> type:
+    """``TrainConfig``: ``_RunOptions``' fields with the inner loop's and the algorithms' options
+    before the outer loop's (a declared option's field default is None, "not given", or the
+    algorithm option's ``unset``: the command line passes the field defaults)."""
+    hints = typing.get_type_hints(_RunOptions)
+    declared = [(name, option.type, field(default=None, metadata={"help": option.help}))
+                for name, option in InnerLoop.OPTIONS.items()]
+    declared += [(name, option.type, field(default=option.unset, metadata={"help": option.help}))
+                 for name, option in ALGORITHM_OPTIONS.items()]
+    own = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+           for f in fields(_RunOptions)]
+    split = next(i for i, (name, *_) in enumerate(own) if name == "outer_optimizer")
+    config = make_dataclass("TrainConfig", own[:split] + declared + own[split:], frozen=True, namespace={
+        "to_dict": _to_dict, "data_options": _data_options,
+        "__doc__": "Everything a meta-training run depends on; saved in its checkpoint."})
+    config.__module__ = __name__
+    return config
+
+
+TrainConfig = _train_config()
 
 
 BASE_DEFAULTS: dict[str, Any] = dict(
     model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
-    inner_optimizer="sgd", inner_lr=0.01, inner_steps=1, inner_state="reset", inner_loss_reduction="mean",
     init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
-    inner_params="all", inner_proximal=lambda v: 1.0 if v["algorithm"] == "imaml" else 0.0,
-    cg_steps=lambda v: 5 if v["algorithm"] == "imaml" else None, inner_backtrack=False,
-    inner_solver="gradient", inner_checkpoint=None, inner_backprop_steps=None,
-    query_norm_row="last_step",
     outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
 )
+"""Defaults of ``_RunOptions`` that a dataset's protocol may change (the components' options
+carry theirs: ``Option.default``)."""
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
-    inner_proximal=0.0, head="flatten", init="torch", norm_eps=1e-5, inner_loss_reduction="mean",
-    inner_state="reset",
-    inner_params="all", padding="symmetric", pool_padding="valid", query_norm_row="steps_taken",
-    input_norm="none", max_grad_value=None, images="bilinear", inner_backtrack=False,
-    inner_solver="gradient", inner_checkpoint=None, inner_backprop_steps=None)
+    head="flatten", init="torch", norm_eps=1e-5, padding="symmetric", pool_padding="valid",
+    input_norm="none", max_grad_value=None, images="bilinear",
+    **{name: option.before for name, option in InnerLoop.OPTIONS.items() if option.before is not AS_TODAY})
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -262,26 +219,6 @@ def resolve_saved_config(options: dict[str, Any], **overrides: Any) -> TrainConf
     """The ``TrainConfig`` of a saved run (a checkpoint's or record's config), ``overrides``
     applied; options it predates take ``SAVED_BEFORE``'s values, not today's defaults."""
     return resolve_config(**{**SAVED_BEFORE, **options, **overrides})
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """DiffoptError unless ``value`` is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise DiffoptError(f"--{name} must be a whole number >= {minimum}; got {value!r}")
-
-
-def check_float(name: str, value: Any, *, positive: bool) -> None:
-    """DiffoptError unless ``value`` is a finite real > 0 (``positive``) or >= 0."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and value == value and abs(value) != float("inf")
-    if not ok or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise DiffoptError(f"--{name} must be a finite number {bound}; got {value!r}")
-
-
-def _check_name(kind: str, name: str, value: Any, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise unknown_name(kind, value, choices)
 
 
 def resolve_config(**flags: Any) -> TrainConfig:
@@ -294,8 +231,11 @@ def resolve_config(**flags: Any) -> TrainConfig:
     spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
-    values.update(spec.defaults)
+    values.update({name: option.default for name, option in InnerLoop.OPTIONS.items()})
     cls = algorithm_class(algorithm)
+    values.update({name: option.default for name, option in cls.own_options().items() if name in values})
+    values.update(cls.inner_defaults)
+    values.update(spec.defaults)
     values.update(spec.algorithm_defaults.get(cls.protocol_of or algorithm, {}))
     if cls.adapts:  # ANIL, BOIL: what the inner loop adapts is the algorithm
         if flags.get("inner_params") not in (None, cls.adapts):
@@ -328,26 +268,28 @@ def resolve_config(**flags: Any) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
     """Raise DiffoptError naming the first bad option."""
     spec = get_dataset(config.dataset)
-    algorithm_class(config.algorithm)
     model_factory(config.model)
-    _check_name("activation", "activation", config.activation, ACTIVATIONS)
-    _check_name("norm", "norm", config.norm, NORMS)
-    check_rule_name(config.inner_optimizer)
-    check_inner_options(config.inner_optimizer, config.inner_options)
-    _check_name("inner optimizer state", "inner_state", config.inner_state, INNER_STATES)
-    _check_name("inner loss reduction", "inner_loss_reduction", config.inner_loss_reduction, LOSS_REDUCTIONS)
-    check_inner_params(config.inner_params)
-    _check_name("weight initialisation", "init", config.init, INITS)
-    _check_name("head", "head", config.head, HEADS)
+    check_name("activation", config.activation, ACTIVATIONS)
+    check_name("norm", config.norm, NORMS)
+    inner = arguments(InnerLoop.OPTIONS, config)
+    cls = algorithm_class(config.algorithm)
+    for name, option in ALGORITHM_OPTIONS.items():
+        if name not in cls.own_options() and getattr(config, name) != option.unset:
+            raise DiffoptError(f"--{name} is {option.belongs}; drop it for --algorithm {config.algorithm}")
+    cls.check_inner(SimpleNamespace(**inner), config.task_threads)  # what the algorithm takes first
+    InnerLoop.check_arguments(**inner)
+    cls.check_options(**arguments(cls.own_options(), config))
+    check_name("weight initialisation", config.init, INITS)
+    check_name("head", config.head, HEADS)
     if config.head != "flatten" and config.model not in IMAGE_MODELS:
         raise DiffoptError(f"--head {config.head} applies to {' and '.join(IMAGE_MODELS)}; "
                            f"{config.model} has no head to choose")
-    _check_name("padding", "padding", config.padding, PADDINGS)
+    check_name("padding", config.padding, PADDINGS)
     if config.padding != "same" and config.model != "conv4":
         raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no strided "
                            "convolutions")
-    _check_name("pool padding", "pool_padding", config.pool_padding, POOL_PADDINGS)
-    _check_name("input norm", "input_norm", config.input_norm, INPUT_NORMS)
+    check_name("pool padding", config.pool_padding, POOL_PADDINGS)
+    check_name("input norm", config.input_norm, INPUT_NORMS)
     spec.data_options(images=config.images, class_split=config.class_split)  # offered by this dataset
     if config.keep_best and not (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
@@ -358,17 +300,15 @@ def validate(config: TrainConfig) -> None:
     if config.input_norm != "none" and config.model not in IMAGE_MODELS:
         raise DiffoptError(f"--input_norm {config.input_norm} applies to {' and '.join(IMAGE_MODELS)} "
                            "(images)")
-    _check_name("per-step norm row of queries", "query_norm_row", config.query_norm_row, QUERY_NORM_ROWS)
     if config.pool is not None and (config.model != "conv4" or not isinstance(config.pool, bool)):
         raise DiffoptError(f"--pool takes True or False and applies to conv4; got {config.pool!r} with "
                            f"--model {config.model}")
-    _check_name("outer optimizer", "outer_optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
-    _check_name("learning-rate schedule", "meta_lr_schedule", config.meta_lr_schedule, SCHEDULES)
-    _check_name("vectorize mode", "vectorize", config.vectorize, VECTORIZE_MODES)
+    check_name("outer optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
+    check_name("learning-rate schedule", config.meta_lr_schedule, SCHEDULES)
+    check_name("vectorize mode", config.vectorize, VECTORIZE_MODES)
     for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
-                          ("meta_batch_size", 1), ("inner_steps", 0), ("seed", 0),
+                          ("meta_batch_size", 1), ("seed", 0),
                           ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
-                          ("multi_step_loss_epochs", 0), ("first_order_epochs", 0),
                           ("validation_tasks", 2), ("validation_steps", 0),
                           ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0),
                           ("keep_best", 0)]:
@@ -390,32 +330,12 @@ def validate(config: TrainConfig) -> None:
                            f"got {','.join(map(str, config.hidden))}")
     if config.model in IMAGE_MODELS and "in_channels" not in spec.model_io:
         raise DiffoptError(f"--model {config.model} reads images; {spec.name} has none")
-    check_float("inner_lr", config.inner_lr, positive=True)
-    check_float("inner_proximal", config.inner_proximal, positive=config.algorithm == "imaml")
-    if config.cg_steps is not None:
-        if config.algorithm != "imaml":
-            raise DiffoptError(f"--cg_steps is imaml's linear solve; drop it for --algorithm "
-                               f"{config.algorithm}")
-        check_int("cg_steps", config.cg_steps, 0)
-    check_checkpoint(config.inner_checkpoint, config.inner_steps)
-    check_backprop_steps(config.inner_backprop_steps, config.inner_steps)
-    _check_name("inner solver", "inner_solver", config.inner_solver, INNER_SOLVERS)
-    imaml_only = {f"--inner_solver {config.inner_solver}": config.inner_solver != "gradient",
-                  "--inner_backtrack": config.inner_backtrack is True}
-    for flag, given in imaml_only.items():
-        if given and config.algorithm != "imaml":
-            raise DiffoptError(f"{flag} is for imaml, whose inner steps are not differentiated; "
-                               f"drop it for --algorithm {config.algorithm}")
-    if config.inner_solver != "gradient" and (config.inner_optimizer != "sgd" or config.inner_options):
-        raise DiffoptError(f"--inner_solver {config.inner_solver} computes its own steps: drop "
-                           "--inner_optimizer and --inner_options")
     check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
-    for name in ("train_shots", "inner_batch_size"):
-        if getattr(config, name) is not None:
-            check_int(name, getattr(config, name), 1)
+    if config.train_shots is not None:
+        check_int("train_shots", config.train_shots, 1)
     shots = (config.train_shots or config.shots) + config.test_shots
     if spec.examples_per_class is not None and shots > spec.examples_per_class:
         raise DiffoptError(
@@ -426,19 +346,35 @@ def validate(config: TrainConfig) -> None:
                  "max_grad_value"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)
-    for name in ("multi_step_loss_epochs", "first_order_epochs"):
-        if getattr(config, name) and config.algorithm != "maml":
-            raise DiffoptError(f"--{name} is part of the MAML++ recipe and needs --algorithm maml")
-    if config.inner_state == "persist" and not algorithm_class(config.algorithm).carries_inner_state:
-        carriers = ", ".join(name for name, cls in ALGORITHMS.items() if cls.carries_inner_state)
-        raise DiffoptError(f"--inner_state persist is for algorithms that carry the inner state from "
-                           f"task to task ({carriers}); use --inner_state reset with {config.algorithm}")
-    if config.inner_state == "persist" and config.task_threads != 1:
-        raise DiffoptError("--inner_state persist runs tasks in order, one at a time: use --task_threads 1")
     if config.meta_lr_schedule != "constant" and config.meta_lr_final is None:
         raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
-    for name in ("progress", "keep_freed_memory", "inner_backtrack"):
+    for name in ("progress", "keep_freed_memory"):
         if not isinstance(getattr(config, name), bool):
             raise DiffoptError(f"--{name} must be True or False; got {getattr(config, name)!r}")
+
+
+def write_option_reference(path: str = "docs/guide.md") -> None:
+    """Put ``option_reference()`` into ``path``'s train-options section (``make docs``)."""
+    from diffopt.report import write_section
+
+    write_section(path, "train-options", "Every train option", option_reference())
+
+
+def option_reference() -> str:
+    """The markdown table of every ``diffopt train`` option: who declares it, its default, its
+    help (docs/guide.md's "Every train option", ``make docs``)."""
+    owners = {name: "`InnerLoop`" for name in InnerLoop.OPTIONS}
+    for cls in ALGORITHMS.values():
+        owners.update({name: f"`{cls.__name__}`" for name in cls.own_options()})
+    defaults = {name: option.default for name, option in {**InnerLoop.OPTIONS, **ALGORITHM_OPTIONS}.items()}
+    rows = ["| option | declared by | default | what it sets |", "|---|---|---|---|"]
+    for f in fields(TrainConfig):
+        default = defaults.get(f.name, BASE_DEFAULTS.get(f.name, f.default))
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        shown = "-" if default is None or callable(default) else f"`{default}`"
+        text = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `--{f.name}` | {owners.get(f.name, 'the run')} | {shown} | {text} |")
+    return "\n".join(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import higher
 import torch
@@ -21,7 +22,9 @@ from diffopt.optim import (
     check_inner_options,
     check_rule_name,
     first_order_twin,
+    inner_rule_names,
 )
+from diffopt.options import Option, check_bool, check_float, check_int, check_name
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,21 +102,6 @@ def _is_step_count(value: object, steps: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= steps
 
 
-def check_checkpoint(checkpoint: object, steps: int) -> None:
-    """DiffoptError unless ``checkpoint`` is None, ``'auto'`` or a whole number of steps from 1 to
-    ``steps`` (``InnerLoop(checkpoint=...)``)."""
-    if checkpoint is not None and checkpoint != "auto" and not _is_step_count(checkpoint, steps):
-        raise DiffoptError(f"--inner_checkpoint is auto or a whole number of inner steps per segment "
-                           f"from 1 to --inner_steps ({steps}); got {checkpoint!r}")
-
-
-def check_backprop_steps(backprop_steps: object, steps: int) -> None:
-    """DiffoptError unless ``backprop_steps`` is None or a whole number from 1 to ``steps``."""
-    if backprop_steps is not None and not _is_step_count(backprop_steps, steps):
-        raise DiffoptError(f"--inner_backprop_steps is the number of last inner steps differentiated, "
-                           f"from 1 to --inner_steps ({steps}); got {backprop_steps!r}")
-
-
 class InnerLoop(nn.Module):
     """``steps`` steps of an inner update rule with (initial) step size ``lr``.
 
@@ -157,6 +145,110 @@ class InnerLoop(nn.Module):
             ...
     """
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        "query_norm_row": Option(
+            str | None, "last_step", f"with --norm per_step_batch, the row the model after k inner steps "
+            f"reads for its queries: {', '.join(QUERY_NORM_ROWS)} (last_step: row k - 1, that of step k's "
+            "support forward, as MAML++; steps_taken: row k); default: last_step",
+            before="steps_taken"),
+        "inner_optimizer": Option(
+            str | None, "sgd", f"inner-loop update rule: {', '.join(inner_rule_names())}, or "
+            "module:attribute (an UpdateRule subclass or a factory (params, lr, steps) -> UpdateRule)",
+            argument="optimizer"),
+        "inner_lr": Option(float | None, 0.01, "inner-loop step size", argument="lr"),
+        "inner_options": Option(
+            dict | None, None, "hyper-parameters of the inner optimizer besides its step size, e.g. "
+            "'{betas: [0.5, 0.9], eps: 1e-6}' (adam), '{momentum: 0.5}' (momentum), '{weight_decay: "
+            "0.1}' (adamw); `diffopt train --inner_optimizer NAME --inner_options '{x: 1}'` lists a "
+            "name's choices", argument="options"),
+        "inner_steps": Option(int | None, 1, "inner-loop steps during meta-training", argument="steps"),
+        "inner_batch_size": Option(
+            int | None, None, "examples per inner step, cycling through the task's data (Reptile); "
+            "default: all", argument="batch_size"),
+        "inner_loss_reduction": Option(
+            str | None, "mean", f"the loss the inner steps descend: {', '.join(LOSS_REDUCTIONS)} "
+            "(class_sum: mean x classes, cbfinn/maml's; sum over examples: supervised-reptile's); "
+            "default: the algorithm's original code on images, else mean",
+            argument="loss_reduction", before="mean"),
+        "inner_params": Option(
+            str | None, "all", f"the parameters the inner loop adapts: {', '.join(INNER_PARAMS)} "
+            "(weights: convolution and linear layers, not normalisation; head: the last linear layer, "
+            "ANIL; body: the rest, BOIL), or comma-separated patterns of parameter names, e.g. "
+            "'layers.3.*,head.*' (learned rules then carry parameters for those tensors alone); "
+            "default: weights for maml and fomaml on images (cbfinn/maml), else all",
+            argument="params", before="all"),
+        "inner_proximal": Option(
+            float | None, 0.0, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner "
+            "steps add to their loss (phi: the meta-learned initial weights); imaml needs it > 0 "
+            "(default 1, Omniglot 2: imaml_dev's README); default for the others: 0 (none)",
+            argument="proximal", before=0.0),
+        "inner_backtrack": Option(
+            bool | None, False, "imaml: take an inner step only if it lowers the proximal objective, "
+            "halving the next step after a refused one and doubling it (up to --inner_lr) after a "
+            "step taken, so the steps stay convergent as meta-training sharpens the loss; default "
+            "False", argument="backtrack", before=False),
+        "inner_solver": Option(
+            str | None, "gradient", "imaml: how an inner step is computed: gradient (the "
+            "--inner_optimizer's step) or gauss_newton (--inner_lr x the proximal problem's "
+            "Gauss-Newton step, exact through a system of one row per prediction: well scaled however "
+            "sharp the loss); default gradient", argument="solver", before="gradient"),
+        "inner_checkpoint": Option(
+            int | str | None, None, "second-order unrolls in bounded memory: keep the weights and the "
+            "inner optimizer's state every K inner steps and rebuild one segment's graph at a time in "
+            "the meta-backward (the same meta-gradient; memory ~ steps/K + K steps' graph instead of "
+            "steps'; 1.0-1.3x the time on conv-4, about 1.5x on a small MLP); auto: K = "
+            "ceil(sqrt(inner steps)); maml, anil and boil; default: off",
+            argument="checkpoint", before=None),
+        "inner_backprop_steps": Option(
+            int | None, None, "truncated backpropagation: differentiate only the last K inner steps, "
+            "taking the inner gradients of the steps before them as constants (an approximation "
+            "between first-order and exact MAML, memory ~ K steps' graph); maml, anil and boil; "
+            "default: all", argument="backprop_steps", before=None),
+        "inner_state": Option(
+            str | None, "reset", "what a stateful inner optimizer (adam's moments, momentum) starts "
+            "each meta-training task from: reset (a fresh state) or persist (the previous task's "
+            "final state, as supervised-reptile; evaluation tasks start from it and leave it "
+            "unchanged); default: persist for Reptile on images, else reset",
+            argument="state", before="reset"),
+    }
+    """The ``diffopt train`` options of the inner loop (``diffopt.options.Option``), each feeding
+    the constructor keyword ``argument``: adding one here and to ``__init__`` is all it takes."""
+
+    @staticmethod
+    def check_arguments(optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
+                        batch_size: int | None = None, state: str = "reset", loss_reduction: str = "mean",
+                        params: str = "all", query_norm_row: str = "last_step", proximal: float = 0.0,
+                        options: dict | None = None, backtrack: bool = False, solver: str = "gradient",
+                        checkpoint: int | str | None = None, backprop_steps: int | None = None) -> None:
+        """DiffoptError naming the first bad constructor argument (as its ``--inner_*`` option):
+        the checks of ``__init__``, which a config's validation runs before building anything."""
+        if not isinstance(optimizer, UpdateRule):
+            check_rule_name(optimizer)  # an unknown name says so first
+            check_inner_options(optimizer, options or {})
+        check_name("inner optimizer state", state, INNER_STATES)
+        check_name("inner loss reduction", loss_reduction, LOSS_REDUCTIONS)
+        check_inner_params(params)
+        check_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
+        check_int("inner_steps", steps, 0)
+        if batch_size is not None:
+            check_int("inner_batch_size", batch_size, 1)
+        check_float("inner_lr", lr, positive=True)
+        check_float("inner_proximal", proximal, positive=False)
+        if checkpoint is not None and checkpoint != "auto" and not _is_step_count(checkpoint, steps):
+            raise DiffoptError(f"--inner_checkpoint is auto or a whole number of inner steps per segment "
+                               f"from 1 to --inner_steps ({steps}); got {checkpoint!r}")
+        if backprop_steps is not None and not _is_step_count(backprop_steps, steps):
+            raise DiffoptError(f"--inner_backprop_steps is the number of last inner steps differentiated, "
+                               f"from 1 to --inner_steps ({steps}); got {backprop_steps!r}")
+        check_name("inner solver", solver, INNER_SOLVERS)
+        check_bool("inner_backtrack", backtrack)
+        if solver != "gradient" and (optimizer != "sgd" or options):
+            raise DiffoptError(f"--inner_solver {solver} computes its own steps: drop --inner_optimizer "
+                               "and --inner_options")
+        if solver == "gauss_newton" and not proximal > 0:
+            raise DiffoptError("the gauss_newton inner solver needs a proximal term: proximal > 0 "
+                               "(--inner_proximal)")
+
     def __init__(self, optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
                  model: nn.Module | None = None, batch_size: int | None = None,
                  state: str = "reset", loss_reduction: str = "mean", params: str = "all",
@@ -165,30 +257,11 @@ class InnerLoop(nn.Module):
                  solver: str = "gradient", checkpoint: int | str | None = None,
                  backprop_steps: int | None = None) -> None:
         super().__init__()
-        check_checkpoint(checkpoint, steps)
-        check_backprop_steps(backprop_steps, steps)
+        self.check_arguments(optimizer, lr, steps, batch_size, state, loss_reduction, params, query_norm_row,
+                             proximal, options, backtrack, solver, checkpoint, backprop_steps)
         self.checkpoint, self.backprop_steps = checkpoint, backprop_steps
-        if query_norm_row not in QUERY_NORM_ROWS:
-            raise unknown_name("per-step norm row of queries", query_norm_row, QUERY_NORM_ROWS)
-        self.query_norm_row = query_norm_row
-        if state not in INNER_STATES:
-            raise unknown_name("inner optimizer state", state, INNER_STATES)
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise unknown_name("inner loss reduction", loss_reduction, LOSS_REDUCTIONS)
-        check_inner_params(params)
-        self.params = params
-        if not isinstance(proximal, (int, float)) or isinstance(proximal, bool) or not proximal >= 0:
-            raise DiffoptError(f"the proximal weight is a number >= 0; got {proximal!r}")
-        self.proximal = float(proximal)
-        if not isinstance(backtrack, bool):
-            raise DiffoptError(f"backtrack is True or False; got {backtrack!r}")
-        self.backtrack = backtrack
-        if solver not in INNER_SOLVERS:
-            raise unknown_name("inner solver", solver, INNER_SOLVERS)
-        if solver == "gauss_newton" and not self.proximal > 0:
-            raise DiffoptError("the gauss_newton inner solver needs a proximal term: proximal > 0 "
-                               "(--inner_proximal)")
-        self.solver = solver
+        self.query_norm_row, self.params = query_norm_row, params
+        self.proximal, self.backtrack, self.solver = float(proximal), backtrack, solver
         self.options = dict(options or {})
         self.lr, self.steps, self.batch_size, self.state = lr, steps, batch_size, state
         self.loss_reduction = loss_reduction
@@ -199,8 +272,6 @@ class InnerLoop(nn.Module):
             self.optimizer, self.rule = type(optimizer).__name__, optimizer
             return
         self.optimizer = optimizer
-        check_rule_name(optimizer)  # an unknown name says so first
-        check_inner_options(optimizer, self.options)
         if model is None and optimizer not in INNER_OPTIMIZERS:
             raise DiffoptError(f"the learned rule {optimizer!r} is sized from the model: "
                                f"InnerLoop({optimizer!r}, lr, steps, model=model)")

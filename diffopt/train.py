@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from diffopt import distributed
-from diffopt.algorithms import MAML, MetaAlgorithm, build_algorithm
-from diffopt.algorithms.mamlpp import apply_recipe
+from diffopt.algorithms import MetaAlgorithm, algorithm_class, build_algorithm
 from diffopt.allocator import keep_freed_memory
 from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_module
 from diffopt.config import TrainConfig, resolve_saved_config
@@ -32,6 +31,7 @@ from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
 from diffopt.models import IMAGE_MODELS, build_model, initialize
+from diffopt.options import arguments
 from diffopt.progress import progress_bar
 from diffopt.runfolder import RunFolder
 
@@ -50,16 +50,11 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
                         norm_eps=config.norm_eps, steps=config.inner_steps, **image_options, **io)
     initialize(model, config.init)
-    inner = InnerLoop(config.inner_optimizer, config.inner_lr, config.inner_steps, model=model,
-                      batch_size=config.inner_batch_size, state=config.inner_state,
-                      loss_reduction=config.inner_loss_reduction, params=config.inner_params,
-                      query_norm_row=config.query_norm_row, proximal=config.inner_proximal,
-                      options=config.inner_options, backtrack=config.inner_backtrack,
-                      solver=config.inner_solver, checkpoint=config.inner_checkpoint,
-                      backprop_steps=config.inner_backprop_steps)
-    options = {} if config.cg_steps is None else {"cg_steps": config.cg_steps}
+    inner = InnerLoop(model=model, **arguments(InnerLoop.OPTIONS, config))
+    declared = {name: option for name, option in algorithm_class(config.algorithm).own_options().items()
+                if hasattr(config, name)}  # a plug-in algorithm's options are not train options
     algorithm = build_algorithm(config.algorithm, model, inner, spec.loss, config.vectorize,
-                                config.task_threads, **options)
+                                config.task_threads, **arguments(declared, config))
     try:
         return algorithm.to(config.device)
     except (RuntimeError, AssertionError) as error:
@@ -266,12 +261,10 @@ def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episod
 
 def follow_schedule(config: TrainConfig, algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer,
                     iteration: int, train_seconds: float) -> None:
-    """Set meta-iteration ``iteration``'s outer learning rate and, for MAML, its MAML++ recipe."""
+    """Set meta-iteration ``iteration``'s outer learning rate and tell the algorithm its epoch
+    (``MetaAlgorithm.on_epoch``: MAML's MAML++ recipe)."""
     progress = run_progress(config, iteration, train_seconds)
-    if isinstance(algorithm, MAML):
-        apply_recipe(algorithm, current_epoch(config, iteration, progress),
-                     multi_step_loss_epochs=config.multi_step_loss_epochs,
-                     first_order_epochs=config.first_order_epochs)
+    algorithm.on_epoch(current_epoch(config, iteration, progress))
     for group in optimizer.param_groups:
         group["lr"] = meta_learning_rate(config, progress)
 
@@ -361,8 +354,7 @@ class _Session:
                           "grad_norm": norm, "seconds": durations[-1], "train_seconds": self.clock}
                 if not taken:
                     record["skipped"] = True
-                if isinstance(algorithm, MAML):
-                    record["first_order"] = algorithm.first_order
+                record.update(algorithm.iteration_record())
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # followers (diffopt compare's progress bar) see every iteration
                 bar.update()

@@ -115,7 +115,7 @@ def test_inner_state_option_defaults_and_checks():
     with pytest.raises(DiffoptError, match="--task_threads 1"):
         resolve_config(algorithm="reptile", inner_state="persist", task_threads=2)
     model = small_algorithm().model
-    with pytest.raises(DiffoptError, match="inner_state='reset'"):
+    with pytest.raises(DiffoptError, match="use --inner_state reset with maml"):
         build_algorithm("maml", model, InnerLoop("adam", 0.1, 1, state="persist"), F.mse_loss)
 
 

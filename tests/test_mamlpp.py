@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_episode, small_algorithm
 
-from diffopt.algorithms.mamlpp import apply_recipe, multi_step_loss_weights
+from diffopt.algorithms import MAML
+from diffopt.algorithms.mamlpp import multi_step_loss_weights
 from diffopt.cli import main
 from diffopt.config import resolve_config
 from diffopt.errors import DiffoptError
@@ -37,14 +38,21 @@ def test_multi_step_loss_weights_anneal_to_the_last_step(steps):
 
 
 def test_recipe_switches_by_epoch():
-    learner = small_algorithm("maml", "sgd", 0.1, 3)
-    kwargs = dict(multi_step_loss_epochs=2, first_order_epochs=1)
-    apply_recipe(learner, 0, **kwargs)
+    plain = small_algorithm("maml", "sgd", 0.1, 3)
+    learner = MAML(plain.model, plain.inner, F.mse_loss, vectorize="never", multi_step_loss_epochs=2,
+                   first_order_epochs=1)
+    learner.on_epoch(0)
     assert learner.first_order and learner.step_weights == pytest.approx([1 / 3] * 3)
-    apply_recipe(learner, 1, **kwargs)
+    assert learner.iteration_record() == {"first_order": True}
+    learner.on_epoch(1)
     assert not learner.first_order and learner.step_weights == multi_step_loss_weights(3, 1, 2)
-    apply_recipe(learner, 2, **kwargs)  # last-step loss only, second order
+    learner.on_epoch(2)  # last-step loss only, second order
     assert not learner.first_order and learner.step_weights is None
+    assert learner.iteration_record() == {"first_order": False}
+    plain.on_epoch(0)  # the recipe off: plain MAML
+    assert not plain.first_order and plain.step_weights is None
+    with pytest.raises(DiffoptError, match="--first_order_epochs must be a whole number >= 0"):
+        MAML(plain.model, plain.inner, F.mse_loss, first_order_epochs=-1)
 
 
 def test_multi_step_meta_loss_is_the_weighted_sum_and_its_gradient_is_exact():

@@ -193,12 +193,14 @@ def test_evaluate_takes_an_episode_or_tasks_and_scores_them_as_the_dataset_path_
 def test_the_algorithms_show_and_document_their_constructor():
     import inspect
 
-    from diffopt import FOMAML, MAML, MetaAlgorithm, Reptile
+    from diffopt import FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
 
-    for cls in (MAML, FOMAML, Reptile):
+    for cls in (MAML, FOMAML, Reptile, IMAML):  # the shared arguments, then the declared options'
+        own = [option.argument or name for name, option in cls.own_options().items()]
         assert list(inspect.signature(cls).parameters) == ["model", "inner", "loss_fn", "vectorize",
-                                                           "task_threads"]
+                                                           "task_threads", *own]
         assert "see ``MetaAlgorithm``" in cls.__doc__
+    assert MAML.own_options() and IMAML.own_options() and not Reptile.own_options()
     for argument in ("model:", "inner:", "loss_fn:", "vectorize:", "task_threads:"):
         assert f"        {argument}" in MetaAlgorithm.__doc__
 

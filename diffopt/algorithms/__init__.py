@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from diffopt.algorithms.anil import ANIL, BOIL
-from diffopt.algorithms.base import MetaAlgorithm, accumulate_grad
+from diffopt.algorithms.base import ALGORITHMS, MetaAlgorithm, accumulate_grad
 from diffopt.algorithms.fomaml import FOMAML
 from diffopt.algorithms.imaml import IMAML
 from diffopt.algorithms.maml import MAML
@@ -18,8 +18,7 @@ from diffopt.plugins import is_plugin, load_plugin
 __all__ = ["ALGORITHMS", "ANIL", "BOIL", "FOMAML", "IMAML", "MAML", "MetaAlgorithm", "Pretrain", "Reptile",
            "accumulate_grad", "algorithm_class", "build_algorithm"]
 
-ALGORITHMS: dict[str, type[MetaAlgorithm]] = {cls.name: cls for cls in (MAML, FOMAML, Reptile, Pretrain,
-                                                                     ANIL, BOIL, IMAML)}
+ALGORITHMS.update({cls.name: cls for cls in (MAML, FOMAML, Reptile, Pretrain, ANIL, BOIL, IMAML)})
 
 
 def algorithm_class(name: object) -> type[MetaAlgorithm]:

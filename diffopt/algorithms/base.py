@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import higher
 import torch
@@ -13,7 +13,11 @@ from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn
+from diffopt.options import Option
 from diffopt.vectorize import map_tasks, resolve_task_threads, resolve_vectorize
+
+ALGORITHMS: dict[str, type[MetaAlgorithm]] = {}
+"""The registered algorithms by name (filled by ``diffopt.algorithms``)."""
 
 TaskGradient = tuple[list[torch.Tensor | None], torch.Tensor]
 """One task's contribution: a gradient per meta-parameter (None: none) and its loss (a scalar)."""
@@ -60,6 +64,16 @@ class MetaAlgorithm(nn.Module):
     """Whether meta-training may carry the inner optimizer's state from task to task
     (``InnerLoop(state='persist')``): first-order algorithms, whose meta-gradient is not the
     gradient of a function of the meta-parameters that a carried state would change."""
+    solves_inner_problem: ClassVar[bool] = False
+    """Whether the inner loop only has to reach its problem's solution and is never differentiated
+    (iMAML): it may then take Gauss-Newton or backtracking steps (``InnerLoop(solver=...,
+    backtrack=...)``)."""
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    """The algorithm's own ``diffopt train`` options (``diffopt.options.Option``, each a constructor
+    keyword); a class's own, not inherited: every other algorithm refuses them."""
+    inner_defaults: ClassVar[dict[str, Any]] = {}
+    """Defaults the algorithm gives other components' options (iMAML: a proximal term), under a
+    dataset's protocol."""
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn,
                  vectorize: str = "auto", task_threads: int = 1) -> None:
@@ -69,24 +83,55 @@ class MetaAlgorithm(nn.Module):
                 f"{self.name} does not meta-learn the parameters of the inner rule "
                 f"{inner.optimizer!r}; use maml, or a fixed rule (sgd, momentum, adam)"
             )
-        if inner.state == "persist" and not self.carries_inner_state:
-            raise DiffoptError(
-                f"{self.name} starts every task from a fresh inner optimizer state (a carried one "
-                "would make its meta-gradient depend on the task order); use inner_state='reset' "
-                "(--inner_state reset), or fomaml or reptile")
-        for given, flag, what in [(inner.checkpoint, "--inner_checkpoint", "checkpoint"),
-                                  (inner.backprop_steps, "--inner_backprop_steps", "truncate")]:
-            if given is not None and not self.differentiates_unroll:
-                raise DiffoptError(f"{self.name} does not backpropagate through the inner steps, so "
-                                   f"there is nothing to {what}: drop {flag} (it is for maml, anil "
-                                   "and boil)")
+        self.check_inner(inner, task_threads)
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
         self.vectorized = resolve_vectorize(vectorize, model, inner)
         resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training
-        if inner.state == "persist" and task_threads != 1:
-            raise DiffoptError("an inner state that persists from task to task needs the tasks "
-                               "in order, one at a time: task_threads=1 (--task_threads 1)")
         self.task_threads = task_threads
+
+    @classmethod
+    def check_inner(cls, inner: Any, task_threads: int) -> None:
+        """DiffoptError unless the algorithm takes an inner loop set up as ``inner`` (an
+        ``InnerLoop``, or anything with its ``state``, ``checkpoint``, ``backprop_steps``,
+        ``solver``, ``backtrack`` and ``proximal``) with ``task_threads``: checked when built, and
+        by a config's validation before anything is built."""
+        if inner.state == "persist" and not cls.carries_inner_state:
+            raise DiffoptError(f"--inner_state persist is for algorithms that carry the inner state "
+                               f"from task to task ({_having('carries_inner_state')}); use --inner_state "
+                               f"reset with {cls.name}")
+        if inner.state == "persist" and task_threads != 1:
+            raise DiffoptError("--inner_state persist runs tasks in order, one at a time: use "
+                               "--task_threads 1")
+        for given, flag, what in [(inner.checkpoint, "--inner_checkpoint", "checkpoint"),
+                                  (inner.backprop_steps, "--inner_backprop_steps", "truncate")]:
+            if given is not None and not cls.differentiates_unroll:
+                raise DiffoptError(f"{cls.name} does not backpropagate through the inner steps, so "
+                                   f"there is nothing to {what}: drop {flag} (it is for "
+                                   f"{_having('differentiates_unroll')})")
+        for given, flag in [(inner.solver != "gradient", f"--inner_solver {inner.solver}"),
+                            (inner.backtrack is True, "--inner_backtrack")]:
+            if given and not cls.solves_inner_problem:
+                raise DiffoptError(f"{flag} is for {_having('solves_inner_problem')}, whose inner steps "
+                                   f"are not differentiated; drop it for --algorithm {cls.name}")
+
+    @classmethod
+    def own_options(cls) -> dict[str, Option]:
+        """The options this class declares itself (``OPTIONS`` in its body, not inherited)."""
+        return dict(cls.__dict__.get("OPTIONS", {}))
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """DiffoptError unless ``options`` (the ``own_options``' constructor keywords) are valid:
+        checked when built, and by a config's validation before anything is built."""
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called before every meta-iteration with its epoch (0-based; ``diffopt.train``): the
+        place for schedules over training (MAML's MAML++ recipe)."""
+
+    def iteration_record(self) -> dict[str, Any]:
+        """What the metrics log records about the algorithm's state at a meta-iteration besides
+        the metrics ``meta_gradient`` returns (MAML: whether it ran first order)."""
+        return {}
 
     def unroll(
         self, x: torch.Tensor, y: torch.Tensor, steps: int | None = None, *,
@@ -127,6 +172,11 @@ class MetaAlgorithm(nn.Module):
             accumulate_grad(params, grads)
             total += loss.item()
         return total
+
+
+def _having(flag: str) -> str:
+    """The registered algorithms whose class variable ``flag`` is true, for messages."""
+    return ", ".join(name for name, cls in ALGORITHMS.items() if getattr(cls, flag)) or "none"
 
 
 def accumulate_grad(params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
 from diffopt.models.norm import ShiftBatchNorm
+from diffopt.options import Option, check_int
 from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
@@ -104,14 +106,18 @@ class IMAML(MetaAlgorithm):
 
     name = "imaml"
     gradient_at_optimum = True
+    solves_inner_problem = True
+    OPTIONS = {
+        "cg_steps": Option(
+            int | None, 5, "imaml: conjugate-gradient iterations solving (I + H/lambda) v = query "
+            "gradient per task (0: the first-order approximation); default 5 (imaml_dev)",
+            belongs="imaml's linear solve"),
+    }
+    inner_defaults = {"inner_proximal": 1.0}
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
                  task_threads: int = 1, cg_steps: int = 5) -> None:
-        if not inner.proximal > 0:
-            raise DiffoptError("imaml's inner problem has a proximal term: set its weight lambda > 0 "
-                               "(--inner_proximal, InnerLoop(proximal=...))")
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
-            raise DiffoptError(f"cg_steps must be a whole number >= 0; got {cg_steps!r}")
+        self.check_options(cg_steps=cg_steps)
         if vectorize != "never" and any(isinstance(m, NORM_LAYERS) for m in model.modules()):
             obstacle = ("its Hessian-vector products through batch norm do not run under "
                         "torch.func.vmap (a double backward reads .data)")
@@ -125,6 +131,17 @@ class IMAML(MetaAlgorithm):
         self.cg_steps = cg_steps
         self.warned_unsolved = False
         """Whether the warning about an unsolved inner problem was given (it is given once)."""
+
+    @classmethod
+    def check_options(cls, cg_steps: int = 5) -> None:
+        check_int("cg_steps", cg_steps, 0)
+
+    @classmethod
+    def check_inner(cls, inner: Any, task_threads: int) -> None:
+        super().check_inner(inner, task_threads)
+        if not (isinstance(inner.proximal, int | float) and inner.proximal > 0):
+            raise DiffoptError(f"--inner_proximal must be a finite number > 0 for imaml, the weight "
+                               f"lambda of its inner problem's proximal term; got {inner.proximal!r}")
 
     def _solve(self, task: Task) -> nn.Module:
         """The model after the inner loop on the support set (no graph), one task (not vmapped)."""

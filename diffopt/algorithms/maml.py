@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
+from diffopt.algorithms.mamlpp import multi_step_loss_weights
 from diffopt.data.episode import Episode, Task
 from diffopt.inner import InnerLoop, LossFn
+from diffopt.options import Option, check_int
 from diffopt.vectorize import over_tasks
+
+_RECIPE = "part of the MAML++ recipe and needs --algorithm maml"
 
 
 class MAML(MetaAlgorithm):
@@ -19,7 +25,8 @@ class MAML(MetaAlgorithm):
     initial weights and any learned inner-rule parameters. Looping over tasks, one backward per
     task keeps only one task's graph alive at a time (``task_threads`` of them with threads).
 
-    Two settings (the MAML++ recipe sets them per iteration, see ``mamlpp``):
+    Two settings, which the MAML++ recipe (``diffopt.algorithms.mamlpp``) sets every epoch
+    (``on_epoch``) from ``multi_step_loss_epochs`` and ``first_order_epochs`` (0: off):
     ``step_weights`` (one per inner step) makes the meta-loss the weighted sum of the query
     losses after every step; ``first_order`` detaches the inner gradients, so the initial weights
     get the first-order gradient while learned step sizes still get theirs. Its inner loop's
@@ -27,17 +34,48 @@ class MAML(MetaAlgorithm):
     truncates it to the last steps (``InnerLoop``).
 
     Constructor arguments (model, inner, loss_fn, vectorize, task_threads): see ``MetaAlgorithm``.
+
+    Example::
+
+        learner = MAML(model, InnerLoop("sgd", lr=0.4, steps=5, checkpoint="auto"), F.cross_entropy)
+        learner.meta_gradient(episode)   # into .grad of learner.parameters()
     """
 
     name = "maml"
     learns_update_rule = True
     differentiates_unroll = True
+    OPTIONS = {
+        "multi_step_loss_epochs": Option(
+            int, 0, "MAML++ multi-step loss: weight the query loss after every inner step, annealed to "
+            "the last step over this many epochs (0: off; maml only)", unset=0, belongs=_RECIPE),
+        "first_order_epochs": Option(
+            int, 0, "MAML++ derivative-order annealing: first order for this many epochs, then second "
+            "order (0: off; maml only)", unset=0, belongs=_RECIPE),
+    }
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
-                 task_threads: int = 1) -> None:
+                 task_threads: int = 1, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0) -> None:
+        self.check_options(multi_step_loss_epochs, first_order_epochs)
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
+        self.multi_step_loss_epochs, self.first_order_epochs = multi_step_loss_epochs, first_order_epochs
         self.step_weights: list[float] | None = None
         self.first_order = False
+
+    @classmethod
+    def check_options(cls, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0) -> None:
+        check_int("multi_step_loss_epochs", multi_step_loss_epochs, 0)
+        check_int("first_order_epochs", first_order_epochs, 0)
+
+    def on_epoch(self, epoch: int) -> None:
+        """The MAML++ recipe at ``epoch``: the multi-step loss's weights, the derivative order."""
+        steps = self.inner.steps
+        annealing = steps > 0 and epoch < self.multi_step_loss_epochs
+        self.step_weights = (multi_step_loss_weights(steps, epoch, self.multi_step_loss_epochs)
+                             if annealing else None)
+        self.first_order = epoch < self.first_order_epochs
+
+    def iteration_record(self) -> dict[str, Any]:
+        return {"first_order": self.first_order}
 
     @property
     def exact_meta_gradient(self) -> bool:  # type: ignore[override]

@@ -1,5 +1,5 @@
 """The MAML++ training recipe (Antoniou et al. 2019, "How to Train Your MAML"): schedules that
-the training loop applies to MAML at every meta-iteration.
+MAML follows epoch by epoch (``MAML.on_epoch``, called by the training loop).
 
 - multi-step loss (MSL): the meta-loss is a weighted sum of the query losses after every inner
   step; the weights start uniform and are annealed towards the last step over the first
@@ -14,8 +14,6 @@ which MSL lasts the first 10, then scale to a wall-clock budget.
 
 from __future__ import annotations
 
-from diffopt.algorithms.maml import MAML
-
 
 def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
     """Per-step query-loss weights at ``epoch`` (as in the paper's code).
@@ -28,13 +26,3 @@ def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[
     weights = [max(1.0 / steps - epoch * decay, floor) for _ in range(steps - 1)]
     weights.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
     return weights
-
-
-def apply_recipe(learner: MAML, epoch: int, *, multi_step_loss_epochs: int, first_order_epochs: int) -> None:
-    """Set ``learner``'s loss weights and derivative order for a meta-iteration of ``epoch`` (0-based)."""
-    steps = learner.inner.steps
-    if steps > 0 and epoch < multi_step_loss_epochs:
-        learner.step_weights = multi_step_loss_weights(steps, epoch, multi_step_loss_epochs)
-    else:
-        learner.step_weights = None
-    learner.first_order = epoch < first_order_epochs
