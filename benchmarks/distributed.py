@@ -13,7 +13,6 @@ included) and the final loss, which should agree across rows (the same tasks, to
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -30,6 +29,7 @@ import torch
 
 from diffopt.distributed import local_launcher
 from diffopt.report import machine_description
+from diffopt.runfolder import RunFolder
 
 DEFAULTS = dict(algorithm="maml", meta_batch_size=16, hidden="40,40", shots=10)
 
@@ -53,7 +53,7 @@ def timed_run(processes: int, flags: list[str], run_dir: Path, threads: int, war
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunFolder(run_dir, writer=False).metrics()
     seconds = [r["seconds"] for r in records[warmup:]] or [r["seconds"] for r in records]
     return {"median": statistics.median(seconds), "wall": wall, "loss": records[-1]["loss"]}
 

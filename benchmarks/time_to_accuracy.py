@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from diffopt.firecli import fire_checked
+from diffopt.runfolder import RunFolder
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
@@ -87,7 +88,8 @@ def _subset(path: Path, count: int) -> Path:
 def _snapshots(implementation: str, run: Path) -> list[Path]:
     """The run's snapshots in training order, the final state last."""
     if implementation == "diffopt":
-        return sorted((run / "snapshots").glob("*.pt")) + [run / "checkpoint.pt"]
+        folder = RunFolder(run, writer=False)
+        return folder.snapshots() + [folder.checkpoint]
     return sorted(run.glob("snapshot-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
@@ -132,8 +134,11 @@ def score(method: str, implementation: str, run: str, tasks_file: str, curve_tas
 
 def _iteration_seconds(implementation: str, run: Path) -> list[float]:
     """Each meta-iteration's training seconds: the steps of the logged training clock."""
-    log = run / ("metrics.jsonl" if implementation == "diffopt" else "log.jsonl")
-    clock = [json.loads(line)["train_seconds"] for line in log.read_text().splitlines() if line.strip()]
+    if implementation == "diffopt":
+        clock = [record["train_seconds"] for record in RunFolder(run, writer=False).metrics()]
+    else:
+        log = run / "log.jsonl"
+        clock = [json.loads(line)["train_seconds"] for line in log.read_text().splitlines() if line.strip()]
     return [b - a for a, b in zip([0.0, *clock[:-1]], clock, strict=True)]
 
 

@@ -25,6 +25,7 @@ from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
 from diffopt.options import check_float, check_int
+from diffopt.runfolder import RunFolder
 
 
 def _as_tuple(name: str, value: Any, kind: type) -> tuple:
@@ -50,7 +51,7 @@ def train(resume: str | None = None, dry_run: bool = False, **options: Any) -> N
             raise DiffoptError(f"--resume continues a run with the options it was started with; "
                                f"drop --{other[0]}")
         if dry_run:
-            from diffopt.checkpoint import load_checkpoint
+            from diffopt.runfolder import load_checkpoint
 
             saved = resolve_saved_config(load_checkpoint(resume)["config"])
             print(json.dumps(saved.to_dict(), indent=1))
@@ -179,7 +180,7 @@ def evaluate(
                                        rotations=rotations, ensemble=ensemble)
         record = {"protocol": protocol, "metric": evaluation.metric, "summary": summary,
                   "scores": {s: v.tolist() for s, v in evaluation.scores.items()}}
-        print(save_evaluation(run_path, record))
+        print(RunFolder(run_path).save_evaluation(record))
 
 
 def evaluation_protocol(config: TrainConfig, *, iteration: int, **settings: Any) -> dict[str, Any]:
@@ -190,36 +191,6 @@ def evaluation_protocol(config: TrainConfig, *, iteration: int, **settings: Any)
             "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
             **config.data_options(), **{k: list(v) if isinstance(v, tuple) else v
                                         for k, v in settings.items()}}
-
-
-def save_evaluation(run_dir: Path, record: dict[str, Any]) -> str:
-    """Write ``record`` to ``run_dir/eval-k<K>-<trans|nontrans>-<protocol digest>.json``, one file
-    per protocol: another protocol adds a file, never replaces one. The same protocol again
-    keeps its file if the numbers are the same, and otherwise adds a numbered one. Returns what
-    happened, naming the file."""
-    import hashlib
-
-    from diffopt.checkpoint import write_json
-
-    protocol = record["protocol"]
-    digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
-    mode = "trans" if protocol["transductive"] else "nontrans"
-    path = run_dir / f"eval-k{protocol['shots']}-{mode}-{digest}.json"
-    if path.exists():
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if earlier is not None and earlier.get("scores") == json.loads(json.dumps(record["scores"])):
-            return f"same protocol as {path}: same numbers (kept)"
-        number = 2
-        while (run_dir / f"{path.stem}-{number}.json").exists():
-            number += 1
-        path = run_dir / f"{path.stem}-{number}.json"
-        write_json(path, record)
-        return f"same protocol as an earlier evaluation, other numbers: wrote {path}"
-    write_json(path, record)
-    return f"wrote {path}"
 
 
 def compare(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, run_folder_lock, write_json, write_text
+from diffopt.atomic import write_json, write_text
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
@@ -35,8 +35,7 @@ from diffopt.evaluate import EVAL_SEED, mean_ci95, student_t_ci95
 from diffopt.firecli import shown, suggestion
 from diffopt.progress import progress_bar
 from diffopt.report import library_versions, machine_description
-
-EVALUATION_NAME = "evaluation.json"
+from diffopt.runfolder import RunFolder, load_checkpoint, run_folder_lock
 
 
 @dataclass(frozen=True)
@@ -412,10 +411,9 @@ def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | 
     The recorded config is resolved again, so a run recorded before an option existed counts as
     having used that option's default.
     """
-    path = run_dir / EVALUATION_NAME
-    if not path.is_file():
+    record = RunFolder(run_dir).comparison_record()
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     try:
         recorded = resolve_saved_config(record["config"])
     except (DiffoptError, KeyError, TypeError):
@@ -433,9 +431,9 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
     """Train (or resume) and evaluate one run in a fresh process; its record."""
     log.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config.run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    folder = RunFolder(run_dir, writer=False)
     job = json.dumps({"config": config.to_dict(), "settings": asdict(settings)})
-    done = _progress_of(metrics, bool(config.max_seconds))  # a resumed run's
+    done = _progress_of(folder, bool(config.max_seconds))  # a resumed run's
     bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
                        position=1, leave=False, disable=not progress,
                        unit="s" if config.max_seconds else "it")
@@ -445,7 +443,7 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
         training = False
         while child.poll() is None:
             time.sleep(0.5)
-            reached = _progress_of(metrics, bool(config.max_seconds))
+            reached = _progress_of(folder, bool(config.max_seconds))
             if not training and reached > done:  # the clock starts with training, not the child
                 training = True
                 bar.reset(total=bar.total)
@@ -456,17 +454,13 @@ def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progr
     if child.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
         raise DiffoptError(f"run {run_dir.name} failed ({tail[0]}); full log: {log}")
-    return json.loads((run_dir / EVALUATION_NAME).read_text())
+    return folder.comparison_record()
 
 
-def _progress_of(metrics: Path, seconds: bool) -> float:
+def _progress_of(folder: RunFolder, seconds: bool) -> float:
     """Iterations (or training seconds) a running run's metrics log has reached."""
-    try:
-        with open(metrics, "rb") as file:
-            file.seek(max(0, file.seek(0, 2) - 4096))
-            lines = file.read().decode(errors="ignore").splitlines()
-        record = json.loads(lines[-1])
-    except (OSError, ValueError, IndexError):
+    record = folder.last_metrics()
+    if record is None:
         return 0
     return round(record["train_seconds"], 1) if seconds else record["iteration"]
 
@@ -478,7 +472,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
 
     run_dir = Path(config.run_dir)
     result = None
-    if (run_dir / CHECKPOINT_NAME).exists():
+    if RunFolder(run_dir).has_checkpoint():
         try:
             saved = resolve_saved_config(load_checkpoint(run_dir)["config"])
         except DiffoptError:
@@ -506,7 +500,7 @@ def run_one(config: TrainConfig, settings: Settings) -> dict:
             "task_keys": evaluation.task_keys,
         },
     }
-    write_json(run_dir / EVALUATION_NAME, record)
+    RunFolder(run_dir).write_comparison_record(record)
     return record
 
 
@@ -525,12 +519,10 @@ def _write_tensorboard(log_dir: Path, run_dir: Path, metric: str, record: dict) 
     if log_dir.exists():
         shutil.rmtree(log_dir)
     with SummaryWriter(str(log_dir)) as writer:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            entry = json.loads(line)
+        folder = RunFolder(run_dir, writer=False)
+        for entry in folder.metrics():
             writer.add_scalar("train/loss", entry["loss"], entry["iteration"])
-        validation = run_dir / "validation.jsonl"
-        for line in validation.read_text().splitlines() if validation.exists() else []:
-            entry = json.loads(line)
+        for entry in folder.validation():
             writer.add_scalar(f"validation/{metric}", entry[metric], entry["iteration"])
             writer.add_scalar(f"validation/{metric}_by_seconds", entry[metric],
                               int(round(entry["train_seconds"] * 1000)))

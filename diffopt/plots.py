@@ -1,12 +1,11 @@
 """The comparison's figures (matplotlib, PNG): learning curves, final scores, sinusoid fits.
 
 Everything is drawn from a comparison folder: ``results.json`` and the runs' own
-``validation.jsonl`` files and checkpoints.
+validation logs and checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from diffopt.evaluate import student_t_ci95
+from diffopt.runfolder import RunFolder
 
 
 def _pyplot():
@@ -28,8 +28,7 @@ def _pyplot():
 
 
 def _validation(out: Path, run: str) -> list[dict]:
-    path = out / "runs" / run / "validation.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return RunFolder(out / "runs" / run, writer=False).validation()
 
 
 def learning_curves(out: Path, results: Mapping[str, Any], path: Path) -> Path | None:

@@ -8,7 +8,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-from diffopt.checkpoint import write_text
+from diffopt.atomic import write_text
 
 
 def write_section(path: str | Path, key: str, title: str, body: str) -> None:

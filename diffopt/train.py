@@ -23,7 +23,7 @@ import torch
 from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm, algorithm_class, build_algorithm
 from diffopt.allocator import keep_freed_memory
-from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_module
+from diffopt.checkpoint import restore_module
 from diffopt.config import TrainConfig, resolve_saved_config
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
@@ -33,7 +33,7 @@ from diffopt.memory import StepMemory
 from diffopt.models import IMAGE_MODELS, build_model, initialize
 from diffopt.options import arguments
 from diffopt.progress import progress_bar
-from diffopt.runfolder import RunFolder
+from diffopt.runfolder import RunFolder, checkpoint_path, load_checkpoint
 
 
 def build(config: TrainConfig) -> MetaAlgorithm:
@@ -70,7 +70,7 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
     except (DiffoptError, TypeError) as error:
         raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
     algorithm = build(config)
-    restore_module(algorithm, payload["algorithm"], run)
+    restore_module(algorithm, payload["algorithm"], checkpoint_path(run))
     algorithm.inner.carried_state = payload.get("inner_state")
     return config, algorithm, payload
 
@@ -213,7 +213,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     distributed.init(config.device)
     algorithm = build(config)
     if config.init_from is not None and resume_from is None:
-        restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"], config.init_from)
+        restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"],
+                       checkpoint_path(config.init_from))
     optimizer = outer_optimizer(config, algorithm)
     folder = RunFolder(config.run_dir or default_run_dir(config), writer=distributed.is_main())
     # The loader's iterator draws its base seed from torch's global generator: draw it before a
@@ -223,7 +224,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
         if resume_from is None:
             folder.start(config.to_dict())
         else:
-            restore_module(algorithm, resume_from["algorithm"], folder.path)
+            restore_module(algorithm, resume_from["algorithm"], folder.checkpoint)
             algorithm.inner.carried_state = resume_from.get("inner_state")
             optimizer.load_state_dict(resume_from["outer_optimizer"])
             _set_random_state(resume_from["random_state"])
@@ -374,7 +375,7 @@ class _Session:
                     folder.save(self.payload(iteration))
                     raise DiffoptError(
                         f"{bad_in_row} meta-iterations in a row (up to {iteration}) gave a non-finite "
-                        f"meta-loss, meta-gradient or parameters; {folder.path / CHECKPOINT_NAME} holds "
+                        f"meta-loss, meta-gradient or parameters; {folder.checkpoint} holds "
                         "the last good parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
                 if config.checkpoint_every and iteration % config.checkpoint_every == 0:
                     folder.save(self.payload(iteration))  # after the log line: the log reaches the checkpoint

@@ -39,12 +39,13 @@ from typing import IO
 import numpy as np
 import torch
 
-from diffopt.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_json
+from diffopt.atomic import write_json
 from diffopt.data import get_dataset
 from diffopt.evaluate import EVAL_SEED, evaluate, mean_ci95
 from diffopt.firecli import fire_checked
 from diffopt.plots import validation_curves
 from diffopt.report import library_versions, machine_description, write_section
+from diffopt.runfolder import RunFolder, load_checkpoint
 from diffopt.train import load_trained
 
 MAMLPP = dict(
@@ -209,7 +210,7 @@ def _runs(table: str, runs) -> list[Run]:
 
 def _command(run: Run, folder: Path, budget: float, data_root: str, seed: int, validate_every: float,
              validation_tasks: int) -> list[str]:
-    if (folder / CHECKPOINT_NAME).exists():
+    if RunFolder(folder).has_checkpoint():
         return ["train", "--resume", str(folder)]
     args = ["train", "--dataset", "omniglot", "--data_root", data_root, "--iterations", "1000000",
             "--max_seconds", str(budget), "--seed", str(seed), "--validate_every_seconds",
@@ -242,7 +243,7 @@ def train(
     pending = []
     for run in chosen:
         folder = out_path / run.name
-        if (folder / CHECKPOINT_NAME).exists() and load_checkpoint(folder)["train_seconds"] >= budget:
+        if RunFolder(folder).has_checkpoint() and load_checkpoint(folder)["train_seconds"] >= budget:
             print(f"{run.name}: finished")
             continue
         pending.append(run)
@@ -293,10 +294,6 @@ def _interval(scores: np.ndarray) -> str:
     return f"{mean:.2f} +- {ci:.2f}"
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 TITLES = {"methods": "Omniglot 5-way: MAML, first-order MAML, Reptile, MAML++ recipe",
           "family": "Omniglot 5-way 1-shot: ANIL, BOIL, iMAML",
           "goal": "Omniglot 5-way 1-shot: 95% in 35 minutes, lever by lever",
@@ -323,8 +320,7 @@ def report(
     for run in chosen:
         folder = out_path / run.name
         payload = load_checkpoint(folder)
-        metrics = _jsonl(folder / "metrics.jsonl")
-        validation = _jsonl(folder / "validation.jsonl")
+        metrics, validation = RunFolder(folder).metrics(), RunFolder(folder).validation()
         curves[f"{run.label}, {run.shots}-shot" if both else run.label] = [validation]
         steps = run.method.eval_steps
         transductive = _scores(folder, steps, tasks, True, payload["iteration"])

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from diffopt.compare import EVALUATION_NAME, Row, Settings, compare, run_name
+from diffopt.compare import Row, Settings, compare, run_name
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import fire_checked
 from diffopt.report import library_versions, machine_description, write_section
+from diffopt.runfolder import RunFolder
 
 PAPER = {  # Park & Oliva 2019, table 1 (MAML and Meta-SGD as reported by Li et al. 2017)
     "maml": {5: "0.69 +- 0.07", 10: "0.44 +- 0.04"},
@@ -95,7 +96,7 @@ def main(
     started = time.time()
     settings = Settings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED)
     finished = {(m, k) for m in methods for k in shots
-                if (Path(out) / "runs" / run_name(m, k, seed) / EVALUATION_NAME).exists()}
+                if RunFolder(Path(out) / "runs" / run_name(m, k, seed)).comparison_record() is not None}
     pending = [] if train else [(m, k) for k in shots for m in methods if (m, k) not in finished]
     groups = [(methods, shots)] if not pending else [
         ([m for m in methods if (m, k) in finished], (k,)) for k in shots]

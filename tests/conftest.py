@@ -104,14 +104,13 @@ def compare_in_process(monkeypatch):
     instead of one fresh interpreter each, which costs a torch import (seconds on a loaded
     machine): for tests of what compare does with its runs. The child processes themselves are
     tested by test_compare's module grid and resumption and by test_plugins."""
-    import json
-
     import diffopt.compare as compare_module
+    from diffopt.runfolder import RunFolder
 
     def run_here(config, settings, log, progress):
         log.parent.mkdir(parents=True, exist_ok=True)
         compare_module.run_one(config, settings)
-        return json.loads((Path(config.run_dir) / compare_module.EVALUATION_NAME).read_text())
+        return RunFolder(config.run_dir).comparison_record()
 
     monkeypatch.setattr(compare_module, "_run_in_subprocess", run_here)
 

@@ -132,10 +132,11 @@ def test_evaluate_shots_overrides_the_runs(trained_run, capsys):
 
 def test_evaluate_inner_batch_size_overrides_the_runs(trained_run, capsys):
     """Reptile's --eval-batch: inner steps at evaluation on mini-batches of the support set."""
-    from diffopt.checkpoint import load_checkpoint, restore_module
+    from diffopt.checkpoint import restore_module
     from diffopt.config import resolve_config
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate
+    from diffopt.runfolder import load_checkpoint
     from diffopt.train import build
 
     args = ["evaluate", str(trained_run), "--tasks", "4", "--steps", "2"]

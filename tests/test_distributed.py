@@ -14,9 +14,9 @@ import torch
 from conftest import random_episode
 
 from diffopt import distributed
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.errors import DiffoptError
+from diffopt.runfolder import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--meta_batch_size", "8", "--shots", "5", "--hidden", "8,8", "--progress", "False"]

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from conftest import random_episode, small_algorithm
 
 from diffopt.algorithms import build_algorithm
-from diffopt.checkpoint import load_checkpoint, save_checkpoint
+from diffopt.checkpoint import save_checkpoint
 from diffopt.config import resolve_config
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
+from diffopt.runfolder import load_checkpoint
 from diffopt.train import resume, train
 
 

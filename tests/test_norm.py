@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from diffopt.algorithms import build_algorithm
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.data import Episode, get_dataset
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import QUERY_NORM_ROWS, InnerLoop
 from diffopt.models import MLP, Conv4, PerStepBatchNorm, ShiftBatchNorm
+from diffopt.runfolder import load_checkpoint
 
 
 def per_step_maml(steps: int, rule: str = "sgd", lr: float = 0.1, seed: int = 0, hidden=(3, 2),

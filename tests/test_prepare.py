@@ -19,11 +19,11 @@ from conftest import SHARED_OMNIGLOT, cold_warm_and_uncached
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.data import Episode
 from diffopt.data.prepare import omniglot_files, prepare_omniglot
 from diffopt.errors import DiffoptError
+from diffopt.runfolder import load_checkpoint
 from diffopt.train import load_trained
 from diffopt.unroll import batch_order
 
@@ -130,9 +130,9 @@ def test_omniglot_end_to_end_maml_conv4(omniglot_root, tmp_path):
                  "--progress", "False"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
-    from diffopt.checkpoint import load_checkpoint
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate
+    from diffopt.runfolder import load_checkpoint
     from diffopt.train import build
 
     payload = load_checkpoint(run)

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffopt.train as train_module
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.config import TrainConfig, resolve_config
 from diffopt.errors import DiffoptError
+from diffopt.runfolder import load_checkpoint
 
 TINY = dict(iterations=6, meta_batch_size=2, hidden=(4,), progress=False)
 

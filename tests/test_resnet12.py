@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.algorithms import build_algorithm
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
 from diffopt.config import resolve_config, resolve_saved_config
 from diffopt.data import Episode
@@ -20,6 +19,7 @@ from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
 from diffopt.models import PerStepBatchNorm, ResNet12, build_model
 from diffopt.models.resnet12 import ResidualBlock, resnet12_widths
+from diffopt.runfolder import load_checkpoint
 from diffopt.train import build
 from diffopt.vectorize import vmap_obstacle
 

@@ -13,8 +13,8 @@ import threading
 import pytest
 import torch
 
-from diffopt.checkpoint import load_checkpoint
 from diffopt.cli import main
+from diffopt.runfolder import load_checkpoint
 
 OPTIONS = ["--iterations", "300", "--meta_batch_size", "4", "--shots", "3", "--hidden", "16,16",
            "--inner_optimizer", "lslr", "--inner_steps", "2", "--checkpoint_every", "7",

@@ -110,7 +110,7 @@ def test_snapshots_are_taken_at_multiples_of_the_training_clock(tmp_path, step_c
     """--snapshot_every_seconds 1 where each meta-step takes exactly 0.25 s of training time
     (``step_clock``): snapshots after iterations 4 and 8 (clock 1.0 and 2.0, a snapshot exactly
     on the boundary included), none after 10 (2.5), each the run's checkpoint at that iteration."""
-    from diffopt.checkpoint import load_checkpoint
+    from diffopt.runfolder import load_checkpoint
 
     step_clock(0.25)
     config = resolve_config(iterations=10, meta_batch_size=2, hidden=(4,), snapshot_every_seconds=1.0,

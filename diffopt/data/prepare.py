@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffopt.checkpoint import atomic_path, write_text
+from diffopt.atomic import atomic_path, write_text
 from diffopt.errors import DiffoptError
 
 OMNIGLOT_GROUPS = {"images_background": "train", "images_evaluation": "test"}
