@@ -40,7 +40,7 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     return tuple(values)
 
 
-def train(resume: str | None = None, dry_run: bool = False, **options: Any) -> None:
+def train_command(resume: str | None = None, dry_run: bool = False, **options: Any) -> None:
     """Meta-train one algorithm; writes config.json, metrics.jsonl and checkpoint.pt to a run folder."""
     from diffopt.train import resume as resume_training
     from diffopt.train import train as run_training
@@ -92,15 +92,15 @@ def _train_help() -> tuple[inspect.Signature, str]:
              "in) and exit"]
     params += _train_options([f.name for f in fields(TrainConfig)])
     lines += [f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig)]
-    doc = (f"{train.__doc__}\n\nOptions left unset take the dataset's literature defaults "
+    doc = (f"{train_command.__doc__}\n\nOptions left unset take the dataset's literature defaults "
            "(and the algorithm's, e.g. Reptile's).\n\nArgs:\n" + "\n".join(lines))
     return inspect.Signature(params), doc
 
 
-train.__signature__, train.__doc__ = _train_help()
+train_command.__signature__, train_command.__doc__ = _train_help()
 
 
-def evaluate(
+def evaluate_command(
     run: str,
     tasks: int = 500,
     steps: Sequence[int] = (0, 1, 10),
@@ -193,7 +193,7 @@ def evaluation_protocol(config: TrainConfig, *, iteration: int, **settings: Any)
                                         for k, v in settings.items()}}
 
 
-def compare(
+def compare_command(
     config: str | None = None,
     dataset: str | None = None,
     algorithms: Sequence[str] | None = None,
@@ -250,7 +250,7 @@ def compare(
         tensorboard: also write TensorBoard event files (needs the tensorboard extra)
     """
     from diffopt.compare import (
-        Settings,
+        EvaluationSettings,
         format_table,
         load_grid_file,
         product_configs,
@@ -307,7 +307,7 @@ def compare(
         dataset=name, configs=configs, shots=shots, seeds=tuple(range(options["seeds"])),
         iterations=options["iterations"], max_seconds=options.get("max_seconds"),
         ways=options.get("ways"),
-        settings=Settings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
+        settings=EvaluationSettings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
                           options["eval_seed"], options["eval_transductive"]),
         validate_every=options.get("validate_every"), validation_tasks=options["validation_tasks"],
         out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND, skipped=skipped,
@@ -317,7 +317,7 @@ def compare(
     print(f"\nreport: {out_dir / 'report.md'}")
 
 
-def gradcheck(
+def gradcheck_command(
     algorithm: str = "maml",
     inner_optimizer: str = "sgd",
     inner_lr: float | None = None,
@@ -434,7 +434,7 @@ def gradcheck(
         sys.exit(1)
 
 
-def prepare(name: str, source: str | None = None, root: str = "data", download: bool = False) -> None:
+def prepare_command(name: str, source: str | None = None, root: str = "data", download: bool = False) -> None:
     """Prepare a dataset offline into ROOT, the folder later given to torchmeta as its root.
 
     Args:
@@ -464,18 +464,18 @@ def prepare(name: str, source: str | None = None, root: str = "data", download: 
 
 def _compare_help() -> tuple[inspect.Signature, str]:
     """compare's own options, then every train option it shares out to the configurations."""
-    own = [p for p in inspect.signature(compare).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    own = [p for p in inspect.signature(compare_command).parameters.values() if p.kind is not p.VAR_KEYWORD]
     shared = {f.name: f for f in fields(TrainConfig) if f.name in shared_train_options()}
     params = own + _train_options(list(shared))
-    doc = compare.__doc__.rstrip() + "\n" + "".join(
+    doc = compare_command.__doc__.rstrip() + "\n" + "".join(
         f"        {name}: (every configuration) {f.metadata['help']}\n" for name, f in shared.items())
     return inspect.Signature(params), doc
 
 
-compare.__signature__, compare.__doc__ = _compare_help()
+compare_command.__signature__, compare_command.__doc__ = _compare_help()
 
-COMMANDS = {"train": train, "evaluate": evaluate, "compare": compare, "gradcheck": gradcheck,
-            "data": {"prepare": prepare}}
+COMMANDS = {"train": train_command, "evaluate": evaluate_command, "compare": compare_command,
+            "gradcheck": gradcheck_command, "data": {"prepare": prepare_command}}
 
 
 _COMMAND = ""

@@ -39,7 +39,7 @@ from diffopt.runfolder import RunFolder, load_checkpoint, run_folder_lock
 
 
 @dataclass(frozen=True)
-class Settings:
+class EvaluationSettings:
     """What every run of a comparison shares besides its configuration."""
 
     eval_tasks: int
@@ -52,7 +52,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Row:
+class ComparisonRow:
     """One (configuration, K) of the table, aggregated over its seeds."""
 
     label: str
@@ -191,7 +191,7 @@ def run_name(label: str, shots: int, seed: int) -> str:
     return f"{label}-k{shots}-seed{seed}"
 
 
-def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
+def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[ComparisonRow]:
     """The table's rows from the per-run records of ``results.json`` (first-appearance order)."""
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -208,7 +208,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
                 mean[step] = float(seed_means.mean())
                 ci_seeds[step] = student_t_ci95(seed_means)
                 ci_tasks[step] = mean_ci95(table.mean(0))[1]
-        rows.append(Row(
+        rows.append(ComparisonRow(
             label, shots, [run["seed"] for run in members], mean, ci_seeds, ci_tasks, diverged,
             sum(len(run["task_keys"]) for run in members),
             float(np.mean([run["iterations"] for run in members])),
@@ -235,7 +235,7 @@ def differing_settings(resolved: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_table(rows: Sequence[Row], metric: str, steps: Sequence[int]) -> str:
+def format_table(rows: Sequence[ComparisonRow], metric: str, steps: Sequence[int]) -> str:
     """Markdown table: one row per (configuration, K); each score is mean +- seeds / +- tasks."""
     steps = sorted(set(steps))
     header = ["configuration", "K", "seeds"]
@@ -266,7 +266,7 @@ def compare(
     iterations: int = 1000,
     max_seconds: float | None = None,
     ways: int | None = None,
-    settings: Settings,
+    settings: EvaluationSettings,
     validate_every: int | None = None,
     validation_tasks: int = 100,
     out: Path,
@@ -274,7 +274,7 @@ def compare(
     tensorboard: bool = False,
     command: str = "",
     skipped: Mapping[str, str] | None = None,
-) -> list[Row]:
+) -> list[ComparisonRow]:
     """Train and evaluate every (configuration, K, seed); write ``results.json``, ``report.md``
     and the plots into ``out``; return the table's rows.
 
@@ -312,8 +312,8 @@ def compare(
             "skipped": dict(skipped or {})})
 
 
-def _train_grid(grid: list, out: Path, settings: Settings, progress: bool, tensorboard: bool,
-                results: dict[str, Any]) -> list[Row]:
+def _train_grid(grid: list, out: Path, settings: EvaluationSettings, progress: bool, tensorboard: bool,
+                results: dict[str, Any]) -> list[ComparisonRow]:
     """Train and evaluate every run of ``grid`` not finished yet; write results.json (``results``
     plus the runs) and the report."""
     runs = []
@@ -342,7 +342,7 @@ def _protocol_words(settings: Mapping[str, Any]) -> str:
     return "non-transductive: each query example scored with the support set alone"
 
 
-def write_report(out: Path) -> list[Row]:
+def write_report(out: Path) -> list[ComparisonRow]:
     """``report.md`` and the plots of ``out``, computed from ``out/results.json`` alone."""
     from diffopt import plots
 
@@ -390,7 +390,7 @@ def write_report(out: Path) -> list[Row]:
             f"`{label}`: " + (", ".join(f"{k}={v}" for k, v in flags.items()) or "defaults")
             for label, flags in results["configs"].items()) + ".",
         "",
-        *(["Settings that differ between the configurations (resolved, defaults included):", "",
+        *(["EvaluationSettings that differ between the configurations (resolved, defaults included):", "",
            differing, ""] if differing else []),
         *([f"Skipped: {'; '.join(f'`{label}` ({why})' for label, why in skipped.items())}.", ""]
           if (skipped := results.get("skipped")) else []),
@@ -405,7 +405,7 @@ def same_run(a: TrainConfig, b: TrainConfig) -> bool:
     return a == replace(b, run_dir=a.run_dir, progress=a.progress)
 
 
-def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | None:
+def _finished(run_dir: Path, config: TrainConfig, settings: EvaluationSettings) -> dict | None:
     """The record of a finished run with this config and these settings, else None.
 
     The recorded config is resolved again, so a run recorded before an option existed counts as
@@ -419,7 +419,7 @@ def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | 
     except (DiffoptError, KeyError, TypeError):
         return None
     try:  # a record written before a setting existed used its default
-        recorded_settings = Settings(**record["settings"])
+        recorded_settings = EvaluationSettings(**record["settings"])
     except (KeyError, TypeError):
         return None
     if not same_run(recorded, config) or recorded_settings != settings:
@@ -427,7 +427,7 @@ def _finished(run_dir: Path, config: TrainConfig, settings: Settings) -> dict | 
     return record
 
 
-def _run_in_subprocess(config: TrainConfig, settings: Settings, log: Path, progress: bool) -> dict:
+def _run_in_subprocess(config: TrainConfig, settings: EvaluationSettings, log: Path, progress: bool) -> dict:
     """Train (or resume) and evaluate one run in a fresh process; its record."""
     log.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config.run_dir)
@@ -465,7 +465,7 @@ def _progress_of(folder: RunFolder, seconds: bool) -> float:
     return round(record["train_seconds"], 1) if seconds else record["iteration"]
 
 
-def run_one(config: TrainConfig, settings: Settings) -> dict:
+def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
     """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
     from diffopt.evaluate import evaluate
     from diffopt.train import resume, train
@@ -533,4 +533,4 @@ def _write_tensorboard(log_dir: Path, run_dir: Path, metric: str, record: dict) 
 
 if __name__ == "__main__":  # one run of a comparison, in its own process (see _run_in_subprocess)
     job = json.loads(sys.argv[1])
-    run_one(resolve_config(**job["config"]), Settings(**job["settings"]))
+    run_one(resolve_config(**job["config"]), EvaluationSettings(**job["settings"]))

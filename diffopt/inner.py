@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from diffopt import recompute
-from diffopt import unroll as paths
+from diffopt import unroll as unrolls
 from diffopt.errors import DiffoptError, unknown_name
 from diffopt.fastweights import FunctionalModel, ModelCopies
 from diffopt.optim import (
@@ -358,11 +358,11 @@ class InnerLoop(nn.Module):
             return recompute.checkpointed(self, model, loss_fn, x, y, steps, mask, detach_inner_grads,
                                           losses)
         if functional:
-            return paths.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
+            return unrolls.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
                                     detach_inner_grads, losses)
         if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
-            return paths.first_order(self, model, loss_fn, x, y, steps, mask, losses, carry_state)
-        return paths.through_higher(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
+            return unrolls.first_order(self, model, loss_fn, x, y, steps, mask, losses, carry_state)
+        return unrolls.through_higher(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
                                     detach_inner_grads, losses, carry_state)
 
     def constant_gradient(self, step: int, steps: int, detach_inner_grads: bool) -> bool:

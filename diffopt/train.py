@@ -1,6 +1,6 @@
 """Meta-training: loader -> episode -> algorithm.meta_gradient -> outer step, logged to a run folder.
 
-``train`` sets a run up (or restores it from its checkpoint); a ``_Session`` runs the loop:
+``train`` sets a run up (or restores it from its checkpoint); a ``_Sitting`` runs the loop:
 ``meta_step`` (the guarded outer step), logging, validation and checkpoints, all written through
 ``diffopt.runfolder.RunFolder``.
 """
@@ -230,7 +230,7 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             _set_random_state(resume_from["random_state"])
             folder.rewind(done)
         distributed.broadcast_module(algorithm)
-        return _Session(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
+        return _Sitting(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
 
 
 def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episode: Episode,
@@ -275,7 +275,7 @@ def _next_multiple(clock: float, every: float | None) -> float:
     return math.inf if every is None else (math.floor(clock / every) + 1) * every
 
 
-class _Session:
+class _Sitting:
     """One sitting of a run, from its checkpoint (or the start) to ``--iterations`` or the time
     budget: the loop with its training clock and counters, all of which the checkpoint keeps."""
 

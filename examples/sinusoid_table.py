@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from diffopt.compare import Row, Settings, compare, run_name
+from diffopt.compare import ComparisonRow, EvaluationSettings, compare, run_name
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import fire_checked
 from diffopt.report import library_versions, machine_description, write_section
@@ -62,7 +62,7 @@ def paper_bound(text: str) -> float:
     return mean + interval
 
 
-def summary(row: Row, steps: int) -> str:
+def summary(row: ComparisonRow, steps: int) -> str:
     """'mean +- interval' after ``steps``, or how many tasks diverged (a rule learned for 1 step,
     run for 10)."""
     if row.diverged[steps]:
@@ -94,7 +94,7 @@ def main(
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
     torch.set_num_threads(threads)
     started = time.time()
-    settings = Settings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED)
+    settings = EvaluationSettings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED)
     finished = {(m, k) for m in methods for k in shots
                 if RunFolder(Path(out) / "runs" / run_name(m, k, seed)).comparison_record() is not None}
     pending = [] if train else [(m, k) for k in shots for m in methods if (m, k) not in finished]

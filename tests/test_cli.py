@@ -290,7 +290,7 @@ def test_compare_reads_shared_boolean_train_options_as_train_does():
     from diffopt import cli
     from diffopt.firecli import check_arguments
 
-    for command in (cli.train, cli.compare):
+    for command in (cli.train_command, cli.compare_command):
         assert check_arguments(command, ["--keep_freed_memory", "false"], "x") == \
             ["--keep_freed_memory", "False"]
 

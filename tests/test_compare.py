@@ -17,12 +17,19 @@ from PIL import Image
 
 import diffopt.compare as compare_module
 from diffopt.cli import main
-from diffopt.compare import Settings, aggregate, compare, format_table, load_grid_file, product_configs
+from diffopt.compare import (
+    EvaluationSettings,
+    aggregate,
+    compare,
+    format_table,
+    load_grid_file,
+    product_configs,
+)
 from diffopt.config import resolve_config
 from diffopt.errors import DiffoptError
 from diffopt.gradcheck import check_meta_gradient
 
-SETTINGS = Settings(eval_tasks=6, eval_steps=[0, 1], eval_test_shots=10)
+SETTINGS = EvaluationSettings(eval_tasks=6, eval_steps=[0, 1], eval_test_shots=10)
 GRID = dict(dataset="sinusoid", configs={"maml": {"hidden": [8]}, "pretrain": {"algorithm": "pretrain",
                                                                             "hidden": [8]}},
             shots=(3,), seeds=(0, 1), iterations=4, settings=SETTINGS, progress=False)
@@ -113,8 +120,8 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tm
     record = json.loads((lost / "evaluation.json").read_text())
     config = resolve_config(**record["config"])
     assert compare_module._finished(lost, config, SETTINGS) is not None
-    assert compare_module._finished(lost, config, Settings(7, [0, 1], 10)) is None  # another experiment
-    non_transductive = Settings(**{**asdict(SETTINGS), "eval_transductive": False})
+    assert compare_module._finished(lost, config, EvaluationSettings(7, [0, 1], 10)) is None  # another one
+    non_transductive = EvaluationSettings(**{**asdict(SETTINGS), "eval_transductive": False})
     assert compare_module._finished(lost, config, non_transductive) is None  # another protocol
     older = {k: v for k, v in record["settings"].items() if k != "eval_transductive"}
     old_record = {**record, "settings": older}
@@ -231,7 +238,7 @@ def test_omniglot_grid_on_the_shared_data(omniglot_root, tmp_path):
     rows = compare(dataset="omniglot", configs={"maml": {"data_root": str(omniglot_root)},
                                                 "fomaml": {"algorithm": "fomaml",
                                                            "data_root": str(omniglot_root)}},
-                   shots=(1,), seeds=(0, 1), iterations=2, settings=Settings(4, [0, 1], 2),
+                   shots=(1,), seeds=(0, 1), iterations=2, settings=EvaluationSettings(4, [0, 1], 2),
                    validate_every=1, validation_tasks=2,
                    out=tmp_path, progress=False, **{"ways": 3})
     results = json.loads((tmp_path / "results.json").read_text())
@@ -289,7 +296,7 @@ def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(
     calls = []
     real = evaluate_module.evaluate
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
-    settings = Settings(eval_tasks=4, eval_steps=[0, 1], eval_test_shots=5, eval_transductive=False)
+    settings = EvaluationSettings(eval_tasks=4, eval_steps=[0, 1], eval_test_shots=5, eval_transductive=False)
     config = resolve_config(dataset="sinusoid", hidden=[8], iterations=2, run_dir=str(tmp_path / "one"))
     record = compare_module.run_one(config, settings)  # what each comparison's process runs
     assert [k["transductive"] for k in calls] == [False] and record["settings"]["eval_transductive"] is False

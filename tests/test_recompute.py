@@ -194,7 +194,8 @@ def test_checkpointed_unrolls_loop_over_tasks():
 def test_gradcheck_checks_the_checkpointed_unroll(capsys):
     from diffopt import cli
 
-    cli.gradcheck(inner_optimizer="adam", inner_steps=4, inner_checkpoint=2, hidden=(4,), vectorize="never")
+    cli.gradcheck_command(inner_optimizer="adam", inner_steps=4, inner_checkpoint=2, hidden=(4,),
+                          vectorize="never")
     out = capsys.readouterr().out
     assert "inner adam checkpointed every 2" in out and "PASS" in out
 
@@ -202,12 +203,12 @@ def test_gradcheck_checks_the_checkpointed_unroll(capsys):
 def test_dry_run_shows_the_checkpoint_and_runs_the_constructors_checks(capsys):
     from diffopt import cli
 
-    cli.train(dry_run=True, inner_steps=9, inner_checkpoint="auto", progress=False)
+    cli.train_command(dry_run=True, inner_steps=9, inner_checkpoint="auto", progress=False)
     assert '"inner_checkpoint": "auto"' in capsys.readouterr().out
     with pytest.raises(DiffoptError, match="nothing to checkpoint"):
-        cli.train(dry_run=True, algorithm="reptile", inner_checkpoint=1, progress=False)
+        cli.train_command(dry_run=True, algorithm="reptile", inner_checkpoint=1, progress=False)
     with pytest.raises(DiffoptError, match="does not meta-learn the parameters of the inner rule"):
-        cli.train(dry_run=True, algorithm="fomaml", inner_optimizer="lslr", progress=False)
+        cli.train_command(dry_run=True, algorithm="fomaml", inner_optimizer="lslr", progress=False)
 
 
 def test_training_with_a_checkpoint_trains_the_same_model(tmp_path):
