@@ -390,7 +390,7 @@ def write_report(out: Path) -> list[ComparisonRow]:
             f"`{label}`: " + (", ".join(f"{k}={v}" for k, v in flags.items()) or "defaults")
             for label, flags in results["configs"].items()) + ".",
         "",
-        *(["EvaluationSettings that differ between the configurations (resolved, defaults included):", "",
+        *(["Settings that differ between the configurations (resolved, defaults included):", "",
            differing, ""] if differing else []),
         *([f"Skipped: {'; '.join(f'`{label}` ({why})' for label, why in skipped.items())}.", ""]
           if (skipped := results.get("skipped")) else []),
