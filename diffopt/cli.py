@@ -250,6 +250,7 @@ def compare_command(
         tensorboard: also write TensorBoard event files (needs the tensorboard extra)
     """
     from diffopt.compare import (
+        GRID_DEFAULTS,
         EvaluationSettings,
         format_table,
         load_grid_file,
@@ -267,10 +268,7 @@ def compare_command(
                  validate_every=validate_every,
                  validation_tasks=validation_tasks)
     options = {**grid, **{k: v for k, v in given.items() if v is not None}}
-    defaults = dict(dataset="sinusoid", shots=(5, 10), seeds=1, iterations=1000, eval_tasks=500,
-                    eval_steps=(0, 1, 10), eval_seed=EVAL_SEED, eval_transductive=True,
-                    validation_tasks=100)
-    options = {**defaults, **options}
+    options = {**GRID_DEFAULTS, **options}
     spec = get_dataset(options["dataset"])
 
     skipped: dict[str, str] = {}
@@ -280,8 +278,8 @@ def compare_command(
 
     if any(given[k] is not None for k in ("algorithms", "inner_optimizers", "inner_steps")) \
             or "configs" not in options:
-        configs = product_configs(listed("algorithms", str) or ("maml", "fomaml", "reptile"),
-                                  listed("inner_optimizers", str), listed("inner_steps", int), skipped)
+        configs = product_configs(listed("algorithms", str), listed("inner_optimizers", str),
+                                  listed("inner_steps", int), skipped)
     else:
         configs = options["configs"]
     configs = with_shared_options(configs, options.get("common", {}), train_options)

@@ -104,7 +104,7 @@ def compare_in_process(monkeypatch):
     instead of one fresh interpreter each, which costs a torch import (seconds on a loaded
     machine): for tests of what compare does with its runs. The child processes themselves are
     tested by test_compare's module grid and resumption and by test_plugins."""
-    import diffopt.compare as compare_module
+    import diffopt.compare.runs as compare_module
     from diffopt.runfolder import RunFolder
 
     def run_here(config, settings, log, progress):

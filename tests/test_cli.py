@@ -352,7 +352,7 @@ def test_other_commands_help_lists_every_option(command, options):
 
     from diffopt import cli
 
-    assert list(inspect.signature(getattr(cli, command)).parameters)[:len(options)] == options
+    assert list(inspect.signature(getattr(cli, f"{command}_command")).parameters)[:len(options)] == options
     text = help_text(command)
     for option in options:
         assert f"--{option}" in text or option.upper() in text

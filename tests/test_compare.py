@@ -15,7 +15,7 @@ import torch
 from conftest import random_episode
 from PIL import Image
 
-import diffopt.compare as compare_module
+import diffopt.compare.runs as compare_module
 from diffopt.cli import main
 from diffopt.compare import (
     EvaluationSettings,

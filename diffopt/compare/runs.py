@@ -1,0 +1,245 @@
+"""Running a comparison: every (configuration, K, seed) trained and evaluated in a process of its
+own, finished runs reused and interrupted ones resumed, then the results written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffopt.atomic import write_json
+from diffopt.compare.grid import GRID_DEFAULTS, EvaluationSettings, run_name
+from diffopt.compare.results import RESULTS_NAME, ComparisonRow, write_report
+from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
+from diffopt.data import get_dataset
+from diffopt.errors import DiffoptError
+from diffopt.progress import progress_bar
+from diffopt.report import library_versions
+from diffopt.runfolder import RunFolder, load_checkpoint, run_folder_lock
+
+
+def compare(
+    *,
+    dataset: str,
+    configs: Mapping[str, Mapping[str, Any]],
+    shots: Sequence[int],
+    seeds: Sequence[int] = (0,),
+    iterations: int = GRID_DEFAULTS["iterations"],
+    max_seconds: float | None = None,
+    ways: int | None = None,
+    settings: EvaluationSettings,
+    validate_every: int | None = None,
+    validation_tasks: int = GRID_DEFAULTS["validation_tasks"],
+    out: Path,
+    progress: bool = True,
+    tensorboard: bool = False,
+    command: str = "",
+    skipped: Mapping[str, str] | None = None,
+) -> list[ComparisonRow]:
+    """Train and evaluate every (configuration, K, seed); write ``results.json``, ``report.md``
+    and the plots into ``out``; return the table's rows.
+
+    The budget is ``iterations`` meta-iterations or, with ``max_seconds``, that much training
+    time (``iterations`` then caps it, and sizes the task stream). Every run with the same seed meets the same
+    training tasks in the same order; every run is scored on the same ``settings.eval_tasks``
+    tasks. Validation (``validate_every`` iterations; default: 20 points per run) gives the
+    learning curves. ``skipped``: configurations left out (label -> why), for the report.
+    """
+    out = Path(out)
+    spec = get_dataset(dataset)
+    if validate_every is None:
+        validate_every = 0 if max_seconds is not None else max(1, iterations // 20)
+    budget: dict[str, Any] = {"iterations": iterations, "max_seconds": max_seconds,
+                              "validate_every": validate_every, "validation_tasks": validation_tasks}
+    if max_seconds is not None:
+        budget["validate_every_seconds"] = max_seconds / 20
+    if ways is not None:
+        budget["ways"] = ways
+    grid = []  # validate the whole grid before any training starts
+    for k in shots:
+        for label, flags in configs.items():
+            for seed in seeds:
+                grid.append((label, k, seed, resolve_config(**{
+                    **flags, **budget, "dataset": dataset, "shots": k, "seed": seed,
+                    "run_dir": str(out / "runs" / run_name(label, k, seed)), "progress": False})))
+    if tensorboard:
+        _require_tensorboard()
+    with run_folder_lock(out):  # one comparison at a time writes ``out``
+        return _train_grid(grid, out, settings, progress, tensorboard, {
+            "command": command, "versions": library_versions(), "dataset": dataset,
+            "metric": spec.metric, "lower_is_better": spec.lower_is_better, "shots": list(shots),
+            "seeds": list(seeds), "budget": budget, "settings": asdict(settings),
+            "configs": {label: dict(flags) for label, flags in configs.items()},
+            "skipped": dict(skipped or {})})
+
+
+
+def _train_grid(grid: list, out: Path, settings: EvaluationSettings, progress: bool, tensorboard: bool,
+                results: dict[str, Any]) -> list[ComparisonRow]:
+    """Train and evaluate every run of ``grid`` not finished yet; write results.json (``results``
+    plus the runs) and the report."""
+    runs = []
+    grid_bar = progress_bar(total=len(grid), desc="grid", disable=not progress, position=0)
+    for label, k, seed, config in grid:
+        name = Path(config.run_dir).name
+        grid_bar.set_postfix_str(name, refresh=False)
+        record = _finished(Path(config.run_dir), config, settings)
+        if record is None:
+            record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
+        runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
+        if tensorboard:
+            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"], record)
+        grid_bar.update()
+    grid_bar.close()
+
+    results = {**results, "resolved": {label: config.to_dict() for label, _, _, config in grid},
+               "runs": runs}
+    write_json(out / RESULTS_NAME, results)
+    return write_report(out)
+
+
+
+def same_run(a: TrainConfig, b: TrainConfig) -> bool:
+    """Whether two configs train the same run (where the folder is, and progress bars, aside)."""
+    return a == replace(b, run_dir=a.run_dir, progress=a.progress)
+
+
+
+def _finished(run_dir: Path, config: TrainConfig, settings: EvaluationSettings) -> dict | None:
+    """The record of a finished run with this config and these settings, else None.
+
+    The recorded config is resolved again, so a run recorded before an option existed counts as
+    having used that option's default.
+    """
+    record = RunFolder(run_dir).comparison_record()
+    if record is None:
+        return None
+    try:
+        recorded = resolve_saved_config(record["config"])
+    except (DiffoptError, KeyError, TypeError):
+        return None
+    try:  # a record written before a setting existed used its default
+        recorded_settings = EvaluationSettings(**record["settings"])
+    except (KeyError, TypeError):
+        return None
+    if not same_run(recorded, config) or recorded_settings != settings:
+        return None
+    return record
+
+
+
+def _run_in_subprocess(config: TrainConfig, settings: EvaluationSettings, log: Path, progress: bool) -> dict:
+    """Train (or resume) and evaluate one run in a fresh process; its record."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(config.run_dir)
+    folder = RunFolder(run_dir, writer=False)
+    job = json.dumps({"config": config.to_dict(), "settings": asdict(settings)})
+    done = _progress_of(folder, bool(config.max_seconds))  # a resumed run's
+    bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
+                       position=1, leave=False, disable=not progress,
+                       unit="s" if config.max_seconds else "it")
+    with open(log, "a") as output:
+        child = subprocess.Popen([sys.executable, "-m", "diffopt.compare", job], stdout=output,
+                                 stderr=subprocess.STDOUT)
+        training = False
+        while child.poll() is None:
+            time.sleep(0.5)
+            reached = _progress_of(folder, bool(config.max_seconds))
+            if not training and reached > done:  # the clock starts with training, not the child
+                training = True
+                bar.reset(total=bar.total)
+                bar.n = bar.last_print_n = done
+            if reached > bar.n:
+                bar.update(reached - bar.n)  # drawn at the bar's own pace (plain lines: every 30 s)
+    bar.close()
+    if child.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise DiffoptError(f"run {run_dir.name} failed ({tail[0]}); full log: {log}")
+    return folder.comparison_record()
+
+
+
+def _progress_of(folder: RunFolder, seconds: bool) -> float:
+    """Iterations (or training seconds) a running run's metrics log has reached."""
+    record = folder.last_metrics()
+    if record is None:
+        return 0
+    return round(record["train_seconds"], 1) if seconds else record["iteration"]
+
+
+
+def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
+    """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
+    from diffopt.evaluate import evaluate
+    from diffopt.train import resume, train
+
+    run_dir = Path(config.run_dir)
+    result = None
+    if RunFolder(run_dir).has_checkpoint():
+        try:
+            saved = resolve_saved_config(load_checkpoint(run_dir)["config"])
+        except DiffoptError:
+            saved = None
+        if saved is not None and same_run(saved, config):
+            result = resume(run_dir, progress=False)
+    if result is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        result = train(config)
+    spec = get_dataset(config.dataset)
+    evaluation = evaluate(
+        result.algorithm, spec, shots=config.shots, test_shots=settings.eval_test_shots,
+        tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
+        transductive=settings.eval_transductive,
+        device=config.device, ways=config.ways, **config.data_options())
+    record = {
+        "config": config.to_dict(), "settings": asdict(settings),
+        "result": {
+            "iterations": result.iterations, "train_seconds": result.train_seconds,
+            "seconds_per_iteration": result.seconds_per_iteration,
+            "step_memory_mb": result.step_memory_mb,
+            "meta_parameters": sum(p.numel() for p in result.algorithm.parameters()),
+            "scores": {str(s): v.tolist() for s, v in evaluation.scores.items()},
+            "task_keys": evaluation.task_keys,
+        },
+    }
+    RunFolder(run_dir).write_comparison_record(record)
+    return record
+
+
+
+def _require_tensorboard() -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise DiffoptError("--tensorboard needs the tensorboard package: "
+                           "pip install 'diffopt[tensorboard]' (or pip install tensorboard)") from None
+
+
+
+def _write_tensorboard(log_dir: Path, run_dir: Path, metric: str, record: dict) -> None:
+    """The run's training loss, validation curve and final scores as TensorBoard scalars."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if log_dir.exists():
+        shutil.rmtree(log_dir)
+    with SummaryWriter(str(log_dir)) as writer:
+        folder = RunFolder(run_dir, writer=False)
+        for entry in folder.metrics():
+            writer.add_scalar("train/loss", entry["loss"], entry["iteration"])
+        for entry in folder.validation():
+            writer.add_scalar(f"validation/{metric}", entry[metric], entry["iteration"])
+            writer.add_scalar(f"validation/{metric}_by_seconds", entry[metric],
+                              int(round(entry["train_seconds"] * 1000)))
+        for step, scores in record["result"]["scores"].items():
+            writer.add_scalar(f"test/{metric}_after_{step}_steps", float(np.mean(scores)),
+                              record["result"]["iterations"])
+
