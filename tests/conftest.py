@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, settings
 
 from diffopt.algorithms import build_algorithm
 from diffopt.data import Episode
+from diffopt.data.episode import Task
 from diffopt.data.prepare import prepare_omniglot
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP
@@ -113,6 +114,11 @@ def compare_in_process(monkeypatch):
         return RunFolder(config.run_dir).comparison_record()
 
     monkeypatch.setattr(compare_module, "_run_in_subprocess", run_here)
+
+
+def first_task(seed: int = 0) -> Task:
+    """The one task of ``random_episode(seed, tasks=1)``."""
+    return next(iter(random_episode(seed, tasks=1)))
 
 
 def random_episode(seed: int, tasks: int = 2, shots: int = 5, queries: int = 7,
