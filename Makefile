@@ -24,7 +24,7 @@ demo: setup
 	$(VENV)/bin/diffopt compare --dataset sinusoid --algorithms maml,fomaml,reptile --shots 5,10
 
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto
 
 # the benchmark peers (learn2learn, torchopt): optional, never needed by demo or test
 bench-setup: setup

@@ -15,7 +15,7 @@ from diffopt import cli
 from diffopt.compare import shared_train_options
 from diffopt.firecli import check_arguments
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def commands() -> list[list[str]]:

@@ -10,7 +10,7 @@ import pytest
 
 from diffopt.firecli import fire_checked
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def refused(capsys, component, argv) -> str:

@@ -18,7 +18,7 @@ from diffopt.cli import main
 from diffopt.errors import DiffoptError
 from diffopt.runfolder import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--meta_batch_size", "8", "--shots", "5", "--hidden", "8,8", "--progress", "False"]
 MAML = ["--iterations", "3", "--inner_optimizer", "lslr", "--validate_every", "2",
         "--validation_tasks", "5", *SMALL]

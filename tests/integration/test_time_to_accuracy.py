@@ -12,7 +12,7 @@ import pytest
 
 from diffopt.report import write_section
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_accuracy.py"
 
 
 @pytest.mark.slow

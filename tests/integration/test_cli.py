@@ -370,7 +370,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 def run_example(script: str) -> subprocess.CompletedProcess:
     """examples/<script> with a tiny budget; it must succeed."""
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, str(root / "examples" / script), "--iterations", "3",
          "--meta_batch_size", "2", "--eval_tasks", "4"],

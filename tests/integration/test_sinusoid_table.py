@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sinusoid_table.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sinusoid_table.py"
 
 
 @pytest.mark.slow
