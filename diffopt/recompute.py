@@ -104,12 +104,13 @@ class _Plan:
         fmodel._fast_params = None  # drop higher's history (and the graph it holds)
         return after, final
 
-    def steps_without_graph(self, weights: list[torch.Tensor], state: list[torch.Tensor],
-                            x: torch.Tensor) -> tuple[list[list[torch.Tensor]], Any]:
-        """``steps`` without a graph for rules with a functional form (``functional_rule``: plain
-        sgd, learned rules), without higher's per-step machinery: the same operations, the same
-        weights; the state in higher's layout (a learned rule's own, sgd's an empty dict per
-        tensor)."""
+    def functional_steps(self, weights: list[torch.Tensor], state: list[torch.Tensor], x: torch.Tensor,
+                         create_graph: bool, record: bool) -> tuple[list[list[torch.Tensor]], Any]:
+        """``steps`` for rules with a functional form (``functional_rule``: plain sgd, learned
+        rules), without higher's per-step machinery: the same operations, the same weights; the
+        state in higher's layout (a learned rule's own, sgd's an empty dict per tensor).
+        ``create_graph``: the steps' graph, as ``steps(track=True)`` builds it (the inner
+        gradients of ``constant_gradient`` steps taken as constants); else none."""
         loop, model, mask = self.loop, self.model, self.mask
         rule = loop.functional_rule
         index = loop.rule_index(mask) if rule is loop.rule else None
@@ -127,11 +128,14 @@ class _Plan:
             xb, yb = minibatch(x, self.y, self.order, step)
             objective, loss = loop.objective(self.loss_fn, FunctionalModel(model, names, weights)(xb), yb,
                                              weights, anchor, mask)
-            if self.losses is not None:
+            if self.losses is not None and record:
                 self.losses.append(loss.detach())
-            grads = keep_adapted(torch.autograd.grad(objective, weights, allow_unused=True), mask)
+            constant = loop.constant_gradient(step, self.total, self.detach_inner_grads)
+            second_order = create_graph and not constant
+            grads = keep_adapted(torch.autograd.grad(objective, weights, create_graph=second_order,
+                                                     allow_unused=True), mask)
             updates, rule_state = update_on(rule, grads, rule_state, weights, step, index)
-            weights = [w if u is None else (w + u).detach().requires_grad_()
+            weights = [w if u is None else w + u if create_graph else (w + u).detach().requires_grad_()
                        for w, u in zip(weights, updates, strict=True)]
             after.append(weights)
         return after, [{} for _ in mask] if loop.rule is None else rule_state
@@ -175,7 +179,8 @@ class _Segment(torch.autograd.Function):
         weights, state = [_leaf(w) for w in weights], [s.detach().clone() for s in state]
         with torch.enable_grad():
             if plan.loop.functional_rule is not None:
-                after, final = plan.steps_without_graph(weights, state, x.detach())
+                after, final = plan.functional_steps(weights, state, x.detach(), create_graph=False,
+                                                     record=True)
             else:
                 after, final = plan.steps(weights, state, x.detach(), track=False, record=True)
         final_tensors, plan.out_constants, plan.out_spec = _flatten_state(final)
@@ -191,9 +196,12 @@ class _Segment(torch.autograd.Function):
         leaves = [_leaf(w) for w in weights] + [_leaf(s) for s in state]
         x_leaf = _leaf(x) if x.requires_grad else x.detach()
         buffers = [b.detach().clone() for b in plan.model.buffers()]
-        with torch.enable_grad():
-            after, final = plan.steps(leaves[:len(weights)], [_working(s) for s in leaves[len(weights):]],
-                                      x_leaf, track=True, record=False)
+        with torch.enable_grad():  # a backward runs without grad mode
+            adapted, working = leaves[:len(weights)], [_working(s) for s in leaves[len(weights):]]
+            if plan.loop.functional_rule is not None:
+                after, final = plan.functional_steps(adapted, working, x_leaf, True, record=False)
+            else:
+                after, final = plan.steps(adapted, working, x_leaf, track=True, record=False)
         # the graph-free pass already moved the running statistics; as batch norm's own update,
         # this leaves the version counters alone (a batch-norm node saves its running statistics)
         for buffer, saved in zip(plan.model.buffers(), buffers, strict=True):
@@ -241,6 +249,9 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
             size = len(weights)
             after = [list(outputs[step * size:(step + 1) * size]) for step in range(count)]
             state, spec, constants = list(outputs[count * size:]), plan.out_spec, plan.out_constants
+        elif loop.functional_rule is not None:
+            after, _ = plan.functional_steps(weights, [s.clone() for s in state], x, create_graph=True,
+                                             record=True)
         else:  # clones: an optimizer may count its steps in place, in a tensor
             after, _ = plan.steps(weights, [s.clone() for s in state], x, track=True, record=True)
         for step, weights in enumerate(after):
