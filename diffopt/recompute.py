@@ -24,8 +24,8 @@ from torch.utils import _pytree as pytree
 
 from diffopt.fastweights import FunctionalModel
 from diffopt.models.norm import set_inner_step
-from diffopt.optim.rule import init_on, update_on
-from diffopt.unroll import batch_order, differentiable_optimizer, higher_step, keep_adapted, minibatch
+from diffopt.optim.rule import init_on
+from diffopt.unroll import batch_order, differentiable_optimizer, functional_steps, higher_step, minibatch
 
 if TYPE_CHECKING:
     from diffopt.inner import InnerLoop, LossFn
@@ -107,38 +107,19 @@ class _Plan:
     def functional_steps(self, weights: list[torch.Tensor], state: list[torch.Tensor], x: torch.Tensor,
                          create_graph: bool, record: bool) -> tuple[list[list[torch.Tensor]], Any]:
         """``steps`` for rules with a functional form (``functional_rule``: plain sgd, learned
-        rules), without higher's per-step machinery: the same operations, the same weights; the
-        state in higher's layout (a learned rule's own, sgd's an empty dict per tensor).
-        ``create_graph``: the steps' graph, as ``steps(track=True)`` builds it (the inner
-        gradients of ``constant_gradient`` steps taken as constants); else none."""
-        loop, model, mask = self.loop, self.model, self.mask
-        rule = loop.functional_rule
-        index = loop.rule_index(mask) if rule is loop.rule else None
-        names = [name for name, _ in model.named_parameters()]
-        anchor = list(model.parameters())
-        if loop.rule is None:
-            rule_state = None  # sgd keeps none
-        elif self.start == 0:
-            rule_state = init_on(rule, weights, index)
+        rules) by ``diffopt.unroll.functional_steps``, without higher's per-step machinery: the
+        same operations, the same weights. ``create_graph``: the steps' graph, as
+        ``steps(track=True)`` builds it; else none."""
+        loop, rule = self.loop, self.loop.functional_rule
+        if self.start == 0:
+            rule_state = init_on(rule, weights, loop.rule_index(self.mask) if rule is loop.rule else None)
         else:
             rule_state = pytree.tree_unflatten(_merge(state, self.constants), self.state_spec)
-        after = []
-        for step in range(self.start, self.start + self.count):
-            set_inner_step(model, step)
-            xb, yb = minibatch(x, self.y, self.order, step)
-            objective, loss = loop.objective(self.loss_fn, FunctionalModel(model, names, weights)(xb), yb,
-                                             weights, anchor, mask)
-            if self.losses is not None and record:
-                self.losses.append(loss.detach())
-            constant = loop.constant_gradient(step, self.total, self.detach_inner_grads)
-            second_order = create_graph and not constant
-            grads = keep_adapted(torch.autograd.grad(objective, weights, create_graph=second_order,
-                                                     allow_unused=True), mask)
-            updates, rule_state = update_on(rule, grads, rule_state, weights, step, index)
-            weights = [w if u is None else w + u if create_graph else (w + u).detach().requires_grad_()
-                       for w, u in zip(weights, updates, strict=True)]
-            after.append(weights)
-        return after, [{} for _ in mask] if loop.rule is None else rule_state
+        taken = list(functional_steps(
+            loop, self.model, self.loss_fn, x, self.y, weights, rule_state,
+            range(self.start, self.start + self.count), self.total, self.mask, self.order, create_graph,
+            self.detach_inner_grads, self.losses if record else None, vmappable=False))
+        return [after for after, _ in taken], taken[-1][1]  # a segment takes a step at least
 
 
 _TENSOR = object()

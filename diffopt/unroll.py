@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import higher
 import torch
@@ -280,28 +280,53 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
         raise DiffoptError(f"the inner optimizer {loop.optimizer!r} has no functional form; "
                            "use sgd or a learned rule, or vectorize='never'")
     names = [name for name, _ in model.named_parameters()]
-    params = anchor = list(model.parameters())
+    params = list(model.parameters())
+    set_inner_step(model, 0)
+    yield FunctionalModel(model, names, params)
+    state = init_on(rule, params, loop.rule_index(mask) if rule is loop.rule else None)
+    order = batch_order(x, y, steps, loop.batch_size)
+    taken = functional_steps(loop, model, loss_fn, x, y, params, state, range(steps), steps, mask, order,
+                             track, detach_inner_grads, losses)
+    for step, (params, _) in enumerate(taken):
+        set_inner_step(model, loop.query_row(step + 1))
+        yield FunctionalModel(model, names, params)
+
+
+def functional_steps(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+                     params: list[torch.Tensor], state: Any, steps: range, total: int, mask: list[bool],
+                     order: torch.Tensor | None, track: bool, detach_inner_grads: bool,
+                     losses: list | None, vmappable: bool = True) -> Iterator[tuple[list[torch.Tensor], Any]]:
+    """The steps numbered ``steps`` of a ``total``-step unroll with ``loop.functional_rule``, from
+    the weights ``params`` and the rule's ``state``: yields (weights, state) after each. The one
+    step loop of the functional unroll (vmappable) and of the checkpointed one's segments
+    (``diffopt.recompute``). ``track``: the steps' graph, the inner gradients of
+    ``constant_gradient`` steps taken as constants; else the updates are detached.
+    ``vmappable``: inner gradients by ``torch.func.grad`` (under ``torch.func.vmap``); else by
+    plain autograd, several times faster per step on a small model."""
+    rule = loop.functional_rule
+    names = [name for name, _ in model.named_parameters()]
+    anchor = list(model.parameters())
 
     def objective(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
         return loop.objective(loss_fn, FunctionalModel(model, names, weights)(xb), yb, weights,
                               anchor, mask)
 
-    set_inner_step(model, 0)
-    yield FunctionalModel(model, names, params)
     index = loop.rule_index(mask) if rule is loop.rule else None
-    state = init_on(rule, params, index)
-    order = batch_order(x, y, steps, loop.batch_size)
     scale = torch.ones((), dtype=x.dtype, device=x.device)
-    for step in range(steps):
+    for step in steps:
         set_inner_step(model, step)
-        constant = loop.constant_gradient(step, steps, detach_inner_grads) or not track
+        constant = loop.constant_gradient(step, total, detach_inner_grads) or not track
         xb, yb = minibatch(x, y, order, step)
         if loop.solver == "gauss_newton":
             updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),
                                                       anchor, mask, xb, yb)
         else:
-            grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
-                _detach_all(params) if constant else params, xb, yb)
+            if vmappable:
+                grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
+                    _detach_all(params) if constant else params, xb, yb)
+            else:
+                before, loss = objective(params, xb, yb)
+                grads = torch.autograd.grad(before, params, create_graph=not constant, allow_unused=True)
             updates, state = update_on(rule, keep_adapted(grads, mask), state, params, step, index)
         if losses is not None:
             losses.append(loss.detach())
@@ -312,5 +337,4 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
                                       before.detach(), scale)
         else:
             params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
-        set_inner_step(model, loop.query_row(step + 1))
-        yield FunctionalModel(model, names, params)
+        yield params, state
