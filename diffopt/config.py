@@ -36,6 +36,10 @@ OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+BUDGETED_ITERATIONS = 100_000
+"""The most meta-iterations a run with ``--max_seconds`` and no ``--iterations`` takes."""
+
+
 def option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -63,7 +67,9 @@ class _RunOptions:
         None, "support examples per task while meta-training, if more than at test (Reptile); "
         "default: shots")
     ways: int | None = option(None, "classes per task (classification datasets only)")
-    iterations: int = option(1000, "meta-iterations (outer steps); with --max_seconds, the most")
+    iterations: int | None = option(
+        None, "meta-iterations (outer steps); default 1000, or with --max_seconds the budget decides "
+        f"(at most {BUDGETED_ITERATIONS:,}, which sizes the task stream: give more for a longer run)")
     max_seconds: float | None = option(
         None, "wall-clock budget: stop after the meta-iteration that brings the training time "
         "(summed over resumes, evaluation excluded) to this many seconds")
@@ -248,6 +254,8 @@ def resolve_config(**flags: Any) -> TrainConfig:
         values["hidden"] = (values["hidden"],)
     if isinstance(values["hidden"], list):
         values["hidden"] = tuple(values["hidden"])
+    if values["iterations"] is None:  # a time budget given alone decides the run's length
+        values["iterations"] = 1000 if values["max_seconds"] is None else BUDGETED_ITERATIONS
     if values["test_shots"] is None:
         values["test_shots"] = values["shots"]
     if values["validation_steps"] is None:

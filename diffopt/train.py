@@ -333,8 +333,11 @@ class _Sitting:
         completed = validated = self.done  # a resumed run validated up to its checkpoint
         if validating and self.fresh:
             self.validate(0)
-        bar = progress_bar(total=config.iterations, initial=self.done, leave=False,
-                           disable=not (config.progress and folder.writer), desc=config.algorithm)
+        timed = config.max_seconds is not None  # the bar counts what ends the run
+        bar = progress_bar(total=math.ceil(config.max_seconds) if timed else config.iterations,
+                           initial=int(self.clock) if timed else self.done, unit="s" if timed else "it",
+                           leave=False, disable=not (config.progress and folder.writer),
+                           desc=config.algorithm)
         with folder.metrics_log() as log:
             start = time.perf_counter()
             for iteration, batch in enumerate(batches, start=self.done + 1):
@@ -358,7 +361,7 @@ class _Sitting:
                 record.update(algorithm.iteration_record())
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # followers (diffopt compare's progress bar) see every iteration
-                bar.update()
+                bar.update(min(int(self.clock), bar.total) - bar.n if timed else 1)  # whole seconds
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)  # drawn with the next update
                 if self.clock >= next_validation or (
                         config.validate_every and iteration % config.validate_every == 0):

@@ -98,3 +98,12 @@ def test_the_guide_lists_every_option_as_declared():
     section = text.split("<!-- train-options:start -->")[1].split("<!-- train-options:end -->")[0]
     assert section.strip() == option_reference().strip(), "docs/guide.md is stale: run `make docs`"
     assert all(f"`--{f.name}`" in section for f in fields(TrainConfig))
+
+
+def test_a_time_budget_given_alone_decides_the_runs_length():
+    """--max_seconds without --iterations trains for the budget, not for 1000 iterations."""
+    from diffopt.config import BUDGETED_ITERATIONS
+
+    assert resolve_config().iterations == 1000
+    assert resolve_config(max_seconds=60.0).iterations == BUDGETED_ITERATIONS
+    assert resolve_config(max_seconds=60.0, iterations=5).iterations == 5
