@@ -176,6 +176,11 @@ DATASETS: dict[str, DatasetSpec] = {
         algorithm_defaults=dict(
             reptile=dict(inner_steps=5, inner_lr=0.01, outer_optimizer="sgd",
                          meta_lr=1.0, meta_lr_final=0.0),
+            # No paper runs iMAML on sinusoid; diffopt's configuration that solves its inner
+            # problem (RESULTS.md, "Sinusoid: ANIL, BOIL and iMAML"): lambda 100 = 1 / MAML's inner
+            # lr, 3 backtracking Gauss-Newton steps; gradient steps leave it unsolved.
+            imaml=dict(inner_solver="gauss_newton", inner_steps=3, inner_lr=1.0, inner_proximal=100.0,
+                       inner_backtrack=True),
         ),
     ),
     "omniglot": _image_classification(
