@@ -180,8 +180,8 @@ class InnerLoop(nn.Module):
         "inner_proximal": Option(
             float | None, 0.0, "weight lambda of the proximal term lambda/2 ||w - phi||^2 the inner "
             "steps add to their loss (phi: the meta-learned initial weights); imaml needs it > 0 "
-            "(default 1; Omniglot 2, imaml_dev's README; sinusoid 100, with Gauss-Newton steps); default for the "
-            "others: 0 (none)",
+            "(default 1; Omniglot 2, imaml_dev's README; sinusoid 100, with Gauss-Newton steps); "
+            "default for the others: 0 (none)",
             argument="proximal", before=0.0),
         "inner_backtrack": Option(
             bool | None, False, "imaml: take an inner step only if it lowers the proximal objective, "

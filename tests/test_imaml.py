@@ -295,8 +295,10 @@ def test_imaml_residual_script_reports_a_trained_runs_residual(tmp_path, capsys)
     for algorithm in ("imaml", "anil"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            unsolved = dict(inner_solver="gradient", inner_backtrack=False, inner_steps=5, inner_lr=0.01,
+                            inner_proximal=1.0) if algorithm == "imaml" else {}
             train(resolve_config(dataset="sinusoid", algorithm=algorithm, iterations=2,
-                                 run_dir=str(tmp_path / algorithm)))
+                                 run_dir=str(tmp_path / algorithm), **unsolved))
     script["main"](str(tmp_path / "imaml"), tasks=4)
     value = float(capsys.readouterr().out.split("inner_residual ")[1].split(",")[0])
     assert 0.5 < value <= 1.0  # 5 steps of 0.01 with lambda 1 barely move the weights
