@@ -9,6 +9,12 @@ class DiffoptError(Exception):
     """Bad input (an option, a name, a file) described in one line that names the fix."""
 
 
-def unknown_name(kind: str, name: object, choices: Iterable[str]) -> DiffoptError:
-    """Error for a name that is not registered, listing the valid ones."""
-    return DiffoptError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}")
+class PluginError(DiffoptError):
+    """A ``module:attribute`` plug-in that cannot be loaded (``diffopt.plugins``)."""
+
+
+def unknown_name(kind: str, name: object, choices: Iterable[str], plugin_example: str = "") -> DiffoptError:
+    """Error for a name that is not registered, listing the valid ones; ``plugin_example``, where
+    the option also takes a ``module:attribute`` plug-in, shows that form."""
+    own = f", or your own as module:attribute (e.g. {plugin_example})" if plugin_example else ""
+    return DiffoptError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}{own}")

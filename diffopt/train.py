@@ -26,7 +26,7 @@ from diffopt.allocator import keep_freed_memory
 from diffopt.checkpoint import restore_module
 from diffopt.config import TrainConfig, resolve_saved_config
 from diffopt.data import Episode, get_dataset
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, PluginError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
@@ -67,6 +67,8 @@ def load_trained(run: str | Path, **overrides) -> tuple[TrainConfig, MetaAlgorit
     payload = load_checkpoint(run)
     try:  # resolved again: options added since the run was written take their defaults
         config = resolve_saved_config(payload["config"], **overrides)
+    except PluginError as error:  # the run is fine; its plug-in is not importable from here
+        raise PluginError(f"run {run} was trained with a plug-in: {error}") from None
     except (DiffoptError, TypeError) as error:
         raise DiffoptError(f"checkpoint {run} has an unreadable config ({error})") from None
     algorithm = build(config)

@@ -130,8 +130,14 @@ def test_compare_runs_a_plugin_rule_in_its_child_processes(plugin_folder, capsys
     ("--model", "my_rules:LearnedScale", "cannot be built from the data's model options"),
     ("--algorithm", "my_rules:narrow_mlp", "not a subclass of diffopt.MetaAlgorithm"),
     ("--algorithm", "my_rules:", "write module:attribute"),
+    ("--inner_optimizer", "my_rules.py:LearnedScale", "name the module, not its file: my_rules:LearnedScale"),
+    ("--inner_optimizer", "broken_rules:Rule", "importing module 'broken_rules' failed: ModuleNotFoundError"),
+    ("--inner_optimizer", "my_rule", "or your own as module:attribute"),
+    ("--model", "my_models", "or your own as module:attribute"),
+    ("--algorithm", "my_algo", "or your own as module:attribute"),
 ])
 def test_a_bad_import_path_is_one_line(plugin_folder, capsys, option, value, fragment):
+    (plugin_folder / "broken_rules.py").write_text("import a_module_that_is_not_installed\n")
     code, _, err = cli(capsys, "train", *TINY, option, value, "--run_dir", str(plugin_folder / "run"))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("diffopt: error: "), err
@@ -256,3 +262,23 @@ def test_gradcheck_exits_1_on_a_rule_with_a_wrong_derivative(tmp_path, monkeypat
     assert wrong.returncode == 1, (wrong.returncode, wrong.stdout, wrong.stderr)
     assert wrong.stdout.strip().splitlines()[-1].endswith("FAIL (rtol 1e-05)"), wrong.stdout
     assert "model.0.weight" in wrong.stdout
+
+
+def test_a_plugin_run_evaluated_where_its_module_is_not_says_so(plugin_folder, tmp_path_factory, monkeypatch):
+    """Loading a plug-in run from a folder where its module cannot be imported names the
+    plug-in and the fix, not an "unreadable config"."""
+    from diffopt.config import resolve_config
+    from diffopt.errors import PluginError
+    from diffopt.train import load_trained, train
+
+    run = plugin_folder / "run"
+    train(resolve_config(inner_optimizer="my_rules:LearnedScale", iterations=1, meta_batch_size=2,
+                         hidden=(8,), run_dir=str(run), progress=False))
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(plugin_folder))])
+    sys.modules.pop("my_rules", None)
+    with pytest.raises(PluginError, match=f"run {run} was trained with a plug-in: .*cannot import "
+                       "module 'my_rules'.*PYTHONPATH") as error:
+        load_trained(run)
+    assert "unreadable" not in str(error.value)

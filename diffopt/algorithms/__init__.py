@@ -30,7 +30,7 @@ def algorithm_class(name: object) -> type[MetaAlgorithm]:
             raise DiffoptError(f"algorithm {name!r} is not a subclass of diffopt.MetaAlgorithm")
         return cls
     if not isinstance(name, str) or name not in ALGORITHMS:
-        raise unknown_name("algorithm", name, ALGORITHMS)
+        raise unknown_name("algorithm", name, ALGORITHMS, "my_algorithms:MyMAML")
     return ALGORITHMS[name]
 
 

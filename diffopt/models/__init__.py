@@ -38,7 +38,7 @@ def model_factory(name: object) -> Callable[..., nn.Module]:
             raise DiffoptError(f"model {name!r} is a {type(factory).__name__}, not a model factory")
         return factory
     if not isinstance(name, str) or name not in MODELS:
-        raise unknown_name("model", name, MODELS)
+        raise unknown_name("model", name, MODELS, "my_models:wide_mlp")
     return MODELS[name]
 
 

@@ -139,14 +139,14 @@ def _rule_factory(name: str) -> RuleFactory:
         return factory
     factory = FIXED_RULES.get(name) or LEARNED_RULES.get(name)
     if factory is None:
-        raise unknown_name("inner optimizer", name, inner_rule_names())
+        raise unknown_name("inner optimizer", name, inner_rule_names(), "my_rules:ScaledSignSGD")
     return factory
 
 
 def check_rule_name(name: object) -> None:
     """DiffoptError unless ``name`` is a registered rule or an importable ``module:attribute``."""
     if not isinstance(name, str):
-        raise unknown_name("inner optimizer", name, inner_rule_names())
+        raise unknown_name("inner optimizer", name, inner_rule_names(), "my_rules:ScaledSignSGD")
     if name not in INNER_OPTIMIZERS:
         _rule_factory(name)
 
@@ -230,5 +230,5 @@ def make_inner_optimizer(name: str, params: Iterable[torch.Tensor], lr: float,
     """The torch optimizer ``name`` over ``params`` with step size ``lr`` and the
     hyper-parameters ``options`` (the name's presets otherwise, then torch's defaults)."""
     if name not in INNER_OPTIMIZERS:
-        raise unknown_name("inner optimizer", name, inner_rule_names())
+        raise unknown_name("inner optimizer", name, inner_rule_names(), "my_rules:ScaledSignSGD")
     return INNER_OPTIMIZERS[name](params, lr, **(options or {}))
