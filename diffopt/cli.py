@@ -112,6 +112,7 @@ def evaluate_command(
     inner_batch_size: int | None = None,
     rotations: bool = True,
     ensemble: int = 1,
+    progress: bool = True,
 ) -> None:
     """Adapt a trained run to held-out tasks and report the metric after each number of steps.
 
@@ -132,6 +133,7 @@ def evaluate_command(
             copies (Reptile's and MAML++'s test protocol)
         ensemble: average the predictions of the run's N best validation checkpoints (MAML++'s
             test protocol: 5; the run must be trained with --keep_best N)
+        progress: show a progress bar
     """
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate as run_evaluation
@@ -142,7 +144,7 @@ def evaluate_command(
         check_int(name, value, minimum)
     if test_shots is not None:
         check_int("test_shots", test_shots, 1)
-    for name, value in [("transductive", transductive), ("rotations", rotations)]:
+    for name, value in [("transductive", transductive), ("rotations", rotations), ("progress", progress)]:
         if not isinstance(value, bool):
             raise DiffoptError(f"--{name} must be True or False; got {value!r}")
     if min(steps) < 0:
@@ -159,7 +161,7 @@ def evaluate_command(
     evaluation = run_evaluation(
         algorithm, spec, shots=config.shots, test_shots=test_shots,
         tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, **config.data_options(),
-        transductive=transductive, rotations=rotations, progress=True,
+        transductive=transductive, rotations=rotations, progress=progress,
     )
     if not distributed.is_main():
         return
