@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import ClassVar
 
 import higher
@@ -25,8 +25,7 @@ from diffopt.optim import (
     inner_rule_names,
 )
 from diffopt.options import Option, check_bool, check_float, check_int, check_name
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from diffopt.unroll import LossFn, UnrollInputs
 
 LOSS_REDUCTIONS = ("mean", "sum", "class_sum")
 """How the inner loop reduces a batch's loss (``loss_fn`` gives the mean over examples): ``mean``;
@@ -347,6 +346,8 @@ class InnerLoop(nn.Module):
         """
         steps = self.steps if steps is None else steps
         mask = adapted_mask(model, self.params)
+        inputs = UnrollInputs(model, loss_fn, x, y, steps, mask, track_higher_grads, detach_inner_grads,
+                              losses, carry_state)
         if self.solver == "gauss_newton":
             if track_higher_grads or detach_inner_grads:
                 raise DiffoptError("the gauss_newton inner solver's steps are not differentiated: "
@@ -356,15 +357,12 @@ class InnerLoop(nn.Module):
             if functional:
                 raise DiffoptError("checkpointed unrolls loop over tasks (their segments are autograd "
                                    "nodes that torch.func.vmap cannot batch): vectorize='never'")
-            return recompute.checkpointed(self, model, loss_fn, x, y, steps, mask, detach_inner_grads,
-                                          losses)
+            return recompute.checkpointed(self, inputs)
         if functional:
-            return unrolls.functional(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
-                                    detach_inner_grads, losses)
+            return unrolls.functional(self, inputs)
         if not track_higher_grads and not detach_inner_grads and self.first_order_rule is not None:
-            return unrolls.first_order(self, model, loss_fn, x, y, steps, mask, losses, carry_state)
-        return unrolls.through_higher(self, model, loss_fn, x, y, steps, mask, track_higher_grads,
-                                    detach_inner_grads, losses, carry_state)
+            return unrolls.first_order(self, inputs)
+        return unrolls.through_higher(self, inputs)
 
     def constant_gradient(self, step: int, steps: int, detach_inner_grads: bool) -> bool:
         """Whether step ``step`` (0-based) of a ``steps``-step unroll takes its inner gradient as a

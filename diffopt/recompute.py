@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from diffopt.fastweights import FunctionalModel
 from diffopt.models.norm import set_inner_step
 from diffopt.optim.rule import init_on
-from diffopt.unroll import batch_order, differentiable_optimizer, functional_steps, higher_step, minibatch
+from diffopt.unroll import (
+    UnrollInputs,
+    batch_order,
+    differentiable_optimizer,
+    functional_steps,
+    higher_step,
+    minibatch,
+)
 
 if TYPE_CHECKING:
-    from diffopt.inner import InnerLoop, LossFn
+    from diffopt.inner import InnerLoop
 
 
 def segment_length(checkpoint: int | str, steps: int) -> int:
@@ -43,17 +49,11 @@ class _Plan:
     """What a segment's steps need besides its tensors: the loop's settings and the task."""
 
     loop: InnerLoop
-    model: nn.Module
-    loss_fn: LossFn
-    y: torch.Tensor
-    mask: list[bool]
+    inputs: UnrollInputs
+    """The whole unroll's (its ``steps``: ``InnerLoop.constant_gradient`` counts from its end)."""
     order: torch.Tensor | None
     start: int
     count: int
-    total: int
-    """The whole unroll's steps (``InnerLoop.constant_gradient`` counts from its end)."""
-    detach_inner_grads: bool
-    losses: list | None
     state_spec: Any = None
     """The pytree structure of the input state, its non-tensor leaves in ``constants``."""
     constants: tuple = ()
@@ -64,7 +64,7 @@ class _Plan:
 
     def split(self, tensors):
         """(weights, state tensors, x) of a segment's flat inputs (the meta-parameters follow x)."""
-        count = len(self.mask)
+        count = len(self.inputs.mask)
         state = len(tensors) - count - 1 - len(self.meta)
         return (list(tensors[:count]), list(tensors[count:count + state]), tensors[count + state])
 
@@ -73,7 +73,7 @@ class _Plan:
         """Take the segment's steps from ``weights`` and ``state`` through higher: (the weights
         after each step, the optimizer's final state as a pytree); ``record``: append the inner
         losses to ``losses``."""
-        loop, model, mask = self.loop, self.model, self.mask
+        loop, model, mask, inputs = self.loop, self.inputs.model, self.inputs.mask, self.inputs
         fmodel, per_step = loop.copies.monkeypatched(model, track)
         fmodel.update_params(weights)
         diffopt, _ = differentiable_optimizer(loop, model, fmodel, mask, track)
@@ -89,13 +89,13 @@ class _Plan:
         for step in range(self.start, self.start + self.count):
             if per_step:
                 set_inner_step(fmodel, step)
-            xb, yb = minibatch(x, self.y, self.order, step)
-            objective, loss = loop.objective(self.loss_fn, fmodel(xb), yb, list(fmodel.parameters()),
+            xb, yb = minibatch(x, inputs.y, self.order, step)
+            objective, loss = loop.objective(inputs.loss_fn, fmodel(xb), yb, list(fmodel.parameters()),
                                              anchor, mask)
-            if self.losses is not None and record:
-                self.losses.append(loss.detach())
+            if inputs.losses is not None and record:
+                inputs.losses.append(loss.detach())
             higher_step(diffopt, fmodel, objective, mask,
-                        track and loop.constant_gradient(step, self.total, self.detach_inner_grads))
+                        track and loop.constant_gradient(step, inputs.steps, inputs.detach_inner_grads))
             after.append(list(fmodel.parameters()))
         if loop.rule is not None:
             final = diffopt._rule_state
@@ -112,13 +112,13 @@ class _Plan:
         ``steps(track=True)`` builds it; else none."""
         loop, rule = self.loop, self.loop.functional_rule
         if self.start == 0:
-            rule_state = init_on(rule, weights, loop.rule_index(self.mask) if rule is loop.rule else None)
+            index = loop.rule_index(self.inputs.mask) if rule is loop.rule else None
+            rule_state = init_on(rule, weights, index)
         else:
             rule_state = pytree.tree_unflatten(_merge(state, self.constants), self.state_spec)
-        taken = list(functional_steps(
-            loop, self.model, self.loss_fn, x, self.y, weights, rule_state,
-            range(self.start, self.start + self.count), self.total, self.mask, self.order, create_graph,
-            self.detach_inner_grads, self.losses if record else None, vmappable=False))
+        inputs = replace(self.inputs, x=x, track=create_graph, losses=self.inputs.losses if record else None)
+        steps = range(self.start, self.start + self.count)
+        taken = list(functional_steps(loop, inputs, weights, rule_state, steps, self.order, vmappable=False))
         return [after for after, _ in taken], taken[-1][1]  # a segment takes a step at least
 
 
@@ -176,7 +176,7 @@ class _Segment(torch.autograd.Function):
         weights, state, x = plan.split((*ctx.saved_tensors, *plan.meta))
         leaves = [_leaf(w) for w in weights] + [_leaf(s) for s in state]
         x_leaf = _leaf(x) if x.requires_grad else x.detach()
-        buffers = [b.detach().clone() for b in plan.model.buffers()]
+        buffers = [b.detach().clone() for b in plan.inputs.model.buffers()]
         with torch.enable_grad():  # a backward runs without grad mode
             adapted, working = leaves[:len(weights)], [_working(s) for s in leaves[len(weights):]]
             if plan.loop.functional_rule is not None:
@@ -185,7 +185,7 @@ class _Segment(torch.autograd.Function):
                 after, final = plan.steps(adapted, working, x_leaf, track=True, record=False)
         # the graph-free pass already moved the running statistics; as batch norm's own update,
         # this leaves the version counters alone (a batch-norm node saves its running statistics)
-        for buffer, saved in zip(plan.model.buffers(), buffers, strict=True):
+        for buffer, saved in zip(plan.inputs.model.buffers(), buffers, strict=True):
             buffer.data.copy_(saved)
         outputs = [*(w for ws in after for w in ws), *_flatten_state(final)[0]]
         pairs = [(out, grad) for out, grad in zip(outputs, grads, strict=True)
@@ -200,13 +200,12 @@ class _Segment(torch.autograd.Function):
         return (None, *result)
 
 
-def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                 steps: int, mask: list[bool], detach_inner_grads: bool,
-                 losses: list | None) -> Iterator[FunctionalModel]:
+def checkpointed(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
     """A second-order unroll in segments of ``segment_length(loop.checkpoint, steps)`` steps (see
     the module's docstring); the model after each step is yielded as a ``FunctionalModel``. A
     shorter segment, if any, comes first; the last one keeps its graph from the start, as a plain
     unroll does (its backward comes first, and would rebuild it at once)."""
+    model, x, steps = inputs.model, inputs.x, inputs.steps
     names = [name for name, _ in model.named_parameters()]
     weights = list(model.parameters())
     set_inner_step(model, 0)
@@ -214,7 +213,7 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
     if steps == 0:
         return
     length = segment_length(loop.checkpoint, steps)
-    order = batch_order(x, y, steps, loop.batch_size)
+    order = batch_order(x, inputs.y, steps, loop.batch_size)
     meta = tuple(p for p in (loop.rule.parameters() if loop.rule is not None else ()) if p.requires_grad)
     if loop.proximal:
         meta += tuple(p for p in model.parameters() if p.requires_grad)
@@ -223,8 +222,7 @@ def checkpointed(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Te
     first = steps % length or length
     for start in [0, *range(first, steps, length)]:
         count = first if start == 0 else length
-        plan = _Plan(loop, model, loss_fn, y, mask, order, start, count, steps, detach_inner_grads,
-                     losses, spec, constants, meta)
+        plan = _Plan(loop, inputs, order, start, count, spec, constants, meta)
         if start + count < steps:
             outputs = _Segment.apply(plan, *weights, *state, x, *meta)
             size = len(weights)

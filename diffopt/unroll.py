@@ -7,7 +7,8 @@ adaptation and after every step:
   only, no graph kept across steps);
 - ``functional``: ``torch.func`` on a list of weights, for ``torch.func.vmap`` (update rules).
 
-``loop`` is the ``InnerLoop`` whose settings they follow; ``mask`` marks the tensors it adapts.
+``loop`` is the ``InnerLoop`` whose settings they follow; ``UnrollInputs`` what one unroll takes
+(``mask`` marks the tensors it adapts).
 All three draw inner mini-batches (Reptile's) the same way: ``batch_order``, ``minibatch``.
 """
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import higher
@@ -29,7 +31,28 @@ from diffopt.optim import HIGHER_NOTICES, RuleOptimizer, make_inner_optimizer
 from diffopt.optim.rule import init_on, update_on
 
 if TYPE_CHECKING:
-    from diffopt.inner import InnerLoop, LossFn
+    from diffopt.inner import InnerLoop
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class UnrollInputs:
+    """What one unroll takes besides the loop's settings (``InnerLoop.unroll``'s arguments)."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    x: torch.Tensor
+    y: torch.Tensor
+    steps: int
+    mask: list[bool]
+    """Per parameter of ``model``, whether the loop adapts it."""
+    track: bool = True
+    """Second order: the adapted weights stay differentiable with respect to the initial ones."""
+    detach_inner_grads: bool = False
+    losses: list | None = None
+    """Each step's inner loss is appended to it."""
+    carry_state: bool = False
 
 
 def batch_order(x: torch.Tensor, y: torch.Tensor, steps: int, size: int | None) -> torch.Tensor | None:
@@ -183,12 +206,12 @@ def inner_grad_callback(mask: list[bool], constant: bool):
     return callback
 
 
-def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
-                   y: torch.Tensor, steps: int, mask: list[bool], track_higher_grads: bool,
-                   detach_inner_grads: bool, losses: list | None,
-                   carry_state: bool) -> Iterator[higher.patch._MonkeyPatchBase]:
+def through_higher(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[higher.patch._MonkeyPatchBase]:
     """higher's differentiable optimizer over a monkeypatched copy of ``model``; the same object is
     yielded each time, its weights updated."""
+    model, loss_fn, x, y, steps, mask = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.steps,
+                                         inputs.mask)
+    track_higher_grads, detach_inner_grads, losses = inputs.track, inputs.detach_inner_grads, inputs.losses
     if loop.backtrack:
         raise DiffoptError("backtracking inner steps run without higher: an update rule with a "
                            "functional form (sgd or a diffopt rule) and no differentiated unroll")
@@ -212,19 +235,20 @@ def through_higher(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.
         if per_step:
             set_inner_step(fmodel, loop.query_row(step + 1))
         yield fmodel
-    if carry_state and loop.carries_state:
+    if inputs.carry_state and loop.carries_state:
         (group,) = diffopt.state  # one parameter group, in model.parameters() order
         loop.carried_state = [{key: value.detach().clone() if torch.is_tensor(value) else value
                                for key, value in group[index].items()}
                               for index in range(len(template.param_groups[0]["params"]))]
 
 
-def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                steps: int, mask: list[bool], losses: list | None,
-                carry_state: bool) -> Iterator[nn.Module]:
+def first_order(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[nn.Module]:
     """First order without higher: a copy of ``model`` (``ModelCopies.plain``) whose weights are
     reset to ``model``'s, plain autograd, and ``loop.first_order_rule``'s update applied in place;
     the copy is yielded."""
+    model, loss_fn, x, y, steps, mask = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.steps,
+                                         inputs.mask)
+    losses = inputs.losses
     rule = loop.first_order_rule
     learner, per_step = loop.copies.plain(model)
     params = list(learner.parameters())
@@ -266,15 +290,14 @@ def first_order(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Ten
         if per_step:
             set_inner_step(learner, loop.query_row(step + 1))
         yield learner
-    if carry_state and loop.carries_state and state is not None:
+    if inputs.carry_state and loop.carries_state and state is not None:
         loop.carried_state = state
 
 
-def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-               steps: int, mask: list[bool], track: bool, detach_inner_grads: bool,
-               losses: list | None) -> Iterator[FunctionalModel]:
+def functional(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
     """``torch.func`` steps on a list of weights (``loop.functional_rule``), each yielded as a
     ``FunctionalModel`` of ``model``; vmappable."""
+    model, x, y, steps, mask = inputs.model, inputs.x, inputs.y, inputs.steps, inputs.mask
     rule = loop.functional_rule
     if rule is None:
         raise DiffoptError(f"the inner optimizer {loop.optimizer!r} has no functional form; "
@@ -285,24 +308,26 @@ def functional(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tens
     yield FunctionalModel(model, names, params)
     state = init_on(rule, params, loop.rule_index(mask) if rule is loop.rule else None)
     order = batch_order(x, y, steps, loop.batch_size)
-    taken = functional_steps(loop, model, loss_fn, x, y, params, state, range(steps), steps, mask, order,
-                             track, detach_inner_grads, losses)
+    taken = functional_steps(loop, inputs, params, state, range(steps), order)
     for step, (params, _) in enumerate(taken):
         set_inner_step(model, loop.query_row(step + 1))
         yield FunctionalModel(model, names, params)
 
 
-def functional_steps(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-                     params: list[torch.Tensor], state: Any, steps: range, total: int, mask: list[bool],
-                     order: torch.Tensor | None, track: bool, detach_inner_grads: bool,
-                     losses: list | None, vmappable: bool = True) -> Iterator[tuple[list[torch.Tensor], Any]]:
-    """The steps numbered ``steps`` of a ``total``-step unroll with ``loop.functional_rule``, from
-    the weights ``params`` and the rule's ``state``: yields (weights, state) after each. The one
+def functional_steps(loop: InnerLoop, inputs: UnrollInputs, params: list[torch.Tensor], state: Any,
+                     steps: range, order: torch.Tensor | None,
+                     vmappable: bool = True) -> Iterator[tuple[list[torch.Tensor], Any]]:
+    """The steps numbered ``steps`` of the ``inputs.steps``-step unroll with
+    ``loop.functional_rule``, from the weights ``params`` and the rule's ``state``: yields
+    (weights, state) after each. The one
     step loop of the functional unroll (vmappable) and of the checkpointed one's segments
     (``diffopt.recompute``). ``track``: the steps' graph, the inner gradients of
     ``constant_gradient`` steps taken as constants; else the updates are detached.
     ``vmappable``: inner gradients by ``torch.func.grad`` (under ``torch.func.vmap``); else by
     plain autograd, several times faster per step on a small model."""
+    model, loss_fn, x, y, mask, total = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.mask,
+                                         inputs.steps)
+    track, losses = inputs.track, inputs.losses
     rule = loop.functional_rule
     names = [name for name, _ in model.named_parameters()]
     anchor = list(model.parameters())
@@ -315,7 +340,7 @@ def functional_steps(loop: InnerLoop, model: nn.Module, loss_fn: LossFn, x: torc
     scale = torch.ones((), dtype=x.dtype, device=x.device)
     for step in steps:
         set_inner_step(model, step)
-        constant = loop.constant_gradient(step, total, detach_inner_grads) or not track
+        constant = loop.constant_gradient(step, total, inputs.detach_inner_grads) or not track
         xb, yb = minibatch(x, y, order, step)
         if loop.solver == "gauss_newton":
             updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),
