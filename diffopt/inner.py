@@ -196,7 +196,7 @@ class InnerLoop(nn.Module):
             int | str | None, None, "second-order unrolls in bounded memory: keep the weights and the "
             "inner optimizer's state every K inner steps and rebuild one segment's graph at a time in "
             "the meta-backward (the same meta-gradient; memory ~ steps/K + K steps' graph instead of "
-            "steps'; 1.0-1.3x the time on conv-4, about 1.5x on a small MLP); auto: K = "
+            "steps'; 1.1-1.2x the time on conv-4, about 1.45x on a small MLP); auto: K = "
             "ceil(sqrt(inner steps)); maml, anil and boil; default: off",
             argument="checkpoint", before=None),
         "inner_backprop_steps": Option(
