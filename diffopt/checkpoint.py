@@ -33,11 +33,14 @@ def read_checkpoint(path: Path, what: str = "a checkpoint file") -> dict[str, An
     be used (``what``: what the caller should pass instead, for the error)."""
     if not path.is_file():
         raise DiffoptError(f"no checkpoint at {path}: pass {what}")
+    with open(path, "rb") as stream:
+        if stream.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise DiffoptError(f"{path} is not a checkpoint (not the zip archive torch.save writes): "
+                               f"pass {what}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, garbage bytes, unpickling refused, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DiffoptError(f"checkpoint {path} is corrupt or truncated ({reason[:120]})") from None
+    except Exception as error:  # truncated zip, unpickling refused, ...
+        raise DiffoptError(f"checkpoint {path} is corrupt or truncated ({_reason(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DiffoptError(f"{path} is not a diffopt checkpoint")
     if payload.get("version") != VERSION:
@@ -46,6 +49,16 @@ def read_checkpoint(path: Path, what: str = "a checkpoint file") -> dict[str, An
             f"reads version {VERSION}: use the diffopt release that wrote it"
         )
     return payload
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of a failed ``torch.load``: the unpickler's own complaint where
+    weights_only refused something (torch's advice about weights_only around it is not ours)."""
+    text = str(error).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()[:160]
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
 def restore_module(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

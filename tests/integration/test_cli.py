@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import fields
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -207,7 +208,13 @@ def test_corrupt_and_truncated_checkpoints(trained_run, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
     code, _, err = run_cli(capsys, "evaluate", str(garbage))
-    assert_one_line_error(code, err, "corrupt or truncated", str(garbage))
+    assert_one_line_error(code, err, "is not a checkpoint (not the zip archive torch.save writes)",
+                          str(garbage))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "diffopt-checkpoint", "object": Fraction(1, 3)}, pickled)  # weights_only refuses
+    code, _, err = run_cli(capsys, "evaluate", str(pickled))
+    assert_one_line_error(code, err, "corrupt or truncated", "Fraction")
+    assert "PyTorch 2.6" not in err  # torch's advice about weights_only is not the user's fix
     data = (trained_run / "checkpoint.pt").read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
