@@ -56,8 +56,8 @@ def _reason(error: Exception) -> str:
     weights_only refused something (torch's advice about weights_only around it is not ours)."""
     text = str(error).strip()
     for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip()[:160]
+        if "WeightsUnpickler error:" in line:  # its first sentence: the rest advises torch users
+            return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()[:160]
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
