@@ -137,6 +137,7 @@ def evaluate_command(
     """
     from diffopt.data import get_dataset
     from diffopt.evaluate import evaluate as run_evaluation
+    from diffopt.evaluate import evaluation_protocol
     from diffopt.train import load_trained
 
     steps = _as_tuple("steps", steps, int)
@@ -183,16 +184,6 @@ def evaluate_command(
         record = {"protocol": protocol, "metric": evaluation.metric, "summary": summary,
                   "scores": {s: v.tolist() for s, v in evaluation.scores.items()}}
         print(RunFolder(run_path).save_evaluation(record))
-
-
-def evaluation_protocol(config: TrainConfig, *, iteration: int, **settings: Any) -> dict[str, Any]:
-    """Everything an evaluation's scores depend on: the run's checkpoint (iteration), its data
-    options, shots, ways, inner mini-batches and inner state, and ``settings`` (tasks, steps,
-    test shots, seed, transductive, rotations, ensemble, ...)."""
-    return {"split": "test", "iteration": iteration, "shots": config.shots, "ways": config.ways,
-            "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
-            **config.data_options(), **{k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in settings.items()}}
 
 
 def compare_command(

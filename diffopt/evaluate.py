@@ -10,6 +10,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -218,3 +219,14 @@ def evaluate(
     table = torch.cat([scores for scores, _ in pieces]).double().numpy()
     keys = [key for _, batch_keys in pieces for key in batch_keys]
     return Evaluation(metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)
+
+
+def evaluation_protocol(config: Any, *, iteration: int, **settings: Any) -> dict[str, Any]:
+    """Everything an evaluation's scores depend on, as every evaluation record keeps it (``diffopt
+    evaluate``'s eval-*.json, a comparison's evaluation.json): the run's checkpoint (iteration),
+    its config's (a ``TrainConfig``) data options, shots, ways, inner mini-batches and inner
+    state, and ``settings`` (tasks, steps, test shots, seed, transductive, rotations, ensemble)."""
+    return {"split": "test", "iteration": iteration, "shots": config.shots, "ways": config.ways,
+            "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
+            **config.data_options(), **{k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in settings.items()}}

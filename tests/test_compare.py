@@ -300,6 +300,11 @@ def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(
     config = resolve_config(dataset="sinusoid", hidden=[8], iterations=2, run_dir=str(tmp_path / "one"))
     record = compare_module.run_one(config, settings)  # what each comparison's process runs
     assert [k["transductive"] for k in calls] == [False] and record["settings"]["eval_transductive"] is False
+    from diffopt.evaluate import evaluation_protocol  # the schema of diffopt evaluate's records
+
+    assert record["protocol"] == evaluation_protocol(config, iteration=2, tasks=4, steps=[0, 1], test_shots=5,
+                                                     seed=settings.eval_seed, transductive=False)
+    assert record["protocol"]["split"] == "test" and record["protocol"]["shots"] == config.shots
     compare(**{**GRID, "seeds": (0,), "iterations": 2, "settings": settings}, out=tmp_path / "grid")
     tmp_path = tmp_path / "grid"
     results = json.loads((tmp_path / "results.json").read_text())

@@ -178,7 +178,7 @@ def _progress_of(folder: RunFolder, seconds: bool) -> float:
 
 def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
     """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
-    from diffopt.evaluate import evaluate
+    from diffopt.evaluate import evaluate, evaluation_protocol
     from diffopt.train import resume, train
 
     run_dir = Path(config.run_dir)
@@ -200,8 +200,11 @@ def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
         tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
         transductive=settings.eval_transductive,
         device=config.device, ways=config.ways, **config.data_options())
+    protocol = evaluation_protocol(  # the schema diffopt evaluate's records use
+        config, iteration=result.iterations, tasks=settings.eval_tasks, steps=settings.eval_steps,
+        test_shots=settings.eval_test_shots, seed=settings.eval_seed, transductive=settings.eval_transductive)
     record = {
-        "config": config.to_dict(), "settings": asdict(settings),
+        "config": config.to_dict(), "settings": asdict(settings), "protocol": protocol,
         "result": {
             "iterations": result.iterations, "train_seconds": result.train_seconds,
             "seconds_per_iteration": result.seconds_per_iteration,
