@@ -337,7 +337,7 @@ def report(
         rows.append("| " + " | ".join(cells) + " |")
     validation_curves(curves, "accuracy", plot_path, title=TITLES[table], percent=True,
                       log_iterations=True)
-    head = ["method" if both else "lever", "shots", "transductive"]
+    head = ["lever" if table == "goal" else "method", "shots", "transductive"]
     if both:
         head += ["paper", "non-transductive", "paper"]
     head += ["eval steps", "meta-iterations", "training minutes", "s / meta-iter (median)",
