@@ -16,19 +16,7 @@ from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATASETS, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
-from diffopt.models import (
-    ACTIVATIONS,
-    HEADS,
-    IMAGE_MODELS,
-    INITS,
-    INPUT_NORMS,
-    MODELS,
-    NORMS,
-    PADDINGS,
-    POOL_PADDINGS,
-    model_defaults,
-    model_factory,
-)
+from diffopt.models import MODEL_OPTIONS, check_model_options, model_defaults
 from diffopt.options import AS_TODAY, Option, arguments, check_float, check_int, check_name
 from diffopt.vectorize import VECTORIZE_MODES
 
@@ -74,39 +62,6 @@ class _RunOptions:
         None, "wall-clock budget: stop after the meta-iteration that brings the training time "
         "(summed over resumes, evaluation excluded) to this many seconds")
     meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
-    model: str | None = option(
-        None, f"model: {', '.join(MODELS)}, or module:factory (called with the data's model keyword "
-        "arguments); default: the dataset's (resnet12 brings its own widths, activation, norm, head, init)")
-    hidden: tuple[int, ...] | None = option(
-        None, "hidden layer widths of the MLP, e.g. 40,40; conv4's filters or resnet12's widths: one or four")
-    activation: str | None = option(None, f"activation of the MLP and conv4: {', '.join(ACTIVATIONS)}")
-    head: str | None = option(
-        None, f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map averaged over "
-        "positions, cbfinn/maml on Omniglot); default: the algorithm's original code")
-    padding: str | None = option(
-        None, f"conv4's padding: {', '.join(PADDINGS)} (same: TensorFlow's 'SAME', the odd pixel at the "
-        "bottom/right, as the original MAML and Reptile code; symmetric: torch's padding=1); they "
-        "differ for the strided convolutions on Omniglot only; default: same")
-    pool: bool | None = option(
-        None, "conv4: stride-1 convolutions each followed by 2x2 max-pooling (True: MAML on "
-        "Mini-ImageNet, MAML++ on both datasets) or stride-2 convolutions (False: MAML and Reptile "
-        "on Omniglot); default: the dataset's")
-    pool_padding: str | None = option(
-        None, f"conv4's max-pooling of odd sizes: {', '.join(POOL_PADDINGS)} (valid drops the last "
-        "row/column, as MAML and MAML++; same keeps it, as Reptile's Mini-ImageNet model); default: "
-        "the algorithm's original code")
-    input_norm: str | None = option(
-        None, f"conv4 standardises its input per channel: {', '.join(INPUT_NORMS)} (imagenet: "
-        "MAML++ on Mini-ImageNet); default: none, as MAML and Reptile")
-    norm_eps: float | None = option(
-        None, "epsilon of the normalisation layers (TF's 1e-3 for MAML and Reptile on images, as "
-        "their original code; torch's 1e-5 elsewhere)")
-    init: str | None = option(
-        None, f"weight initialisation: {', '.join(INITS)} (default: glorot on images, as the original "
-        "MAML, Reptile and MAML++ code; torch elsewhere)")
-    norm: str | None = option(
-        None, f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: per_step_batch, "
-        "per-inner-step running statistics, weights and biases)")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
@@ -187,7 +142,7 @@ def _train_config() -> type:
     algorithm option's ``unset``: the command line passes the field defaults)."""
     hints = typing.get_type_hints(_RunOptions)
     declared = [(name, option.type, field(default=None, metadata={"help": option.help}))
-                for name, option in InnerLoop.OPTIONS.items()]
+                for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items()]
     declared += [(name, option.type, field(default=option.unset, metadata={"help": option.help}))
                  for name, option in ALGORITHM_OPTIONS.items()]
     own = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
@@ -203,19 +158,16 @@ def _train_config() -> type:
 TrainConfig = _train_config()
 
 
-BASE_DEFAULTS: dict[str, Any] = dict(
-    model="mlp", hidden=(40, 40), activation="relu", norm="none", meta_batch_size=25,
-    init="torch", head="flatten", padding="same", pool_padding="valid", input_norm="none", norm_eps=1e-5,
-    outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None,
-)
+BASE_DEFAULTS: dict[str, Any] = dict(meta_batch_size=25, outer_optimizer="adam", meta_lr=1e-3,
+                                     meta_lr_final=None)
 """Defaults of ``_RunOptions`` that a dataset's protocol may change (the components' options
 carry theirs: ``Option.default``)."""
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
-    head="flatten", init="torch", norm_eps=1e-5, padding="symmetric", pool_padding="valid",
-    input_norm="none", max_grad_value=None, images="bilinear",
-    **{name: option.before for name, option in InnerLoop.OPTIONS.items() if option.before is not AS_TODAY})
+    max_grad_value=None, images="bilinear",
+    **{name: option.before for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items()
+       if option.before is not AS_TODAY})
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -237,7 +189,8 @@ def resolve_config(**flags: Any) -> TrainConfig:
     spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
-    values.update({name: option.default for name, option in InnerLoop.OPTIONS.items()})
+    declared = {**MODEL_OPTIONS, **InnerLoop.OPTIONS}
+    values.update({name: option.default for name, option in declared.items()})
     cls = algorithm_class(algorithm)
     values.update({name: option.default for name, option in cls.own_options().items() if name in values})
     values.update(cls.inner_defaults)
@@ -276,9 +229,7 @@ def resolve_config(**flags: Any) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
     """Raise DiffoptError naming the first bad option."""
     spec = get_dataset(config.dataset)
-    model_factory(config.model)
-    check_name("activation", config.activation, ACTIVATIONS)
-    check_name("norm", config.norm, NORMS)
+    check_model_options(config, spec.name, spec.model_io)
     inner = arguments(InnerLoop.OPTIONS, config)
     cls = algorithm_class(config.algorithm)
     for name, option in ALGORITHM_OPTIONS.items():
@@ -287,17 +238,6 @@ def validate(config: TrainConfig) -> None:
     cls.check_inner(SimpleNamespace(**inner), config.task_threads)  # what the algorithm takes first
     InnerLoop.check_arguments(**inner)
     cls.check_options(**arguments(cls.own_options(), config))
-    check_name("weight initialisation", config.init, INITS)
-    check_name("head", config.head, HEADS)
-    if config.head != "flatten" and config.model not in IMAGE_MODELS:
-        raise DiffoptError(f"--head {config.head} applies to {' and '.join(IMAGE_MODELS)}; "
-                           f"{config.model} has no head to choose")
-    check_name("padding", config.padding, PADDINGS)
-    if config.padding != "same" and config.model != "conv4":
-        raise DiffoptError(f"--padding {config.padding} applies to conv4; {config.model} has no strided "
-                           "convolutions")
-    check_name("pool padding", config.pool_padding, POOL_PADDINGS)
-    check_name("input norm", config.input_norm, INPUT_NORMS)
     spec.data_options(images=config.images, class_split=config.class_split)  # offered by this dataset
     if config.keep_best and not (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
@@ -305,12 +245,6 @@ def validate(config: TrainConfig) -> None:
     if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
                            "and --validate_every_seconds")
-    if config.input_norm != "none" and config.model not in IMAGE_MODELS:
-        raise DiffoptError(f"--input_norm {config.input_norm} applies to {' and '.join(IMAGE_MODELS)} "
-                           "(images)")
-    if config.pool is not None and (config.model != "conv4" or not isinstance(config.pool, bool)):
-        raise DiffoptError(f"--pool takes True or False and applies to conv4; got {config.pool!r} with "
-                           f"--model {config.model}")
     check_name("outer optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     check_name("learning-rate schedule", config.meta_lr_schedule, SCHEDULES)
     check_name("vectorize mode", config.vectorize, VECTORIZE_MODES)
@@ -328,17 +262,6 @@ def validate(config: TrainConfig) -> None:
     elif config.ways is not None:
         check_int("ways", config.ways, 2)
         raise DiffoptError(f"--ways applies to classification datasets; {spec.name} is regression")
-    if not isinstance(config.hidden, tuple) or not config.hidden:
-        raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {config.hidden!r}")
-    for width in config.hidden:
-        check_int("hidden", width, 1)
-    if config.model in IMAGE_MODELS and len(config.hidden) not in (1, 4):
-        example = "64 or 32,32,64,64" if config.model == "conv4" else "64 (64,160,320,640) or 2,3,4,5"
-        raise DiffoptError(f"--hidden for {config.model} is one filter count or four, e.g. {example}; "
-                           f"got {','.join(map(str, config.hidden))}")
-    if config.model in IMAGE_MODELS and "in_channels" not in spec.model_io:
-        raise DiffoptError(f"--model {config.model} reads images; {spec.name} has none")
-    check_float("norm_eps", config.norm_eps, positive=True)
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
@@ -373,10 +296,12 @@ def write_option_reference(path: str = "docs/guide.md") -> None:
 def option_reference() -> str:
     """The markdown table of every ``diffopt train`` option: who declares it, its default, its
     help (docs/guide.md's "Every train option", ``make docs``)."""
-    owners = {name: "`InnerLoop`" for name in InnerLoop.OPTIONS}
+    owners = {name: "the model" for name in MODEL_OPTIONS}
+    owners.update({name: "`InnerLoop`" for name in InnerLoop.OPTIONS})
     for cls in ALGORITHMS.values():
         owners.update({name: f"`{cls.__name__}`" for name in cls.own_options()})
-    defaults = {name: option.default for name, option in {**InnerLoop.OPTIONS, **ALGORITHM_OPTIONS}.items()}
+    declared = {**MODEL_OPTIONS, **InnerLoop.OPTIONS, **ALGORITHM_OPTIONS}
+    defaults = {name: option.default for name, option in declared.items()}
     rows = ["| option | declared by | default | what it sets |", "|---|---|---|---|"]
     for f in fields(TrainConfig):
         default = defaults.get(f.name, BASE_DEFAULTS.get(f.name, f.default))

@@ -30,7 +30,7 @@ from diffopt.errors import DiffoptError, PluginError
 from diffopt.evaluate import evaluate
 from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
-from diffopt.models import IMAGE_MODELS, build_model, initialize
+from diffopt.models import build_model, initialize, model_arguments
 from diffopt.options import arguments
 from diffopt.progress import progress_bar
 from diffopt.runfolder import RunFolder, checkpoint_path, load_checkpoint
@@ -41,14 +41,7 @@ def build(config: TrainConfig) -> MetaAlgorithm:
     spec = get_dataset(config.dataset)
     torch.manual_seed(config.seed)
     io = dict(spec.model_io, out_features=config.ways) if spec.classification else spec.model_io
-    image_options = (dict(head=config.head, pool_padding=config.pool_padding, input_norm=config.input_norm)
-                     if config.model in IMAGE_MODELS else {})
-    if config.model == "conv4":
-        image_options["padding"] = config.padding
-    if config.pool is not None:
-        io = dict(io, pool=config.pool)
-    model = build_model(config.model, hidden=config.hidden, activation=config.activation, norm=config.norm,
-                        norm_eps=config.norm_eps, steps=config.inner_steps, **image_options, **io)
+    model = build_model(config.model, **model_arguments(config, io, config.inner_steps))
     initialize(model, config.init)
     inner = InnerLoop(model=model, **arguments(InnerLoop.OPTIONS, config))
     declared = {name: option for name, option in algorithm_class(config.algorithm).own_options().items()

@@ -13,6 +13,7 @@ from diffopt.algorithms import ALGORITHMS, IMAML, MAML
 from diffopt.config import ALGORITHM_OPTIONS, SAVED_BEFORE, TrainConfig, option_reference, resolve_config
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
+from diffopt.models import MODEL_OPTIONS
 from diffopt.options import AS_TODAY
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
@@ -22,8 +23,9 @@ def test_every_option_is_declared_once_and_feeds_its_constructor():
     names = [f.name for f in fields(TrainConfig)]
     assert len(names) == len(set(names))
     owned = [name for cls in ALGORITHMS.values() for name in cls.own_options()]
-    assert len(owned) == len(set(owned)) and not set(owned) & set(InnerLoop.OPTIONS)
-    assert set(InnerLoop.OPTIONS) | set(owned) <= set(names)
+    components = [*MODEL_OPTIONS, *InnerLoop.OPTIONS, *owned]
+    assert len(components) == len(set(components))  # no option declared by two components
+    assert set(components) <= set(names)
     loop = inspect.signature(InnerLoop).parameters
     for name, option in InnerLoop.OPTIONS.items():  # the declared default is the constructor's
         assert loop[option.argument or name].default == option.default, name
@@ -35,7 +37,7 @@ def test_every_option_is_declared_once_and_feeds_its_constructor():
 
 def test_resolved_defaults_come_from_the_declarations():
     config = resolve_config()
-    for name, option in InnerLoop.OPTIONS.items():
+    for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items():
         assert getattr(config, name) == option.default, name
     assert resolve_config(algorithm="imaml").cg_steps == IMAML.OPTIONS["cg_steps"].default
     # where no dataset protocol sets it (Mini-ImageNet has no iMAML protocol)
@@ -44,8 +46,10 @@ def test_resolved_defaults_come_from_the_declarations():
     for name, option in ALGORITHM_OPTIONS.items():  # the others' value: unset
         assert getattr(resolve_config(algorithm="reptile"), name) == option.unset
     assert SAVED_BEFORE["query_norm_row"] == "steps_taken"
-    assert all(SAVED_BEFORE[name] == option.before for name, option in InnerLoop.OPTIONS.items()
+    declared = {**MODEL_OPTIONS, **InnerLoop.OPTIONS}
+    assert all(SAVED_BEFORE[name] == option.before for name, option in declared.items()
                if option.before is not AS_TODAY)
+    assert SAVED_BEFORE["padding"] == "symmetric"  # runs from before --padding: torch's
 
 
 @pytest.mark.parametrize("option, value", [

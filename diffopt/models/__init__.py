@@ -12,11 +12,13 @@ from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Co
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
 from diffopt.models.resnet12 import RESNET12_DEFAULTS, ResNet12
+from diffopt.options import Option, check_float, check_int, check_name
 from diffopt.plugins import is_plugin, load_plugin
 
 __all__ = ["ACTIVATIONS", "HEADS", "IMAGE_MODELS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS",
            "PADDINGS", "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ResNet12", "ShiftBatchNorm",
-           "build_model", "initialize", "model_defaults", "model_factory", "set_inner_step"]
+           "MODEL_OPTIONS", "build_model", "check_model_options", "initialize", "model_arguments",
+           "model_defaults", "model_factory", "set_inner_step"]
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "conv4": Conv4, "resnet12": ResNet12}
 IMAGE_MODELS = ("conv4", "resnet12")
@@ -91,3 +93,94 @@ def initialize(model: nn.Module, init: str) -> nn.Module:
     if INITS[init] is not None:
         INITS[init](model)
     return model
+
+
+MODEL_OPTIONS: dict[str, Option] = {
+    "model": Option(
+        str | None, "mlp", f"model: {', '.join(MODELS)}, or module:factory (called with the data's model "
+        "keyword arguments); default: the dataset's (resnet12 brings its own widths, activation, norm, "
+        "head, init)"),
+    "hidden": Option(
+        tuple[int, ...] | None, (40, 40), "hidden layer widths of the MLP, e.g. 40,40; conv4's filters or "
+        "resnet12's widths: one or four"),
+    "activation": Option(str | None, "relu", f"activation of the MLP and conv4: {', '.join(ACTIVATIONS)}"),
+    "head": Option(
+        str | None, "flatten", f"conv4's output layer reads: {', '.join(HEADS)} (mean: the last map "
+        "averaged over positions, cbfinn/maml on Omniglot); default: the algorithm's original code",
+        before="flatten"),
+    "padding": Option(
+        str | None, "same", f"conv4's padding: {', '.join(PADDINGS)} (same: TensorFlow's 'SAME', the odd "
+        "pixel at the bottom/right, as the original MAML and Reptile code; symmetric: torch's "
+        "padding=1); they differ for the strided convolutions on Omniglot only; default: same",
+        before="symmetric"),
+    "pool": Option(
+        bool | None, None, "conv4: stride-1 convolutions each followed by 2x2 max-pooling (True: MAML on "
+        "Mini-ImageNet, MAML++ on both datasets) or stride-2 convolutions (False: MAML and Reptile "
+        "on Omniglot); default: the dataset's"),
+    "pool_padding": Option(
+        str | None, "valid", f"conv4's max-pooling of odd sizes: {', '.join(POOL_PADDINGS)} (valid drops "
+        "the last row/column, as MAML and MAML++; same keeps it, as Reptile's Mini-ImageNet model); "
+        "default: the algorithm's original code", before="valid"),
+    "input_norm": Option(
+        str | None, "none", f"conv4 standardises its input per channel: {', '.join(INPUT_NORMS)} "
+        "(imagenet: MAML++ on Mini-ImageNet); default: none, as MAML and Reptile", before="none"),
+    "norm_eps": Option(
+        float | None, 1e-5, "epsilon of the normalisation layers (TF's 1e-3 for MAML and Reptile on "
+        "images, as their original code; torch's 1e-5 elsewhere)", before=1e-5),
+    "init": Option(
+        str | None, "torch", f"weight initialisation: {', '.join(INITS)} (default: glorot on images, as the "
+        "original MAML, Reptile and MAML++ code; torch elsewhere)", before="torch"),
+    "norm": Option(
+        str | None, "none", f"normalisation after each hidden layer: {', '.join(NORMS)} (MAML++: "
+        "per_step_batch, per-inner-step running statistics, weights and biases)"),
+}
+"""The ``diffopt train`` options of the model (``diffopt.options.Option``)."""
+
+
+def check_model_options(options: Any, dataset: str, model_io: dict[str, Any]) -> None:
+    """DiffoptError naming the first bad model option of ``options`` (a config) for a dataset
+    ``dataset`` whose loader gives ``model_io``."""
+    model = options.model
+    model_factory(model)
+    check_name("activation", options.activation, ACTIVATIONS)
+    check_name("norm", options.norm, NORMS)
+    check_name("weight initialisation", options.init, INITS)
+    check_name("head", options.head, HEADS)
+    if options.head != "flatten" and model not in IMAGE_MODELS:
+        raise DiffoptError(f"--head {options.head} applies to {' and '.join(IMAGE_MODELS)}; "
+                           f"{model} has no head to choose")
+    check_name("padding", options.padding, PADDINGS)
+    if options.padding != "same" and model != "conv4":
+        raise DiffoptError(f"--padding {options.padding} applies to conv4; {model} has no strided "
+                           "convolutions")
+    check_name("pool padding", options.pool_padding, POOL_PADDINGS)
+    check_name("input norm", options.input_norm, INPUT_NORMS)
+    if options.input_norm != "none" and model not in IMAGE_MODELS:
+        raise DiffoptError(f"--input_norm {options.input_norm} applies to {' and '.join(IMAGE_MODELS)} "
+                           "(images)")
+    if options.pool is not None and (model != "conv4" or not isinstance(options.pool, bool)):
+        raise DiffoptError(f"--pool takes True or False and applies to conv4; got {options.pool!r} with "
+                           f"--model {model}")
+    if not isinstance(options.hidden, tuple) or not options.hidden:
+        raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {options.hidden!r}")
+    for width in options.hidden:
+        check_int("hidden", width, 1)
+    if model in IMAGE_MODELS and len(options.hidden) not in (1, 4):
+        example = "64 or 32,32,64,64" if model == "conv4" else "64 (64,160,320,640) or 2,3,4,5"
+        raise DiffoptError(f"--hidden for {model} is one filter count or four, e.g. {example}; "
+                           f"got {','.join(map(str, options.hidden))}")
+    if model in IMAGE_MODELS and "in_channels" not in model_io:
+        raise DiffoptError(f"--model {model} reads images; {dataset} has none")
+    check_float("norm_eps", options.norm_eps, positive=True)
+
+
+def model_arguments(options: Any, model_io: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``build_model``'s keyword arguments for the model ``options`` (a config) sets, on data whose
+    loader gives ``model_io``, with ``steps`` inner steps (per-step layers)."""
+    image = (dict(head=options.head, pool_padding=options.pool_padding, input_norm=options.input_norm)
+             if options.model in IMAGE_MODELS else {})
+    if options.model == "conv4":
+        image["padding"] = options.padding
+    io = dict(model_io, pool=options.pool) if options.pool is not None else dict(model_io)
+    return dict(hidden=options.hidden, activation=options.activation, norm=options.norm,
+                norm_eps=options.norm_eps, steps=steps, **image, **io)
