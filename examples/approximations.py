@@ -40,8 +40,11 @@ METHODS = {
     "first-order MAML": dict(algorithm="fomaml"),
     "truncated, last 1 step": dict(algorithm="maml", inner_backprop_steps=1),
     "truncated, last 10 steps": dict(algorithm="maml", inner_backprop_steps=10),
-    "iMAML": dict(algorithm="imaml"),
+    "iMAML": dict(algorithm="imaml", inner_solver="gradient", inner_backtrack=False),
 }
+IMAML_LAMBDA = {"sinusoid": 1.0}
+"""iMAML's proximal weight where this comparison does not take the dataset's protocol: on sinusoid,
+lambda 1 with MAML's gradient steps (the protocol's Gauss-Newton steps are not MAML's steps)."""
 DATASETS = {
     "sinusoid": dict(dataset="sinusoid", shots=10, meta_batch_size=25),
     "omniglot": dict(dataset="omniglot", shots=1, ways=5, meta_batch_size=4, data_root="data"),
@@ -69,6 +72,8 @@ def _setting(dataset: str, method: str, steps: int, data_root: str | None):
     maml = resolve_config(**options).to_dict()  # the model and inner loop every method shares
     options.update({key: maml[key] for key in SHARED})
     options.update(METHODS[method])
+    if method == "iMAML":
+        options["inner_proximal"] = IMAML_LAMBDA.get(dataset)  # None: the dataset's protocol
     if options.get("inner_backprop_steps", 0) > steps:
         options["inner_backprop_steps"] = steps
     config = resolve_config(**options)
