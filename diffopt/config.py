@@ -1,7 +1,9 @@
-"""Training options: one dataclass, resolved from flags and literature defaults, then validated.
+"""Training options: one dataclass assembled from the components' declarations, resolved from
+flags and literature defaults, then validated.
 
-Resolution order (later wins): ``BASE_DEFAULTS``, the dataset's defaults, the dataset's
-per-algorithm defaults, the flags the user gave. ``TrainConfig`` fields carry their help text,
+Resolution order (later wins): ``BASE_DEFAULTS`` and the declared options' defaults, the
+algorithm's own and its ``inner_defaults``, the dataset's defaults, the dataset's per-algorithm
+defaults, the model's, the flags the user gave. ``TrainConfig`` fields carry their help text,
 from which the CLI builds ``diffopt train --help``.
 """
 
@@ -34,8 +36,8 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class _RunOptions:
-    """The options no component declares: the run's data, model, outer loop and bookkeeping
-    (``TrainConfig`` adds the inner loop's and the algorithms')."""
+    """The options no component declares: the run's data, outer loop and bookkeeping
+    (``TrainConfig`` adds the model's, the inner loop's and the algorithms')."""
 
     algorithm: str = option(
         "maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}, or module:Class (a MetaAlgorithm "
@@ -134,6 +136,8 @@ def _data_options(self) -> dict[str, Any]:
 ALGORITHM_OPTIONS: dict[str, Option] = {
     name: option for cls in ALGORITHMS.values() for name, option in cls.own_options().items()}
 """The registered algorithms' own options (iMAML's cg_steps, MAML's MAML++ schedules)."""
+COMPONENT_OPTIONS: dict[str, Option] = {**MODEL_OPTIONS, **InnerLoop.OPTIONS}
+"""The model's and the inner loop's options: a field "not given" (None) until resolved."""
 
 
 def _train_config() -> type:
@@ -142,7 +146,7 @@ def _train_config() -> type:
     algorithm option's ``unset``: the command line passes the field defaults)."""
     hints = typing.get_type_hints(_RunOptions)
     declared = [(name, option.type, field(default=None, metadata={"help": option.help}))
-                for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items()]
+                for name, option in COMPONENT_OPTIONS.items()]
     declared += [(name, option.type, field(default=option.unset, metadata={"help": option.help}))
                  for name, option in ALGORITHM_OPTIONS.items()]
     own = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
@@ -166,7 +170,7 @@ carry theirs: ``Option.default``)."""
 
 SAVED_BEFORE: dict[str, Any] = dict(
     max_grad_value=None, images="bilinear",
-    **{name: option.before for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items()
+    **{name: option.before for name, option in COMPONENT_OPTIONS.items()
        if option.before is not AS_TODAY})
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
@@ -189,8 +193,7 @@ def resolve_config(**flags: Any) -> TrainConfig:
     spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
-    declared = {**MODEL_OPTIONS, **InnerLoop.OPTIONS}
-    values.update({name: option.default for name, option in declared.items()})
+    values.update({name: option.default for name, option in COMPONENT_OPTIONS.items()})
     cls = algorithm_class(algorithm)
     values.update({name: option.default for name, option in cls.own_options().items() if name in values})
     values.update(cls.inner_defaults)
@@ -300,8 +303,7 @@ def option_reference() -> str:
     owners.update({name: "`InnerLoop`" for name in InnerLoop.OPTIONS})
     for cls in ALGORITHMS.values():
         owners.update({name: f"`{cls.__name__}`" for name in cls.own_options()})
-    declared = {**MODEL_OPTIONS, **InnerLoop.OPTIONS, **ALGORITHM_OPTIONS}
-    defaults = {name: option.default for name, option in declared.items()}
+    defaults = {name: option.default for name, option in {**COMPONENT_OPTIONS, **ALGORITHM_OPTIONS}.items()}
     rows = ["| option | declared by | default | what it sets |", "|---|---|---|---|"]
     for f in fields(TrainConfig):
         default = defaults.get(f.name, BASE_DEFAULTS.get(f.name, f.default))

@@ -215,11 +215,10 @@ class InnerLoop(nn.Module):
     the constructor keyword ``argument``: adding one here and to ``__init__`` is all it takes."""
 
     @staticmethod
-    def check_arguments(optimizer: str | UpdateRule = "sgd", lr: float = 0.01, steps: int = 1,
-                        batch_size: int | None = None, state: str = "reset", loss_reduction: str = "mean",
-                        params: str = "all", query_norm_row: str = "last_step", proximal: float = 0.0,
-                        options: dict | None = None, backtrack: bool = False, solver: str = "gradient",
-                        checkpoint: int | str | None = None, backprop_steps: int | None = None) -> None:
+    def check_arguments(optimizer: str | UpdateRule, lr: float, steps: int, batch_size: int | None,
+                        state: str, loss_reduction: str, params: str, query_norm_row: str, proximal: float,
+                        options: dict | None, backtrack: bool, solver: str, checkpoint: int | str | None,
+                        backprop_steps: int | None) -> None:
         """DiffoptError naming the first bad constructor argument (as its ``--inner_*`` option):
         the checks of ``__init__``, which a config's validation runs before building anything."""
         if not isinstance(optimizer, UpdateRule):

@@ -1,10 +1,10 @@
 """Train options declared by the component they configure, and the checks of single values.
 
-``InnerLoop.OPTIONS`` and each algorithm's ``OPTIONS`` declare their options (type, default,
-help); ``diffopt.config`` assembles ``TrainConfig``, the command line, its help and the option
-resolution from the declarations, and the components' constructors check the values
-(``InnerLoop.check_arguments``, ``MetaAlgorithm.check_inner``), which a config's validation calls
-too: every check is written once.
+``diffopt.models.MODEL_OPTIONS``, ``InnerLoop.OPTIONS`` and each algorithm's ``OPTIONS`` declare
+their options (type, default, help); ``diffopt.config`` assembles ``TrainConfig``, the command
+line, its help and the option resolution from the declarations, and the components' checks
+(``InnerLoop.check_arguments``, ``MetaAlgorithm.check_inner``, ``check_model_options``) run in
+their constructors or builders and in a config's validation alike: every check is written once.
 """
 
 from __future__ import annotations
