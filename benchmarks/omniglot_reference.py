@@ -99,8 +99,23 @@ Params = dict[str, torch.Tensor]
 ALGORITHMS = ("reptile", "maml", "fomaml")
 REPTILE = {"train_shots": 10, "inner_batch": 10, "inner_iters": 5, "meta_batch": 5, "lr": 1e-3,
            "meta_step": 1.0, "meta_step_final": 0.0, "meta_iters": 100_000}
-MAML = {"meta_batch": 32, "inner_lr": 0.4, "inner_steps": 1, "meta_lr": 1e-3, "meta_iters": 60_000}
+MAML = {"inner_lr": 0.4, "inner_steps": 1, "meta_lr": 1e-3, "meta_iters": 60_000}
 BN_EPSILON = 1e-3  # tf.layers.batch_normalization and tf.contrib.layers.batch_norm defaults
+MAML_RECIPES = {
+    "cbfinn": dict(meta_batch=32, queries=None, inner_loss="sum", init="tf", head="mean", bn_scale=False,
+                   bn_eps=BN_EPSILON, adapt_norm=False, meta_loss="sum", meta_lr_final=None),
+    "goal": dict(meta_batch=8, queries=15, inner_loss="mean", init="torch", head="flatten_chw",
+                 bn_scale=True, bn_eps=1e-5, adapt_norm=True, meta_loss="mean", meta_lr_final=1e-5),
+}
+"""MAML's settings: ``cbfinn`` (the original's, above); ``goal``: the recipe of diffopt's Omniglot
+goal and paper tables (examples/omniglot_table.py), each lever written here independently: the
+inner loss is each task's mean cross-entropy (not the sum / shots), PyTorch's default initialisers
+(conv and dense weights and biases U(+-1/sqrt(fan_in))), the last feature map flattened in
+channel-height-width order (256 features), batch norm with a scale (gamma) and epsilon 1e-5, its
+scale and offset adapted in the inner loop too, 15 query images per class, 8 tasks per meta-batch,
+the meta-loss the mean query cross-entropy, and the meta learning rate annealed along a cosine from
+1e-3 to 1e-5 over the budget (the fraction of the budget or of meta_iters done, whichever is
+further)."""
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -145,25 +160,38 @@ def mini_batches(n: int, batch_size: int, num_batches: int, gen: torch.Generator
 
 
 # ---------------------------------------------------------------------------------------- model
-def init_params(algorithm: str, ways: int, gen: torch.Generator) -> Params:
-    def glorot(shape: tuple[int, ...], fan_in: int, fan_out: int) -> torch.Tensor:
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
+def init_params(algorithm: str, ways: int, gen: torch.Generator, recipe: str = "cbfinn") -> Params:
+    """Reptile's (glorot, zero biases, batch-norm scale, a 256-feature dense layer) or MAML's recipe's."""
+    def uniform(shape: tuple[int, ...], limit: float) -> torch.Tensor:
         return torch.empty(shape).uniform_(-limit, limit, generator=gen)
 
+    def glorot(shape: tuple[int, ...], fan_in: int, fan_out: int) -> torch.Tensor:
+        return uniform(shape, math.sqrt(6.0 / (fan_in + fan_out)))
+
+    settings = MAML_RECIPES[recipe]
+    torch_init = algorithm != "reptile" and settings["init"] == "torch"
     params: Params = {}
     c_in = 1
     for i in range(1, 5):
-        params[f"conv{i}.weight"] = glorot((64, c_in, 3, 3), c_in * 9, 64 * 9)
-        params[f"conv{i}.bias"] = torch.zeros(64)
-        if algorithm == "reptile":
+        if torch_init:  # nn.Conv2d.reset_parameters: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))
+            params[f"conv{i}.weight"] = uniform((64, c_in, 3, 3), 1 / math.sqrt(c_in * 9))
+            params[f"conv{i}.bias"] = uniform((64,), 1 / math.sqrt(c_in * 9))
+        else:
+            params[f"conv{i}.weight"] = glorot((64, c_in, 3, 3), c_in * 9, 64 * 9)
+            params[f"conv{i}.bias"] = torch.zeros(64)
+        if algorithm == "reptile" or settings["bn_scale"]:
             params[f"bn{i}.weight"] = torch.ones(64)
         params[f"bn{i}.bias"] = torch.zeros(64)
         c_in = 64
     if algorithm == "reptile":
         params["fc.weight"] = glorot((ways, 256), 256, ways)
+    elif torch_init:  # nn.Linear.reset_parameters
+        features = 256 if settings["head"] != "mean" else 64
+        params["fc.weight"] = uniform((ways, features), 1 / math.sqrt(features))
     else:
         params["fc.weight"] = torch.randn(ways, 64, generator=gen)
-    params["fc.bias"] = torch.zeros(ways)
+    params["fc.bias"] = uniform((ways,), 1 / math.sqrt(params["fc.weight"].shape[1])) if torch_init \
+        else torch.zeros(ways)
     return {name: p.requires_grad_() for name, p in params.items()}
 
 
@@ -173,10 +201,12 @@ def same_pad(h: torch.Tensor) -> torch.Tensor:
     return F.pad(h, (total // 2, total - total // 2, total // 2, total - total // 2))
 
 
-def forward(params: Params, x: torch.Tensor, flatten: bool) -> torch.Tensor:
+def forward(params: Params, x: torch.Tensor, head: str, eps: float = BN_EPSILON) -> torch.Tensor:
     """G independent models (params with a leading dim G) on x [B, G, 1, 28, 28] -> logits [B, G, ways].
 
     Batch-norm statistics are per model over its B examples (grouped convolution, channels g * 64 + c).
+    head: ``mean`` over the spatial positions, or the last map flattened, ``flatten`` in TF's
+    height-width-channel order or ``flatten_chw`` in PyTorch's channel-height-width order.
     """
     b, g = x.shape[:2]
     h = x.reshape(b, g * x.shape[2], *x.shape[3:])
@@ -186,10 +216,11 @@ def forward(params: Params, x: torch.Tensor, flatten: bool) -> torch.Tensor:
                      stride=2, groups=g)
         gamma = params.get(f"bn{i}.weight")
         h = F.batch_norm(h, None, None, None if gamma is None else gamma.reshape(-1),
-                         params[f"bn{i}.bias"].reshape(-1), training=True, eps=BN_EPSILON)
+                         params[f"bn{i}.bias"].reshape(-1), training=True, eps=eps)
         h = F.relu(h)
     h = h.view(b, g, 64, *h.shape[2:])
-    features = h.permute(0, 1, 3, 4, 2).reshape(b, g, -1) if flatten else h.mean((3, 4))
+    features = {"mean": lambda: h.mean((3, 4)), "flatten": lambda: h.permute(0, 1, 3, 4, 2).reshape(b, g, -1),
+                "flatten_chw": lambda: h.reshape(b, g, -1)}[head]()
     return torch.einsum("bgf,gof->bgo", features, params["fc.weight"]) + params["fc.bias"]
 
 
@@ -226,7 +257,7 @@ def reptile_step(params: Params, adam: dict, data: torch.Tensor, ways: int, meta
         x, y = sample_tasks(data, 1, ways, REPTILE["train_shots"], gen)
         x, y = x.reshape(-1, 1, *x.shape[3:]), y.reshape(-1)  # [50, G=1, 1, 28, 28]
         for idx in mini_batches(len(y), REPTILE["inner_batch"], REPTILE["inner_iters"], gen):
-            logits = forward({n: p.unsqueeze(0) for n, p in params.items()}, x[idx], flatten=True)[:, 0]
+            logits = forward({n: p.unsqueeze(0) for n, p in params.items()}, x[idx], "flatten")[:, 0]
             loss = F.cross_entropy(logits, y[idx], reduction="sum")  # models.py:27-30: sum of a vector
             tf_adam_(plist, list(torch.autograd.grad(loss, plist)), adam, REPTILE["lr"], beta1=0.0)
             loss_sum += loss.detach() / len(idx)
@@ -241,111 +272,149 @@ def reptile_step(params: Params, adam: dict, data: torch.Tensor, ways: int, meta
 
 
 def maml_adapt(params: Params, xs: torch.Tensor, ys: torch.Tensor, steps: int, lr: float, shots: int,
-               create_graph: bool, track: bool) -> Params:
+               create_graph: bool, track: bool, recipe: str = "cbfinn") -> Params:
     """SGD on each task's support set (xs [G, N, ...]); params -> fast weights with a leading dim G.
 
-    The inner loss is the sum of the cross-entropies / shots (utils.py:56-58); batch-norm offsets are
-    not adapted (maml.py:90). track=False detaches each step (evaluation: no meta-gradient needed).
+    cbfinn: the inner loss is the sum of the cross-entropies / shots (utils.py:56-58); batch-norm
+    offsets are not adapted (maml.py:90). goal: each task's mean cross-entropy, every parameter
+    adapted. track=False detaches each step (evaluation: no meta-gradient needed).
     """
+    settings = MAML_RECIPES[recipe]
     g = xs.shape[0]
     fast = {n: p.unsqueeze(0).expand(g, *p.shape) for n, p in params.items()}
+    inner = [n for n in fast if settings["adapt_norm"] or not n.startswith("bn")]
     if not track:
-        fast = {n: p.detach().clone().requires_grad_(not n.startswith("bn")) for n, p in fast.items()}
-    inner = [n for n in fast if not n.startswith("bn")]
+        fast = {n: p.detach().clone().requires_grad_(n in inner) for n, p in fast.items()}
     x, y = xs.transpose(0, 1), ys.transpose(0, 1)
+    divisor = xs.shape[1] if settings["inner_loss"] == "mean" else shots  # tasks are summed: each its own
     for _ in range(steps):
-        logits = forward(fast, x, flatten=False)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / shots
+        logits = forward(fast, x, settings["head"], settings["bn_eps"])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / divisor
         grads = torch.autograd.grad(loss, [fast[n] for n in inner], create_graph=create_graph)
         with torch.set_grad_enabled(track):
             fast = {**fast, **{n: fast[n] - lr * gr for n, gr in zip(inner, grads, strict=True)}}
         if not track:
-            fast = {n: p.requires_grad_(not n.startswith("bn")) for n, p in fast.items()}
+            fast = {n: p.requires_grad_(n in inner) for n, p in fast.items()}
     return fast
 
 
 def maml_step(params: Params, adam: dict, data: torch.Tensor, ways: int, shots: int, first_order: bool,
-              gen: torch.Generator) -> float:
+              gen: torch.Generator, recipe: str = "cbfinn", meta_lr: float = MAML["meta_lr"]) -> float:
     """One (first-order) MAML meta-iteration (maml.py:79-149). Returns the mean query cross-entropy."""
-    tasks = MAML["meta_batch"]
-    x, y = sample_tasks(data, tasks, ways, 2 * shots, gen)  # K support + K query per class
+    settings = MAML_RECIPES[recipe]
+    tasks, queries = settings["meta_batch"], settings["queries"] or shots
+    x, y = sample_tasks(data, tasks, ways, shots + queries, gen)  # support + query per class
     xs, xq = x[:, :, :shots].flatten(1, 2), x[:, :, shots:].flatten(1, 2)
     ys, yq = y[:, :, :shots].flatten(1, 2), y[:, :, shots:].flatten(1, 2)
     fast = maml_adapt(params, xs, ys, MAML["inner_steps"], MAML["inner_lr"], shots,
-                      create_graph=not first_order, track=True)
-    logits = forward(fast, xq.transpose(0, 1), flatten=False)
+                      create_graph=not first_order, track=True, recipe=recipe)
+    logits = forward(fast, xq.transpose(0, 1), settings["head"], settings["bn_eps"])
     losses = F.cross_entropy(logits.reshape(-1, ways), yq.transpose(0, 1).reshape(-1), reduction="none")
-    meta_loss = losses.sum() / shots / tasks  # maml.py:136
+    if settings["meta_loss"] == "mean":
+        meta_loss = losses.mean()
+    else:  # maml.py:136
+        meta_loss = losses.sum() / shots / tasks
     plist = list(params.values())
-    tf_adam_(plist, list(torch.autograd.grad(meta_loss, plist)), adam, MAML["meta_lr"], beta1=0.9)
+    tf_adam_(plist, list(torch.autograd.grad(meta_loss, plist)), adam, meta_lr, beta1=0.9)
     return losses.mean().item()
+
+
+def cosine(start: float, final: float, fraction: float) -> float:
+    """A cosine from ``start`` at fraction 0 to ``final`` at 1 (MAML++'s CosineAnnealingLR)."""
+    return final + (start - final) * (1 + math.cos(math.pi * min(max(fraction, 0.0), 1.0))) / 2
 
 
 # ----------------------------------------------------------------------------------------- train
 def train(algorithm: str, out: str, budget_seconds: float, data_root: str = "data", seed: int = 0,
           snapshots: int = 5, ways: int = 5, shots: int = 1, threads: int = 1,
-          meta_iters: int | None = None) -> dict:
+          meta_iters: int | None = None, recipe: str = "cbfinn", resume: bool = False) -> dict:
     """Train for budget_seconds of training time; write log.jsonl, snapshot-{k}.pt, summary.json.
 
     The training clock counts only the meta-iterations (task sampling included), not the data loading,
     logging or snapshot writing. The logged loss is the mean cross-entropy per example: of the inner
     mini-batches (Reptile), of the queries after adaptation (MAML, FOMAML). Snapshot k is written when
     the training clock first passes k * budget / snapshots (all remaining ones if meta_iters ends first).
+    ``recipe``: MAML's settings (``MAML_RECIPES``). ``resume``: continue from the last snapshot (its
+    weights, optimiser state, clock and task generator), so a budget can span several sittings.
     """
     assert algorithm in ALGORITHMS, algorithm
+    assert recipe in MAML_RECIPES and (recipe == "cbfinn" or algorithm != "reptile"), recipe
     torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_split(data_root, "train", rotations=True)
     gen = torch.Generator().manual_seed(seed)
-    params = init_params(algorithm, ways, gen)
+    params = init_params(algorithm, ways, gen, recipe)
     adam = new_adam(list(params.values()))
     meta_iters = meta_iters or (REPTILE if algorithm == "reptile" else MAML)["meta_iters"]
-    train_seconds, durations, next_k, start = 0.0, [], 1, time.perf_counter()
-    with open(out_dir / "log.jsonl", "w") as log:
-        for it in range(meta_iters):
+    adam_key = "adam" if algorithm == "reptile" else "meta_adam"
+    train_seconds, durations, next_k, first = 0.0, [], 1, 0
+    done = sorted(out_dir.glob("snapshot-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if resume else []
+    if done:
+        last = torch.load(done[-1], weights_only=True)
+        assert (last["algorithm"], last.get("recipe", "cbfinn")) == (algorithm, recipe), done[-1]
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(last["model"][name])
+        adam = {"step": last[adam_key]["step"], "m": [last[adam_key]["m"][n].clone() for n in params],
+                "v": [last[adam_key]["v"][n].clone() for n in params]}
+        gen.set_state(last["generator"])
+        train_seconds, first, next_k = last["train_seconds"], last["iteration"], len(done) + 1
+    start = time.perf_counter() - train_seconds
+    if done:  # the iterations logged after the last snapshot are redone
+        lines = (out_dir / "log.jsonl").read_text().splitlines()[:first]
+        (out_dir / "log.jsonl").write_text("".join(line + "\n" for line in lines))
+    with open(out_dir / "log.jsonl", "a" if done else "w") as log:
+        for it in range(first, meta_iters):
+            if train_seconds >= budget_seconds:
+                break
             t0 = time.perf_counter()
+            frac = max(train_seconds / budget_seconds, it / meta_iters)
             if algorithm == "reptile":
-                frac = max(train_seconds / budget_seconds, it / meta_iters)
                 meta_step = frac * REPTILE["meta_step_final"] + (1 - frac) * REPTILE["meta_step"]
                 loss = reptile_step(params, adam, data, ways, meta_step, gen)
             else:
-                loss = maml_step(params, adam, data, ways, shots, algorithm == "fomaml", gen)
+                final = MAML_RECIPES[recipe]["meta_lr_final"]
+                meta_lr = MAML["meta_lr"] if final is None else cosine(MAML["meta_lr"], final, frac)
+                loss = maml_step(params, adam, data, ways, shots, algorithm == "fomaml", gen, recipe, meta_lr)
             durations.append(time.perf_counter() - t0)
             train_seconds += durations[-1]
             log.write(json.dumps({"iteration": it + 1, "seconds": time.perf_counter() - start,
                                   "train_seconds": train_seconds, "loss": loss}) + "\n")
             while next_k <= snapshots and (train_seconds >= next_k * budget_seconds / snapshots
                                            or it == meta_iters - 1):
+                log.flush()
                 names = list(params)
                 state = {"step": adam["step"], "m": dict(zip(names, adam["m"], strict=True)),
                          "v": dict(zip(names, adam["v"], strict=True))}
-                torch.save({"algorithm": algorithm, "ways": ways, "shots": shots, "iteration": it + 1,
-                            "train_seconds": train_seconds,
+                target = out_dir / f"snapshot-{next_k}.pt"
+                torch.save({"algorithm": algorithm, "recipe": recipe, "ways": ways, "shots": shots,
+                            "iteration": it + 1, "train_seconds": train_seconds,
                             "model": {n: p.detach().clone() for n, p in params.items()},
-                            "adam" if algorithm == "reptile" else "meta_adam": state},
-                           out_dir / f"snapshot-{next_k}.pt")
+                            adam_key: state, "generator": gen.get_state()}, target.with_suffix(".tmp"))
+                target.with_suffix(".tmp").replace(target)  # a crash never leaves half a snapshot
                 next_k += 1
-            if train_seconds >= budget_seconds:
-                break
-    summary = {"algorithm": algorithm, "iterations": len(durations), "train_seconds": train_seconds,
-               "median_seconds_per_iteration": statistics.median(durations)}
+    log_lines = (out_dir / "log.jsonl").read_text().splitlines()
+    clock = [json.loads(line)["train_seconds"] for line in log_lines]
+    steps = [b - a for a, b in zip([0.0, *clock[:-1]], clock, strict=True)]
+    summary = {"algorithm": algorithm, "recipe": recipe, "iterations": len(clock), "train_seconds": clock[-1],
+               "median_seconds_per_iteration": statistics.median(steps)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 # -------------------------------------------------------------------------------------- evaluate
-def predict(fast: Params, xs: torch.Tensor, xq: torch.Tensor, transductive: bool,
-            flatten: bool) -> torch.Tensor:
+def predict(fast: Params, xs: torch.Tensor, xq: torch.Tensor, transductive: bool, head: str,
+            eps: float = BN_EPSILON) -> torch.Tensor:
     """Query predictions [G, M]: all queries in one batch, or each query batched with the support set
     (reptile.py:125-134), as G * M models so that batch-norm statistics stay per batch."""
     with torch.no_grad():
         if transductive:
-            return forward(fast, xq.transpose(0, 1), flatten).argmax(-1).T
+            return forward(fast, xq.transpose(0, 1), head, eps).argmax(-1).T
         g, m, n = xq.shape[0], xq.shape[1], xs.shape[1]
         batch = torch.cat([xs.unsqueeze(1).expand(g, m, *xs.shape[1:]), xq.unsqueeze(2)], dim=2)
         per_query = {k: p.repeat_interleave(m, dim=0) for k, p in fast.items()}
-        logits = forward(per_query, batch.reshape(g * m, n + 1, *xs.shape[2:]).transpose(0, 1), flatten)
+        logits = forward(per_query, batch.reshape(g * m, n + 1, *xs.shape[2:]).transpose(0, 1), head, eps)
         return logits[-1].argmax(-1).view(g, m)
 
 
@@ -365,7 +434,7 @@ def reptile_adapt(snapshot: dict, xs: torch.Tensor, ys: torch.Tensor, steps: int
     plist = list(fast.values())
     for s in range(steps):
         idx = torch.stack([order[s] for order in orders])
-        logits = forward(fast, xs[rows, idx].transpose(0, 1), flatten=True)
+        logits = forward(fast, xs[rows, idx].transpose(0, 1), "flatten")
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ys[rows, idx].T.reshape(-1),
                                reduction="sum")  # each task's sum (models.py:27-30), tasks independent
         tf_adam_(plist, list(torch.autograd.grad(loss, plist)), adam, REPTILE["lr"], beta1=0.0)
@@ -386,6 +455,9 @@ def evaluate(algorithm: str, snapshot: str, tasks: str, steps: int | None = None
     assert snap["algorithm"] == algorithm, (snap["algorithm"], algorithm)
     data = torch.load(tasks, weights_only=True)
     reptile = algorithm == "reptile"
+    recipe = snap.get("recipe", "cbfinn")
+    settings = MAML_RECIPES[recipe]
+    head = ("flatten", BN_EPSILON) if reptile else (settings["head"], settings["bn_eps"])
     steps = (50 if reptile else 10) if steps is None else steps
     transductive = (not reptile) if transductive is None else transductive
     n_support = data["support_x"].shape[1]
@@ -402,9 +474,9 @@ def evaluate(algorithm: str, snapshot: str, tasks: str, steps: int | None = None
         else:
             params = {n: p.detach() for n, p in snap["model"].items()}
             fast = maml_adapt(params, xs, ys, steps, MAML["inner_lr"], n_support // ways,
-                              create_graph=False, track=False)
+                              create_graph=False, track=False, recipe=recipe)
             fast = {n: p.detach() for n, p in fast.items()}
-        preds = predict(fast, xs, xq, transductive, flatten=reptile)
+        preds = predict(fast, xs, xq, transductive, *head)
         per_task += (preds == yq).double().mean(1).tolist()
     accuracy = float(np.mean(per_task))
     result = {"accuracy": accuracy, "ci95": float(1.96 * np.std(per_task) / math.sqrt(len(per_task))),

@@ -37,9 +37,15 @@ from diffopt.firecli import fire_checked
 from diffopt.runfolder import RunFolder
 
 HERE = Path(__file__).resolve().parent
-METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile"}
+METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
+           "maml-paper": "MAML, the paper table's recipe"}
+RECIPES = {"maml-paper": ("maml", "goal")}
+"""Methods beyond their original code's settings: (algorithm, the reference's MAML recipe); diffopt
+runs examples/omniglot_table.py's paper-table recipe (the reference's ``goal`` recipe, its
+meta-gradient equal to diffopt's: tests/test_reference_parity.py)."""
 PROTOCOL = {  # test-time adaptation per method (the papers')
     "maml": dict(steps=10, inner_batch_size=None, transductive=True),
+    "maml-paper": dict(steps=10, inner_batch_size=None, transductive=True),
     "fomaml": dict(steps=10, inner_batch_size=None, transductive=True),
     "reptile": dict(steps=50, inner_batch_size=5, transductive=False),
 }
@@ -123,7 +129,8 @@ def score(method: str, implementation: str, run: str, tasks_file: str, curve_tas
             import omniglot_reference
 
             subset = tasks_path if count == len(keys) else _subset(tasks_path, count)
-            result = omniglot_reference.evaluate(method, str(snapshot), str(subset), **protocol)
+            algorithm = RECIPES.get(method, (method,))[0]
+            result = omniglot_reference.evaluate(algorithm, str(snapshot), str(subset), **protocol)
             accuracy, ci95 = result["accuracy"], result["ci95"]
             payload = torch.load(snapshot, weights_only=True)
             seconds, iteration = float(payload["train_seconds"]), int(payload["iteration"])
@@ -154,17 +161,35 @@ def _time_to(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def _diffopt_flags(method: str) -> list[str]:
+    if method not in RECIPES:
+        return ["--algorithm", method]
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    from omniglot_table import PAPER_RUNS
+
+    flags = {k: v for k, v in PAPER_RUNS[0].flags().items() if k != "shots"}
+    return [f"--{key}={value}" for key, value in flags.items()]
+
+
 def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_root: str, seed: int) -> None:
-    """Train diffopt and the reference side by side, one thread each."""
+    """Train diffopt and the reference side by side, one thread each; a run stopped part-way resumes
+    (diffopt from its checkpoint, the reference from its last snapshot)."""
     every = budget / snapshots
+    run_dir = folder / "diffopt"
+    if RunFolder(run_dir, writer=False).has_checkpoint():
+        diffopt = ["train", "--resume", str(run_dir), "--progress", "False"]
+    else:
+        diffopt = ["train", "--dataset", "omniglot", *_diffopt_flags(method), "--data_root", data_root,
+                   "--max_seconds", str(budget), "--iterations", str(10**7), "--snapshot_every_seconds",
+                   str(every), "--checkpoint_every", "100", "--seed", str(seed), "--run_dir", str(run_dir),
+                   "--progress", "False"]
+    algorithm, recipe = RECIPES.get(method, (method, "cbfinn"))
     commands = {
-        "diffopt": [sys.executable, "-m", "diffopt", "train", "--dataset", "omniglot", "--algorithm", method,
-                    "--data_root", data_root, "--max_seconds", str(budget), "--iterations", str(10**7),
-                    "--snapshot_every_seconds", str(every), "--checkpoint_every", "0",
-                    "--seed", str(seed), "--run_dir", str(folder / "diffopt"), "--progress", "False"],
-        "reference": [sys.executable, str(HERE / "omniglot_reference.py"), "train", "--algorithm", method,
-                      "--out", str(folder / "reference"), "--budget_seconds", str(budget),
-                      "--snapshots", str(snapshots), "--data_root", data_root, "--seed", str(seed)],
+        "diffopt": [sys.executable, "-m", "diffopt", *diffopt],
+        "reference": [sys.executable, str(HERE / "omniglot_reference.py"), "train", "--algorithm", algorithm,
+                      "--recipe", recipe, "--resume", "True", "--out", str(folder / "reference"),
+                      "--budget_seconds", str(budget), "--snapshots", str(snapshots), "--data_root",
+                      data_root, "--seed", str(seed)],
     }
     _parallel(commands, folder, "train")
 
@@ -187,10 +212,13 @@ def _parallel(commands: dict[str, list[str]], folder: Path, stage: str) -> None:
 
 
 def run_method(method: str, out: Path, budget: float, tasks_file: Path, snapshots: int, curve_tasks: int,
-               data_root: str, seed: int) -> dict:
+               data_root: str, seed: int, fresh: bool) -> dict:
+    """Train and score one method's pair; a finished pair (of another budget) or ``fresh`` starts over,
+    an unfinished one resumes."""
     folder = out / method
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    if fresh or (folder / "result.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
     _run_pair(method, folder, budget, snapshots, data_root, seed)
     _parallel({name: [sys.executable, str(Path(__file__).resolve()), "score", method, name,
@@ -256,7 +284,7 @@ def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tas
         print(f"{METHODS[method]}: diffopt and the reference side by side, {budget:.0f} s of training",
               flush=True)
         results.append(run_method(method, out_path, budget, tasks_file, snapshots, curve_tasks,
-                                  data_root, seed))
+                                  data_root, seed, fresh))
     text = table(results)
     print(text)
     if write:

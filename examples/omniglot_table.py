@@ -183,6 +183,9 @@ beside the 1- and 5-step protocols, 5-way 1-shot, every run under the same train
 scored after as many inner steps as each was trained with (1-step MAML: its protocol's 10)."""
 
 BUDGETS = {"methods": 1200.0, "goal": 2100.0, "family": 1200.0, "paper": 7200.0, "horizon": 900.0}
+SNAPSHOT_EVERY = {"paper": 600.0}
+"""Seconds of training time between kept checkpoints, by table: ``report`` scores each on the test
+tasks for a curve of test accuracy against training time."""
 TABLES = {
     "methods": [Run(f"{key}-{shots}shot", method.label, method, shots)
                 for shots in (1, 5) for key, method in METHODS.items()],
@@ -209,13 +212,15 @@ def _runs(table: str, runs) -> list[Run]:
 
 
 def _command(run: Run, folder: Path, budget: float, data_root: str, seed: int, validate_every: float,
-             validation_tasks: int) -> list[str]:
+             validation_tasks: int, snapshot_every: float | None) -> list[str]:
     if RunFolder(folder).has_checkpoint():
         return ["train", "--resume", str(folder)]
     args = ["train", "--dataset", "omniglot", "--data_root", data_root, "--iterations", "1000000",
             "--max_seconds", str(budget), "--seed", str(seed), "--validate_every_seconds",
             str(validate_every), "--checkpoint_every", "100", "--validation_tasks", str(validation_tasks),
             "--run_dir", str(folder)]
+    if snapshot_every is not None:
+        args += ["--snapshot_every_seconds", str(snapshot_every)]
     for key, value in run.flags().items():
         args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return args
@@ -255,7 +260,8 @@ def train(
             folder = out_path / run.name
             count = str(threads)
             env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
-            args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks)
+            args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks,
+                            SNAPSHOT_EVERY.get(table))
             log = open(out_path / f"{run.name}.log", "a")
             print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
             running[run.name] = (subprocess.Popen(

@@ -1,12 +1,14 @@
 """diffopt against the independent Omniglot reference (benchmarks/omniglot_reference.py, written
 from cbfinn/maml): on the same meta-parameters and the same meta-batch, MAML's and first-order
-MAML's meta-gradients are the same. The time-to-accuracy benchmark compares the two over a
+MAML's meta-gradients are the same, with cbfinn's settings and with the goal recipe of
+examples/omniglot_table.py. The time-to-accuracy benchmark compares the two over a
 training budget; this pins the per-step computation, so a gap there is the task stream and the
 seed, not the algorithm."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,24 @@ from diffopt.config import resolve_config
 from diffopt.data import Episode
 from diffopt.train import build
 
-REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "omniglot_reference.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("omniglot_reference", REFERENCE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(ROOT / "benchmarks" / "omniglot_reference.py")
+
+
+def _recipe_flags(recipe: str) -> dict:
+    """diffopt's options for the reference's recipe: none for cbfinn's (diffopt's defaults)."""
+    return {} if recipe == "cbfinn" else _load(ROOT / "examples" / "omniglot_table.py").GOAL_RECIPE
 
 
 def _reference_names(name: str) -> str:
@@ -31,34 +43,39 @@ def _reference_names(name: str) -> str:
     reference's parameter names."""
     index, kind = name.split(".")[1:]
     index = int(index)
-    if index == 14:
+    if index >= 12:  # after the four blocks: the dense layer (pool and flatten hold no parameters)
         return f"fc.{kind}"
     block = index // 3 + 1
     return f"conv{block}.{kind}" if index % 3 == 0 else f"bn{block}.{kind}"
 
 
-@pytest.mark.parametrize("vectorize", ["always", "never"])
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
-def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectorize, monkeypatch):
+@pytest.mark.parametrize("algorithm, vectorize, recipe", [
+    ("maml", "always", "cbfinn"), ("maml", "never", "cbfinn"), ("fomaml", "always", "cbfinn"),
+    ("fomaml", "never", "cbfinn"), ("maml", "auto", "goal"), ("fomaml", "auto", "goal")])
+def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectorize, recipe, monkeypatch):
     ref = _reference()
-    tasks, ways, shots = ref.MAML["meta_batch"], 5, 1
+    settings = ref.MAML_RECIPES[recipe]
+    tasks, ways, shots = settings["meta_batch"], 5, 1
+    queries = settings["queries"] or shots
+    flags = {**_recipe_flags(recipe), "test_shots": queries, "meta_batch_size": tasks}
     config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=shots, ways=ways, seed=3,
-                            vectorize=vectorize)
+                            vectorize=vectorize, **flags)
     diffopt_algorithm = build(config).double()  # float64: the two summation orders agree to 1e-10
     named = dict(diffopt_algorithm.model.named_parameters())
     with torch.no_grad():  # moved off their initial values so no gradient is trivially zero
         for p in named.values():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     params = {_reference_names(f"model.{n}"): p.detach().clone().requires_grad_() for n, p in named.items()}
-    assert sorted(params) == sorted(ref.init_params("maml", ways, torch.Generator()))
+    reference_init = ref.init_params("maml", ways, torch.Generator(), recipe)
+    assert {n: p.shape for n, p in params.items()} == {n: p.shape for n, p in reference_init.items()}
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(tasks, ways, 2 * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
-    y = torch.arange(ways).view(1, ways, 1).expand(tasks, ways, 2 * shots)
+    x = torch.rand(tasks, ways, shots + queries, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.arange(ways).view(1, ways, 1).expand(tasks, ways, shots + queries)
     monkeypatch.setattr(ref, "sample_tasks", lambda *args: (x, y))
     captured = {}
     monkeypatch.setattr(ref, "tf_adam_", lambda plist, grads, *a, **k: captured.update(grads=grads))
-    ref.maml_step(params, None, None, ways, shots, algorithm == "fomaml", gen)
+    ref.maml_step(params, None, None, ways, shots, algorithm == "fomaml", gen, recipe)
     expected = dict(zip(params, captured["grads"], strict=True))
 
     episode = Episode(x[:, :, :shots].flatten(1, 2), y[:, :, :shots].flatten(1, 2),
@@ -68,8 +85,8 @@ def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectori
     got = {_reference_names(f"model.{n}"): p.grad for n, p in named.items()}
     # cbfinn's meta-loss sums the query cross-entropies over a task's ways * shots queries and
     # averages over tasks (maml.py:136); diffopt averages over the queries too: a constant factor,
-    # which Adam's update does not see.
-    scale = ways * shots
+    # which Adam's update does not see. The goal recipe averages both.
+    scale = ways * shots if settings["meta_loss"] == "sum" else 1
     for name, grad in expected.items():
         if name.startswith("conv") and name.endswith("bias"):  # batch norm (batch statistics)
             # subtracts the channel mean next: the exact gradient is 0, both sides are rounding
