@@ -25,22 +25,13 @@ from diffopt.optim import (
     inner_rule_names,
 )
 from diffopt.options import Option, check_bool, check_float, check_int, check_name
-from diffopt.unroll import LossFn, UnrollInputs
+from diffopt.unroll import LossFn, UnrollInputs, reduce_loss
 
 LOSS_REDUCTIONS = ("mean", "sum", "class_sum")
 """How the inner loop reduces a batch's loss (``loss_fn`` gives the mean over examples): ``mean``;
 ``sum`` over examples (supervised-reptile: TF minimises the per-example vector, i.e. its sum);
 ``class_sum``, the mean times the number of classes (outputs), i.e. the sum over examples over
 the shots (cbfinn/maml: cross-entropy / update_batch_size, summed by tf.gradients)."""
-
-
-def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The inner loss under ``reduction`` from the mean loss of ``prediction`` [N, ..., C]."""
-    if reduction == "sum":
-        return mean * prediction.shape[0]
-    if reduction == "class_sum":
-        return mean * prediction.shape[-1]
-    return mean
 
 
 INNER_SOLVERS = ("gradient", "gauss_newton")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -25,6 +25,7 @@ from diffopt.fastweights import FunctionalModel
 from diffopt.models.norm import set_inner_step
 from diffopt.optim.rule import init_on
 from diffopt.unroll import (
+    LoopSettings,
     UnrollInputs,
     batch_order,
     differentiable_optimizer,
@@ -32,9 +33,6 @@ from diffopt.unroll import (
     higher_step,
     minibatch,
 )
-
-if TYPE_CHECKING:
-    from diffopt.inner import InnerLoop
 
 
 def segment_length(checkpoint: int | str, steps: int) -> int:
@@ -48,7 +46,7 @@ def segment_length(checkpoint: int | str, steps: int) -> int:
 class _Plan:
     """What a segment's steps need besides its tensors: the loop's settings and the task."""
 
-    loop: InnerLoop
+    loop: LoopSettings
     inputs: UnrollInputs
     """The whole unroll's (its ``steps``: ``InnerLoop.constant_gradient`` counts from its end)."""
     order: torch.Tensor | None
@@ -200,7 +198,7 @@ class _Segment(torch.autograd.Function):
         return (None, *result)
 
 
-def checkpointed(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
+def checkpointed(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
     """A second-order unroll in segments of ``segment_length(loop.checkpoint, steps)`` steps (see
     the module's docstring); the model after each step is yielded as a ``FunctionalModel``. A
     shorter segment, if any, comes first; the last one keeps its graph from the start, as a plain

@@ -7,7 +7,8 @@ adaptation and after every step:
   only, no graph kept across steps);
 - ``functional``: ``torch.func`` on a list of weights, for ``torch.func.vmap`` (update rules).
 
-``loop`` is the ``InnerLoop`` whose settings they follow; ``UnrollInputs`` what one unroll takes
+``loop`` is the ``InnerLoop`` whose settings they follow (what they read of it: ``LoopSettings``,
+so this module needs no import of ``diffopt.inner``); ``UnrollInputs`` what one unroll takes
 (``mask`` marks the tensors it adapts).
 All three draw inner mini-batches (Reptile's) the same way: ``batch_order``, ``minibatch``.
 """
@@ -18,22 +19,59 @@ import hashlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import higher
 import torch
 from torch import nn
 
 from diffopt.errors import DiffoptError
-from diffopt.fastweights import FunctionalModel
+from diffopt.fastweights import FunctionalModel, ModelCopies
 from diffopt.models.norm import set_inner_step
-from diffopt.optim import HIGHER_NOTICES, RuleOptimizer, make_inner_optimizer
+from diffopt.optim import HIGHER_NOTICES, RuleOptimizer, UpdateRule, make_inner_optimizer
 from diffopt.optim.rule import init_on, update_on
 
-if TYPE_CHECKING:
-    from diffopt.inner import InnerLoop
-
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reduce_loss(mean: torch.Tensor, prediction: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The inner loss under ``reduction`` from the mean loss of ``prediction`` [N, ..., C]."""
+    if reduction == "sum":
+        return mean * prediction.shape[0]
+    if reduction == "class_sum":
+        return mean * prediction.shape[-1]
+    return mean
+
+
+class LoopSettings(Protocol):
+    """What the ways of stepping read of the ``InnerLoop`` they follow (``diffopt.inner``)."""
+
+    optimizer: str
+    lr: float
+    options: dict
+    batch_size: int | None
+    loss_reduction: str
+    proximal: float
+    backtrack: bool
+    solver: str
+    checkpoint: int | str | None
+    rule: UpdateRule | None
+    carried_state: list[dict] | None
+
+    @property
+    def functional_rule(self) -> UpdateRule | None: ...
+    @property
+    def first_order_rule(self) -> UpdateRule | None: ...
+    @property
+    def carries_state(self) -> bool: ...
+    @property
+    def copies(self) -> ModelCopies: ...
+    def rule_index(self, mask: list[bool]) -> list[int] | None: ...
+    def constant_gradient(self, step: int, steps: int, detach_inner_grads: bool) -> bool: ...
+    def query_row(self, steps_taken: int) -> int: ...
+    def objective(self, loss_fn: LossFn, prediction: torch.Tensor, y: torch.Tensor,
+                  weights: list[torch.Tensor], anchor: list[torch.Tensor],
+                  mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -118,7 +156,7 @@ def backtrack(objective_at, params: list[torch.Tensor], updates: list, before: t
     return moved, torch.where(taken, torch.clamp(2 * scale, max=1.0), scale / 2)
 
 
-def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_fn: LossFn,
+def gauss_newton_step(loop: LoopSettings, model: nn.Module, names: list[str], loss_fn: LossFn,
                       weights: list[torch.Tensor], anchor: list[torch.Tensor], mask: list[bool],
                       x: torch.Tensor, y: torch.Tensor) -> tuple[list, torch.Tensor, torch.Tensor]:
     """``InnerLoop(solver="gauss_newton")``'s step: lr x d over the adapted tensors w, where
@@ -130,8 +168,6 @@ def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_
     directions are fitted, the rest of w moves by -grad / lambda. Needs lambda > 0. Pure
     ``torch.func``, vmappable. (per-tensor updates, None where not adapted; the objective, loss
     plus proximal term, at w; the mean loss at w)."""
-    from diffopt.inner import reduce_loss  # inner imports this module
-
     lam = loop.proximal
     adapted = [w for w, keep in zip(weights, mask, strict=True) if keep]
 
@@ -168,7 +204,7 @@ def gauss_newton_step(loop: InnerLoop, model: nn.Module, names: list[str], loss_
     return updates, objective, loss
 
 
-def differentiable_optimizer(loop: InnerLoop, model: nn.Module, fmodel: higher.patch._MonkeyPatchBase,
+def differentiable_optimizer(loop: LoopSettings, model: nn.Module, fmodel: higher.patch._MonkeyPatchBase,
                              mask: list[bool], track: bool, carried: list[dict] | None = None):
     """(higher's differentiable optimizer stepping ``fmodel`` as ``loop`` says, the torch optimizer
     it was made from), to be stepped by ``higher_step`` (which says per step which inner gradients
@@ -206,7 +242,7 @@ def inner_grad_callback(mask: list[bool], constant: bool):
     return callback
 
 
-def through_higher(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[higher.patch._MonkeyPatchBase]:
+def through_higher(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[higher.patch._MonkeyPatchBase]:
     """higher's differentiable optimizer over a monkeypatched copy of ``model``; the same object is
     yielded each time, its weights updated."""
     model, loss_fn, x, y, steps, mask = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.steps,
@@ -242,7 +278,7 @@ def through_higher(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[higher.pat
                               for index in range(len(template.param_groups[0]["params"]))]
 
 
-def first_order(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[nn.Module]:
+def first_order(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[nn.Module]:
     """First order without higher: a copy of ``model`` (``ModelCopies.plain``) whose weights are
     reset to ``model``'s, plain autograd, and ``loop.first_order_rule``'s update applied in place;
     the copy is yielded."""
@@ -294,7 +330,7 @@ def first_order(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[nn.Module]:
         loop.carried_state = state
 
 
-def functional(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
+def functional(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[FunctionalModel]:
     """``torch.func`` steps on a list of weights (``loop.functional_rule``), each yielded as a
     ``FunctionalModel`` of ``model``; vmappable."""
     model, x, y, steps, mask = inputs.model, inputs.x, inputs.y, inputs.steps, inputs.mask
@@ -314,7 +350,7 @@ def functional(loop: InnerLoop, inputs: UnrollInputs) -> Iterator[FunctionalMode
         yield FunctionalModel(model, names, params)
 
 
-def functional_steps(loop: InnerLoop, inputs: UnrollInputs, params: list[torch.Tensor], state: Any,
+def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torch.Tensor], state: Any,
                      steps: range, order: torch.Tensor | None,
                      vmappable: bool = True) -> Iterator[tuple[list[torch.Tensor], Any]]:
     """The steps numbered ``steps`` of the ``inputs.steps``-step unroll with

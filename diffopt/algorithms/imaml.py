@@ -21,9 +21,10 @@ from diffopt.algorithms.base import MetaAlgorithm, TaskGradient, accumulate_grad
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel
-from diffopt.inner import InnerLoop, LossFn, adapted_mask, reduce_loss
+from diffopt.inner import InnerLoop, LossFn, adapted_mask
 from diffopt.models.norm import ShiftBatchNorm
 from diffopt.options import Option, check_int
+from diffopt.unroll import reduce_loss
 from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
