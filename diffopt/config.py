@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from diffopt.algorithms import ALGORITHMS, algorithm_class
-from diffopt.data import DATASETS, get_dataset
+from diffopt.data import DATA_OPTIONS, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
 from diffopt.models import MODEL_OPTIONS, check_model_options, model_defaults
@@ -36,34 +36,18 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class _RunOptions:
-    """The options no component declares: the run's data, outer loop and bookkeeping
-    (``TrainConfig`` adds the model's, the inner loop's and the algorithms')."""
+    """The options no component declares: the run's length, outer loop and bookkeeping
+    (``TrainConfig`` adds the data's, the model's, the inner loop's and the algorithms')."""
 
     algorithm: str = option(
         "maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}, or module:Class (a MetaAlgorithm "
         "subclass)")
-    dataset: str = option("sinusoid", f"dataset: {', '.join(DATASETS)}")
-    data_root: str = option("data", "folder holding prepared image datasets (`diffopt data prepare`)")
-    class_split: str | None = option(
-        None, "Omniglot character split: vinyals (by alphabet, 1028 / 172 / 423; torchmeta's, the "
-        "default) or reptile (supervised-reptile's seeded shuffle, 1200 / 423, no validation)")
-    images: str = option(
-        "bilinear", "Omniglot image preprocessing: bilinear (torchmeta's antialiased resize, grey "
-        "strokes 1: one pipeline for every algorithm), nearest (binary, strokes 1: cbfinn/maml) or "
-        "nearest_strokes_0 (binary, strokes 0: supervised-reptile, MAML++)")
-    shots: int = option(10, "support examples per task (K); per class for classification")
-    test_shots: int | None = option(None, "query examples per task during meta-training (default: shots)")
-    train_shots: int | None = option(
-        None, "support examples per task while meta-training, if more than at test (Reptile); "
-        "default: shots")
-    ways: int | None = option(None, "classes per task (classification datasets only)")
     iterations: int | None = option(
         None, "meta-iterations (outer steps); default 1000, or with --max_seconds the budget decides "
         f"(at most {BUDGETED_ITERATIONS:,}, which sizes the task stream: give more for a longer run)")
     max_seconds: float | None = option(
         None, "wall-clock budget: stop after the meta-iteration that brings the training time "
         "(summed over resumes, evaluation excluded) to this many seconds")
-    meta_batch_size: int | None = option(None, "tasks per meta-iteration (sinusoid default: 25)")
     outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
     meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
     meta_lr_final: float | None = option(
@@ -98,7 +82,6 @@ class _RunOptions:
         "over tasks on the CPU, the resident size staying near its peak")
     seed: int = option(0, "seed for the model's initialisation and the meta-training task stream")
     device: str = option("cpu", "torch device, e.g. cpu or cuda")
-    num_workers: int = option(0, "data-loader worker processes")
     run_dir: str | None = option(None, "output folder (default: runs/<dataset>-<algorithm>-<time>)")
     checkpoint_every: int = option(500, "write a checkpoint every N meta-iterations (0: only at the end)")
     validate_every: int = option(
@@ -136,23 +119,28 @@ def _data_options(self) -> dict[str, Any]:
 ALGORITHM_OPTIONS: dict[str, Option] = {
     name: option for cls in ALGORITHMS.values() for name, option in cls.own_options().items()}
 """The registered algorithms' own options (iMAML's cg_steps, MAML's MAML++ schedules)."""
-COMPONENT_OPTIONS: dict[str, Option] = {**MODEL_OPTIONS, **InnerLoop.OPTIONS}
-"""The model's and the inner loop's options: a field "not given" (None) until resolved."""
+COMPONENT_OPTIONS: dict[str, Option] = {**DATA_OPTIONS, **MODEL_OPTIONS, **InnerLoop.OPTIONS}
+"""The data's, the model's and the inner loop's options: a field "not given" (None) until resolved."""
 
 
 def _train_config() -> type:
-    """``TrainConfig``: ``_RunOptions``' fields with the inner loop's and the algorithms' options
-    before the outer loop's (a declared option's field default is None, "not given", or the
-    algorithm option's ``unset``: the command line passes the field defaults)."""
+    """``TrainConfig``: ``_RunOptions``' fields with the declared options in the order a run
+    uses them: the algorithm, the data's, the run's length, the model's, the inner loop's and the
+    algorithms', then the outer loop and bookkeeping (a declared option's field default is None,
+    "not given", or the algorithm option's ``unset``)."""
     hints = typing.get_type_hints(_RunOptions)
-    declared = [(name, option.type, field(default=None, metadata={"help": option.help}))
-                for name, option in COMPONENT_OPTIONS.items()]
-    declared += [(name, option.type, field(default=option.unset, metadata={"help": option.help}))
-                 for name, option in ALGORITHM_OPTIONS.items()]
+
+    def declared(options: dict[str, Option], unset: bool = False) -> list[tuple]:
+        return [(name, option.type, field(default=option.unset if unset else None,
+                                          metadata={"help": option.help}))
+                for name, option in options.items()]
+
     own = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
            for f in fields(_RunOptions)]
     split = next(i for i, (name, *_) in enumerate(own) if name == "outer_optimizer")
-    config = make_dataclass("TrainConfig", own[:split] + declared + own[split:], frozen=True, namespace={
+    components = declared({**MODEL_OPTIONS, **InnerLoop.OPTIONS}) + declared(ALGORITHM_OPTIONS, unset=True)
+    ordered = own[:1] + declared(DATA_OPTIONS) + own[1:split] + components + own[split:]
+    config = make_dataclass("TrainConfig", ordered, frozen=True, namespace={
         "to_dict": _to_dict, "data_options": _data_options,
         "__doc__": "Everything a meta-training run depends on; saved in its checkpoint."})
     config.__module__ = __name__
@@ -162,14 +150,13 @@ def _train_config() -> type:
 TrainConfig = _train_config()
 
 
-BASE_DEFAULTS: dict[str, Any] = dict(meta_batch_size=25, outer_optimizer="adam", meta_lr=1e-3,
-                                     meta_lr_final=None)
+BASE_DEFAULTS: dict[str, Any] = dict(outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None)
 """Defaults of ``_RunOptions`` that a dataset's protocol may change (the components' options
 carry theirs: ``Option.default``)."""
 
 
 SAVED_BEFORE: dict[str, Any] = dict(
-    max_grad_value=None, images="bilinear",
+    max_grad_value=None,
     **{name: option.before for name, option in COMPONENT_OPTIONS.items()
        if option.before is not AS_TODAY})
 """What a run saved before an option existed did: its value for options whose defaults now follow
@@ -190,7 +177,7 @@ def resolve_config(**flags: Any) -> TrainConfig:
     if unknown:
         raise DiffoptError(f"unknown option --{unknown[0]}; see `diffopt train --help`")
     algorithm = flags.get("algorithm", TrainConfig.algorithm)
-    spec = get_dataset(flags.get("dataset", TrainConfig.dataset))
+    spec = get_dataset(flags.get("dataset") or DATA_OPTIONS["dataset"].default)
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     values.update(BASE_DEFAULTS)
     values.update({name: option.default for name, option in COMPONENT_OPTIONS.items()})
@@ -241,7 +228,8 @@ def validate(config: TrainConfig) -> None:
     cls.check_inner(SimpleNamespace(**inner), config.task_threads)  # what the algorithm takes first
     InnerLoop.check_arguments(**inner)
     cls.check_options(**arguments(cls.own_options(), config))
-    spec.data_options(images=config.images, class_split=config.class_split)  # offered by this dataset
+    data = arguments(DATA_OPTIONS, config)
+    get_dataset(data.pop("dataset")).check_options(**data)
     if config.keep_best and not (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
                            "or --validate_every_seconds")
@@ -251,31 +239,16 @@ def validate(config: TrainConfig) -> None:
     check_name("outer optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
     check_name("learning-rate schedule", config.meta_lr_schedule, SCHEDULES)
     check_name("vectorize mode", config.vectorize, VECTORIZE_MODES)
-    for name, minimum in [("shots", 1), ("test_shots", 1), ("iterations", 1),
-                          ("meta_batch_size", 1), ("seed", 0),
-                          ("num_workers", 0), ("checkpoint_every", 0), ("iterations_per_epoch", 1),
-                          ("validation_tasks", 2), ("validation_steps", 0),
+    for name, minimum in [("iterations", 1), ("seed", 0), ("checkpoint_every", 0),
+                          ("iterations_per_epoch", 1), ("validation_tasks", 2), ("validation_steps", 0),
                           ("validate_every", 0), ("max_bad_steps", 0), ("task_threads", 0),
                           ("keep_best", 0)]:
         check_int(name, getattr(config, name), minimum)
     if config.epochs is not None:
         check_int("epochs", config.epochs, 1)
-    if spec.classification:
-        check_int("ways", config.ways, 2)
-    elif config.ways is not None:
-        check_int("ways", config.ways, 2)
-        raise DiffoptError(f"--ways applies to classification datasets; {spec.name} is regression")
     check_float("meta_lr", config.meta_lr, positive=True)
     if config.meta_lr_final is not None:
         check_float("meta_lr_final", config.meta_lr_final, positive=False)
-    if config.train_shots is not None:
-        check_int("train_shots", config.train_shots, 1)
-    shots = (config.train_shots or config.shots) + config.test_shots
-    if spec.examples_per_class is not None and shots > spec.examples_per_class:
-        raise DiffoptError(
-            f"{spec.name} has {spec.examples_per_class} examples per class; support + query shots "
-            f"per class while training ({config.train_shots or config.shots} + {config.test_shots}) "
-            "must not exceed it: lower --shots, --train_shots or --test_shots")
     for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds", "max_grad_norm",
                  "max_grad_value"):
         if getattr(config, name) is not None:
@@ -299,7 +272,8 @@ def write_option_reference(path: str = "docs/guide.md") -> None:
 def option_reference() -> str:
     """The markdown table of every ``diffopt train`` option: who declares it, its default, its
     help (docs/guide.md's "Every train option", ``make docs``)."""
-    owners = {name: "the model" for name in MODEL_OPTIONS}
+    owners = {name: "the dataset" for name in DATA_OPTIONS}
+    owners.update({name: "the model" for name in MODEL_OPTIONS})
     owners.update({name: "`InnerLoop`" for name in InnerLoop.OPTIONS})
     for cls in ALGORITHMS.values():
         owners.update({name: f"`{cls.__name__}`" for name in cls.own_options()})

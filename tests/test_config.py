@@ -11,6 +11,7 @@ from torch import nn
 
 from diffopt.algorithms import ALGORITHMS, IMAML, MAML
 from diffopt.config import ALGORITHM_OPTIONS, SAVED_BEFORE, TrainConfig, option_reference, resolve_config
+from diffopt.data import DATA_OPTIONS
 from diffopt.errors import DiffoptError
 from diffopt.inner import InnerLoop
 from diffopt.models import MODEL_OPTIONS
@@ -23,7 +24,7 @@ def test_every_option_is_declared_once_and_feeds_its_constructor():
     names = [f.name for f in fields(TrainConfig)]
     assert len(names) == len(set(names))
     owned = [name for cls in ALGORITHMS.values() for name in cls.own_options()]
-    components = [*MODEL_OPTIONS, *InnerLoop.OPTIONS, *owned]
+    components = [*DATA_OPTIONS, *MODEL_OPTIONS, *InnerLoop.OPTIONS, *owned]
     assert len(components) == len(set(components))  # no option declared by two components
     assert set(components) <= set(names)
     loop = inspect.signature(InnerLoop).parameters
@@ -37,8 +38,8 @@ def test_every_option_is_declared_once_and_feeds_its_constructor():
 
 def test_resolved_defaults_come_from_the_declarations():
     config = resolve_config()
-    for name, option in {**MODEL_OPTIONS, **InnerLoop.OPTIONS}.items():
-        assert getattr(config, name) == option.default, name
+    for name, option in {**DATA_OPTIONS, **MODEL_OPTIONS, **InnerLoop.OPTIONS}.items():
+        assert getattr(config, name) == (config.shots if name == "test_shots" else option.default), name
     assert resolve_config(algorithm="imaml").cg_steps == IMAML.OPTIONS["cg_steps"].default
     # where no dataset protocol sets it (Mini-ImageNet has no iMAML protocol)
     assert (resolve_config(algorithm="imaml", dataset="miniimagenet").inner_proximal

@@ -18,8 +18,9 @@ from diffopt.data.episode import Episode, Task
 from diffopt.data.images import CLASS_SPLITS, OMNIGLOT_IMAGES, miniimagenet_loader, omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
 from diffopt.errors import DiffoptError, unknown_name
+from diffopt.options import Option, check_int
 
-__all__ = ["DATASETS", "DatasetSpec", "Episode", "Task", "get_dataset", "split_seed"]
+__all__ = ["DATASETS", "DATA_OPTIONS", "DatasetSpec", "Episode", "Task", "get_dataset", "split_seed"]
 
 SPLITS = ("train", "val", "test")
 
@@ -79,7 +80,8 @@ class DatasetSpec:
         options: dict[str, Any] = {}
         if not rotations:
             if not self.rotated_classes:
-                raise DiffoptError(f"--rotations False applies to omniglot; {self.name} has no rotated classes")
+                raise DiffoptError(f"--rotations False applies to omniglot; {self.name} has no rotated "
+                                   "classes")
             options["rotations"] = False
         if images != "bilinear":
             if images not in self.image_options:
@@ -90,6 +92,31 @@ class DatasetSpec:
                 raise unknown_name(f"{self.name} class split", class_split, self.class_splits or ("none",))
             options["class_split"] = class_split
         return options
+
+    def check_options(self, *, data_root: str, shots: int, test_shots: int, train_shots: int | None,
+                      ways: int | None, meta_batch_size: int, num_workers: int, images: str,
+                      class_split: str | None) -> None:
+        """DiffoptError naming the first of the data options (``DATA_OPTIONS`` but ``dataset``)
+        this dataset cannot serve."""
+        if not isinstance(data_root, str):
+            raise DiffoptError(f"--data_root must be a folder name; got {data_root!r}")
+        self.data_options(images=images, class_split=class_split)
+        for name, value, minimum in [("shots", shots, 1), ("test_shots", test_shots, 1),
+                                     ("meta_batch_size", meta_batch_size, 1),
+                                     ("num_workers", num_workers, 0)]:
+            check_int(name, value, minimum)
+        if ways is not None or self.classification:
+            check_int("ways", ways, 2)
+            if not self.classification:
+                raise DiffoptError(f"--ways applies to classification datasets; {self.name} is regression")
+        if train_shots is not None:
+            check_int("train_shots", train_shots, 1)
+        support = train_shots or shots
+        if self.examples_per_class is not None and support + test_shots > self.examples_per_class:
+            raise DiffoptError(
+                f"{self.name} has {self.examples_per_class} examples per class; support + query shots "
+                f"per class while training ({support} + {test_shots}) must not exceed it: lower "
+                "--shots, --train_shots or --test_shots")
 
     def loader(
         self, split: str, *, seed: int, shots: int, test_shots: int, batch_size: int,
@@ -216,6 +243,30 @@ DATASETS: dict[str, DatasetSpec] = {
                                              pool_padding="same")),
     ),
 }
+
+
+DATA_OPTIONS: dict[str, Option] = {
+    "dataset": Option(str, "sinusoid", f"dataset: {', '.join(DATASETS)}"),
+    "data_root": Option(str, "data", "folder holding prepared image datasets (`diffopt data prepare`)"),
+    "class_split": Option(
+        str | None, None, "Omniglot character split: vinyals (by alphabet, 1028 / 172 / 423; "
+        "torchmeta's, the default) or reptile (supervised-reptile's seeded shuffle, 1200 / 423, no "
+        "validation)"),
+    "images": Option(
+        str, "bilinear", "Omniglot image preprocessing: bilinear (torchmeta's antialiased resize, grey "
+        "strokes 1: one pipeline for every algorithm), nearest (binary, strokes 1: cbfinn/maml) or "
+        "nearest_strokes_0 (binary, strokes 0: supervised-reptile, MAML++)"),
+    "shots": Option(int, 10, "support examples per task (K); per class for classification"),
+    "test_shots": Option(int | None, None, "query examples per task during meta-training (default: shots)"),
+    "train_shots": Option(
+        int | None, None, "support examples per task while meta-training, if more than at test "
+        "(Reptile); default: shots"),
+    "ways": Option(int | None, None, "classes per task (classification datasets only)"),
+    "meta_batch_size": Option(int, 25, "tasks per meta-iteration"),
+    "num_workers": Option(int, 0, "data-loader worker processes"),
+}
+"""The run's task-stream options, which ``DatasetSpec.loader`` takes and ``check_options`` checks;
+the dataset's protocol (``defaults``, ``algorithm_defaults``) sets them before the user's flags."""
 
 
 def get_dataset(name: str) -> DatasetSpec:
