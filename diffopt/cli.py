@@ -24,7 +24,7 @@ from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
-from diffopt.options import check_float, check_int
+from diffopt.options import check_bool, check_float, check_int
 from diffopt.runfolder import RunFolder
 
 
@@ -135,21 +135,12 @@ def evaluate_command(
             test protocol: 5; the run must be trained with --keep_best N)
         progress: show a progress bar
     """
-    from diffopt.data import get_dataset
-    from diffopt.evaluate import evaluate as run_evaluation
-    from diffopt.evaluate import evaluation_protocol
+    from diffopt.evaluate import EvaluationProtocol
     from diffopt.train import load_trained
 
-    steps = _as_tuple("steps", steps, int)
-    for name, value, minimum in [("tasks", tasks, 2), ("seed", seed, 0), ("ensemble", ensemble, 1)]:
-        check_int(name, value, minimum)
-    if test_shots is not None:
-        check_int("test_shots", test_shots, 1)
-    for name, value in [("transductive", transductive), ("rotations", rotations), ("progress", progress)]:
-        if not isinstance(value, bool):
-            raise DiffoptError(f"--{name} must be True or False; got {value!r}")
-    if min(steps) < 0:
-        raise DiffoptError(f"--steps must be >= 0; got {steps!r}")
+    protocol = EvaluationProtocol(tasks, _as_tuple("steps", steps, int), test_shots, seed, transductive,
+                                  rotations, ensemble)
+    check_bool("progress", progress)
     overrides = {"device": device, "shots": shots, "inner_batch_size": inner_batch_size}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config, algorithm, payload = load_trained(run, **overrides)
@@ -157,13 +148,7 @@ def evaluate_command(
         from diffopt.runfolder import best_checkpoints
 
         algorithm = [load_trained(path, **overrides)[1] for path in best_checkpoints(run, ensemble)]
-    spec = get_dataset(config.dataset)
-    test_shots = spec.eval_test_shots if test_shots is None else test_shots
-    evaluation = run_evaluation(
-        algorithm, spec, shots=config.shots, test_shots=test_shots,
-        tasks=tasks, steps=steps, seed=seed, ways=config.ways, device=device, **config.data_options(),
-        transductive=transductive, rotations=rotations, progress=progress,
-    )
+    evaluation = protocol.evaluate(algorithm, config, device=device, progress=progress)
     if not distributed.is_main():
         return
     summary = {}
@@ -178,10 +163,8 @@ def evaluate_command(
             print(f"{after} {mean:.4f} +- {ci:.4f}  ({tasks} tasks)")
     run_path = Path(run)
     if run_path.is_dir():
-        protocol = evaluation_protocol(config, iteration=payload["iteration"], tasks=tasks, steps=steps,
-                                       test_shots=test_shots, seed=seed, transductive=transductive,
-                                       rotations=rotations, ensemble=ensemble)
-        record = {"protocol": protocol, "metric": evaluation.metric, "summary": summary,
+        record = {"protocol": protocol.record(config, iteration=payload["iteration"]),
+                  "metric": evaluation.metric, "summary": summary,
                   "scores": {s: v.tolist() for s, v in evaluation.scores.items()}}
         print(RunFolder(run_path).save_evaluation(record))
 
@@ -244,7 +227,6 @@ def compare_command(
     """
     from diffopt.compare import (
         GRID_DEFAULTS,
-        EvaluationSettings,
         format_table,
         load_grid_file,
         product_configs,
@@ -252,6 +234,7 @@ def compare_command(
     )
     from diffopt.compare import compare as run_comparison
     from diffopt.data import get_dataset
+    from diffopt.evaluate import EvaluationProtocol
 
     grid = load_grid_file(config) if config is not None else {}
     given = dict(dataset=dataset, algorithms=algorithms, inner_optimizers=inner_optimizers,
@@ -278,16 +261,10 @@ def compare_command(
     configs = with_shared_options(configs, options.get("common", {}), train_options)
     shots = _as_tuple("shots", options["shots"], int)
     eval_steps = _as_tuple("eval_steps", options["eval_steps"], int)
-    eval_test_shots = options.get("eval_test_shots", spec.eval_test_shots)
-    for name, value, minimum in [("eval_tasks", options["eval_tasks"], 2), ("seeds", options["seeds"], 1),
-                                 ("eval_test_shots", eval_test_shots, 1),
-                                 ("eval_seed", options["eval_seed"], 0),
-                                 ("iterations", options["iterations"], 1)]:
+    protocol = EvaluationProtocol(options["eval_tasks"], eval_steps, options.get("eval_test_shots"),
+                                  options["eval_seed"], options["eval_transductive"], option_prefix="eval_")
+    for name, value, minimum in [("seeds", options["seeds"], 1), ("iterations", options["iterations"], 1)]:
         check_int(name, value, minimum)
-    if min(eval_steps) < 0:
-        raise DiffoptError(f"--eval_steps must be >= 0; got {eval_steps!r}")
-    if not isinstance(options["eval_transductive"], bool):
-        raise DiffoptError(f"--eval_transductive must be True or False; got {options['eval_transductive']!r}")
     if not configs:
         raise DiffoptError("the grid has no configuration; give --algorithms or configs in --config")
     if options.get("max_seconds") is not None:
@@ -298,8 +275,7 @@ def compare_command(
         dataset=name, configs=configs, shots=shots, seeds=tuple(range(options["seeds"])),
         iterations=options["iterations"], max_seconds=options.get("max_seconds"),
         ways=options.get("ways"),
-        settings=EvaluationSettings(options["eval_tasks"], sorted(set(eval_steps)), eval_test_shots,
-                          options["eval_seed"], options["eval_transductive"]),
+        protocol=protocol,
         validate_every=options.get("validate_every"), validation_tasks=options["validation_tasks"],
         out=out_dir, progress=progress, tensorboard=tensorboard, command=_COMMAND, skipped=skipped,
     )

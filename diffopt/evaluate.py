@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm
 from diffopt.data import DatasetSpec, Episode, Task, accuracy_per_task, mse_per_task
 from diffopt.errors import DiffoptError
+from diffopt.options import check_bool, check_int
 from diffopt.progress import progress_bar
 from diffopt.vectorize import over_tasks
 
@@ -221,12 +222,81 @@ def evaluate(
     return Evaluation(metric, {s: table[:, i] for i, s in enumerate(steps)}, keys)
 
 
-def evaluation_protocol(config: Any, *, iteration: int, **settings: Any) -> dict[str, Any]:
-    """Everything an evaluation's scores depend on, as every evaluation record keeps it (``diffopt
-    evaluate``'s eval-*.json, a comparison's evaluation.json): the run's checkpoint (iteration),
-    its config's (a ``TrainConfig``) data options, shots, ways, inner mini-batches and inner
-    state, and ``settings`` (tasks, steps, test shots, seed, transductive, rotations, ensemble)."""
-    return {"split": "test", "iteration": iteration, "shots": config.shots, "ways": config.ways,
-            "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
-            **config.data_options(), **{k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in settings.items()}}
+@dataclass(frozen=True)
+class EvaluationProtocol:
+    """How a trained run is scored: ``tasks`` held-out test tasks drawn by ``seed`` with
+    ``test_shots`` query examples (per class; None: the dataset's ``eval_test_shots``), scored after
+    each of ``steps`` inner steps, the queries as one batch (``transductive``) or each with the
+    support set alone; Omniglot with or without its rotated classes; an ``ensemble`` of the run's
+    best validation checkpoints. ``diffopt evaluate``'s options and a comparison's ``eval_*`` ones
+    build it, checked here where it is built; ``record`` is what every evaluation record keeps.
+
+    >>> protocol = EvaluationProtocol(tasks=100, steps=(0, 10))
+    >>> protocol.steps, protocol.test_shots
+    ((0, 10), None)
+    """
+
+    tasks: int = 500
+    steps: tuple[int, ...] = (0, 1, 10)
+    test_shots: int | None = None
+    seed: int = EVAL_SEED
+    transductive: bool = True
+    rotations: bool = True
+    ensemble: int = 1
+    option_prefix: str = field(default="", compare=False, repr=False)
+    """How the command line names these settings in its errors (a comparison's: ``eval_``)."""
+
+    def __post_init__(self) -> None:
+        prefix = self.option_prefix
+        steps = self.steps if isinstance(self.steps, (tuple, list)) else (self.steps,)
+        if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+            raise DiffoptError(f"--{prefix}steps must be >= 0 (whole numbers); got {self.steps!r}")
+        object.__setattr__(self, "steps", tuple(sorted(set(steps))))
+        for name, minimum in [("tasks", 2), ("seed", 0), ("ensemble", 1)]:
+            check_int(prefix + name, getattr(self, name), minimum)
+        if self.test_shots is not None:
+            check_int(prefix + "test_shots", self.test_shots, 1)
+        for name in ("transductive", "rotations"):
+            check_bool(prefix + name, getattr(self, name))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EvaluationProtocol:
+        """The protocol an evaluation record (``record``'s output) was scored with; settings the
+        record predates take their defaults."""
+        names = [f.name for f in fields(cls) if f.name != "option_prefix"]
+        return cls(**{name: tuple(record[name]) if name == "steps" else record[name]
+                      for name in names if name in record})
+
+    def for_dataset(self, spec: DatasetSpec) -> EvaluationProtocol:
+        """This protocol with the dataset's query examples where ``test_shots`` is None."""
+        return self if self.test_shots is not None else replace(self, test_shots=spec.eval_test_shots)
+
+    def evaluate(self, algorithm: MetaAlgorithm | Sequence[MetaAlgorithm], config: Any, *,
+                 device: str | None = None, progress: bool = False) -> Evaluation:
+        """Score ``algorithm`` (trained as ``config``, a ``TrainConfig``, says: its shots, ways and
+        data options) on this protocol's tasks."""
+        from diffopt.data import get_dataset
+
+        spec = get_dataset(config.dataset)
+        protocol = self.for_dataset(spec)
+        return evaluate(algorithm, spec, shots=config.shots, test_shots=protocol.test_shots,
+                        tasks=protocol.tasks, steps=protocol.steps, seed=protocol.seed, ways=config.ways,
+                        device=device or config.device, transductive=protocol.transductive,
+                        rotations=protocol.rotations, progress=progress, **config.data_options())
+
+    def settings(self) -> dict[str, Any]:
+        """The protocol as a JSON record (``from_record`` reads it back)."""
+        return {f.name: list(self.steps) if f.name == "steps" else getattr(self, f.name)
+                for f in fields(self) if f.name != "option_prefix"}
+
+    def record(self, config: Any, *, iteration: int) -> dict[str, Any]:
+        """Everything an evaluation's scores depend on, as every evaluation record keeps it
+        (``diffopt evaluate``'s eval-*.json, a comparison's evaluation.json): the run's
+        checkpoint (iteration), its config's (a ``TrainConfig``) data options, shots, ways, inner
+        mini-batches and inner state, and this protocol."""
+        from diffopt.data import get_dataset
+
+        protocol = self.for_dataset(get_dataset(config.dataset))
+        return {"split": "test", "iteration": iteration, "shots": config.shots, "ways": config.ways,
+                "inner_batch_size": config.inner_batch_size, "inner_state": config.inner_state,
+                **config.data_options(), **protocol.settings()}

@@ -116,7 +116,7 @@ def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) ->
     """Bar charts of the held-out metric, one panel per number of evaluation steps (> 0), one
     group per K; a configuration that diverged on some task is marked instead of drawn."""
     plt = _pyplot()
-    steps = [s for s in results["settings"]["eval_steps"] if s > 0] or results["settings"]["eval_steps"]
+    steps = [s for s in results["evaluation"]["steps"] if s > 0] or results["evaluation"]["steps"]
     shots = sorted({row.shots for row in rows})
     labels = list(dict.fromkeys(row.label for row in rows))
     width = 0.8 / len(labels)
@@ -168,7 +168,7 @@ def sinusoid_fits(out: Path, results: Mapping[str, Any], path: Path, steps: Sequ
 
     plt = _pyplot()
     k, seed = results["shots"][0], results["seeds"][0]
-    x, y, truth = sinusoid_task(results["settings"]["eval_seed"], k)
+    x, y, truth = sinusoid_task(results["evaluation"]["seed"], k)
     grid = np.linspace(-5, 5, 200)
     labels = list(results["configs"])
     columns = min(3, len(labels))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from diffopt.compare import ComparisonRow, EvaluationSettings, compare, run_name
-from diffopt.evaluate import EVAL_SEED
+from diffopt.compare import ComparisonRow, compare, run_name
+from diffopt.evaluate import EVAL_SEED, EvaluationProtocol
 from diffopt.firecli import fire_checked
 from diffopt.report import library_versions, machine_description, write_section
 from diffopt.runfolder import RunFolder
@@ -94,7 +94,7 @@ def main(
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
     torch.set_num_threads(threads)
     started = time.time()
-    settings = EvaluationSettings(eval_tasks, [0, 1, 10], eval_test_shots, EVAL_SEED)
+    protocol = EvaluationProtocol(eval_tasks, (0, 1, 10), eval_test_shots, EVAL_SEED)
     finished = {(m, k) for m in methods for k in shots
                 if RunFolder(Path(out) / "runs" / run_name(m, k, seed)).comparison_record() is not None}
     pending = [] if train else [(m, k) for k in shots for m in methods if (m, k) not in finished]
@@ -102,7 +102,7 @@ def main(
         ([m for m in methods if (m, k) in finished], (k,)) for k in shots]
     rows = [row for chosen, ks in groups if chosen for row in compare(
         dataset="sinusoid", configs={m: CONFIGS[m] for m in chosen}, shots=ks, seeds=(seed,),
-        iterations=iterations, settings=settings, out=Path(out), progress=progress)]
+        iterations=iterations, protocol=protocol, out=Path(out), progress=progress)]
     lines = [
         "| method | K | paper (1 step) | diffopt (1 step) | diffopt (10 steps) | within paper's bound |"
         " train wall time | s / meta-iter |",

@@ -7,7 +7,7 @@ import importlib
 import json
 import math
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +18,6 @@ from PIL import Image
 import diffopt.compare.runs as compare_module
 from diffopt.cli import main
 from diffopt.compare import (
-    EvaluationSettings,
     aggregate,
     compare,
     format_table,
@@ -27,12 +26,13 @@ from diffopt.compare import (
 )
 from diffopt.config import resolve_config
 from diffopt.errors import DiffoptError
+from diffopt.evaluate import EvaluationProtocol
 from diffopt.gradcheck import check_meta_gradient
 
-SETTINGS = EvaluationSettings(eval_tasks=6, eval_steps=[0, 1], eval_test_shots=10)
+PROTOCOL = EvaluationProtocol(tasks=6, steps=(0, 1), test_shots=10)
 GRID = dict(dataset="sinusoid", configs={"maml": {"hidden": [8]}, "pretrain": {"algorithm": "pretrain",
                                                                             "hidden": [8]}},
-            shots=(3,), seeds=(0, 1), iterations=4, settings=SETTINGS, progress=False)
+            shots=(3,), seeds=(0, 1), iterations=4, protocol=PROTOCOL, progress=False)
 
 
 def assert_real_png(path) -> None:
@@ -119,15 +119,15 @@ def test_finished_runs_are_reused_and_interrupted_ones_resumed(sinusoid_grid, tm
     assert [(r.label, r.mean) for r in again] == [(r.label, r.mean) for r in rows]
     record = json.loads((lost / "evaluation.json").read_text())
     config = resolve_config(**record["config"])
-    assert compare_module._finished(lost, config, SETTINGS) is not None
-    assert compare_module._finished(lost, config, EvaluationSettings(7, [0, 1], 10)) is None  # another one
-    non_transductive = EvaluationSettings(**{**asdict(SETTINGS), "eval_transductive": False})
+    assert compare_module._finished(lost, config, PROTOCOL) is not None
+    assert compare_module._finished(lost, config, EvaluationProtocol(7, (0, 1), 10)) is None  # another one
+    non_transductive = replace(PROTOCOL, transductive=False)
     assert compare_module._finished(lost, config, non_transductive) is None  # another protocol
-    older = {k: v for k, v in record["settings"].items() if k != "eval_transductive"}
-    old_record = {**record, "settings": older}
-    (lost / "evaluation.json").write_text(json.dumps(old_record))  # written before the setting existed
-    assert compare_module._finished(lost, config, SETTINGS) is not None
-    assert compare_module._finished(lost, replace(config, inner_lr=0.5), SETTINGS) is None
+    older = {k: v for k, v in record["protocol"].items() if k not in ("rotations", "ensemble")}
+    old_record = {**record, "protocol": older}
+    (lost / "evaluation.json").write_text(json.dumps(old_record))  # written before the settings existed
+    assert compare_module._finished(lost, config, PROTOCOL) is not None
+    assert compare_module._finished(lost, replace(config, inner_lr=0.5), PROTOCOL) is None
 
 
 def test_grid_file_and_command_line(tmp_path, capsys, compare_in_process):
@@ -238,7 +238,7 @@ def test_omniglot_grid_on_the_shared_data(omniglot_root, tmp_path):
     rows = compare(dataset="omniglot", configs={"maml": {"data_root": str(omniglot_root)},
                                                 "fomaml": {"algorithm": "fomaml",
                                                            "data_root": str(omniglot_root)}},
-                   shots=(1,), seeds=(0, 1), iterations=2, settings=EvaluationSettings(4, [0, 1], 2),
+                   shots=(1,), seeds=(0, 1), iterations=2, protocol=EvaluationProtocol(4, (0, 1), 2),
                    validate_every=1, validation_tasks=2,
                    out=tmp_path, progress=False, **{"ways": 3})
     results = json.loads((tmp_path / "results.json").read_text())
@@ -296,19 +296,17 @@ def test_a_non_transductive_comparison_says_so_and_scores_each_query_alone(
     calls = []
     real = evaluate_module.evaluate
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: calls.append(k) or real(*a, **k))
-    settings = EvaluationSettings(eval_tasks=4, eval_steps=[0, 1], eval_test_shots=5, eval_transductive=False)
+    protocol = EvaluationProtocol(tasks=4, steps=(0, 1), test_shots=5, transductive=False)
     config = resolve_config(dataset="sinusoid", hidden=[8], iterations=2, run_dir=str(tmp_path / "one"))
-    record = compare_module.run_one(config, settings)  # what each comparison's process runs
-    assert [k["transductive"] for k in calls] == [False] and record["settings"]["eval_transductive"] is False
-    from diffopt.evaluate import evaluation_protocol  # the schema of diffopt evaluate's records
-
-    assert record["protocol"] == evaluation_protocol(config, iteration=2, tasks=4, steps=[0, 1], test_shots=5,
-                                                     seed=settings.eval_seed, transductive=False)
+    record = compare_module.run_one(config, protocol)  # what each comparison's process runs
+    assert [k["transductive"] for k in calls] == [False] and record["protocol"]["transductive"] is False
+    assert record["protocol"] == protocol.record(config, iteration=2)  # diffopt evaluate's schema
     assert record["protocol"]["split"] == "test" and record["protocol"]["shots"] == config.shots
-    compare(**{**GRID, "seeds": (0,), "iterations": 2, "settings": settings}, out=tmp_path / "grid")
+    assert EvaluationProtocol.from_record(record["protocol"]) == protocol
+    compare(**{**GRID, "seeds": (0,), "iterations": 2, "protocol": protocol}, out=tmp_path / "grid")
     tmp_path = tmp_path / "grid"
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["settings"]["eval_transductive"] is False
+    assert results["evaluation"]["transductive"] is False
     assert "non-transductive: each query example scored with the support set alone" in (
         tmp_path / "report.md").read_text()
 

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffopt.algorithms import build_algorithm
-from diffopt.data import Episode, accuracy_per_task
-from diffopt.evaluate import evaluate
+from diffopt.config import resolve_config
+from diffopt.data import Episode, accuracy_per_task, get_dataset
+from diffopt.errors import DiffoptError
+from diffopt.evaluate import EVAL_SEED, EvaluationProtocol, evaluate
 from diffopt.inner import InnerLoop
 
 
@@ -69,3 +71,32 @@ def test_evaluate_scores_the_hand_count_and_an_ensemble_averages_logits(members,
                       transductive=transductive)
     assert result.metric == "accuracy"
     np.testing.assert_allclose(result.scores[0], HAND[members], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("given, prefix, message", [
+    (dict(tasks=1), "", "--tasks must be a whole number >= 2"),
+    (dict(steps=(0, -1)), "", "--steps must be >= 0"),
+    (dict(steps=(1.5,)), "eval_", "--eval_steps must be >= 0"),
+    (dict(test_shots=0), "eval_", "--eval_test_shots must be a whole number >= 1"),
+    (dict(seed=-3), "eval_", "--eval_seed must be a whole number >= 0"),
+    (dict(transductive="yes"), "eval_", "--eval_transductive must be True or False"),
+    (dict(ensemble=0), "", "--ensemble must be a whole number >= 1"),
+])
+def test_an_evaluation_protocol_is_checked_where_it_is_built(given, prefix, message):
+    with pytest.raises(DiffoptError, match=message):
+        EvaluationProtocol(**given, option_prefix=prefix)
+
+
+def test_an_evaluation_record_reads_back_as_its_protocol():
+    protocol = EvaluationProtocol(tasks=7, steps=(10, 0, 10), seed=3, transductive=False)
+    assert protocol.steps == (0, 10)  # sorted, once each: the order scores are kept in
+    config = resolve_config(dataset="omniglot", shots=1)
+    record = protocol.record(config, iteration=12)
+    assert (record["iteration"], record["shots"], record["ways"], record["test_shots"]) == (12, 1, 5, 15)
+    assert record["images"] == config.images and record["split"] == "test"
+    assert EvaluationProtocol.from_record(record) == protocol.for_dataset(get_dataset(config.dataset))
+    assert EvaluationProtocol.from_record(record) != protocol  # test_shots: the dataset's 15, not None
+    older = {k: v for k, v in record.items() if k not in ("rotations", "ensemble")}
+    assert EvaluationProtocol.from_record(older) == EvaluationProtocol.from_record(record)
+    assert EvaluationProtocol().seed == EVAL_SEED
+

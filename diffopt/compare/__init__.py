@@ -18,7 +18,6 @@ from diffopt.compare.grid import (
     GRID_DEFAULTS,
     GRID_KEYS,
     PER_RUN_OPTIONS,
-    EvaluationSettings,
     load_grid_file,
     product_configs,
     run_name,
@@ -28,6 +27,6 @@ from diffopt.compare.grid import (
 from diffopt.compare.results import ComparisonRow, aggregate, differing_settings, format_table, write_report
 from diffopt.compare.runs import compare, run_one, same_run
 
-__all__ = ["GRID_DEFAULTS", "GRID_KEYS", "PER_RUN_OPTIONS", "ComparisonRow", "EvaluationSettings",
+__all__ = ["GRID_DEFAULTS", "GRID_KEYS", "PER_RUN_OPTIONS", "ComparisonRow",
            "aggregate", "compare", "differing_settings", "format_table", "load_grid_file", "product_configs",
            "run_name", "run_one", "same_run", "shared_train_options", "with_shared_options", "write_report"]

@@ -3,9 +3,9 @@
 import json
 import sys
 
-from diffopt.compare.grid import EvaluationSettings
 from diffopt.compare.runs import run_one
 from diffopt.config import resolve_config
+from diffopt.evaluate import EvaluationProtocol
 
 job = json.loads(sys.argv[1])
-run_one(resolve_config(**job["config"]), EvaluationSettings(**job["settings"]))
+run_one(resolve_config(**job["config"]), EvaluationProtocol.from_record(job["protocol"]))

@@ -1,11 +1,11 @@
-"""A comparison's grid: the grid file's schema and defaults, what every run shares
-(``EvaluationSettings``), and its expansion into labelled configurations."""
+"""A comparison's grid: the grid file's schema and defaults, and its expansion into labelled
+configurations (every run is scored by one ``diffopt.evaluate.EvaluationProtocol``)."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +13,6 @@ from diffopt.config import TrainConfig
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import suggestion
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """What every run of a comparison shares besides its configuration."""
-
-    eval_tasks: int
-    eval_steps: list[int]
-    eval_test_shots: int
-    eval_seed: int = EVAL_SEED
-    eval_transductive: bool = True
-    """Whether each query set is scored as a batch (batch norm's statistics over it) or each
-    query example with the support set alone (``evaluate(transductive=...)``)."""
-
 
 GRID_KEYS = ("dataset", "configs", "common", "algorithms", "inner_optimizers", "inner_steps", "shots",
              "ways", "seeds", "iterations", "max_seconds", "eval_tasks", "eval_steps", "eval_test_shots",

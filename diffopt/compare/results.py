@@ -121,8 +121,8 @@ def format_table(rows: Sequence[ComparisonRow], metric: str, steps: Sequence[int
 
 
 
-def _protocol_words(settings: Mapping[str, Any]) -> str:
-    if settings.get("eval_transductive", True):
+def _protocol_words(evaluation: Mapping[str, Any]) -> str:
+    if evaluation["transductive"]:
         return "transductive: each query set scored as one batch"
     return "non-transductive: each query example scored with the support set alone"
 
@@ -135,8 +135,8 @@ def write_report(out: Path) -> list[ComparisonRow]:
     out = Path(out)
     results = json.loads((out / RESULTS_NAME).read_text())
     rows = aggregate(results["runs"])
-    settings, budget = results["settings"], results["budget"]
-    steps = settings["eval_steps"]
+    evaluation, budget = results["evaluation"], results["budget"]
+    steps = evaluation["steps"]
     metric = results["metric"]
     figures = plots.comparison_figures(out, results, rows)
     if budget.get("max_seconds") is not None:
@@ -158,9 +158,9 @@ def write_report(out: Path) -> list[ComparisonRow]:
         "",
         f"{budget_text}; training seeds {', '.join(map(str, results['seeds']))} (every run with "
         f"the same seed meets the same training tasks). {metric} on the query sets of the same "
-        f"{settings['eval_tasks']} held-out tasks for every run (evaluation seed "
-        f"{settings['eval_seed']}, {settings['eval_test_shots']} query examples, "
-        f"{_protocol_words(settings)}), after each number of inner steps: {spread}.",
+        f"{evaluation['tasks']} held-out tasks for every run (evaluation seed "
+        f"{evaluation['seed']}, {evaluation['test_shots']} query examples, "
+        f"{_protocol_words(evaluation)}), after each number of inner steps: {spread}.",
         "",
         f"Machine: {machine_description()}. {results['versions']}. Written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",

@@ -9,18 +9,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffopt.atomic import write_json
-from diffopt.compare.grid import GRID_DEFAULTS, EvaluationSettings, run_name
+from diffopt.compare.grid import GRID_DEFAULTS, run_name
 from diffopt.compare.results import RESULTS_NAME, ComparisonRow, write_report
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError
+from diffopt.evaluate import EvaluationProtocol
 from diffopt.progress import progress_bar
 from diffopt.report import library_versions
 from diffopt.runfolder import RunFolder, load_checkpoint, run_folder_lock
@@ -35,7 +36,7 @@ def compare(
     iterations: int = GRID_DEFAULTS["iterations"],
     max_seconds: float | None = None,
     ways: int | None = None,
-    settings: EvaluationSettings,
+    protocol: EvaluationProtocol,
     validate_every: int | None = None,
     validation_tasks: int = GRID_DEFAULTS["validation_tasks"],
     out: Path,
@@ -49,12 +50,13 @@ def compare(
 
     The budget is ``iterations`` meta-iterations or, with ``max_seconds``, that much training
     time (``iterations`` then caps it, and sizes the task stream). Every run with the same seed meets the same
-    training tasks in the same order; every run is scored on the same ``settings.eval_tasks``
+    training tasks in the same order; every run is scored on the same ``protocol.tasks``
     tasks. Validation (``validate_every`` iterations; default: 20 points per run) gives the
     learning curves. ``skipped``: configurations left out (label -> why), for the report.
     """
     out = Path(out)
     spec = get_dataset(dataset)
+    protocol = protocol.for_dataset(spec)
     if validate_every is None:
         validate_every = 0 if max_seconds is not None else max(1, iterations // 20)
     budget: dict[str, Any] = {"iterations": iterations, "max_seconds": max_seconds,
@@ -73,16 +75,16 @@ def compare(
     if tensorboard:
         _require_tensorboard()
     with run_folder_lock(out):  # one comparison at a time writes ``out``
-        return _train_grid(grid, out, settings, progress, tensorboard, {
+        return _train_grid(grid, out, protocol, progress, tensorboard, {
             "command": command, "versions": library_versions(), "dataset": dataset,
             "metric": spec.metric, "lower_is_better": spec.lower_is_better, "shots": list(shots),
-            "seeds": list(seeds), "budget": budget, "settings": asdict(settings),
+            "seeds": list(seeds), "budget": budget, "evaluation": protocol.settings(),
             "configs": {label: dict(flags) for label, flags in configs.items()},
             "skipped": dict(skipped or {})})
 
 
 
-def _train_grid(grid: list, out: Path, settings: EvaluationSettings, progress: bool, tensorboard: bool,
+def _train_grid(grid: list, out: Path, protocol: EvaluationProtocol, progress: bool, tensorboard: bool,
                 results: dict[str, Any]) -> list[ComparisonRow]:
     """Train and evaluate every run of ``grid`` not finished yet; write results.json (``results``
     plus the runs) and the report."""
@@ -91,9 +93,9 @@ def _train_grid(grid: list, out: Path, settings: EvaluationSettings, progress: b
     for label, k, seed, config in grid:
         name = Path(config.run_dir).name
         grid_bar.set_postfix_str(name, refresh=False)
-        record = _finished(Path(config.run_dir), config, settings)
+        record = _finished(Path(config.run_dir), config, protocol)
         if record is None:
-            record = _run_in_subprocess(config, settings, out / "logs" / f"{name}.log", progress)
+            record = _run_in_subprocess(config, protocol, out / "logs" / f"{name}.log", progress)
         runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
         if tensorboard:
             _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"], record)
@@ -113,8 +115,8 @@ def same_run(a: TrainConfig, b: TrainConfig) -> bool:
 
 
 
-def _finished(run_dir: Path, config: TrainConfig, settings: EvaluationSettings) -> dict | None:
-    """The record of a finished run with this config and these settings, else None.
+def _finished(run_dir: Path, config: TrainConfig, protocol: EvaluationProtocol) -> dict | None:
+    """The record of a finished run with this config, scored by this protocol, else None.
 
     The recorded config is resolved again, so a run recorded before an option existed counts as
     having used that option's default.
@@ -127,21 +129,21 @@ def _finished(run_dir: Path, config: TrainConfig, settings: EvaluationSettings) 
     except (DiffoptError, KeyError, TypeError):
         return None
     try:  # a record written before a setting existed used its default
-        recorded_settings = EvaluationSettings(**record["settings"])
+        recorded_protocol = EvaluationProtocol.from_record(record["protocol"])
     except (KeyError, TypeError):
         return None
-    if not same_run(recorded, config) or recorded_settings != settings:
+    if not same_run(recorded, config) or recorded_protocol != protocol:
         return None
     return record
 
 
 
-def _run_in_subprocess(config: TrainConfig, settings: EvaluationSettings, log: Path, progress: bool) -> dict:
+def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: Path, progress: bool) -> dict:
     """Train (or resume) and evaluate one run in a fresh process; its record."""
     log.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config.run_dir)
     folder = RunFolder(run_dir, writer=False)
-    job = json.dumps({"config": config.to_dict(), "settings": asdict(settings)})
+    job = json.dumps({"config": config.to_dict(), "protocol": protocol.settings()})
     done = _progress_of(folder, bool(config.max_seconds))  # a resumed run's
     bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
                        position=1, leave=False, disable=not progress,
@@ -176,9 +178,8 @@ def _progress_of(folder: RunFolder, seconds: bool) -> float:
 
 
 
-def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
+def run_one(config: TrainConfig, protocol: EvaluationProtocol) -> dict:
     """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
-    from diffopt.evaluate import evaluate, evaluation_protocol
     from diffopt.train import resume, train
 
     run_dir = Path(config.run_dir)
@@ -194,17 +195,9 @@ def run_one(config: TrainConfig, settings: EvaluationSettings) -> dict:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         result = train(config)
-    spec = get_dataset(config.dataset)
-    evaluation = evaluate(
-        result.algorithm, spec, shots=config.shots, test_shots=settings.eval_test_shots,
-        tasks=settings.eval_tasks, steps=settings.eval_steps, seed=settings.eval_seed,
-        transductive=settings.eval_transductive,
-        device=config.device, ways=config.ways, **config.data_options())
-    protocol = evaluation_protocol(  # the schema diffopt evaluate's records use
-        config, iteration=result.iterations, tasks=settings.eval_tasks, steps=settings.eval_steps,
-        test_shots=settings.eval_test_shots, seed=settings.eval_seed, transductive=settings.eval_transductive)
+    evaluation = protocol.evaluate(result.algorithm, config)
     record = {
-        "config": config.to_dict(), "settings": asdict(settings), "protocol": protocol,
+        "config": config.to_dict(), "protocol": protocol.record(config, iteration=result.iterations),
         "result": {
             "iterations": result.iterations, "train_seconds": result.train_seconds,
             "seconds_per_iteration": result.seconds_per_iteration,
