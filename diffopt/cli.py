@@ -449,9 +449,17 @@ _COMMAND = ""
 """The command line being run (reports quote it)."""
 
 
-def _notice(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
-    """Warnings on the command line: one line, no source location."""
-    return f"diffopt: {message}\n"
+_PACKAGE = str(Path(__file__).resolve().parent)
+_python_format = warnings.formatwarning
+
+
+def _notice(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+            line: str | None = None) -> str:
+    """diffopt's warnings on the command line: one line, no source location; another library's
+    (torch's, a plug-in's) as Python shows them, so they are not taken for diffopt's."""
+    if str(Path(filename).resolve()).startswith(_PACKAGE):
+        return f"diffopt: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -426,3 +427,23 @@ def test_evaluate_says_a_step_count_diverged_instead_of_printing_nan(trained_run
     assert code == 0
     assert "mse after   1 step: " in out and "mse after   2 steps: diverges on 1 of 4 tasks" in out
     assert "nan" not in out
+
+
+def test_only_diffopt_warnings_are_printed_as_diffopt_notices(tmp_path):
+    (tmp_path / "noisy_rule.py").write_text(  # a plug-in whose import warns, as torch.jit.script does
+        "import warnings\nwarnings.warn('noisy_rule is deprecated', FutureWarning)\n\n\n"
+        "def rule(params, lr, steps):\n    from diffopt.optim import SGD\n    return SGD(lr)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+
+    def dry_run(*flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "diffopt", "train", "--hidden", "4", "--dry_run", "True",
+                               *flags], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    err = dry_run("--inner_optimizer", "noisy_rule:rule")
+    assert "noisy_rule.py:2: FutureWarning: noisy_rule is deprecated" in err  # Python's own format
+    assert "diffopt: noisy_rule is deprecated" not in err
+    err = dry_run("--inner_optimizer", "momentum")
+    assert "diffopt: running the tasks of a meta-batch one by one" in err  # diffopt's own, one line
+    assert "UserWarning" not in err
