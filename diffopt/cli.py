@@ -21,7 +21,7 @@ from typing import Any
 from diffopt import distributed
 from diffopt.compare import shared_train_options
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, as_typed
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
 from diffopt.options import check_bool, check_float, check_int
@@ -36,7 +36,8 @@ def _as_tuple(name: str, value: Any, kind: type) -> tuple:
     if kind is float:  # fire reads 0 and 1 as ints
         values = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values)
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
-        raise DiffoptError(f"--{name} takes a comma-separated list of {kind.__name__}s; got {value!r}")
+        raise DiffoptError(f"--{name} takes a comma-separated list of {kind.__name__}s; "
+                           f"got {as_typed(value)}")
     return tuple(values)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATA_OPTIONS, get_dataset
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop
 from diffopt.models import MODEL_OPTIONS, check_model_options, model_defaults
 from diffopt.options import AS_TODAY, Option, arguments, check_float, check_int, check_name
@@ -256,10 +256,10 @@ def validate(config: TrainConfig) -> None:
     if config.meta_lr_schedule != "constant" and config.meta_lr_final is None:
         raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
-        raise DiffoptError(f"--device must be a torch device name such as cpu; got {config.device!r}")
+        raise DiffoptError(f"--device must be a torch device name such as cpu; got {as_typed(config.device)}")
     for name in ("progress", "keep_freed_memory"):
         if not isinstance(getattr(config, name), bool):
-            raise DiffoptError(f"--{name} must be True or False; got {getattr(config, name)!r}")
+            raise DiffoptError(f"--{name} must be True or False; got {as_typed(getattr(config, name))}")
 
 
 def write_option_reference(path: str = "docs/guide.md") -> None:

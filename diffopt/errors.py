@@ -13,8 +13,16 @@ class PluginError(DiffoptError):
     """A ``module:attribute`` plug-in that cannot be loaded (``diffopt.plugins``)."""
 
 
+def as_typed(value: object) -> str:
+    """``value`` as a command line spells it, for errors: a list as ``0,abc`` (fire reads
+    ``--x 0,abc`` as a tuple), anything else as its repr."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return repr(value)
+
+
 def unknown_name(kind: str, name: object, choices: Iterable[str], plugin_example: str = "") -> DiffoptError:
     """Error for a name that is not registered, listing the valid ones; ``plugin_example``, where
     the option also takes a ``module:attribute`` plug-in, shows that form."""
     own = f", or your own as module:attribute (e.g. {plugin_example})" if plugin_example else ""
-    return DiffoptError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(choices))}{own}")
+    return DiffoptError(f"unknown {kind} {as_typed(name)}; choose one of: {', '.join(sorted(choices))}{own}")

@@ -18,7 +18,7 @@ import torch
 from diffopt import distributed
 from diffopt.algorithms import MetaAlgorithm
 from diffopt.data import DatasetSpec, Episode, Task, accuracy_per_task, mse_per_task
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, as_typed
 from diffopt.options import check_bool, check_int
 from diffopt.progress import progress_bar
 from diffopt.vectorize import over_tasks
@@ -250,7 +250,7 @@ class EvaluationProtocol:
         prefix = self.option_prefix
         steps = self.steps if isinstance(self.steps, (tuple, list)) else (self.steps,)
         if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
-            raise DiffoptError(f"--{prefix}steps must be >= 0 (whole numbers); got {self.steps!r}")
+            raise DiffoptError(f"--{prefix}steps must be >= 0 (whole numbers); got {as_typed(self.steps)}")
         object.__setattr__(self, "steps", tuple(sorted(set(steps))))
         for name, minimum in [("tasks", 2), ("seed", 0), ("ensemble", 1)]:
             check_int(prefix + name, getattr(self, name), minimum)

@@ -12,7 +12,7 @@ from torch import nn
 
 from diffopt import recompute
 from diffopt import unroll as unrolls
-from diffopt.errors import DiffoptError, unknown_name
+from diffopt.errors import DiffoptError, as_typed, unknown_name
 from diffopt.fastweights import FunctionalModel, ModelCopies
 from diffopt.optim import (
     INNER_OPTIMIZERS,
@@ -226,10 +226,10 @@ class InnerLoop(nn.Module):
         check_float("inner_proximal", proximal, positive=False)
         if checkpoint is not None and checkpoint != "auto" and not _is_step_count(checkpoint, steps):
             raise DiffoptError(f"--inner_checkpoint is auto or a whole number of inner steps per segment "
-                               f"from 1 to --inner_steps ({steps}); got {checkpoint!r}")
+                               f"from 1 to --inner_steps ({steps}); got {as_typed(checkpoint)}")
         if backprop_steps is not None and not _is_step_count(backprop_steps, steps):
             raise DiffoptError(f"--inner_backprop_steps is the number of last inner steps differentiated, "
-                               f"from 1 to --inner_steps ({steps}); got {backprop_steps!r}")
+                               f"from 1 to --inner_steps ({steps}); got {as_typed(backprop_steps)}")
         check_name("inner solver", solver, INNER_SOLVERS)
         check_bool("inner_backtrack", backtrack)
         if solver != "gradient" and (optimizer != "sgd" or options):

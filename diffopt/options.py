@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from diffopt.errors import DiffoptError, unknown_name
+from diffopt.errors import DiffoptError, as_typed, unknown_name
 
 AS_TODAY = object()
 """``Option.before``'s default: runs saved before the option existed take today's default."""
@@ -48,7 +48,7 @@ def arguments(options: dict[str, Option], values: Any) -> dict[str, Any]:
 def check_int(name: str, value: Any, minimum: int) -> None:
     """DiffoptError unless ``value`` is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise DiffoptError(f"--{name} must be a whole number >= {minimum}; got {value!r}")
+        raise DiffoptError(f"--{name} must be a whole number >= {minimum}; got {as_typed(value)}")
 
 
 def check_float(name: str, value: Any, *, positive: bool) -> None:
@@ -57,13 +57,13 @@ def check_float(name: str, value: Any, *, positive: bool) -> None:
     ok = ok and value == value and abs(value) != float("inf")
     if not ok or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
-        raise DiffoptError(f"--{name} must be a finite number {bound}; got {value!r}")
+        raise DiffoptError(f"--{name} must be a finite number {bound}; got {as_typed(value)}")
 
 
 def check_bool(name: str, value: Any) -> None:
     """DiffoptError unless ``value`` is True or False."""
     if not isinstance(value, bool):
-        raise DiffoptError(f"--{name} must be True or False; got {value!r}")
+        raise DiffoptError(f"--{name} must be True or False; got {as_typed(value)}")
 
 
 def check_name(kind: str, value: Any, choices) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from diffopt.data.episode import Episode, Task
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop, adapted_mask
 from diffopt.models.conv4 import InputNorm, SameConv2d
 from diffopt.models.norm import ShiftBatchNorm
@@ -101,7 +101,7 @@ def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
     filterable) that tasks run one by one; ``always`` raises DiffoptError naming the obstacle.
     """
     if mode not in VECTORIZE_MODES:
-        raise DiffoptError(f"vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {mode!r}")
+        raise DiffoptError(f"vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {as_typed(mode)}")
     if mode == "never":
         return False
     obstacle = vmap_obstacle(model, inner)

@@ -19,7 +19,7 @@ from torch import nn
 
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient, accumulate_grad
 from diffopt.data.episode import Episode, Task
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, as_typed
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn, adapted_mask
 from diffopt.models.norm import ShiftBatchNorm
@@ -142,7 +142,7 @@ class IMAML(MetaAlgorithm):
         super().check_inner(inner, task_threads)
         if not (isinstance(inner.proximal, int | float) and inner.proximal > 0):
             raise DiffoptError(f"--inner_proximal must be a finite number > 0 for imaml, the weight "
-                               f"lambda of its inner problem's proximal term; got {inner.proximal!r}")
+                               f"lambda of its inner problem's proximal term; got {as_typed(inner.proximal)}")
 
     def _solve(self, task: Task) -> nn.Module:
         """The model after the inner loop on the support set (no graph), one task (not vmapped)."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffopt.data.episode import Episode, Task
 from diffopt.data.images import CLASS_SPLITS, OMNIGLOT_IMAGES, miniimagenet_loader, omniglot_loader
 from diffopt.data.sinusoid import sinusoid_loader
-from diffopt.errors import DiffoptError, unknown_name
+from diffopt.errors import DiffoptError, as_typed, unknown_name
 from diffopt.options import Option, check_int
 
 __all__ = ["DATASETS", "DATA_OPTIONS", "DatasetSpec", "Episode", "Task", "get_dataset", "split_seed"]
@@ -99,7 +99,7 @@ class DatasetSpec:
         """DiffoptError naming the first of the data options (``DATA_OPTIONS`` but ``dataset``)
         this dataset cannot serve."""
         if not isinstance(data_root, str):
-            raise DiffoptError(f"--data_root must be a folder name; got {data_root!r}")
+            raise DiffoptError(f"--data_root must be a folder name; got {as_typed(data_root)}")
         self.data_options(images=images, class_split=class_split)
         for name, value, minimum in [("shots", shots, 1), ("test_shots", test_shots, 1),
                                      ("meta_batch_size", meta_batch_size, 1),

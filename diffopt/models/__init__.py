@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from diffopt.errors import DiffoptError, unknown_name
+from diffopt.errors import DiffoptError, as_typed, unknown_name
 from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
 from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
@@ -159,10 +159,10 @@ def check_model_options(options: Any, dataset: str, model_io: dict[str, Any]) ->
         raise DiffoptError(f"--input_norm {options.input_norm} applies to {' and '.join(IMAGE_MODELS)} "
                            "(images)")
     if options.pool is not None and (model != "conv4" or not isinstance(options.pool, bool)):
-        raise DiffoptError(f"--pool takes True or False and applies to conv4; got {options.pool!r} with "
-                           f"--model {model}")
+        raise DiffoptError(f"--pool takes True or False and applies to conv4; got "
+                           f"{as_typed(options.pool)} with --model {model}")
     if not isinstance(options.hidden, tuple) or not options.hidden:
-        raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {options.hidden!r}")
+        raise DiffoptError(f"--hidden must list layer widths, e.g. 40,40; got {as_typed(options.hidden)}")
     for width in options.hidden:
         check_int("hidden", width, 1)
     if model in IMAGE_MODELS and len(options.hidden) not in (1, 4):

@@ -255,6 +255,10 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
     (["compare", "--shots", "0"], "--shots must be a whole number >= 1"),
     (["gradcheck", "--algorithm", "reptile"], "finite differences cannot check it"),
     (["gradcheck", "--eps", "0"], "--eps must be a finite number > 0"),
+    # a list is echoed as it was typed, not as the tuple fire made of it
+    (["evaluate", "RUN", "--steps", "0,abc"], "--steps takes a comma-separated list of ints; got 0,abc"),
+    (["train", "--inner_lr", "0.1,0.2", "--dry_run", "True"],
+     "--inner_lr must be a finite number > 0; got 0.1,0.2"),
 ])
 def test_bad_options_of_other_commands(argv, fragment, trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
