@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shlex
 import sys
 import time
@@ -21,9 +22,11 @@ from typing import Any
 from diffopt import distributed
 from diffopt.compare import shared_train_options
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
+from diffopt.data import DATA_OPTIONS, DATASETS
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
+from diffopt.firecli import shown as shown_value
 from diffopt.options import check_bool, check_float, check_int
 from diffopt.runfolder import RunFolder
 
@@ -73,11 +76,36 @@ def train_command(resume: str | None = None, dry_run: bool = False, **options: A
           f"final loss {result.final_loss:.4f})")
 
 
+class _ResolvedDefault(str):
+    """A train option's default as ``-h`` shows it where the field's is None ("not given"): what
+    each dataset's protocol resolves it to. Only shown: the command line passes given options."""
+
+
+def _resolved_defaults() -> dict[str, _ResolvedDefault]:
+    """Per option left None in ``TrainConfig``, the value ``--dataset D`` (with maml) resolves it
+    to, where some dataset gives it one."""
+    resolved = {name: resolve_config(dataset=name).to_dict() for name in DATASETS}
+    shown = {}
+    for f in fields(TrainConfig):
+        values = {name: shown_value(config[f.name]) for name, config in resolved.items()}
+        if f.name == "dataset":  # what picks the others: its default is the declared one
+            shown[f.name] = _ResolvedDefault(DATA_OPTIONS["dataset"].default)
+        if f.default is not None or f.name == "dataset" or set(values.values()) == {"None"}:
+            continue
+        if len(set(values.values())) == 1:
+            shown[f.name] = _ResolvedDefault(next(iter(values.values())))
+        else:
+            shown[f.name] = _ResolvedDefault(", ".join(f"{value} ({name})" for name, value in values.items()))
+    return shown
+
+
 def _train_options(names: Sequence[str]) -> list[inspect.Parameter]:
-    """``TrainConfig``'s fields ``names`` as keyword-only parameters, with defaults and types (the
-    types tell the command line which options are booleans)."""
+    """``TrainConfig``'s fields ``names`` as keyword-only parameters, with types (which tell the
+    command line which options are booleans) and defaults (those the dataset decides as each
+    dataset resolves them)."""
     types = typing.get_type_hints(TrainConfig)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults.update(_resolved_defaults())
     return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
                               annotation=types[name]) for name in names]
 
@@ -94,7 +122,8 @@ def _train_help() -> tuple[inspect.Signature, str]:
     params += _train_options([f.name for f in fields(TrainConfig)])
     lines += [f"    {f.name}: {f.metadata['help']}" for f in fields(TrainConfig)]
     doc = (f"{train_command.__doc__}\n\nOptions left unset take the dataset's literature defaults "
-           "(and the algorithm's, e.g. Reptile's).\n\nArgs:\n" + "\n".join(lines))
+           "(and the algorithm's, e.g. Reptile's): shown per dataset for maml, `--dry_run True` "
+           "prints any run's.\n\nArgs:\n" + "\n".join(lines))
     return inspect.Signature(params), doc
 
 
@@ -477,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("diffopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`diffopt train -h | head`): nothing to say
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail too
+        return 0
     except OSError as error:  # reading or writing a file outside the atomic writers
         where = f" ({error.filename})" if error.filename else ""
         print(f"diffopt: error: {error.strerror or error}{where}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch
 
 from diffopt.algorithms import ALGORITHMS
 from diffopt.cli import main
-from diffopt.config import TrainConfig
+from diffopt.config import TrainConfig, resolve_config
 from diffopt.optim import inner_rule_names
 
 TINY = ["--iterations", "3", "--meta_batch_size", "2", "--hidden", "8", "--progress", "False"]
@@ -344,6 +344,18 @@ def test_train_help_lists_every_option():
     for f in fields(TrainConfig):
         assert f"--{f.name}=" in text and f.metadata["help"] in text
     assert text == help_text("train", "-h")
+    # an option each dataset sets shows what each resolves it to, not "None"
+    per_dataset = {name: resolve_config(dataset=name) for name in ("sinusoid", "omniglot", "miniimagenet")}
+    shown = ", ".join(f"{config.inner_lr} ({name})" for name, config in per_dataset.items())
+    assert f"--inner_lr={shown}\n" in text and "--inner_lr=None" not in text
+    assert "--dataset=sinusoid\n" in text and "--train_shots=None\n" in text  # none sets it
+
+
+@pytest.mark.slow
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly():
+    done = subprocess.run(f"{sys.executable} -m diffopt train -h | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.stdout.startswith("usage: diffopt train") and done.stderr == ""
 
 
 @pytest.mark.slow
