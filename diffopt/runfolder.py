@@ -1,5 +1,6 @@
 """A training run's folder: the one place that knows its files' names (config.json,
-metrics.jsonl, validation.jsonl, checkpoint.pt, evaluation.json, snapshots/, best/), writes them
+metrics.jsonl, validation.jsonl, checkpoint.pt, evaluation.json, failed.json, snapshots/, best/),
+writes them
 under the folder's writer lock and reads them back.
 
 Every file is written atomically or appended line by line, so a crash leaves the last complete
@@ -25,6 +26,9 @@ CONFIG_NAME = "config.json"
 """The run's resolved options, written when it starts."""
 EVALUATION_NAME = "evaluation.json"
 """A comparison's record of the run: its config, the evaluation settings and the scores."""
+FAILURE_NAME = "failed.json"
+"""Written when training stops on an error: the error, the last logged meta-iteration and whether
+a checkpoint holds earlier progress; removed when the run starts again or resumes."""
 METRICS_NAME = "metrics.jsonl"
 """One JSON object per meta-iteration: loss, learning rate, gradient norm, seconds, ..."""
 VALIDATION_NAME = "validation.jsonl"
@@ -57,6 +61,7 @@ class RunFolder:
                                f"continue it with `diffopt train --resume {self.path}`")
         if self.writer:
             self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / FAILURE_NAME).unlink(missing_ok=True)  # an earlier attempt's
             write_json(self.path / CONFIG_NAME, config)
             write_text(self.path / METRICS_NAME, "")
             write_text(self.path / VALIDATION_NAME, "")
@@ -64,8 +69,26 @@ class RunFolder:
     def rewind(self, iteration: int) -> None:
         """A resumed run: drop the log lines of iterations after its checkpoint's ``iteration``."""
         if self.writer:
+            (self.path / FAILURE_NAME).unlink(missing_ok=True)
             for name in (METRICS_NAME, VALIDATION_NAME):
                 write_text(self.path / name, _lines_up_to(self.path / name, iteration))
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Record that training stopped on ``error`` (``FAILURE_NAME``)."""
+        if self.writer and self.path.is_dir():
+            last = self.last_metrics()
+            write_json(self.path / FAILURE_NAME, {
+                "error": f"{type(error).__name__}: {error}".strip().splitlines()[0][:300],
+                "last_iteration": 0 if last is None else last.get("iteration", 0),
+                "checkpoint": self.has_checkpoint()})
+
+    def failure(self) -> dict[str, Any] | None:
+        """What ``mark_failed`` recorded, or None (the run has not failed, or resumed since)."""
+        path = self.path / FAILURE_NAME
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return {"error": "unknown (failed.json unreadable)", "last_iteration": 0}
 
     def metrics_log(self) -> IO[str]:
         """The metrics log, open for appending (``os.devnull`` for a non-writer)."""
@@ -221,7 +244,13 @@ def checkpoint_path(run_or_file: str | os.PathLike) -> Path:
 
 def load_checkpoint(run_or_file: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint of a run folder, or of a checkpoint file; DiffoptError in one line if it
-    cannot be used."""
+    cannot be used (a run that failed before its first checkpoint says so)."""
+    path = Path(run_or_file)
+    failure = RunFolder(path, writer=False).failure() if path.is_dir() else None
+    if failure is not None and not (path / CHECKPOINT_NAME).exists():
+        raise DiffoptError(f"run {path} failed before its first checkpoint, after meta-iteration "
+                           f"{failure['last_iteration']} ({failure['error']}); fix the cause and train it "
+                           f"again (see {path / FAILURE_NAME})")
     return read_checkpoint(checkpoint_path(run_or_file),
                            f"a run folder written by `diffopt train` or its {CHECKPOINT_NAME}")
 

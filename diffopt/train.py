@@ -225,7 +225,11 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             _set_random_state(resume_from["random_state"])
             folder.rewind(done)
         distributed.broadcast_module(algorithm)
-        return _Sitting(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
+        try:
+            return _Sitting(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
+        except Exception as error:  # a crash (a user's rule, model, bad steps) leaves its mark
+            folder.mark_failed(error)
+            raise
 
 
 def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episode: Episode,

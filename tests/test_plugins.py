@@ -282,3 +282,42 @@ def test_a_plugin_run_evaluated_where_its_module_is_not_says_so(plugin_folder, t
                        "module 'my_rules'.*PYTHONPATH") as error:
         load_trained(run)
     assert "unreadable" not in str(error.value)
+
+
+CRASHING = textwrap.dedent('''
+    from diffopt.optim import SGD
+
+    calls = []
+
+
+    class Crashing(SGD):
+        """SGD that raises on its third update, as a researcher's rule with a bug might."""
+
+        def update(self, grads, state, params, step):
+            calls.append(step)
+            if len(calls) == 3:
+                raise RuntimeError("my rule has a bug")
+            return super().update(grads, state, params, step)
+
+
+    def rule(params, lr, steps):
+        return Crashing(lr)
+''')
+
+
+def test_a_crash_in_a_users_rule_marks_the_run_folder_failed(plugin_folder, capsys):
+    (plugin_folder / "crashing_rules.py").write_text(CRASHING)
+    run = plugin_folder / "run"
+    with pytest.raises(RuntimeError, match="my rule has a bug"):
+        main(["train", *TINY, "--vectorize", "never", "--inner_optimizer", "crashing_rules:rule",
+              "--run_dir", str(run)])
+    failure = json.loads((run / "failed.json").read_text())
+    # two tasks of one step each per meta-iteration: the third update is meta-iteration 2's
+    assert failure == {"error": "RuntimeError: my rule has a bug", "last_iteration": 1, "checkpoint": False}
+    code, _, err = cli(capsys, "evaluate", str(run))
+    assert code == 2 and "failed before its first checkpoint, after meta-iteration 1" in err
+    assert err.count("\n") == 1
+    code, _, err = cli(capsys, "train", *TINY, "--run_dir", str(run))  # fixed: the same folder trains
+    assert code == 0, err
+    assert not (run / "failed.json").exists() and (run / "checkpoint.pt").exists()
+    sys.modules.pop("crashing_rules", None)
