@@ -23,7 +23,7 @@ from diffopt import distributed
 from diffopt.compare import shared_train_options
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import DATA_OPTIONS, DATASETS
-from diffopt.errors import DiffoptError, as_typed
+from diffopt.errors import DiffoptError, as_typed, from_diffopt
 from diffopt.evaluate import EVAL_SEED
 from diffopt.firecli import run_checked
 from diffopt.firecli import shown as shown_value
@@ -260,6 +260,7 @@ def compare_command(
         format_table,
         load_grid_file,
         product_configs,
+        warning_lines,
         with_shared_options,
     )
     from diffopt.compare import compare as run_comparison
@@ -311,6 +312,8 @@ def compare_command(
     )
     print()
     print(format_table(rows, spec.metric, eval_steps))
+    for line in warning_lines(rows):
+        print(f"warning: {line}")
     print(f"\nreport: {out_dir / 'report.md'}")
 
 
@@ -479,7 +482,6 @@ _COMMAND = ""
 """The command line being run (reports quote it)."""
 
 
-_PACKAGE = str(Path(__file__).resolve().parent)
 _python_format = warnings.formatwarning
 
 
@@ -487,7 +489,7 @@ def _notice(message: Warning | str, category: type[Warning], filename: str, line
             line: str | None = None) -> str:
     """diffopt's warnings on the command line: one line, no source location; another library's
     (torch's, a plug-in's) as Python shows them, so they are not taken for diffopt's."""
-    if str(Path(filename).resolve()).startswith(_PACKAGE):
+    if from_diffopt(filename):
         return f"diffopt: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent)
 
 
 class DiffoptError(Exception):
@@ -11,6 +14,11 @@ class DiffoptError(Exception):
 
 class PluginError(DiffoptError):
     """A ``module:attribute`` plug-in that cannot be loaded (``diffopt.plugins``)."""
+
+
+def from_diffopt(filename: str) -> bool:
+    """Whether a warning's ``filename`` is a diffopt module's (not torch's, not a plug-in's)."""
+    return str(Path(filename).resolve()).startswith(_PACKAGE)
 
 
 def as_typed(value: object) -> str:

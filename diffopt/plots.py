@@ -97,10 +97,11 @@ def validation_curves(groups: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]
     axes[0].set_ylabel(f"validation {metric}{' (%)' if percent else ''} {after}")
     if lower_is_better:  # diverging validations (a rule run past the steps it learned) leave the
         # axis rather than squash every other curve
-        start = max(float(np.nanmax([seeds[0][0][metric] for seeds in groups.values()])), 1e-12)
-        for axis in axes:
+        starts = [seeds[0][0][metric] for seeds in groups.values()]
+        finite = [value for value in starts if math.isfinite(value)]  # a run may diverge at once
+        for axis in axes if finite else ():  # nothing finite to draw: the axes stay linear
             axis.set_yscale("log")
-            axis.set_ylim(top=3 * scale * start)
+            axis.set_ylim(top=3 * scale * max(max(finite), 1e-12))
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)

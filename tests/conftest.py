@@ -108,9 +108,9 @@ def compare_in_process(monkeypatch):
     import diffopt.compare.runs as compare_module
     from diffopt.runfolder import RunFolder
 
-    def run_here(config, settings, log, progress):
+    def run_here(config, protocol, log, progress):
         log.parent.mkdir(parents=True, exist_ok=True)
-        compare_module.run_one(config, settings)
+        compare_module.run_one(config, protocol)
         return RunFolder(config.run_dir).comparison_record()
 
     monkeypatch.setattr(compare_module, "_run_in_subprocess", run_here)

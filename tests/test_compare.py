@@ -334,3 +334,34 @@ def test_a_grid_file_with_configs_refuses_the_keys_it_would_ignore(tmp_path):
         load_grid_file(grid)
     assert set(load_grid_file("examples/checkpoint_grid.yaml")["configs"]) == {
         "plain-5steps", "checkpointed-5steps", "plain-25steps", "checkpointed-25steps"}
+
+
+def test_a_runs_warnings_reach_the_console_and_the_report_beside_its_row(tmp_path, capsys,
+                                                                          compare_in_process):
+    out = tmp_path / "out"  # gradient steps leave iMAML's proximal problem unsolved: it warns
+    assert main(["compare", "--algorithms", "imaml,maml", "--inner_solver", "gradient", "--inner_backtrack",
+                 "False", "--inner_lr", "0.01", "--inner_proximal", "1", "--shots", "2", "--iterations", "2",
+                 "--eval_tasks", "3", "--eval_steps", "1",
+                 "--hidden", "4", "--out", str(out), "--progress", "False"]) == 0
+    printed = capsys.readouterr().out
+    assert "| imaml (warned) | 2 | 1 |" in printed and "| maml | 2 | 1 |" in printed
+    assert "warning: imaml K=2: imaml's inner steps leave the proximal problem far from solved" in printed
+    report = (out / "report.md").read_text()
+    assert "| imaml (warned) |" in report
+    assert "- imaml K=2: imaml's inner steps leave the proximal problem far from solved" in report
+    record = json.loads((out / "runs" / "maml-k2-seed0" / "evaluation.json").read_text())
+    assert record["result"]["warnings"] == []
+
+
+def test_learning_curves_draw_a_run_that_diverged_from_its_first_validation(tmp_path):
+    from diffopt.plots import validation_curves
+
+    def records(values):
+        return [{"iteration": i, "train_seconds": float(i), "steps": 1, "mse": v, "ci95": 0.0}
+                for i, v in enumerate(values)]
+
+    groups = {"diverged": [records([math.inf, math.inf, math.nan])], "fine": [records([2.0, 1.0, 0.5])]}
+    path = validation_curves(groups, "mse", tmp_path / "curves.png", title="t", lower_is_better=True)
+    assert path.stat().st_size > 0
+    only_diverged = {"diverged": groups["diverged"]}
+    assert validation_curves(only_diverged, "mse", tmp_path / "alone.png", title="t", lower_is_better=True)

@@ -253,7 +253,7 @@ class IMAML(MetaAlgorithm):
 
     def _metrics(self, loss: float, residual: float) -> dict[str, float]:
         """``meta_gradient``'s metrics; the warning, once, if ``residual`` is above the bound."""
-        if residual > RESIDUAL_WARNING and not self.warned_unsolved:
+        if not residual <= RESIDUAL_WARNING and not self.warned_unsolved:  # NaN: not solved either
             self.warned_unsolved = True
             warnings.warn(
                 f"imaml's inner steps leave the proximal problem far from solved (inner_residual "

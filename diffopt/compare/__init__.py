@@ -24,9 +24,17 @@ from diffopt.compare.grid import (
     shared_train_options,
     with_shared_options,
 )
-from diffopt.compare.results import ComparisonRow, aggregate, differing_settings, format_table, write_report
+from diffopt.compare.results import (
+    ComparisonRow,
+    aggregate,
+    differing_settings,
+    format_table,
+    warning_lines,
+    write_report,
+)
 from diffopt.compare.runs import compare, run_one, same_run
 
 __all__ = ["GRID_DEFAULTS", "GRID_KEYS", "PER_RUN_OPTIONS", "ComparisonRow",
            "aggregate", "compare", "differing_settings", "format_table", "load_grid_file", "product_configs",
-           "run_name", "run_one", "same_run", "shared_train_options", "with_shared_options", "write_report"]
+           "run_name", "run_one", "same_run", "shared_train_options", "warning_lines", "with_shared_options",
+           "write_report"]

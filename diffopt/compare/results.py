@@ -49,6 +49,9 @@ class ComparisonRow:
     NaN where not measured)."""
     meta_parameters: int
     train_seconds: float
+    warnings: list[str]
+    """diffopt's warnings while its runs trained and were scored (e.g. iMAML's unsolved inner
+    problem), each once."""
 
 
 
@@ -77,6 +80,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[ComparisonRow]:
             float(max(run.get("step_memory_mb", math.nan) for run in members)),
             int(members[0]["meta_parameters"]),
             float(np.mean([run["train_seconds"] for run in members])),
+            list(dict.fromkeys(w for run in members for w in run.get("warnings", []))),
         ))
     return rows
 
@@ -106,7 +110,7 @@ def format_table(rows: Sequence[ComparisonRow], metric: str, steps: Sequence[int
     header += ["meta-iterations", "s / meta-iter", "meta-step memory (MB)", "meta-parameters"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.label, str(row.shots), str(len(row.seeds))]
+        cells = [row.label + " (warned)" * bool(row.warnings), str(row.shots), str(len(row.seeds))]
         for s in steps:
             if row.diverged[s]:
                 cells.append(f"diverges on {row.diverged[s]} of {row.scored} (seed, task) pairs")
@@ -119,6 +123,11 @@ def format_table(rows: Sequence[ComparisonRow], metric: str, steps: Sequence[int
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
+
+def warning_lines(rows: Sequence[ComparisonRow]) -> list[str]:
+    """One line per warning of a row: ``label K=k: message`` (the rows marked "(warned)")."""
+    return [f"{row.label} K={row.shots}: {warning}" for row in rows for warning in row.warnings]
 
 
 def _protocol_words(evaluation: Mapping[str, Any]) -> str:
@@ -167,6 +176,8 @@ def write_report(out: Path) -> list[ComparisonRow]:
         "",
         format_table(rows, metric, steps),
         "",
+        *(["Warnings (the rows marked \"(warned)\"):", "", *[f"- {line}" for line in warned], ""]
+          if (warned := warning_lines(rows)) else []),
         "Meta-step memory: the most memory one meta-step (meta-gradient and outer step) took above "
         "what the run's process held before it, the largest over the run and its seeds (resident "
         "set on the CPU, allocated memory on CUDA); seconds per meta-iteration: the median over "

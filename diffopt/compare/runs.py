@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from diffopt.compare.grid import GRID_DEFAULTS, run_name
 from diffopt.compare.results import RESULTS_NAME, ComparisonRow, write_report
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
-from diffopt.errors import DiffoptError
+from diffopt.errors import DiffoptError, from_diffopt
 from diffopt.evaluate import EvaluationProtocol
 from diffopt.progress import progress_bar
 from diffopt.report import library_versions
@@ -179,7 +180,33 @@ def _progress_of(folder: RunFolder, seconds: bool) -> float:
 
 
 def run_one(config: TrainConfig, protocol: EvaluationProtocol) -> dict:
-    """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``."""
+    """Train (resuming a matching checkpoint) and evaluate one run; write its ``evaluation.json``,
+    diffopt's warnings during the run included (the report shows them beside the run's row)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # each once per place, as a console shows them
+        result, evaluation = _train_and_score(config, protocol)
+    for warning in caught:  # the run's log still shows them
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    notices = [str(w.message) for w in caught
+               if from_diffopt(w.filename) and issubclass(w.category, UserWarning)]
+    record = {
+        "config": config.to_dict(), "protocol": protocol.record(config, iteration=result.iterations),
+        "result": {
+            "iterations": result.iterations, "train_seconds": result.train_seconds,
+            "seconds_per_iteration": result.seconds_per_iteration,
+            "step_memory_mb": result.step_memory_mb,
+            "meta_parameters": sum(p.numel() for p in result.algorithm.parameters()),
+            "scores": {str(s): v.tolist() for s, v in evaluation.scores.items()},
+            "task_keys": evaluation.task_keys,
+            "warnings": list(dict.fromkeys(notices)),
+        },
+    }
+    RunFolder(config.run_dir).write_comparison_record(record)
+    return record
+
+
+def _train_and_score(config: TrainConfig, protocol: EvaluationProtocol):
+    """(the training result, the evaluation) of ``run_one``."""
     from diffopt.train import resume, train
 
     run_dir = Path(config.run_dir)
@@ -195,20 +222,7 @@ def run_one(config: TrainConfig, protocol: EvaluationProtocol) -> dict:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         result = train(config)
-    evaluation = protocol.evaluate(result.algorithm, config)
-    record = {
-        "config": config.to_dict(), "protocol": protocol.record(config, iteration=result.iterations),
-        "result": {
-            "iterations": result.iterations, "train_seconds": result.train_seconds,
-            "seconds_per_iteration": result.seconds_per_iteration,
-            "step_memory_mb": result.step_memory_mb,
-            "meta_parameters": sum(p.numel() for p in result.algorithm.parameters()),
-            "scores": {str(s): v.tolist() for s, v in evaluation.scores.items()},
-            "task_keys": evaluation.task_keys,
-        },
-    }
-    RunFolder(run_dir).write_comparison_record(record)
-    return record
+    return result, protocol.evaluate(result.algorithm, config)
 
 
 
