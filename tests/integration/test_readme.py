@@ -61,3 +61,40 @@ def test_readme_python_block_runs():
     (mean, ci95), max_rel_error = printed
     assert 0 <= mean <= 1 and ci95 > 0 and not math.isnan(mean)
     assert max_rel_error < 1e-5
+
+
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"\d+\.\d+|diverges on \d+ of \d+", text)
+
+
+@pytest.mark.slow
+def test_the_own_rule_commands_print_the_numbers_readme_promises(tmp_path):
+    """The three commands of "Your own rule", run as README says (in examples/), print what its
+    "What to expect" paragraph and table say, digit for digit."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(Path(__file__).resolve().parents[2] / "examples" / "custom_rule.py", tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    section = README.split("## Your own rule", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, re.S)[0]  # the three commands
+    printed = {}
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["diffopt"]:
+            quiet = [] if words[1] == "gradcheck" else ["--progress", "False"]  # no bars in the output
+            done = subprocess.run([sys.executable, "-m", "diffopt", *words[1:], *quiet], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr
+            printed[words[1]] = done.stdout
+    worst = re.search(r"`gradcheck` ends `(.*?)`", section.replace("\n", " ")).group(1)
+    assert " ".join(printed["gradcheck"].split("\n")[-2].split()) == worst
+    (table,) = re.findall(r"```\n(\| configuration.*?)```", section, re.S)
+    for row in table.strip().splitlines()[1:]:
+        label = row.split("|")[1].strip()
+        (got,) = [line for line in printed["compare"].splitlines() if line.startswith(f"| {label} |")]
+        assert _numbers(row) == _numbers(got)[:len(_numbers(row))], label
+    for claim in re.findall(r"`(mse after .*?)`", section.replace("\n", " ")):
+        assert " ".join(claim.split()) in " ".join(printed["evaluate"].split()), claim
