@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffopt.errors import DiffoptError
+
 
 @dataclass(frozen=True)
 class Task:
@@ -29,6 +31,15 @@ class Episode:
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("support_y", "query_y"):
+            target = getattr(self, name)
+            if target.is_floating_point() and target.dim() < 3:
+                raise DiffoptError(
+                    f"{name} {list(target.shape)} is a regression target without its feature axis: "
+                    f"regression targets are [B, K, d] (sinusoid: d = 1, as the model's predictions); "
+                    f"pass {name}.unsqueeze(-1), or int64 class indices for classification")
 
     @classmethod
     def from_torchmeta(
