@@ -467,8 +467,12 @@ def _compare_help() -> tuple[inspect.Signature, str]:
     own = [p for p in inspect.signature(compare_command).parameters.values() if p.kind is not p.VAR_KEYWORD]
     shared = {f.name: f for f in fields(TrainConfig) if f.name in shared_train_options()}
     params = own + _train_options(list(shared))
+    # the command line's grid always names each configuration's algorithm (--algorithms), so a
+    # shared --algorithm applies only to a --config file's configurations that name none
+    scope = {"algorithm": "every configuration of a --config file that names none; else --algorithms"}
     doc = compare_command.__doc__.rstrip() + "\n" + "".join(
-        f"        {name}: (every configuration) {f.metadata['help']}\n" for name, f in shared.items())
+        f"        {name}: ({scope.get(name, 'every configuration')}) {f.metadata['help']}\n"
+        for name, f in shared.items())
     return inspect.Signature(params), doc
 
 

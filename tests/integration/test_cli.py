@@ -352,6 +352,13 @@ def test_train_help_lists_every_option():
 
 
 @pytest.mark.slow
+def test_compare_help_says_where_a_shared_algorithm_applies():
+    text = help_text("compare")
+    assert "--algorithms=None" in text
+    assert "(every configuration of a --config file that names none; else --algorithms) meta-learning" in text
+
+
+@pytest.mark.slow
 def test_help_piped_into_a_reader_that_stops_early_ends_quietly():
     done = subprocess.run(f"{sys.executable} -m diffopt train -h | head -1", shell=True, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
