@@ -141,7 +141,8 @@ def final_scores(results: Mapping[str, Any], rows: Sequence[Any], path: Path) ->
         axis.set_ylabel(f"{results['metric']} after {step} step{'s' * (step > 1)}")
         axis.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{results['dataset']}: held-out {results['metric']}, 95% interval across seeds")
+    spread = "across seeds" if len(results["seeds"]) > 1 else "across tasks (one seed)"
+    fig.suptitle(f"{results['dataset']}: held-out {results['metric']}, 95% interval {spread}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -365,3 +365,22 @@ def test_learning_curves_draw_a_run_that_diverged_from_its_first_validation(tmp_
     assert path.stat().st_size > 0
     only_diverged = {"diverged": groups["diverged"]}
     assert validation_curves(only_diverged, "mse", tmp_path / "alone.png", title="t", lower_is_better=True)
+
+
+@pytest.mark.parametrize("seeds, said", [((0,), "95% interval across tasks (one seed)"),
+                                         ((0, 1), "95% interval across seeds")])
+def test_the_final_scores_figure_names_the_interval_it_draws(seeds, said, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from diffopt.plots import final_scores
+
+    runs = [{"label": "maml", "shots": 5, "seed": seed, "scores": {"1": [1.0, 2.0, 3.0]},
+             "task_keys": ["a"] * 3, "iterations": 2, "seconds_per_iteration": 0.1, "meta_parameters": 3,
+             "train_seconds": 1.0} for seed in seeds]
+    titles = []
+    real = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle",
+                        lambda fig, text, **k: titles.append(text) or real(fig, text, **k))
+    results = {"dataset": "sinusoid", "metric": "mse", "seeds": list(seeds), "evaluation": {"steps": [1]}}
+    final_scores(results, aggregate(runs), tmp_path / "f.png")
+    assert titles == [f"sinusoid: held-out mse, {said}"]

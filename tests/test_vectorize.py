@@ -41,7 +41,7 @@ def grads(algorithm, episode):
     return metrics, [p.grad.clone() for p in algorithm.parameters()]
 
 
-@pytest.mark.parametrize("name,rule", [("maml", "sgd"), ("maml", "lslr"),
+@pytest.mark.parametrize("name,rule", [("maml", "sgd"), ("maml", "lslr"), ("maml", "adamw"),
                                        ("maml", "meta_curvature+meta_sgd"), ("fomaml", "sgd"),
                                        ("reptile", "sgd")])
 @pytest.mark.parametrize("steps", [1, 3])

@@ -35,12 +35,16 @@ class Adam(UpdateRule):
         beta1, beta2 = self.betas
         live = [i for i, g in enumerate(grads) if g is not None]
         g = [grads[i] for i in live]
-        m = torch._foreach_add(torch._foreach_mul([state[i]["exp_avg"] for i in live], beta1),
-                               torch._foreach_mul(g, 1 - beta1))
-        v = torch._foreach_add(torch._foreach_mul([state[i]["exp_avg_sq"] for i in live], beta2),
-                               torch._foreach_mul(torch._foreach_mul(g, 1 - beta2), g))  # higher's order
-        denominator = torch._foreach_add(_sqrt(v), self.eps)
-        quotient = torch._foreach_div(m, denominator)
+        exp_avg, exp_avg_sq = [state[i]["exp_avg"] for i in live], [state[i]["exp_avg_sq"] for i in live]
+        if _in_transform():  # the same operations, tensor by tensor
+            m = [a * beta1 + b * (1 - beta1) for a, b in zip(exp_avg, g, strict=True)]
+            v = [a * beta2 + b * (1 - beta2) * b for a, b in zip(exp_avg_sq, g, strict=True)]
+            quotient = [a / (s + self.eps) for a, s in zip(m, _sqrt(v), strict=True)]
+        else:
+            m = torch._foreach_add(torch._foreach_mul(exp_avg, beta1), torch._foreach_mul(g, 1 - beta1))
+            v = torch._foreach_add(torch._foreach_mul(exp_avg_sq, beta2),
+                                   torch._foreach_mul(torch._foreach_mul(g, 1 - beta2), g))  # higher's order
+            quotient = torch._foreach_div(m, torch._foreach_add(_sqrt(v), self.eps))
         new_state, updates = list(state), [None] * len(grads)
         for k, i in enumerate(live):
             t = state[i]["step"] + 1
@@ -72,10 +76,16 @@ class AdamW(Adam):
         return f"{super().extra_repr()}, weight_decay={self.weight_decay}"
 
 
+def _in_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``vmap`` over tasks, ``grad``), where
+    the ``torch._foreach_*`` kernels have no batching rule: there, tensor by tensor."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def _sqrt(v: list[torch.Tensor]) -> list[torch.Tensor]:
     """sqrt(v), its derivative 0 (not infinite) where v is 0. Without grad mode (first-order
     unrolls) one ``_foreach_sqrt``, the same values 8x faster for a conv-4's tensors."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not _in_transform():
         return torch._foreach_sqrt(v)
     return [torch.where(s > 0, torch.where(s > 0, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
             for s in v]
