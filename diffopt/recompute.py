@@ -31,7 +31,7 @@ from diffopt.unroll import (
     differentiable_optimizer,
     functional_steps,
     higher_step,
-    minibatch,
+    take_steps,
 )
 
 
@@ -83,18 +83,18 @@ class _Plan:
             else:
                 for index, entry in enumerate(saved):
                     diffopt.state[0][index] = dict(entry)
-        after = []
-        for step in range(self.start, self.start + self.count):
-            if per_step:
-                set_inner_step(fmodel, step)
-            xb, yb = minibatch(x, inputs.y, self.order, step)
+
+        def step(number: int, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             objective, loss = loop.objective(inputs.loss_fn, fmodel(xb), yb, list(fmodel.parameters()),
                                              anchor, mask)
-            if inputs.losses is not None and record:
-                inputs.losses.append(loss.detach())
             higher_step(diffopt, fmodel, objective, mask,
-                        track and loop.constant_gradient(step, inputs.steps, inputs.detach_inner_grads))
-            after.append(list(fmodel.parameters()))
+                        track and loop.constant_gradient(number, inputs.steps, inputs.detach_inner_grads))
+            return loss
+
+        segment = replace(inputs, x=x, losses=inputs.losses if record else None)
+        numbers = range(self.start, self.start + self.count)
+        after = [list(fmodel.parameters())
+                 for _ in take_steps(segment, numbers, self.order, step, fmodel if per_step else None)]
         if loop.rule is not None:
             final = diffopt._rule_state
         else:

@@ -10,14 +10,16 @@ adaptation and after every step:
 ``loop`` is the ``InnerLoop`` whose settings they follow (what they read of it: ``LoopSettings``,
 so this module needs no import of ``diffopt.inner``); ``UnrollInputs`` what one unroll takes
 (``mask`` marks the tensors it adapts).
-All three draw inner mini-batches (Reptile's) the same way: ``batch_order``, ``minibatch``.
+All three (and ``diffopt.recompute``'s segments) run one loop, ``take_steps``, with their own step:
+it numbers the steps, sets the per-step norms' row, draws the inner mini-batches (Reptile's) the
+same way (``batch_order``, ``minibatch``) and logs the inner losses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -123,6 +125,25 @@ def minibatch(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, step
     if order is None:
         return x, y
     return x[order[step]], y[order[step]]
+
+
+def take_steps(inputs: UnrollInputs, steps: Iterable[int], order: torch.Tensor | None,
+               step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+               norm_model: nn.Module | None = None) -> Iterator[int]:
+    """The inner loop every way of stepping shares: for each step number of ``steps``, the
+    inner-step row of ``norm_model``'s per-step norms (MAML++; None: no such norms), the step's
+    examples (``minibatch`` of ``inputs.x``, ``inputs.y`` under ``order``), the step itself,
+    ``step(number, xb, yb)`` (through higher, first order in place, or functional: gradient or
+    Gauss-Newton, backtracking or not), which returns the mean inner loss it started from, logged
+    to ``inputs.losses``; yields the step's number once it is taken."""
+    for number in steps:
+        if norm_model is not None:
+            set_inner_step(norm_model, number)
+        xb, yb = minibatch(inputs.x, inputs.y, order, number)
+        loss = step(number, xb, yb)
+        if inputs.losses is not None:
+            inputs.losses.append(loss.detach())
+        yield number
 
 
 def keep_adapted(grads, mask: list[bool]) -> list:
@@ -245,31 +266,28 @@ def inner_grad_callback(mask: list[bool], constant: bool):
 def through_higher(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[higher.patch._MonkeyPatchBase]:
     """higher's differentiable optimizer over a monkeypatched copy of ``model``; the same object is
     yielded each time, its weights updated."""
-    model, loss_fn, x, y, steps, mask = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.steps,
-                                         inputs.mask)
-    track_higher_grads, detach_inner_grads, losses = inputs.track, inputs.detach_inner_grads, inputs.losses
+    model, loss_fn, steps, mask, track = inputs.model, inputs.loss_fn, inputs.steps, inputs.mask, inputs.track
     if loop.backtrack:
         raise DiffoptError("backtracking inner steps run without higher: an update rule with a "
                            "functional form (sgd or a diffopt rule) and no differentiated unroll")
-    fmodel, per_step = loop.copies.monkeypatched(model, track_higher_grads)
+    fmodel, per_step = loop.copies.monkeypatched(model, track)
     carried = loop.carried_state if loop.carries_state else None
-    diffopt, template = differentiable_optimizer(loop, model, fmodel, mask, track_higher_grads, carried)
+    diffopt, template = differentiable_optimizer(loop, model, fmodel, mask, track, carried)
     anchor = list(model.parameters())
     if per_step:
         set_inner_step(fmodel, 0)
     yield fmodel
-    order = batch_order(x, y, steps, loop.batch_size)
-    for step in range(steps):
-        if per_step:
-            set_inner_step(fmodel, step)
-        xb, yb = minibatch(x, y, order, step)
+
+    def step(number: int, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         objective, loss = loop.objective(loss_fn, fmodel(xb), yb, list(fmodel.parameters()), anchor, mask)
-        if losses is not None:
-            losses.append(loss.detach())
         higher_step(diffopt, fmodel, objective, mask,
-                    track_higher_grads and loop.constant_gradient(step, steps, detach_inner_grads))
+                    track and loop.constant_gradient(number, steps, inputs.detach_inner_grads))
+        return loss
+
+    order = batch_order(inputs.x, inputs.y, steps, loop.batch_size)
+    for number in take_steps(inputs, range(steps), order, step, fmodel if per_step else None):
         if per_step:
-            set_inner_step(fmodel, loop.query_row(step + 1))
+            set_inner_step(fmodel, loop.query_row(number + 1))
         yield fmodel
     if inputs.carry_state and loop.carries_state:
         (group,) = diffopt.state  # one parameter group, in model.parameters() order
@@ -282,9 +300,7 @@ def first_order(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[nn.Module]
     """First order without higher: a copy of ``model`` (``ModelCopies.plain``) whose weights are
     reset to ``model``'s, plain autograd, and ``loop.first_order_rule``'s update applied in place;
     the copy is yielded."""
-    model, loss_fn, x, y, steps, mask = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.steps,
-                                         inputs.mask)
-    losses = inputs.losses
+    model, loss_fn, x, mask = inputs.model, inputs.loss_fn, inputs.x, inputs.mask
     rule = loop.first_order_rule
     learner, per_step = loop.copies.plain(model)
     params = list(learner.parameters())
@@ -297,23 +313,18 @@ def first_order(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[nn.Module]
     index = loop.rule_index(mask) if rule is loop.rule else None  # twins: per model tensor
     carried = loop.carries_state and loop.carried_state is not None
     state = loop.carried_state if carried else init_on(rule, params, index)
-    order = batch_order(x, y, steps, loop.batch_size)
     anchor = [p.detach() for p in model.parameters()]
-    if loop.backtrack:  # the trial weights' objective, and each task's step scale
-        names = [name for name, _ in learner.named_parameters()]
-        scale = torch.ones((), dtype=x.dtype, device=x.device)
-    for step in range(steps):
-        if per_step:
-            set_inner_step(learner, step)
-        xb, yb = minibatch(x, y, order, step)
+    names = [name for name, _ in learner.named_parameters()]
+    scale = torch.ones((), dtype=x.dtype, device=x.device)  # backtracking: each task's step scale
+
+    def step(number: int, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        nonlocal state, scale
         objective, loss = loop.objective(loss_fn, learner(xb), yb, params, anchor, mask)
-        if losses is not None:
-            losses.append(loss.detach())
         grads = keep_adapted(torch.autograd.grad(objective, params, allow_unused=True), mask)
         with torch.no_grad():
-            updates, state = update_on(rule, list(grads), state, params, step, index)
+            updates, state = update_on(rule, list(grads), state, params, number, index)
             if loop.backtrack:
-                def objective_at(weights, xb=xb, yb=yb):
+                def objective_at(weights):
                     prediction = FunctionalModel(learner, names, weights)(xb)
                     return loop.objective(loss_fn, prediction, yb, weights, anchor, mask)[0]
                 moved, scale = backtrack(objective_at, params, updates, objective.detach(), scale)
@@ -323,8 +334,12 @@ def first_order(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[nn.Module]
                 for param, update in zip(params, updates, strict=True):
                     if update is not None:
                         param.add_(update)
+        return loss
+
+    order = batch_order(x, inputs.y, inputs.steps, loop.batch_size)
+    for number in take_steps(inputs, range(inputs.steps), order, step, learner if per_step else None):
         if per_step:
-            set_inner_step(learner, loop.query_row(step + 1))
+            set_inner_step(learner, loop.query_row(number + 1))
         yield learner
     if inputs.carry_state and loop.carries_state and state is not None:
         loop.carried_state = state
@@ -361,9 +376,8 @@ def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torc
     ``constant_gradient`` steps taken as constants; else the updates are detached.
     ``vmappable``: inner gradients by ``torch.func.grad`` (under ``torch.func.vmap``); else by
     plain autograd, several times faster per step on a small model."""
-    model, loss_fn, x, y, mask, total = (inputs.model, inputs.loss_fn, inputs.x, inputs.y, inputs.mask,
-                                         inputs.steps)
-    track, losses = inputs.track, inputs.losses
+    model, loss_fn, x, mask, total, track = (inputs.model, inputs.loss_fn, inputs.x, inputs.mask,
+                                             inputs.steps, inputs.track)
     rule = loop.functional_rule
     names = [name for name, _ in model.named_parameters()]
     anchor = list(model.parameters())
@@ -374,10 +388,10 @@ def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torc
 
     index = loop.rule_index(mask) if rule is loop.rule else None
     scale = torch.ones((), dtype=x.dtype, device=x.device)
-    for step in steps:
-        set_inner_step(model, step)
-        constant = loop.constant_gradient(step, total, inputs.detach_inner_grads) or not track
-        xb, yb = minibatch(x, y, order, step)
+
+    def step(number: int, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        nonlocal params, state, scale
+        constant = loop.constant_gradient(number, total, inputs.detach_inner_grads) or not track
         if loop.solver == "gauss_newton":
             updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),
                                                       anchor, mask, xb, yb)
@@ -388,14 +402,15 @@ def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torc
             else:
                 before, loss = objective(params, xb, yb)
                 grads = torch.autograd.grad(before, params, create_graph=not constant, allow_unused=True)
-            updates, state = update_on(rule, keep_adapted(grads, mask), state, params, step, index)
-        if losses is not None:
-            losses.append(loss.detach())
+            updates, state = update_on(rule, keep_adapted(grads, mask), state, params, number, index)
         if not track:
             updates = _detach_all(updates)
         if loop.backtrack:
-            params, scale = backtrack(lambda w, xb=xb, yb=yb: objective(w, xb, yb)[0], params, updates,
-                                      before.detach(), scale)
+            params, scale = backtrack(lambda w: objective(w, xb, yb)[0], params, updates, before.detach(),
+                                      scale)
         else:
             params = [p if u is None else p + u for p, u in zip(params, updates, strict=True)]
+        return loss
+
+    for _ in take_steps(inputs, steps, order, step, model):
         yield params, state
