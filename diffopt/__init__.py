@@ -4,21 +4,18 @@ Data flows loader -> ``Episode`` -> ``MetaAlgorithm.meta_gradient`` -> outer ste
 adapts with the same inner loop; ``check_meta_gradient`` verifies meta-gradients against
 finite differences.
 
-Importing diffopt imports torchmeta with the fixes it needs on current torch applied first
-(``diffopt.data.torchmeta_compat``).
+torchmeta (and through it torchvision, seconds of imports) is imported when a loader first needs
+it, with the fixes it needs on current torch applied first: code of your own that imports
+torchmeta calls ``diffopt.data.torchmeta_compat.load()`` first, which returns the module.
 """
 
-from diffopt.data import torchmeta_compat as _torchmeta_compat
-
-_torchmeta_compat.load()
-
-from diffopt.algorithms import ALGORITHMS, ANIL, BOIL, FOMAML, IMAML, MAML, MetaAlgorithm, Reptile  # noqa: E402
-from diffopt.data import DATASETS, Episode, Task, get_dataset  # noqa: E402
-from diffopt.errors import DiffoptError  # noqa: E402
-from diffopt.evaluate import evaluate, mean_ci95  # noqa: E402
-from diffopt.gradcheck import GradcheckResult, check_meta_gradient  # noqa: E402
-from diffopt.inner import InnerLoop  # noqa: E402
-from diffopt.optim import register_rule  # noqa: E402
+from diffopt.algorithms import ALGORITHMS, ANIL, BOIL, FOMAML, IMAML, MAML, MetaAlgorithm, Reptile
+from diffopt.data import DATASETS, Episode, Task, get_dataset
+from diffopt.errors import DiffoptError
+from diffopt.evaluate import evaluate, mean_ci95
+from diffopt.gradcheck import GradcheckResult, check_meta_gradient
+from diffopt.inner import InnerLoop
+from diffopt.optim import register_rule
 
 __version__ = "0.1.0"
 

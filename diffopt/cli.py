@@ -453,6 +453,9 @@ def prepare_command(name: str, source: str | None = None, root: str = "data", do
     if download == (source is not None):
         raise DiffoptError("give either --source DIR (offline) or --download (torchmeta's download)")
     if download:
+        from diffopt.data.torchmeta_compat import load as load_torchmeta
+
+        load_torchmeta()  # its fixes first
         from torchmeta.datasets import MiniImagenet, Omniglot
 
         {"omniglot": Omniglot, "miniimagenet": MiniImagenet}[name](root, meta_train=True, download=True)

@@ -56,6 +56,9 @@ def test_prepared_omniglot_is_the_real_data_in_torchmetas_layout(omniglot_root):
 
 @pytest.mark.slow
 def test_torchmeta_reads_the_prepared_folder(omniglot_root):
+    from diffopt.data.torchmeta_compat import load
+
+    load()  # its fixes first
     from torchmeta.datasets.helpers import omniglot
     from torchmeta.utils.data import BatchMetaDataLoader
 
@@ -314,10 +317,13 @@ def test_every_loader_of_a_run_uses_its_image_preprocessing(omniglot_root, tmp_p
 def test_the_reseeding_splitter_draws_torchmetas_tasks(omniglot_root):
     """torchmeta constructs a numpy RandomState per class of every task (slow); diffopt's splitter
     reseeds one instead: the same indices as torchmeta's own method, for any task and seed."""
+    from diffopt.data import get_dataset
+    from diffopt.data.torchmeta_compat import load
+
+    load()  # its fixes first
     from torchmeta.transforms.splitters import ClassSplitter_
     from torchmeta.utils.data.task import ConcatTask
 
-    from diffopt.data import get_dataset
     from diffopt.data.images import ReseedingClassSplitter
 
     loader = get_dataset("omniglot").loader("train", seed=3, shots=2, test_shots=5, ways=5, batch_size=1,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffopt.data.episode import Episode, Task
-from diffopt.data.images import CLASS_SPLITS, OMNIGLOT_IMAGES, miniimagenet_loader, omniglot_loader
+from diffopt.data.image_options import CLASS_SPLITS, OMNIGLOT_IMAGES
 from diffopt.data.sinusoid import sinusoid_loader
 from diffopt.errors import DiffoptError, as_typed, unknown_name
 from diffopt.options import Option, check_int
@@ -135,6 +135,20 @@ class DatasetSpec:
             num_tasks=num_tasks, seed=split_seed(seed, split), num_workers=num_workers, root=root,
             start=start, **kwargs,
         )
+
+
+def omniglot_loader(**kwargs: Any):
+    """``diffopt.data.images.omniglot_loader``, imported when first called (see ``image_options``)."""
+    from diffopt.data.images import omniglot_loader as loader
+
+    return loader(**kwargs)
+
+
+def miniimagenet_loader(**kwargs: Any):
+    """``diffopt.data.images.miniimagenet_loader``, imported when first called."""
+    from diffopt.data.images import miniimagenet_loader as loader
+
+    return loader(**kwargs)
 
 
 def _image_classification(**fields: Any) -> DatasetSpec:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from diffopt.data.image_options import CLASS_SPLITS, OMNIGLOT_IMAGES
 from diffopt.data.prepare import PREPARED_FILES, SOURCES
 from diffopt.data.torchmeta_compat import load as load_torchmeta
 from diffopt.errors import DiffoptError
@@ -256,19 +257,6 @@ def omniglot_transform(images: str):
         return Compose([Resize(28), ToTensor()])  # torchmeta's helper (helpers.py:78)
     steps = [Resize(28, interpolation=InterpolationMode.NEAREST), ToTensor()]
     return Compose(steps + ([_StrokesZero()] if images == "nearest_strokes_0" else []))
-
-
-OMNIGLOT_IMAGES = ("bilinear", "nearest", "nearest_strokes_0")
-"""Omniglot preprocessing: ``bilinear`` torchmeta's (antialiased resize: grey strokes 1, the
-default, one pipeline for every algorithm); ``nearest`` a nearest-neighbour resize of the binary
-image, strokes 1 (cbfinn/maml: LANCZOS on a 1-bit PNG is nearest, then inverted); and
-``nearest_strokes_0`` the same, strokes 0 (supervised-reptile, MAML++: not inverted)."""
-
-
-CLASS_SPLITS = ("vinyals", "reptile")
-"""Omniglot's character split: ``vinyals`` (Vinyals et al.'s, by alphabet, 1028 / 172 / 423:
-torchmeta's, MAML's usual one) or ``reptile`` (supervised-reptile's: every character, shuffled,
-1200 meta-train / 423 meta-test, no meta-validation)."""
 
 
 def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:

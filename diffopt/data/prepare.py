@@ -70,6 +70,10 @@ def prepare_omniglot(source: str | os.PathLike, root: str | os.PathLike) -> Path
     """Write ``root/omniglot`` from ``images_background.zip`` and ``images_evaluation.zip`` in
     ``source``; return the folder. Already prepared: nothing is rewritten."""
     import h5py
+
+    from diffopt.data.torchmeta_compat import load as load_torchmeta
+
+    load_torchmeta()  # its fixes first
     from torchmeta.datasets.utils import get_asset
 
     files = omniglot_files(root)
