@@ -1,29 +1,35 @@
-"""Omniglot 5-way tables: every run under one wall-clock budget, scored on the same test tasks.
+"""Omniglot tables: every run under one wall-clock budget, scored on the same test tasks.
 
     python examples/omniglot_table.py train                 # the methods table, two runs at a time
     python examples/omniglot_table.py report                # 600 test tasks each; table + plot
     python examples/omniglot_table.py train --table goal    # 95% in 35 minutes, lever by lever
     python examples/omniglot_table.py report --table goal
 
-Two tables (``TABLES``):
+The tables (``TABLES``), 5-way unless said:
 
-- ``methods``: MAML, first-order MAML, Reptile and the MAML++ recipe, 5-way 1-shot and 5-shot,
-  each with its original code's Omniglot settings (``diffopt.data``'s defaults; MAML++'s flags
-  from docs/protocols.md, section 4), ``--parallel 2`` runs side by side on one torch thread
-  each, so machine load hits all alike;
-- ``goal``: 5-way 1-shot towards 95% in 35 minutes (``--budget 2100``), one row per lever, each
-  row the previous one plus its lever, two runs side by side on one torch thread each.
+- ``methods``: MAML, first-order MAML, Reptile and the MAML++ recipe, 1-shot and 5-shot, each
+  with its original code's Omniglot settings (``diffopt.data``'s defaults; MAML++'s flags from
+  docs/protocols.md, section 4), ``--parallel 2`` runs side by side on one torch thread each, so
+  machine load hits all alike;
+- ``goal``: 1-shot towards 95% in 35 minutes (``--budget 2100``), one row per lever, each row the
+  previous one plus its lever;
+- ``family``: ANIL, BOIL and iMAML at the methods table's budget;
+- ``paper``: two hours each, MAML with every lever and a cosine meta-step, Reptile 5-shot and
+  1-shot with its paper's protocol, each with a test-accuracy curve from snapshots kept every 10
+  minutes and the minutes to 95, 97 and 98% read off it;
+- ``horizon``: 25 inner steps, exact and approximate meta-gradients;
+- ``twenty``: 20-way 1-shot MAML and Reptile with their papers' 20-way protocols.
 
 ``train`` starts ``diffopt train`` processes with ``--max_seconds BUDGET`` of training time
 (validation on ``--validation_tasks`` meta-val tasks every ``--validate_every`` seconds, excluded
 from the budget) and a checkpoint every 100 meta-iterations. Re-running it resumes unfinished
 runs and skips finished ones. ``report`` scores every run on the same test tasks (evaluation
 seed 2017, 15 query images per class) transductively (batch statistics over the query set, as
-MAML) and, for the methods table, non-transductively too (each query image with the support set
-alone, the Reptile paper's protocol), after the method's evaluation steps, and plots the
-validation accuracy against training time and meta-iterations.
+MAML) and, for the methods, family, paper and twenty tables, non-transductively too (each query
+image with the support set alone, the Reptile paper's protocol), after the method's evaluation
+steps (Reptile: on mini-batches of its --eval-batch), and plots the validation accuracy against
+training time and meta-iterations.
 """
-
 from __future__ import annotations
 
 import json
@@ -70,7 +76,12 @@ class Method:
     eval_steps: int
     """Inner steps before scoring a test task (the paper's)."""
     paper: dict = field(default_factory=dict)
-    """shots -> (transductive, non-transductive) published 5-way accuracy, '-' where none."""
+    """shots -> (transductive, non-transductive) published accuracy, '-' where none."""
+    eval_options: dict = field(default_factory=dict)
+    """Options of the test-time adaptation besides the training's (Reptile: its --eval-batch)."""
+    curve_transductive: bool = True
+    """How the paper table's test curve scores the method: as its paper's headline number does
+    (Reptile's: non-transductive)."""
 
 
 METHODS = {
@@ -79,7 +90,8 @@ METHODS = {
     "fomaml": Method("first-order MAML", dict(algorithm="fomaml"), 10,
                      {1: ("98.3 +- 0.5", "-"), 5: ("99.2 +- 0.2", "-")}),  # Finn et al. 2017, table 1
     "reptile": Method("Reptile", dict(algorithm="reptile"), 50,
-                      {1: ("97.97", "95.32"), 5: ("99.48", "98.90")}),  # Nichol et al. 2018, table 1
+                      {1: ("97.97", "95.32"), 5: ("99.48", "98.90")},  # Nichol et al. 2018, table 1
+                      {"inner_batch_size": 5}, curve_transductive=False),  # README: --eval-batch 5
     "mamlpp": Method("MAML++ recipe", MAMLPP, 5,
                      {1: ("99.47", "-"), 5: ("99.85", "-")}),  # Antoniou et al. 2019, table 1
 }
@@ -103,9 +115,11 @@ class Run:
     shots: int
     extra: dict = field(default_factory=dict)
     """Options on top of the method's (the goal table's levers, cumulative)."""
+    ways: int = 5
 
     def flags(self) -> dict:
-        return {**self.method.flags, **self.extra, "shots": self.shots}
+        return {**self.method.flags, **self.extra, "shots": self.shots,
+                **({"ways": self.ways} if self.ways != 5 else {})}
 
 
 GOAL_LEVERS: list[tuple[str, str, dict]] = [
@@ -135,9 +149,27 @@ GOAL_RECIPE = {k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()}
 PAPER_RUNS = [
     Run("paper-maml-1shot", "MAML, the goal recipe with a cosine meta-step to 1e-5", METHODS["maml"], 1,
         {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}),
+    Run("paper-reptile-5shot", "Reptile, its paper's protocol", METHODS["reptile"], 5),
+    Run("paper-reptile-1shot", "Reptile, its paper's protocol", METHODS["reptile"], 1),
 ]
-"""The paper-level table: the goal table's last row (every lever) for two hours, its outer
-learning rate annealed over the budget (``--meta_lr_schedule cosine``), towards MAML's 98.7%."""
+"""The paper-level table, two hours each: MAML with the goal table's last row (every lever), its
+outer learning rate annealed over the budget (``--meta_lr_schedule cosine``), towards its paper's
+98.7%; Reptile with its paper's protocol (supervised-reptile's settings, diffopt's defaults),
+5-shot towards Reptile-Pytorch's 98.10 and the paper's 98.90 non-transductive, 1-shot beside.
+The side-by-side reference of the MAML row: ``benchmarks/time_to_accuracy.py --methods
+maml-paper``."""
+
+TWENTY_WAY = {
+    # Finn et al. 2017, appendix A.1 and table 1: 20-way, meta-batch 16, 5 inner steps of 0.1
+    "maml": Method("MAML", dict(algorithm="maml", meta_batch_size=16, inner_lr=0.1, inner_steps=5), 10,
+                   {1: ("95.8 +- 0.3", "-")}),
+    # Nichol et al. 2018, table 1 and the supervised-reptile README's 20-way commands: mini-batches
+    # of 20, 10 inner steps of 0.0005; at test mini-batches of 10
+    "reptile": Method("Reptile", dict(algorithm="reptile", inner_batch_size=20, inner_steps=10,
+                                      inner_lr=0.0005), 50, {1: ("89.43 +- 0.14", "88.14 +- 0.15")},
+                      {"inner_batch_size": 10}, curve_transductive=False),
+}
+"""Omniglot 20-way 1-shot with each paper's 20-way protocol (docs/guide.md's commands)."""
 
 FAMILY_NOTES = [
     "- Meta-step memory: the largest growth of the resident set during a meta-step over what the "
@@ -182,7 +214,8 @@ HORIZON_RUNS = [
 beside the 1- and 5-step protocols, 5-way 1-shot, every run under the same training-time budget;
 scored after as many inner steps as each was trained with (1-step MAML: its protocol's 10)."""
 
-BUDGETS = {"methods": 1200.0, "goal": 2100.0, "family": 1200.0, "paper": 7200.0, "horizon": 900.0}
+BUDGETS = {"methods": 1200.0, "goal": 2100.0, "family": 1200.0, "paper": 7200.0, "horizon": 900.0,
+           "twenty": 1200.0}
 SNAPSHOT_EVERY = {"paper": 600.0}
 """Seconds of training time between kept checkpoints, by table: ``report`` scores each on the test
 tasks for a curve of test accuracy against training time."""
@@ -193,6 +226,8 @@ TABLES = {
     "family": [Run(f"{key}-1shot", method.label, method, 1) for key, method in FAMILY.items()],
     "paper": PAPER_RUNS,
     "horizon": HORIZON_RUNS,
+    "twenty": [Run(f"{key}-20way-1shot", method.label, method, 1, ways=20)
+               for key, method in TWENTY_WAY.items()],
 }
 
 
@@ -237,10 +272,12 @@ def train(
     data_root: str = "data",
     seed: int = 0,
     validation_tasks: int = 100,
+    snapshot_every: float | None = None,
 ) -> None:
     """Meta-train the table's runs for ``budget`` seconds of training time each (default
     ``BUDGETS``: 20 minutes for the methods, 35 for the goal), ``parallel``
-    at a time with ``threads`` torch threads each."""
+    at a time with ``threads`` torch threads each; ``snapshot_every``: seconds of training between
+    kept checkpoints (default ``SNAPSHOT_EVERY``: the paper table's curves)."""
     chosen = _runs(table, runs)
     budget = BUDGETS[table] if budget is None else budget
     out_path = Path(out or f"runs/omniglot-{table}")
@@ -261,7 +298,7 @@ def train(
             count = str(threads)
             env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
             args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks,
-                            SNAPSHOT_EVERY.get(table))
+                            snapshot_every or SNAPSHOT_EVERY.get(table))
             log = open(out_path / f"{run.name}.log", "a")
             print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
             running[run.name] = (subprocess.Popen(
@@ -278,21 +315,79 @@ def train(
         raise SystemExit(f"{', '.join(failed)} failed; see {out_path}/<run>.log")
 
 
-def _scores(folder: Path, steps: int, tasks: int, transductive: bool, iteration: int) -> np.ndarray:
-    """Per-task test accuracy after ``steps`` inner steps, cached in the run folder for the
-    checkpoint at ``iteration`` (the model is loaded only to fill the cache)."""
-    cache = folder / f"test-{tasks}-steps{steps}-{'trans' if transductive else 'nontrans'}.json"
+def _scores(folder: Path, steps: int, tasks: int, transductive: bool, iteration: int,
+            eval_options: dict | None = None, checkpoint: Path | None = None) -> np.ndarray:
+    """Per-task test accuracy after ``steps`` inner steps (with ``eval_options``), cached in the
+    run folder for the checkpoint at ``iteration`` (the model is loaded only to fill the cache);
+    ``checkpoint``: a snapshot of the run rather than its last checkpoint."""
+    options = "".join(f"-{key}{value}" for key, value in sorted((eval_options or {}).items()))
+    mode = "trans" if transductive else "nontrans"
+    cache = folder / f"test-{tasks}-steps{steps}-{mode}{options}.json"
+    if checkpoint is not None:
+        cache = cache.with_name(f"{cache.stem}-at{iteration}.json")
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved["iteration"] == iteration:
             return np.asarray(saved["scores"])
-    config, algorithm, payload = load_trained(folder)
+    config, algorithm, payload = load_trained(checkpoint or folder, **(eval_options or {}))
     spec = get_dataset("omniglot")
     evaluation = evaluate(algorithm, spec, shots=config.shots, test_shots=spec.eval_test_shots,
                           ways=config.ways, tasks=tasks, steps=(steps,), **config.data_options(),
                           transductive=transductive)
     write_json(cache, {"iteration": payload["iteration"], "scores": evaluation.scores[steps].tolist()})
     return evaluation.scores[steps]
+
+
+def _test_curve(run: Run, folder: Path, tasks: int) -> list[tuple[float, float]]:
+    """(training seconds, test accuracy) at each snapshot of the run and at its end, on the first
+    ``tasks`` test tasks, scored as the method's paper scores (``Method.curve_transductive``)."""
+    points = []
+    for snapshot in RunFolder(folder, writer=False).snapshots():
+        payload = load_checkpoint(snapshot)
+        scores = _scores(folder, run.method.eval_steps, tasks, run.method.curve_transductive,
+                         payload["iteration"], run.method.eval_options, snapshot)
+        points.append((float(payload["train_seconds"]), float(np.mean(scores))))
+    return points
+
+
+def time_to(curve: list[tuple[float, float]], target: float, chance: float) -> float | None:
+    """Training seconds at which ``curve`` first reaches ``target`` accuracy, linear between its
+    points (from ``chance`` at 0 s); None if it never does."""
+    previous = (0.0, chance)
+    for seconds, accuracy in curve:
+        if accuracy >= target:
+            t0, a0 = previous
+            return seconds if accuracy == a0 else t0 + (seconds - t0) * (target - a0) / (accuracy - a0)
+        previous = (seconds, accuracy)
+    return None
+
+
+TARGETS = (0.95, 0.97, 0.98)
+"""The accuracies whose training time the paper table reads off its test curves."""
+
+
+def _plot_test_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    """Test accuracy (%) against training minutes, one line per run, the ``TARGETS`` dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for label, curve in curves.items():
+        axis.plot([s / 60 for s, _ in curve], [100 * a for _, a in curve], marker="o", markersize=3,
+                  label=label)
+    for target in TARGETS:
+        axis.axhline(100 * target, color="grey", linestyle=":", linewidth=0.8)
+    axis.set_xlabel("training time (minutes)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _interval(scores: np.ndarray) -> str:
@@ -303,8 +398,9 @@ def _interval(scores: np.ndarray) -> str:
 TITLES = {"methods": "Omniglot 5-way: MAML, first-order MAML, Reptile, MAML++ recipe",
           "family": "Omniglot 5-way 1-shot: ANIL, BOIL, iMAML",
           "goal": "Omniglot 5-way 1-shot: 95% in 35 minutes, lever by lever",
-          "paper": "Omniglot 5-way 1-shot: towards the paper in two hours",
-          "horizon": "Omniglot 5-way 1-shot: 25 inner steps, exact and approximate meta-gradients"}
+          "paper": "Omniglot 5-way: towards the papers in two hours",
+          "horizon": "Omniglot 5-way 1-shot: 25 inner steps, exact and approximate meta-gradients",
+          "twenty": "Omniglot 20-way 1-shot: MAML and Reptile with their papers' 20-way protocols"}
 
 
 def report(
@@ -314,27 +410,38 @@ def report(
     out: str | None = None,
     results: str = "RESULTS.md",
     plot: str | None = None,
+    curve_tasks: int = 200,
 ) -> None:
-    """Evaluate every run on the same test tasks; write the table and the plot."""
+    """Evaluate every run on the same test tasks; write the table and the plot (the paper table:
+    also each snapshot on the first ``curve_tasks`` tasks, the last point on all ``tasks``, and
+    the training minutes to 95, 97 and 98% read off that curve)."""
     chosen = _runs(table, runs)
     out_path = Path(out or f"runs/omniglot-{table}")
     plot_path = Path(plot or f"docs/figures/omniglot-{table}.png")
     torch.set_num_threads(1)
-    both = table in ("methods", "family")
+    both = table in ("methods", "family", "paper", "twenty")
     memory = table in ("family", "horizon")
-    rows, curves = [], {}
+    timed = table == "paper"  # test curves from the runs' snapshots
+    rows, curves, tests = [], {}, {}
     for run in chosen:
         folder = out_path / run.name
         payload = load_checkpoint(folder)
         metrics, validation = RunFolder(folder).metrics(), RunFolder(folder).validation()
         curves[f"{run.label}, {run.shots}-shot" if both else run.label] = [validation]
-        steps = run.method.eval_steps
-        transductive = _scores(folder, steps, tasks, True, payload["iteration"])
+        steps, options = run.method.eval_steps, run.method.eval_options
+        transductive = _scores(folder, steps, tasks, True, payload["iteration"], options)
         paper = run.method.paper.get(run.shots, ("-", "-"))
         cells = [run.label, str(run.shots), _interval(transductive)]
         if both:
-            inductive = _scores(folder, steps, tasks, False, payload["iteration"])
+            inductive = _scores(folder, steps, tasks, False, payload["iteration"], options)
             cells += [paper[0], _interval(inductive), paper[1]]
+        if timed:
+            final = transductive if run.method.curve_transductive else inductive
+            curve = _test_curve(run, folder, curve_tasks)
+            curve = [*curve, (float(payload["train_seconds"]), float(np.mean(final)))]
+            tests[f"{run.label}, {run.shots}-shot"] = curve
+            reached = [time_to(curve, target, 1 / run.ways) for target in TARGETS]
+            cells.append(" / ".join("-" if t is None else f"{t / 60:.0f}" for t in reached))
         cells += [str(steps), str(payload["iteration"]), f"{payload['train_seconds'] / 60:.1f}",
                   f"{statistics.median(m['seconds'] for m in metrics):.2f}",
                   f"{100 * validation[-1]['accuracy']:.1f}"]
@@ -343,9 +450,14 @@ def report(
         rows.append("| " + " | ".join(cells) + " |")
     validation_curves(curves, "accuracy", plot_path, title=TITLES[table], percent=True,
                       log_iterations=True)
+    test_plot = plot_path.with_name(f"{plot_path.stem}-test{plot_path.suffix}")
+    if timed:
+        _plot_test_curves(tests, test_plot, TITLES[table])
     head = ["lever" if table == "goal" else "method", "shots", "transductive"]
     if both:
         head += ["paper", "non-transductive", "paper"]
+    if timed:
+        head.append("minutes to " + " / ".join(f"{100 * t:.0f}" for t in TARGETS) + "%")
     head += ["eval steps", "meta-iterations", "training minutes", "s / meta-iter (median)",
              "last meta-val accuracy"]
     if memory:
@@ -365,6 +477,12 @@ def report(
         *rows,
         *(["", *NOTES[table]] if table in NOTES else []),
         "",
+        *([f"Test accuracy against training time: each run's snapshots (every "
+           f"{SNAPSHOT_EVERY[table] / 60:.0f} minutes of training) on the first {curve_tasks} of these "
+           f"tasks, its end on all {tasks}, scored as each paper scores (MAML transductive, Reptile "
+           "not); the minutes to each accuracy are read off it, linearly between points.", "",
+           f"![test accuracy against training time]({os.path.relpath(test_plot, Path(results).parent)})",
+           ""] if timed else []),
         f"![meta-val accuracy against training time and meta-iterations]({relative})",
     ])
     print(body)

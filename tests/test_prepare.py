@@ -406,3 +406,31 @@ def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tm
     again = subprocess.run([sys.executable, str(script), "train", "--runs", ",".join(names),
                             "--budget", "1", "--out", str(out)], **common)
     assert again.returncode == 0 and again.stdout.count("finished") == 4  # finished runs are kept
+
+
+@pytest.mark.slow
+def test_omniglot_paper_table_reads_its_test_curve_off_the_snapshots(omniglot_root, tmp_path):
+    """The paper table at a tiny budget: snapshots during training, each scored for the test curve,
+    the minutes to 95 / 97 / 98% in the table (none reached in two seconds), the curve plotted."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "omniglot_table.py"
+    out, results, plot = tmp_path / "runs", tmp_path / "RESULTS.md", tmp_path / "curve.png"
+    common = dict(capture_output=True, text=True, timeout=600)
+    trained = subprocess.run([sys.executable, str(script), "train", "--table", "paper", "--runs",
+                              "paper-reptile-1shot", "--budget", "2", "--snapshot_every", "0.5",
+                              "--validate_every", "1", "--validation_tasks", "3", "--out", str(out),
+                              "--data_root", str(omniglot_root)], **common)
+    assert trained.returncode == 0, trained.stderr
+    snapshots = sorted((out / "paper-reptile-1shot" / "snapshots").glob("*.pt"))
+    assert len(snapshots) >= 2
+    reported = subprocess.run([sys.executable, str(script), "report", "--table", "paper", "--runs",
+                               "paper-reptile-1shot", "--tasks", "4", "--curve_tasks", "3", "--out", str(out),
+                               "--results", str(results), "--plot", str(plot)], **common)
+    assert reported.returncode == 0, reported.stderr
+    text = results.read_text()
+    (head, row) = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert "minutes to 95 / 97 / 98%" in head and "| - / - / - |" in row  # two seconds reach none
+    curves = sorted((out / "paper-reptile-1shot").glob("test-3-steps50-nontrans-inner_batch_size5-at*.json"))
+    assert len(curves) == len(snapshots)  # each snapshot scored on the curve's tasks, as Reptile scores
+    with Image.open(tmp_path / "curve-test.png") as image:
+        assert image.size[0] > 500
+    assert "curve-test.png" in text
