@@ -233,30 +233,35 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
 
 
 def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episode: Episode,
-              config: TrainConfig, memory: StepMemory) -> tuple[dict[str, float], float, bool]:
+              config: TrainConfig, memory: StepMemory) -> tuple[dict[str, float], float, bool, dict]:
     """One outer step on ``episode``'s meta-gradient, averaged over torchrun ranks and clipped as
     ``config`` says (``memory`` measures it). A non-finite loss, gradient or new parameter skips
     it: parameters, optimizer state and running statistics stay as they were.
 
-    Returns the metrics (the same on every rank), the gradient norm before norm clipping, and
-    whether the step was taken.
+    Returns the metrics (the same on every rank), the gradient norm before norm clipping, whether
+    the step was taken, and where its time went: ``gradient_seconds`` (the meta-gradient, averaged
+    over ranks) and ``outer_seconds`` (clipping and the guarded outer step).
     """
     optimizer.zero_grad(set_to_none=True)
     buffers = [b.clone() for b in algorithm.buffers()]  # running statistics, if any
     with memory.measured():
+        began = time.perf_counter()
         metrics = algorithm.meta_gradient(episode)
         distributed.all_reduce_grads(algorithm)
+        computed = time.perf_counter()
         metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
         if config.max_grad_value is not None:
             torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
         norm = torch.nn.utils.clip_grad_norm_(algorithm.parameters(), config.max_grad_norm or math.inf)
         taken = (math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
                  and guarded_step(algorithm, optimizer))
+        stepped = time.perf_counter()
+    timings = {"gradient_seconds": computed - began, "outer_seconds": stepped - computed}
     if not taken:
         with torch.no_grad():
             for buffer, saved in zip(algorithm.buffers(), buffers, strict=True):
                 buffer.copy_(saved)
-    return metrics, float(norm), taken
+    return metrics, float(norm), taken, timings
 
 
 def follow_schedule(config: TrainConfig, algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer,
@@ -338,13 +343,15 @@ class _Sitting:
                            leave=False, disable=not (config.progress and folder.writer),
                            desc=config.algorithm)
         with folder.metrics_log() as log:
-            start = time.perf_counter()
+            start = booked = time.perf_counter()
             for iteration, batch in enumerate(batches, start=self.done + 1):
                 if config.max_seconds is not None and self.clock >= config.max_seconds:
                     break
                 episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
+                data_seconds = time.perf_counter() - booked  # the loader's and the episode's
                 follow_schedule(config, algorithm, self.optimizer, iteration, self.clock)
-                metrics, norm, taken = meta_step(algorithm, self.optimizer, episode, config, self.memory)
+                metrics, norm, taken, timings = meta_step(algorithm, self.optimizer, episode, config,
+                                                          self.memory)
                 bad_in_row = 0 if taken else bad_in_row + 1
                 self.skipped += not taken
                 now = time.perf_counter()
@@ -354,7 +361,8 @@ class _Sitting:
                 start = now
                 completed = iteration
                 record = {"iteration": iteration, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
-                          "grad_norm": norm, "seconds": durations[-1], "train_seconds": self.clock}
+                          "grad_norm": norm, "seconds": durations[-1], "train_seconds": self.clock,
+                          "data_seconds": data_seconds, **timings}
                 if not taken:
                     record["skipped"] = True
                 record.update(algorithm.iteration_record())
@@ -381,6 +389,7 @@ class _Sitting:
                         "the last good parameters; lower --meta_lr or --inner_lr, or set --max_grad_norm")
                 if config.checkpoint_every and iteration % config.checkpoint_every == 0:
                     folder.save(self.payload(iteration))  # after the log line: the log reaches the checkpoint
+                booked = time.perf_counter()  # the next iteration's data starts here
         bar.close()
         if validating and validated != completed:
             self.validate(completed)

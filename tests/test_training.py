@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +88,26 @@ def test_reptile_outer_step_is_annealed_linearly(tmp_path):
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     # the step size iteration t used: eps_t = 1 - (t - 1) / 4
     np.testing.assert_allclose(lrs, [1 - (t - 1) / 4 for t in range(1, 5)])
+
+
+def test_each_iteration_logs_where_its_time_went(tmp_path, monkeypatch):
+    import diffopt.train as train_module
+
+    real = train_module.Episode.from_torchmeta
+
+    def slow_episode(*args, **kwargs):  # a loader 20 ms slower than its meta-step
+        time.sleep(0.02)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module.Episode, "from_torchmeta", slow_episode)
+    config = resolve_config(iterations=5, meta_batch_size=2, hidden=(4,), checkpoint_every=2,
+                            run_dir=str(tmp_path / "r"), progress=False)
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        parts = [record["data_seconds"], record["gradient_seconds"], record["outer_seconds"]]
+        assert min(parts) > 0 and sum(parts) <= record["seconds"] * (1 + 1e-9)
+        assert record["data_seconds"] >= 0.02  # the loader's time, not the step's
 
 
 def test_time_budget_drives_the_schedule(tmp_path, step_clock):
