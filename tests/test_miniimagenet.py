@@ -18,41 +18,18 @@ from PIL import Image
 import diffopt.data.prepare as prepare_module
 from diffopt.cli import main
 from diffopt.config import resolve_config
-from diffopt.data import Episode, get_dataset
+from diffopt.data import Episode, fixture, get_dataset
 from diffopt.data.prepare import miniimagenet_files, prepare_miniimagenet
 from diffopt.evaluate import evaluate
 from diffopt.train import train
 
 CLASSES = {"train": 6, "val": 5, "test": 5}
 IMAGES_PER_CLASS = 4
-ODD_SIZE = (100, 90)
-"""One image per split is stored at this size, as some copies of the distribution are not 84x84."""
 
 
 def make_distribution(folder: Path) -> dict[str, dict[str, list[Path]]]:
     """images/*.jpg and {split}.csv as distributed; returns split -> class -> image paths."""
-    rng = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    layout: dict[str, dict[str, list[Path]]] = {}
-    wnid = 1000000
-    for split, count in CLASSES.items():
-        rows, layout[split] = ["filename,label"], {}
-        for _ in range(count):
-            wnid += 1
-            label = f"n{wnid:08d}"
-            colour = rng.integers(0, 256, size=3)
-            layout[split][label] = []
-            for index in range(IMAGES_PER_CLASS):
-                odd = index == 0 and not rows[1:]
-                size = ODD_SIZE if odd else (84, 84)
-                noise = rng.integers(-40, 40, size=(size[1], size[0], 3))
-                pixels = np.clip(colour + noise, 0, 255).astype(np.uint8)
-                name = f"{label}{index + 1:08d}.jpg"
-                Image.fromarray(pixels).save(folder / "images" / name, quality=95)
-                layout[split][label].append(folder / "images" / name)
-                rows.append(f"{name},{label}")
-        (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return layout
+    return fixture.make_distribution(folder, CLASSES, IMAGES_PER_CLASS)
 
 
 def decoded(path: Path) -> np.ndarray:
