@@ -6,10 +6,8 @@ for a whole episode in one batched pass: several times faster than a loop over t
 small models. It is used only where its meta-gradients are proven right by the
 finite-difference tests (tests/test_vectorize.py): models built from the modules in
 ``VMAP_SAFE_MODULES`` with no buffers, and inner rules with a functional form (sgd and every
-``UpdateRule``). ``torch.func.vmap`` gives wrong meta-gradients through torch's affine BatchNorm
-and LayerNorm and refuses BatchNorm with running statistics, so those models take the loop
-(diffopt's own ``batch`` norm, ``AffineBatchNorm``, applies its scale outside batch norm and is
-vmapped).
+``UpdateRule``). ``torch.func.vmap`` gives wrong meta-gradients through affine BatchNorm and
+LayerNorm and refuses BatchNorm with running statistics, so those models take the loop.
 
 The loop (``map_tasks``) runs ``task_threads`` tasks concurrently, each on its own thread with
 its own functional copy of the model; the per-task results come back in task order, so the
@@ -36,7 +34,7 @@ from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop, adapted_mask
 from diffopt.models.conv4 import InputNorm, SameConv2d
-from diffopt.models.norm import AffineBatchNorm, ShiftBatchNorm
+from diffopt.models.norm import ShiftBatchNorm
 from diffopt.optim import UpdateRule
 
 VECTORIZE_MODES = ("auto", "always", "never")
@@ -47,7 +45,7 @@ T = TypeVar("T")
 VMAP_SAFE_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sequential, nn.Linear, nn.Conv2d, nn.Flatten, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softplus,
-    ShiftBatchNorm, AffineBatchNorm, SameConv2d, InputNorm,
+    ShiftBatchNorm, SameConv2d, InputNorm,
 )
 """Module types whose functional calls are checked under vmap by the gradient tests (plus
 subclasses of ``nn.Sequential`` that keep its ``forward``, such as ``diffopt.models.MLP``)."""

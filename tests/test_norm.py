@@ -18,7 +18,7 @@ from diffopt.data import Episode, get_dataset
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import QUERY_NORM_ROWS, InnerLoop
-from diffopt.models import MLP, AffineBatchNorm, Conv4, PerStepBatchNorm, ShiftBatchNorm
+from diffopt.models import MLP, Conv4, PerStepBatchNorm, ShiftBatchNorm
 from diffopt.runfolder import load_checkpoint
 
 
@@ -119,25 +119,10 @@ def test_train_flag_builds_per_step_norms(tmp_path, capsys):
     assert "unknown norm 'group'" in capsys.readouterr().err
 
 
-def test_per_step_norm_models_are_not_vmapped():
-    model = MLP(1, 1, (3,), norm="per_step_batch")
+@pytest.mark.parametrize("norm", ["batch", "per_step_batch"])
+def test_norm_models_are_not_vmapped(norm):
+    model = MLP(1, 1, (3,), norm=norm)
     assert not build_algorithm("maml", model, InnerLoop("sgd"), F.mse_loss, "auto").vectorized
-    assert build_algorithm("maml", MLP(1, 1, (3,), norm="batch"), InnerLoop("sgd"), F.mse_loss,
-                           "auto").vectorized  # diffopt's affine batch norm is
-
-
-@pytest.mark.parametrize("dims", [1, 2])
-def test_affine_batch_norm_is_torchs_without_running_statistics(dims):
-    layer = AffineBatchNorm(4, eps=1e-3).double()
-    cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    torch_layer = cls(4, eps=1e-3, track_running_stats=False).double()
-    with torch.no_grad():
-        for p in (*layer.parameters(), *torch_layer.parameters()):
-            p.copy_(torch.tensor([0.5, -1.0, 0.2, 2.0], dtype=torch.float64))
-    x = torch.randn(*((6, 4) if dims == 1 else (6, 4, 3, 3)), dtype=torch.float64)
-    torch.testing.assert_close(layer(x), torch_layer(x), rtol=1e-12, atol=1e-12)
-    assert layer.state_dict().keys() == torch_layer.state_dict().keys()  # torch's checkpoints load
-    layer.load_state_dict(torch_layer.state_dict())
 
 
 def test_non_transductive_evaluation_predicts_each_query_with_the_support_set_alone():

@@ -122,10 +122,10 @@ def test_every_norm_gives_every_parameter_a_meta_gradient(norm):
 
 
 @pytest.mark.parametrize("norm, reason", [
-    ("batch", "ResidualBlock"), ("per_step_batch", "PerStepBatchNorm"),
+    ("batch", "BatchNorm2d"), ("per_step_batch", "PerStepBatchNorm"),
     ("batch_shift", "ResidualBlock"), ("none", "ResidualBlock")])
 def test_vmap_obstacle_names_the_reason(norm, reason):
-    """The same rules as every model: per-step batch norm (and a block's own ``forward``) is not on the
+    """The same rules as every model: batch norm (and a block's own ``forward``) is not on the
     vmap allow-list, so the meta-batch loops over tasks, and ``--vectorize always`` says why."""
     model = ResNet12(1, 3, hidden=TINY, image_size=16, norm=norm)
     inner = InnerLoop("sgd", 0.1, 1, model=model)

@@ -20,7 +20,7 @@ from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
-from diffopt.models import MLP, AffineBatchNorm, Conv4, ShiftBatchNorm, initialize
+from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
 from diffopt.models.conv4 import InputNorm
 from diffopt.optim import UpdateRule
 from diffopt.vectorize import vmap_obstacle
@@ -106,7 +106,7 @@ class ItemRule(UpdateRule):
 
 @pytest.mark.parametrize("model,optimizer,reason", [
     (LayerNormNet, "sgd", "its LayerNorm layers are not proven right under torch.func.vmap"),
-    (BatchNormNet, "sgd", "its BatchNorm1d layers are not proven right"),  # torch's own, affine
+    (BatchNormNet, "sgd", "its BatchNorm1d layers are not proven right"),
     (lambda: CustomForward(nn.Linear(1, 1)), "sgd", "its CustomForward layers"),
     (lambda: MLP(1, 1, (3,)), "adam", "the inner optimizer 'adam' has no functional form"),
     (lambda: MLP(1, 1, (3,)), ItemRule(), "the inner rule ItemRule cannot run under torch.func.vmap"),
@@ -156,19 +156,15 @@ def test_plain_mlps_vectorize_by_default():
         small_algorithm(vectorize="sometimes")
 
 
-def cbfinn_conv4(name: str, steps: int, vectorize: str, seed: int = 0, params: str = "weights",
-                 norm: str = "batch_shift"):
+def cbfinn_conv4(name: str, steps: int, vectorize: str, seed: int = 0, params: str = "weights"):
     """cbfinn/maml's Omniglot model at toy size (TF batch norm, averaged last map), float64;
-    ``params="all"``: the inner loop adapts batch norm's shift too (batched under vmap);
-    ``norm="batch"``: the goal recipe's affine batch norm, its scale adapted too with "all"."""
+    ``params="all"``: the inner loop adapts batch norm's shift too (batched under vmap)."""
     torch.manual_seed(seed)
-    model = initialize(Conv4(1, 3, 4, 8, norm=norm, norm_eps=1e-3, head="mean"), "glorot").double()
+    model = initialize(Conv4(1, 3, 4, 8, norm="batch_shift", norm_eps=1e-3, head="mean"), "glorot").double()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (ShiftBatchNorm, AffineBatchNorm)):
+            if isinstance(module, ShiftBatchNorm):
                 module.bias.add_(0.3 * torch.randn_like(module.bias))
-            if isinstance(module, AffineBatchNorm):
-                module.weight.add_(0.3 * torch.randn_like(module.weight))
     inner = InnerLoop("sgd", 0.1, steps, loss_reduction="class_sum", params=params)
     return build_algorithm(name, model, inner, F.cross_entropy, vectorize)
 
@@ -183,10 +179,9 @@ def image_tasks(seed: int, tasks: int = 3):
 @pytest.mark.parametrize("name", ["maml", "fomaml", "reptile"])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("params", ["weights", "all"])
-@pytest.mark.parametrize("norm", ["batch_shift", "batch"])
-def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps, params, norm):
-    vmapped = cbfinn_conv4(name, steps, "auto", params=params, norm=norm)
-    loop = cbfinn_conv4(name, steps, "never", params=params, norm=norm)
+def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps, params):
+    vmapped = cbfinn_conv4(name, steps, "auto", params=params)
+    loop = cbfinn_conv4(name, steps, "never", params=params)
     assert vmapped.vectorized and vmap_obstacle(vmapped.model, vmapped.inner) is None
     episode = image_tasks(steps)
     loop_metrics, loop_grads = grads(loop, episode)
@@ -198,9 +193,9 @@ def test_cbfinn_conv4_is_vmapped_and_equals_the_loop(name, steps, params, norm):
 
 @pytest.mark.slow
 @settings(max_examples=3)  # about 20 s an example: every weight of a conv net, two differences each
-@given(steps=st.integers(1, 2), seed=st.integers(0, 2**16), norm=st.sampled_from(["batch_shift", "batch"]))
-def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, seed, norm):
-    algorithm = cbfinn_conv4("maml", steps, "always", seed, params="all", norm=norm)
+@given(steps=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_vmapped_cbfinn_conv4_meta_gradient_matches_finite_differences(steps, seed):
+    algorithm = cbfinn_conv4("maml", steps, "always", seed, params="all")
     result = check_meta_gradient(algorithm, image_tasks(seed), eps=(1e-6, 1e-7))
     assert result.max_rel_error < 1e-5, result.per_parameter
 

@@ -22,13 +22,13 @@ from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn, adapted_mask
-from diffopt.models.norm import AffineBatchNorm, ShiftBatchNorm
+from diffopt.models.norm import ShiftBatchNorm
 from diffopt.options import Option, check_int
 from diffopt.unroll import reduce_loss
 from diffopt.vectorize import over_tasks
 
 Vectors = list[torch.Tensor]
-NORM_LAYERS = (ShiftBatchNorm, AffineBatchNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORM_LAYERS = (ShiftBatchNorm, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def _dot(a: Vectors, b: Vectors) -> torch.Tensor:

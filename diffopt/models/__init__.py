@@ -10,14 +10,13 @@ from torch import nn
 from diffopt.errors import DiffoptError, as_typed, unknown_name
 from diffopt.models.conv4 import HEADS, INPUT_NORMS, PADDINGS, POOL_PADDINGS, Conv4
 from diffopt.models.mlp import ACTIVATIONS, MLP
-from diffopt.models.norm import NORMS, AffineBatchNorm, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
+from diffopt.models.norm import NORMS, PerStepBatchNorm, ShiftBatchNorm, set_inner_step
 from diffopt.models.resnet12 import RESNET12_DEFAULTS, ResNet12
 from diffopt.options import Option, check_float, check_int, check_name
 from diffopt.plugins import is_plugin, load_plugin
 
 __all__ = ["ACTIVATIONS", "HEADS", "IMAGE_MODELS", "INITS", "INPUT_NORMS", "MLP", "MODELS", "NORMS",
-           "PADDINGS", "POOL_PADDINGS", "AffineBatchNorm", "Conv4", "PerStepBatchNorm", "ResNet12",
-           "ShiftBatchNorm",
+           "PADDINGS", "POOL_PADDINGS", "Conv4", "PerStepBatchNorm", "ResNet12", "ShiftBatchNorm",
            "MODEL_OPTIONS", "build_model", "check_model_options", "initialize", "model_arguments",
            "model_defaults", "model_factory", "set_inner_step"]
 

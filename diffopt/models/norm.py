@@ -67,31 +67,6 @@ class ShiftBatchNorm(nn.Module):
         return f"channels={self.bias.shape[0]}, eps={self.eps}"
 
 
-class AffineBatchNorm(nn.Module):
-    """Batch norm over channel dim 1 with a learned scale (weight: [C], ones) and shift (bias:
-    [C], zeros), batch statistics always, no running statistics: what
-    ``nn.BatchNorm2d(track_running_stats=False)`` computes, with the same parameters (its
-    checkpoints load here), but its scale applied outside ``F.batch_norm``: under
-    ``torch.func.vmap`` batch norm's double backward is wrong for a batched (adapted) scale, right
-    for the constant one used here, so the meta-batch runs at once (tests/test_vectorize.py,
-    loop = vmap; tests/test_norm.py, finite differences)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        unit, zero = torch.ones_like(self.weight), torch.zeros_like(self.bias)
-        normalised = F.batch_norm(x, None, None, unit, zero, True, 0.0, self.eps)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return normalised * self.weight.view(shape) + self.bias.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.weight.shape[0]}, eps={self.eps}"
-
-
 def set_inner_step(model: nn.Module, step: int) -> None:
     """Tell every per-step layer of ``model`` (or of its higher copy) that it has taken ``step`` steps."""
     for module in model.modules():
@@ -110,7 +85,8 @@ def make_norm(norm: str, channels: int, dims: int, steps: int, eps: float = 1e-5
     if norm == "none":
         return nn.Identity()
     if norm == "batch":
-        return AffineBatchNorm(channels, eps)
+        cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        return cls(channels, eps=eps, track_running_stats=False)
     if norm == "batch_shift":
         return ShiftBatchNorm(channels, eps)
     if norm == "per_step_batch":
