@@ -3,16 +3,19 @@ every snapshot is scored on the same tasks, and the table is written (the benchm
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffopt.report import write_section
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "time_to_accuracy.py"
+sys.path.insert(0, str(SCRIPT.parent))  # omniglot_reference, beside it
 
 
 @pytest.mark.slow
@@ -48,3 +51,27 @@ def test_a_misspelled_option_stops_before_any_work(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "did you mean --budget_minutes" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["cbfinn", "goal"])
+def test_a_resumed_reference_run_continues_exactly(omniglot_root, tmp_path, recipe, monkeypatch):
+    """The reference resumes from its last snapshot (weights, Adam, clock, task generator): two
+    sittings of 2 + 2 meta-iterations end where one of 4 does, bit for bit. (The goal recipe's
+    cosine follows the fraction of meta_iters done, which the sittings' meta_iters change: held
+    constant here.)"""
+    reference = importlib.import_module("omniglot_reference")
+    monkeypatch.setattr(reference, "cosine", lambda start, final, fraction: start)
+    common = dict(data_root=str(omniglot_root), budget_seconds=1e9, recipe=recipe)
+    reference.train("maml", str(tmp_path / "whole"), meta_iters=4, snapshots=1, **common)
+    reference.train("maml", str(tmp_path / "parts"), meta_iters=2, snapshots=1, **common)
+    reference.train("maml", str(tmp_path / "parts"), meta_iters=4, snapshots=2, resume=True, **common)
+    whole = torch.load(tmp_path / "whole" / "snapshot-1.pt", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "snapshot-2.pt", weights_only=True)
+    assert (whole["iteration"], parts["iteration"], parts["recipe"]) == (4, 4, recipe)
+    for name, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][name]), name
+    assert whole["meta_adam"]["step"] == parts["meta_adam"]["step"] == 4
+    log = (tmp_path / "parts" / "log.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["iteration"] for line in log]
+    assert logged == [1, 2, 3, 4]
