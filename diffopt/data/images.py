@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from diffopt.data.image_options import CLASS_SPLITS, OMNIGLOT_IMAGES
 from diffopt.data.prepare import PREPARED_FILES, SOURCES
 from diffopt.data.torchmeta_compat import load as load_torchmeta
 from diffopt.errors import DiffoptError
