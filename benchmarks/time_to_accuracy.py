@@ -37,6 +37,9 @@ from diffopt.firecli import fire_checked
 from diffopt.runfolder import RunFolder
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+from omniglot_table import PAPER_RUNS, TARGETS, time_to  # noqa: E402  (the paper table's recipe, targets)
+
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
            "maml-paper": "MAML, the paper table's recipe"}
 RECIPES = {"maml-paper": ("maml", "goal")}
@@ -150,23 +153,14 @@ def _iteration_seconds(implementation: str, run: Path) -> list[float]:
 
 
 def _time_to(curve: list[dict], target: float) -> float | None:
-    """Training seconds at which ``curve`` first reaches ``target`` (linear between points)."""
-    previous = (0.0, 0.2)  # before training: chance, 1 / ways
-    for point in curve:
-        t, a = point["train_seconds"], point["accuracy"]
-        if a >= target:
-            t0, a0 = previous
-            return t if a == a0 else t0 + (t - t0) * (target - a0) / (a - a0)
-        previous = (t, a)
-    return None
+    """Training seconds at which a scored ``curve`` first reaches ``target`` (omniglot_table's
+    ``time_to``: linear between points, from chance, 1 / ways, at 0 s)."""
+    return time_to([(point["train_seconds"], point["accuracy"]) for point in curve], target, 1 / WAYS)
 
 
 def _diffopt_flags(method: str) -> list[str]:
     if method not in RECIPES:
         return ["--algorithm", method]
-    sys.path.insert(0, str(HERE.parent / "examples"))
-    from omniglot_table import PAPER_RUNS
-
     flags = {k: v for k, v in PAPER_RUNS[0].flags().items() if k != "shots"}
     return [f"--{key}={value}" for key, value in flags.items()]
 
@@ -236,10 +230,6 @@ def run_method(method: str, out: Path, budget: float, tasks_file: Path, snapshot
     result["time_to_accuracy_ratio"] = None if reached is None else reached / budget
     (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-TARGETS = (0.95, 0.97, 0.98)
-"""Accuracies whose training time the table reads off each implementation's curve."""
 
 
 def table(results: list[dict]) -> str:

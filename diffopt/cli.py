@@ -6,6 +6,7 @@ Every command validates its options before it creates a file, and bad input ends
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -76,26 +77,21 @@ def train_command(resume: str | None = None, dry_run: bool = False, **options: A
           f"final loss {result.final_loss:.4f})")
 
 
-class _ResolvedDefault(str):
-    """A train option's default as ``-h`` shows it where the field's is None ("not given"): what
-    each dataset's protocol resolves it to. Only shown: the command line passes given options."""
-
-
-def _resolved_defaults() -> dict[str, _ResolvedDefault]:
-    """Per option left None in ``TrainConfig``, the value ``--dataset D`` (with maml) resolves it
-    to, where some dataset gives it one."""
+@functools.cache
+def _resolved_defaults() -> dict[str, str]:
+    """How ``-h`` shows the options left None ("not given") in ``TrainConfig``: the value
+    ``--dataset D`` (with maml) resolves each to, where some dataset gives it one (only shown: the
+    command line passes the options given). Computed once for train's and compare's help."""
     resolved = {name: resolve_config(dataset=name).to_dict() for name in DATASETS}
-    shown = {}
+    shown = {"dataset": DATA_OPTIONS["dataset"].default}  # what picks the others: its own default
     for f in fields(TrainConfig):
-        values = {name: shown_value(config[f.name]) for name, config in resolved.items()}
-        if f.name == "dataset":  # what picks the others: its default is the declared one
-            shown[f.name] = _ResolvedDefault(DATA_OPTIONS["dataset"].default)
-        if f.default is not None or f.name == "dataset" or set(values.values()) == {"None"}:
+        if f.default is not None or f.name in shown:
             continue
-        if len(set(values.values())) == 1:
-            shown[f.name] = _ResolvedDefault(next(iter(values.values())))
-        else:
-            shown[f.name] = _ResolvedDefault(", ".join(f"{value} ({name})" for name, value in values.items()))
+        values = {name: shown_value(config[f.name]) for name, config in resolved.items()}
+        distinct = set(values.values())
+        if distinct != {"None"}:
+            shown[f.name] = (distinct.pop() if len(distinct) == 1
+                             else ", ".join(f"{value} ({name})" for name, value in values.items()))
     return shown
 
 

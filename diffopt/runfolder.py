@@ -246,8 +246,8 @@ def load_checkpoint(run_or_file: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint of a run folder, or of a checkpoint file; DiffoptError in one line if it
     cannot be used (a run that failed before its first checkpoint says so)."""
     path = Path(run_or_file)
-    failure = RunFolder(path, writer=False).failure() if path.is_dir() else None
-    if failure is not None and not (path / CHECKPOINT_NAME).exists():
+    folder = RunFolder(path, writer=False)
+    if path.is_dir() and not folder.has_checkpoint() and (failure := folder.failure()) is not None:
         raise DiffoptError(f"run {path} failed before its first checkpoint, after meta-iteration "
                            f"{failure['last_iteration']} ({failure['error']}); fix the cause and train it "
                            f"again (see {path / FAILURE_NAME})")
