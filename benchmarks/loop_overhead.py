@@ -58,13 +58,32 @@ def _fixture_root(folder: Path) -> str:
     return str(folder / "prepared")
 
 
-def measure(name: str, iterations: int, warmup: int, roots: dict[str, str], folder: Path) -> dict:
-    """Train one workload; the medians of its iterations' parts."""
+WARM = """
+import sys
+from diffopt.cli import main
+from diffopt.data import get_dataset
+loader = get_dataset({dataset!r}).loader("train", seed=0, shots=1, test_shots=1, ways=5, batch_size=1,
+                                          num_tasks=1, root={root!r})
+loader.dataset.store.fill()
+sys.exit(main({arguments!r}))
+"""
+"""``diffopt train`` in a process whose meta-training images are read first: the training loader
+gathers from the same store (one per split and preprocessing in a process)."""
+
+
+def measure(name: str, iterations: int, warmup: int, roots: dict[str, str], folder: Path,
+            warm_images: bool) -> dict:
+    """Train one workload; the medians of its iterations' parts. ``warm_images``: every image
+    read before training starts (``ImageStore.fill``)."""
     flags = WORKLOADS[name]
     run_dir = folder / name.replace(" ", "-")
-    command = [sys.executable, "-m", "diffopt", "train", "--iterations", str(iterations), "--run_dir",
-               str(run_dir), "--progress", "False", "--data_root", roots[flags["dataset"]]]
-    command += [item for key, value in flags.items() for item in (f"--{key}", value)]
+    arguments = ["train", "--iterations", str(iterations), "--run_dir", str(run_dir), "--progress", "False",
+                 "--data_root", roots[flags["dataset"]]]
+    arguments += [item for key, value in flags.items() for item in (f"--{key}", value)]
+    command = [sys.executable, "-m", "diffopt", *arguments]
+    if warm_images and flags["dataset"] != "sinusoid":
+        command = [sys.executable, "-c", WARM.format(dataset=flags["dataset"], root=roots[flags["dataset"]],
+                                                     arguments=arguments)]
     done = subprocess.run(command, env=_environment(), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"loop_overhead: {name} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -110,9 +129,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(iterations: int = 300, warmup: int = 20, workloads: str | None = None, repeats: int = 5,
-         data_root: str = "data", write: str | None = None) -> None:
+         data_root: str = "data", warm_images: bool = True, write: str | None = None) -> None:
     """Measure every workload (comma-separated names of ``WORKLOADS``; default all) and the
-    start-up; print the table; ``write``: a markdown file whose loop-overhead section is replaced."""
+    start-up; print the table; ``warm_images``: image datasets' meta-training images read before
+    the clock starts (a long run's steady state; False: the first iterations, filling the store);
+    ``write``: a markdown file whose loop-overhead section is replaced."""
     names = list(WORKLOADS) if workloads is None else [w.strip() for w in workloads.split(",")]
     unknown = [name for name in names if name not in WORKLOADS]
     if unknown or iterations <= warmup:
@@ -123,7 +144,7 @@ def main(iterations: int = 300, warmup: int = 20, workloads: str | None = None, 
         roots = {"sinusoid": data_root, "omniglot": data_root}
         if any(WORKLOADS[name]["dataset"] == "miniimagenet" for name in names):
             roots["miniimagenet"] = _fixture_root(folder)
-        rows = [measure(name, iterations, warmup, roots, folder) for name in names]
+        rows = [measure(name, iterations, warmup, roots, folder, warm_images) for name in names]
     times = startup(repeats)
     text = table(rows) + f"\n\nStart-up (median of {repeats} fresh processes): " + ", ".join(
         f"`{label}` {seconds:.2f} s" for label, seconds in times.items()) + "."
@@ -131,9 +152,12 @@ def main(iterations: int = 300, warmup: int = 20, workloads: str | None = None, 
     if write:
         from diffopt.report import library_versions, machine_description, write_section
 
+        images = "read before" if warm_images else "read as drawn, after"
         body = (f"{machine_description()}; {library_versions()}. One torch thread per run, "
-                f"{iterations} meta-iterations each, medians over all but the first {warmup}. Command: "
-                f"`python benchmarks/loop_overhead.py --iterations {iterations} --write {write}`.\n\n{text}")
+                f"{iterations} meta-iterations each, medians over all but the first {warmup}, image "
+                f"datasets' meta-training images {images} the clock starts. Command: "
+                f"`python benchmarks/loop_overhead.py --iterations {iterations} "
+                f"--warm_images {warm_images} --write {write}`.\n\n{text}")
         write_section(write, "loop-overhead", "Where a training iteration's time goes", body)
 
 

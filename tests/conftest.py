@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -144,20 +145,64 @@ def small_algorithm(name: str = "maml", optimizer: str = "sgd", lr: float = 0.1,
     return build_algorithm(name, model, inner, F.mse_loss, vectorize)
 
 
-def cold_warm_and_uncached(loader, monkeypatch, **kwargs) -> list[tuple[torch.Tensor, ...]]:
-    """Each tensor of ``loader(**kwargs)``'s tasks read three ways: filling the image cache,
-    reading it, and through torchmeta alone (no cache)."""
-    from diffopt.data import images
+def torchmeta_batches(name: str, *, split: str, ways: int, shots: int, test_shots: int, batch_size: int,
+                      num_tasks: int, seed: int, root: str, start: int = 0, rotations: bool = True,
+                      images: str = "bilinear", class_split: str = "vinyals") -> list[dict]:
+    """The batches torchmeta alone gives for diffopt's task stream of these loader arguments:
+    task i's classes from ``TaskSampler``, then torchmeta's helper dataset seeded by (seed, i)
+    (dataset.py:200-203, ``torch.manual_seed`` for ``Categorical``), its own ``ClassSplitter``,
+    ``ToTensor`` transforms and ``BatchMetaDataLoader`` collate: none of diffopt's loader."""
+    from torchvision.transforms import Compose, InterpolationMode, Lambda, Resize, ToTensor
 
-    def tensors():
-        return [t for batch in loader(**kwargs) for t in batch["train"] + batch["test"]]
+    from diffopt.data.images import TORCHMETA_SPLITS, TaskSampler, reptile_class_split, task_seed
 
-    images._IMAGE_CACHES.clear()
-    cold, warm = tensors(), tensors()
-    with monkeypatch.context() as patch:
-        patch.setattr(images, "CachedClasses", lambda classes, cache: classes)
-        direct = tensors()
-    return list(zip(cold, warm, direct, strict=True))
+    options = {} if rotations else {"class_augmentations": None}
+    # torchmeta once diffopt.data.images has applied its fixes (torchmeta_compat)
+    from torchmeta.datasets import helpers
+    from torchmeta.utils.data import BatchMetaDataLoader
+
+    if images != "bilinear":
+        steps = [Resize(28, interpolation=InterpolationMode.NEAREST), ToTensor()]
+        invert = [Lambda(lambda x: 1 - x)] if images == "nearest_strokes_0" else []
+        options["transform"] = Compose(steps + invert)
+    dataset = getattr(helpers, name)(root, ways=ways, shots=shots, test_shots=test_shots,
+                                     **{TORCHMETA_SPLITS[split]: True}, download=False, **options)
+    if class_split == "reptile":
+        labels = reptile_class_split(root, split)
+        dataset.dataset._labels, dataset.dataset._num_classes = labels, len(labels)
+
+    class Read(torch.utils.data.Dataset):
+        def __init__(self, examples):
+            self.examples = examples
+
+        def __getitem__(self, index):
+            return self.examples[index]
+
+        def __len__(self):
+            return len(self.examples)
+
+    class Seeded(torch.utils.data.Dataset):
+        def __getitem__(self, key):
+            index, classes = key
+            dataset.seed(task_seed(seed, index))
+            torch.manual_seed(task_seed(seed, index))
+            task = dataset[classes]  # read now: Categorical draws its labels at the first read
+            return OrderedDict((name, Read([examples[i] for i in range(len(examples))]))
+                               for name, examples in task.items())
+
+    sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
+    with torch.random.fork_rng(devices=[]):
+        return list(BatchMetaDataLoader(Seeded(), batch_size=batch_size, sampler=sampler, shuffle=False))
+
+
+def assert_same_batches(ours: list[dict], theirs: list[dict]) -> None:
+    """Every tensor of every batch equal, bit for bit, dtypes included."""
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs, strict=True):
+        assert list(a) == list(b)
+        for split in a:
+            for x, y in zip(a[split], b[split], strict=True):
+                assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 SHARED_OMNIGLOT = Path(os.environ.get(  # the shared real data, beside the project (README)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import cold_warm_and_uncached
+from conftest import assert_same_batches, torchmeta_batches
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
@@ -186,15 +186,37 @@ def test_task_i_is_the_same_wherever_the_stream_starts(prepared):
     assert all(torch.equal(x, y) for x, y in zip(a[1:], b, strict=True))
 
 
-def test_cached_images_give_the_tasks_torchmeta_reads(prepared, monkeypatch):
-    """The image cache (uint8 for these 84x84 RGB images) changes no task by a bit, on its first
-    read (filling it) and later ones (reading it)."""
+def test_tasks_are_torchmetas_bit_for_bit_from_a_uint8_store(prepared):
+    """The gathered tasks are those torchmeta's own dataset, splitter, labels and collate give,
+    on the first read (filling the image store) and later ones; the store holds uint8 pixels."""
     from diffopt.data import images
 
-    reads = cold_warm_and_uncached(images.miniimagenet_loader, monkeypatch, split="train", seed=5, shots=1,
-                                   test_shots=3, ways=3, batch_size=2, num_tasks=4, root=str(prepared))
-    assert len(reads) == 8 and all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in reads)
-    (cache,) = [cache for key, cache in images._IMAGE_CACHES.items()
+    kwargs = dict(split="train", seed=5, shots=1, test_shots=3, ways=3, batch_size=2, num_tasks=4,
+                  root=str(prepared))
+    theirs = torchmeta_batches("miniimagenet", **kwargs)
+    images._IMAGE_STORES.clear()
+    for _ in range(2):
+        assert_same_batches(list(images.miniimagenet_loader(**kwargs)), theirs)
+    (store,) = [store for key, store in images._IMAGE_STORES.items()
                 if key[:3] == ("miniimagenet", str(prepared.resolve()), "train")]
-    stored = {image.dtype for c in cache.values() for k, image in c.items() if isinstance(k, int)}
-    assert stored == {torch.uint8}
+    assert store.pixels.dtype == torch.uint8
+
+
+def test_a_filled_store_serves_every_task_without_reading(prepared, monkeypatch):
+    """``ImageStore.fill`` reads every image once; tasks drawn afterwards read none and are the
+    same as torchmeta's."""
+    from diffopt.data import images
+
+    kwargs = dict(split="val", seed=2, shots=2, test_shots=2, ways=4, batch_size=2, num_tasks=4,
+                  root=str(prepared))
+    images._IMAGE_STORES.clear()
+    loader = images.miniimagenet_loader(**kwargs)
+    store = loader.dataset.store
+    store.fill()
+    assert store._read.all() and len(store._read) == store.offsets[-1] == CLASSES["val"] * IMAGES_PER_CLASS
+
+    def no_reading(index):
+        raise AssertionError(f"class {index} read after fill")
+
+    monkeypatch.setattr(store, "dataset", no_reading)
+    assert_same_batches(list(loader), torchmeta_batches("miniimagenet", **kwargs))

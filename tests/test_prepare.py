@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_OMNIGLOT, cold_warm_and_uncached
+from conftest import SHARED_OMNIGLOT, assert_same_batches, torchmeta_batches
 from PIL import Image
 
 import diffopt.data.prepare as prepare_module
@@ -224,13 +224,23 @@ def test_a_tasks_inner_mini_batches_are_the_same_in_every_loader(omniglot_root):
         assert len(other) == 4 and all(torch.equal(a, b) for a, b in zip(alone[2:], other, strict=True))
 
 
-@pytest.mark.slow
-def test_cached_omniglot_images_are_the_ones_torchmeta_reads(omniglot_root, monkeypatch):
+@pytest.mark.parametrize("options", [
+    dict(split="val", ways=5, shots=1, test_shots=2, batch_size=2, num_tasks=4, seed=3),
+    dict(split="train", ways=3, shots=5, test_shots=5, batch_size=3, num_tasks=3, seed=8, start=1,
+         images="nearest_strokes_0", rotations=False),
+    dict(split="train", ways=5, shots=2, test_shots=1, batch_size=1, num_tasks=2, seed=0, images="nearest",
+         class_split="reptile"),
+])
+def test_omniglot_tasks_are_torchmetas_bit_for_bit(omniglot_root, options):
+    """diffopt's gathered uint8 tasks are those torchmeta's own dataset, splitter, labels and
+    collate give for the same stream, on the first read (filling the image store) and later ones."""
     from diffopt.data import images
 
-    reads = cold_warm_and_uncached(images.omniglot_loader, monkeypatch, split="val", ways=5, shots=1,
-                                   test_shots=2, batch_size=2, num_tasks=4, seed=3, root=str(omniglot_root))
-    assert len(reads) == 8 and all(torch.equal(a, c) and torch.equal(b, c) for a, b, c in reads)
+    kwargs = dict(options, root=str(omniglot_root))
+    theirs = torchmeta_batches("omniglot", **kwargs)
+    images._IMAGE_STORES.clear()
+    for _ in range(2):
+        assert_same_batches(list(images.omniglot_loader(**kwargs)), theirs)
 
 
 @pytest.mark.slow
@@ -240,12 +250,15 @@ def test_omniglot_rotations_are_new_classes(omniglot_root):
 
     loader = omniglot_loader(split="train", ways=5, shots=1, test_shots=1, batch_size=1, num_tasks=1,
                              seed=0, root=str(omniglot_root))
-    classes = loader.dataset.dataset.dataset  # IndexedTasks -> ClassSplitter'd dataset -> classes
+    store = loader.dataset.store
     characters = len(json.loads((omniglot_root / "omniglot" / "vinyals_train_labels.json").read_text()))
-    assert len(classes) == 4 * characters
+    assert len(store) == 4 * characters
+
+    def first(c):
+        return loader.dataset.decode(store.gather(store.offsets[c:c + 1]))[0]
+
     for k in (1, 2, 3):
-        original, _ = classes[7][0]
-        rotated, _ = classes[7 + k * characters][0]
+        original, rotated = first(7), first(7 + k * characters)
         assert original.shape == rotated.shape == (1, 28, 28)
         torch.testing.assert_close(rotated, torch.rot90(original, k, dims=(1, 2)), atol=0.02, rtol=0)
         assert not torch.allclose(rotated, original, atol=0.02)
@@ -260,10 +273,10 @@ def test_omniglot_test_tasks_without_rotations_use_the_characters_alone(omniglot
     common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=4, root=str(omniglot_root))
     plain, rotated = spec.loader("test", rotations=False, **common), spec.loader("test", **common)
     characters = len(json.loads((omniglot_root / "omniglot" / "vinyals_test_labels.json").read_text()))
-    assert len(plain.dataset.dataset.dataset) == characters
-    assert len(rotated.dataset.dataset.dataset) == 4 * characters
-    first, _ = plain.dataset.dataset.dataset[11][3]
-    torch.testing.assert_close(first, rotated.dataset.dataset.dataset[11][3][0])
+    assert len(plain.dataset.store) == characters
+    assert len(rotated.dataset.store) == 4 * characters
+    assert torch.equal(plain.dataset.store.gather(plain.dataset.store.offsets[11:12] + 3),
+                       rotated.dataset.store.gather(rotated.dataset.store.offsets[11:12] + 3))
     batch = next(iter(plain))
     assert batch["train"][0].shape == (2, 5, 1, 28, 28)
     with pytest.raises(DiffoptError, match="--rotations False applies to omniglot"):
@@ -328,13 +341,12 @@ def test_the_reseeding_splitter_draws_torchmetas_tasks(omniglot_root):
 
     loader = get_dataset("omniglot").loader("train", seed=3, shots=2, test_shots=5, ways=5, batch_size=1,
                                             num_tasks=1, root=str(omniglot_root))
-    dataset = loader.dataset.dataset  # IndexedTasks -> torchmeta's CombinationMetaDataset
-    splitter = dataset.dataset_transform
+    store, splitter = loader.dataset.store, loader.dataset.splitter
     assert type(splitter) is ReseedingClassSplitter
     rng = np.random.default_rng(0)
     for seed in rng.integers(0, 2**31, 20):
-        classes = rng.choice(len(dataset.dataset), 5, replace=False)
-        task = ConcatTask([dataset.dataset[int(c)] for c in classes], 5)
+        classes = rng.choice(len(store), 5, replace=False)
+        task = ConcatTask([store.dataset(int(c)) for c in classes], 5)
         splitter.seed(int(seed))
         ours = splitter.get_indices_concattask(task)
         ours_state = splitter.np_random.get_state()[1].copy()
@@ -366,7 +378,7 @@ def test_supervised_reptiles_class_split(omniglot_root):
     spec = get_dataset("omniglot")
     common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=2, root=str(omniglot_root))
     loader = spec.loader("test", class_split="reptile", rotations=False, **common)
-    assert len(loader.dataset.dataset.dataset) == len(test)
+    assert len(loader.dataset.store) == len(test)
     assert next(iter(loader))["train"][0].shape == (2, 5, 1, 28, 28)
     with pytest.raises(DiffoptError, match="no validation classes"):
         spec.loader("val", class_split="reptile", **common)

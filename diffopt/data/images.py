@@ -1,4 +1,4 @@
-"""Few-shot image datasets through torchmeta's helpers and ``BatchMetaDataLoader``.
+"""Few-shot image datasets through torchmeta's helpers, gathered from uint8 images in memory.
 
 Omniglot (Lake et al. 2015, torchmeta's ``omniglot``): 28x28 images (Resize, as MAML), classes
 rotated by 90, 180 and 270 degrees as new classes (as MAML), the Vinyals et al. split of
@@ -7,14 +7,16 @@ torchmeta's ``miniimagenet``): 84x84 RGB images, the Ravi & Larochelle 64 / 16 /
 Both must be prepared first (``diffopt data prepare NAME``).
 
 Task i of a stream is a function of (seed, i) alone: ``TaskSampler`` draws its classes from a
-generator seeded by (seed, i), and ``IndexedTasks`` reseeds torchmeta's splitter by (seed, i)
-before building it. So a stream can start anywhere (resuming) or be split between processes
+generator seeded by (seed, i), and ``TaskBatches`` seeds torchmeta's splitter and label
+permutation by (seed, i). So a stream can start anywhere (resuming) or be split between processes
 and still be the same tasks.
 
-torchmeta reads, decodes, rotates and resizes every example of every task from its HDF5 file;
-``CachedClasses`` keeps each transformed image once read (large ones as uint8 where that is
-exact, which it is for ``ToTensor``'s output), so a class's images cost that once per process:
-the tasks are the same tensors, bit for bit, at a fraction of the cost.
+Task i is the one torchmeta's own pipeline gives (its helper dataset, ``ClassSplitter`` and
+``Categorical`` labels, seeded by (seed, i): bit for bit, tested), but not built the way torchmeta
+builds it, a Python object per example read and transformed every time and a collate stacking
+them: ``ImageStore`` keeps each image as torchmeta reads and transforms it (uint8, up to
+``PILToTensor``) once per process, ``TaskBatches`` computes a task's rows and labels with
+torchmeta's draws, and a batch is one gather and one ``Decode`` (what ``ToTensor`` does).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import random
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +37,6 @@ from diffopt.errors import DiffoptError
 
 load_torchmeta()  # before torchmeta's own imports below: its fixes (torchmeta_compat)
 from torchmeta.transforms.splitters import ClassSplitter_  # noqa: E402
-from torchmeta.utils.data.dataset import _seed_dataset_transform  # noqa: E402
 
 TORCHMETA_SPLITS = {"train": "meta_train", "val": "meta_val", "test": "meta_test"}
 
@@ -62,96 +64,78 @@ class TaskSampler(Sampler):
         return self.num_tasks - self.start
 
 
-class Examples(Dataset):
-    """A task split's (image, label) pairs, already read."""
+class ImageStore:
+    """One split's images as uint8, each read and transformed by torchmeta once per process.
 
-    def __init__(self, examples: list) -> None:
-        self.examples = examples
-
-    def __getitem__(self, index: int):
-        return self.examples[index]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
-_IMAGE_CACHES: dict[tuple, dict[int, dict[int, torch.Tensor]]] = {}
-"""(dataset, root, split, rotations, images, class split) -> class index -> example index -> image."""
-
-
-def _compact(image: torch.Tensor) -> torch.Tensor:
-    """A large ``image`` as uint8 where ``uint8 / 255`` gives it back exactly (ToTensor's output),
-    else as is (a small one: converting it back would cost more time than it saves memory)."""
-    if not image.is_floating_point() or image.numel() <= 4096:
-        return image
-    pixels = (image * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels if torch.equal(pixels.to(image.dtype).div(255), image) else image
-
-
-def _expand(image: torch.Tensor) -> torch.Tensor:
-    return image.to(torch.get_default_dtype()).div(255) if image.dtype == torch.uint8 else image
-
-
-class CachedImages(Dataset):
-    """Class ``index`` of a torchmeta class dataset, each transformed image kept in ``cache``.
-
-    torchmeta's per-class dataset is built only to read an image not cached yet. The target is
-    the class's own, through ``target_transforms``, to which torchmeta's tasks append their label
-    maps (``target_transform_append``: torchmeta's ``Dataset`` interface).
+    ``classes`` is torchmeta's class dataset (rotated copies included), its ``transform`` ending
+    in ``PILToTensor``. Every example of every class has a row of one uint8 tensor [examples, C,
+    H, W] (rows of a class consecutive, from ``offsets``), filled as it is first drawn: a batch
+    of tasks is one gather, and the memory of rows never drawn is never committed.
     """
 
-    def __init__(self, classes, index: int, cache: dict) -> None:
-        self.classes, self.index, self.cache = classes, index, cache
-        self._dataset = None
-        if "length" not in cache:
-            self._read()
-        self.target_transforms = [t for t in (cache["target_transform"],) if t is not None]
-
-    def _read(self):
-        """torchmeta's dataset of this class (built once), its raw targets: no label map."""
-        if self._dataset is None:
-            self._dataset = self.classes[self.index]
-            self.cache.setdefault("length", len(self._dataset))
-            self.cache.setdefault("target_transform", self._dataset.target_transform)
-            self._dataset.target_transform = None
-        return self._dataset
-
-    def target_transform_append(self, transform) -> None:
-        if transform is not None:
-            self.target_transforms.append(transform)
-
-    def __hash__(self) -> int:
-        return hash(self.index)
-
-    def __len__(self) -> int:
-        return self.cache["length"]
-
-    def __getitem__(self, index: int):
-        index = int(index)  # torchmeta's splitter gives numpy integers
-        if index not in self.cache:
-            image, target = self._read()[index]
-            self.cache[index] = _compact(image)
-            self.cache.setdefault("target", target)
-        target = self.cache["target"]
-        for transform in self.target_transforms:
-            target = transform(target)
-        return _expand(self.cache[index]), target
-
-
-class CachedClasses:
-    """A torchmeta class dataset whose classes are ``CachedImages`` over one shared cache."""
-
-    def __init__(self, classes, cache: dict[int, dict]) -> None:
-        self.classes, self.cache = classes, cache
+    def __init__(self, classes) -> None:
+        self.classes = classes
+        self._datasets: list[Any] = [None] * len(classes)
+        # a class augmentation (torchmeta's rotated copies, classes num_classes onwards) transforms
+        # each image of its class: as many examples (torchmeta dataset.py:88-100)
+        counts = [len(self.dataset(index)) for index in range(classes.num_classes)]
+        self.offsets = np.cumsum([0] + [counts[index % len(counts)] for index in range(len(classes))])
+        self.pixels: torch.Tensor | None = None
+        self._read = np.zeros(self.offsets[-1], dtype=bool)
 
     def __len__(self) -> int:
         return len(self.classes)
 
-    def __getitem__(self, index: int) -> CachedImages:
-        return CachedImages(self.classes, index, self.cache.setdefault(index, {}))
+    def count(self, index: int) -> int:
+        """The examples of class ``index``."""
+        return int(self.offsets[index + 1] - self.offsets[index])
 
-    def __getattr__(self, name: str):
-        return getattr(self.classes, name)
+    def dataset(self, index: int):
+        """torchmeta's dataset of class ``index`` (built once: it opens the class's files)."""
+        dataset = self._datasets[index]
+        if dataset is None:
+            dataset = self._datasets[index] = self.classes[index]
+        return dataset
+
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """uint8 [len(rows), C, H, W]: the examples at ``rows`` (``offsets[class] + example``)."""
+        if not self._read[rows].all():
+            self._fill(rows)
+        return self.pixels[torch.from_numpy(rows)]
+
+    def fill(self) -> None:
+        """Read every image now (Omniglot's 82k meta-training images: about 11 s, 64 MB), as a
+        long run's store is after its first thousand or so meta-batches."""
+        self._fill(np.flatnonzero(~self._read))
+
+    def _fill(self, rows: np.ndarray) -> None:
+        for row in np.unique(rows[~self._read[rows]]):
+            index = int(np.searchsorted(self.offsets, row, side="right")) - 1
+            image, _ = self.dataset(index)[int(row - self.offsets[index])]
+            if image.dtype != torch.uint8:
+                raise TypeError(f"ImageStore needs uint8 images (a transform ending in PILToTensor); "
+                                f"got {image.dtype}")
+            if self.pixels is None:
+                self.pixels = torch.empty((len(self._read), *image.shape), dtype=torch.uint8)
+            self.pixels[row] = image
+            self._read[row] = True
+
+
+_IMAGE_STORES: dict[tuple, ImageStore] = {}
+"""(dataset, root, split, rotations, images, class split) -> its ``ImageStore``, shared by the
+loaders of a process (training, validation and evaluation read the same images)."""
+
+
+class Decode:
+    """uint8 images -> float in [0, 1] as ``ToTensor`` gives them (``x / 255``, element by element,
+    so a batch is decoded bit for bit as each image would be); ``invert``: 1 - that."""
+
+    def __init__(self, invert: bool = False) -> None:
+        self.invert = invert
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = pixels.to(torch.get_default_dtype()).div(255)
+        return 1 - images if self.invert else images
 
 
 def _reseeded(generator: np.random.RandomState | None, seed) -> np.random.RandomState:
@@ -172,22 +156,21 @@ class ReseedingClassSplitter(ClassSplitter_):
     def seed(self, seed):
         self.np_random = _reseeded(getattr(self, "np_random", None), seed)
 
-    def get_indices_concattask(self, task):
-        """As torchmeta's (splitters.py:171-198): each class's examples are permuted by a
-        generator seeded from (task, class, random_state_seed), cut into consecutive runs per
-        split, each run shuffled by the splitter's generator, and offset into the task."""
-        indices = OrderedDict((split, []) for split in self.splits)
+    def class_runs(self, task_hash: int, classes: list[tuple[int, int]]) -> OrderedDict:
+        """split -> one index array per class: torchmeta's draws (splitters.py:171-198) for a task
+        hashing to ``task_hash`` of ``classes`` [(class hash, examples)]. Each class's examples are
+        permuted by a generator seeded from (task, class, random_state_seed), cut into consecutive
+        runs per split, and each run shuffled by the splitter's generator."""
+        runs = OrderedDict((split, []) for split in self.splits)
         permuter = self.__dict__.get("_permuter")
         if permuter is None:  # not setdefault: its argument, a new RandomState, costs 70 us a task
             permuter = self._permuter = np.random.RandomState(0)
-        offset = 0
-        for dataset in task.datasets:
-            count = len(dataset)
+        for class_hash, count in classes:
             if count < self._min_samples_per_class:
                 raise ValueError(f"a class has {count} examples; ClassSplitter needs "
                                  f"{self._min_samples_per_class}")
             if self.shuffle:
-                permuter.seed((hash(task) + hash(dataset) + self.random_state_seed) % 2**32)
+                permuter.seed((task_hash + class_hash + self.random_state_seed) % 2**32)
                 order = permuter.permutation(count)
             else:
                 order = np.arange(count)
@@ -196,10 +179,18 @@ class ReseedingClassSplitter(ClassSplitter_):
                 run = order[start:start + size]
                 if self.shuffle:
                     self.np_random.shuffle(run)
-                indices[split].extend(run + offset)
+                runs[split].append(run)
                 start += size
-            offset += count
-        return indices
+        return runs
+
+    def get_indices_concattask(self, task):
+        """As torchmeta's: ``class_runs``, each run offset to its class's place in the task."""
+        counts = [len(dataset) for dataset in task.datasets]
+        runs = self.class_runs(hash(task), [(hash(d), n) for d, n in zip(task.datasets, counts, strict=True)])
+        offsets = np.cumsum([0, *counts[:-1]])
+        return OrderedDict((split, [i for run, offset in zip(class_runs, offsets, strict=True)
+                                    for i in run + offset])
+                           for split, class_runs in runs.items())
 
 
 def reseeding_splitter(splitter):
@@ -209,53 +200,60 @@ def reseeding_splitter(splitter):
     return splitter
 
 
-class IndexedTasks(Dataset):
-    """A torchmeta ``CombinationMetaDataset`` addressed by (i, classes), reseeded per task.
+class TaskBatches(Dataset):
+    """Batches of torchmeta's tasks, addressed by [(i, classes), ...], gathered from an ``ImageStore``.
 
-    torchmeta draws two things from shared state: the splitter shuffles each split with its own
-    generator, and ``Categorical`` permutes the labels with ``torch.randperm`` on torch's global
-    generator, lazily, when the loader's collate reads the first example. Both are seeded by
-    (seed, i) here, and the task's examples are read at once inside ``torch.random.fork_rng``,
-    so the labels are fixed and the caller's torch random state is left as it was.
+    Task i is the one torchmeta's ``CombinationMetaDataset[classes]`` gives once seeded by
+    (seed, i) (its dataset.py:200-203; bit for bit, tested): the splitter's indices
+    (``ReseedingClassSplitter.class_runs``), and the labels of ``Categorical``, which permutes
+    them with ``torch.randperm`` on a generator seeded the same way and numbers classes in the
+    order the task's first split meets them (the task's class order). Here that is an index
+    computation per task and one gather per class, not a Python object per example.
     """
 
-    def __init__(self, dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, store: ImageStore, splitter: ReseedingClassSplitter, seed: int,
+                 decode: Decode) -> None:
+        self.store, self.splitter, self.seed, self.decode = store, splitter, seed, decode
 
-    def __getitem__(self, key):
-        index, classes = key
+    def task(self, index: int, classes: tuple[int, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """split -> (store rows [N], labels [N]) of task ``index`` over ``classes``."""
         seed = task_seed(self.seed, index)
-        # = self.dataset.seed(seed) (torchmeta dataset.py:200-203), without constructing generators
-        self.dataset.np_random = _reseeded(getattr(self.dataset, "np_random", None), seed)
-        _seed_dataset_transform(self.dataset.dataset_transform, seed=seed)
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed also seeds every accelerator (lazily, at a
-            # cost of about a millisecond a task)
-            torch.default_generator.manual_seed(seed)
-            task = self.dataset[classes]  # {'train': examples, 'test': examples}
-            return OrderedDict((split, Examples([examples[i] for i in range(len(examples))]))
-                               for split, examples in task.items())
+        self.splitter.seed(seed)
+        runs = self.splitter.class_runs(hash(tuple(classes)), [(c, self.store.count(c)) for c in classes])
+        labels = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed)).numpy()
+        offsets = self.store.offsets[list(classes)]
+        return {split: (np.concatenate([run + at for run, at in zip(class_runs, offsets, strict=True)]),
+                        np.repeat(labels, [len(run) for run in class_runs]))
+                for split, class_runs in runs.items()}
+
+    def __getitem__(self, keys: list[tuple[int, tuple[int, ...]]]) -> dict[str, list[torch.Tensor]]:
+        tasks = [self.task(index, classes) for index, classes in keys]
+        batch = {}
+        for split in self.splitter.splits:
+            rows = np.stack([task[split][0] for task in tasks])
+            pixels = self.store.gather(rows.ravel()).view(*rows.shape, *self.store.pixels.shape[1:])
+            labels = np.stack([task[split][1] for task in tasks])
+            batch[split] = [self.decode(pixels), torch.from_numpy(labels)]
+        return batch
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.store)
 
 
-class _StrokesZero:
-    """x -> 1 - x: strokes 0 on a background of 1, as the original PNGs (picklable for workers)."""
+def image_transform(name: str, images: str = "bilinear"):
+    """(transform, decode): torchmeta's transform of a prepared image of dataset ``name``, ending
+    in ``PILToTensor`` (uint8), and the ``Decode`` giving what its ``ToTensor`` would. Omniglot
+    (a prepared image is inverted, 105x105): ``images`` one of ``OMNIGLOT_IMAGES``; bilinear is
+    torchmeta's helper's ``Resize(28)`` (helpers.py:78), Mini-ImageNet its ``Resize(84)``
+    (helpers.py:122)."""
+    from torchvision.transforms import Compose, InterpolationMode, PILToTensor, Resize
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return 1 - image
-
-
-def omniglot_transform(images: str):
-    """The transform from a prepared (inverted, 105x105) Omniglot image to a [1, 28, 28] tensor;
-    ``images`` is one of ``OMNIGLOT_IMAGES``."""
-    from torchvision.transforms import Compose, InterpolationMode, Resize, ToTensor
-
+    if name == "miniimagenet":
+        return Compose([Resize(84), PILToTensor()]), Decode()
     if images == "bilinear":
-        return Compose([Resize(28), ToTensor()])  # torchmeta's helper (helpers.py:78)
-    steps = [Resize(28, interpolation=InterpolationMode.NEAREST), ToTensor()]
-    return Compose(steps + ([_StrokesZero()] if images == "nearest_strokes_0" else []))
+        return Compose([Resize(28), PILToTensor()]), Decode()
+    return (Compose([Resize(28, interpolation=InterpolationMode.NEAREST), PILToTensor()]),
+            Decode(invert=images == "nearest_strokes_0"))
 
 
 def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:
@@ -296,24 +294,24 @@ def torchmeta_loader(
     missing = [path for path in PREPARED_FILES[name](root) if not path.is_file()]
     if missing:
         raise DiffoptError(f"{prepare_hint(name, root)}; missing {missing[0].name}")
+    from torch.utils.data import BatchSampler, DataLoader
     from torchmeta.datasets import helpers
-    from torchmeta.utils.data import BatchMetaDataLoader
 
-    options = {} if rotations else {"class_augmentations": None}
-    if images != "bilinear":
-        options["transform"] = omniglot_transform(images)
-    dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
-                                     **{TORCHMETA_SPLITS[split]: True}, download=False, **options)
-    if class_split == "reptile":
-        labels = reptile_class_split(root, split)
-        dataset.dataset._labels, dataset.dataset._num_classes = labels, len(labels)
     key = (name, str(Path(root).resolve()), split, rotations, images, class_split)
-    cache = _IMAGE_CACHES.setdefault(key, {})
-    dataset.dataset_transform = reseeding_splitter(dataset.dataset_transform)
-    dataset.dataset = CachedClasses(dataset.dataset, cache)
-    sampler = TaskSampler(len(dataset.dataset), ways, num_tasks, seed, start)
-    return BatchMetaDataLoader(IndexedTasks(dataset, seed), batch_size=batch_size, sampler=sampler,
-                               shuffle=False, num_workers=num_workers)
+    transform, decode = image_transform(name, images)
+    dataset = getattr(helpers, name)(str(root), ways=ways, shots=shots, test_shots=test_shots,
+                                     **{TORCHMETA_SPLITS[split]: True}, download=False, transform=transform,
+                                     **({} if rotations else {"class_augmentations": None}))
+    store = _IMAGE_STORES.get(key)
+    if store is None:
+        if class_split == "reptile":
+            labels = reptile_class_split(root, split)
+            dataset.dataset._labels, dataset.dataset._num_classes = labels, len(labels)
+        store = _IMAGE_STORES[key] = ImageStore(dataset.dataset)
+    sampler = TaskSampler(len(store), ways, num_tasks, seed, start)
+    batches = TaskBatches(store, reseeding_splitter(dataset.dataset_transform), seed, decode)
+    return DataLoader(batches, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None,
+                      num_workers=num_workers)
 
 
 def omniglot_loader(**kwargs):
