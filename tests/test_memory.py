@@ -56,3 +56,26 @@ def test_cannot_measure_gives_nan(monkeypatch):
     with memory.measured():
         pass
     assert math.isnan(memory.peak_growth_mb)
+
+
+def _child_growth_mb(queue) -> None:
+    """In a forked child: the resident growth of touching 128 MiB, as resident_mb reads it."""
+    before = resident_mb()["VmRSS"]
+    touched = torch.ones(32 * 2**20)
+    queue.put(resident_mb()["VmRSS"] - before)
+    del touched
+
+
+def test_a_forked_child_reads_its_own_memory_not_its_parents():
+    """The probe keeps /proc/self files open; a child forked after the parent opened them (a
+    data-loader worker) must not read the parent's through the inherited descriptors."""
+    import multiprocessing
+
+    resident_mb()  # opened in the parent
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_growth_mb, args=(queue,))
+    child.start()
+    growth = queue.get(timeout=60)
+    child.join()
+    assert growth > 64, growth
