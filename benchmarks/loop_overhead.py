@@ -8,7 +8,9 @@ settings: checkpoints, memory probes, the metrics log) and reads its ``metrics.j
 records split each iteration's ``seconds`` into ``data_seconds`` (the loader and the episode),
 ``gradient_seconds`` (the meta-gradient), ``outer_seconds`` (clipping and the outer step) and the
 rest, bookkeeping (logging, checkpoints, memory probes, progress). Medians over the iterations
-after the first ``warmup``. The meta-step is the meta-gradient and the outer step; issue 29's
+after the first ``warmup``; a checkpoint (rewritten after the run, median of 5) and the memory
+probe (median of 2000) as shares of the median iteration, a checkpoint every 500 iterations
+as the trainer writes them. The meta-step is the meta-gradient and the outer step; issue 29's
 targets: end to end <= 1.15x the meta-step on sinusoid, <= 1.05x on Omniglot and Mini-ImageNet,
 the data <= 5% of an Omniglot iteration. Also the start-up: ``diffopt train -h`` and
 ``import diffopt``, medians of ``repeats`` fresh processes.
@@ -29,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffopt.config import TrainConfig
 from diffopt.firecli import fire_checked
 
 WORKLOADS = {
@@ -95,7 +98,33 @@ def measure(name: str, iterations: int, warmup: int, roots: dict[str, str], fold
     row["bookkeeping_seconds"] = statistics.median(
         r["seconds"] - sum(r[part] for part in PARTS) for r in records)
     row["meta_step_seconds"] = statistics.median(r["gradient_seconds"] + r["outer_seconds"] for r in records)
+    row["checkpoint_seconds"] = checkpoint_seconds(run_dir)
     return row
+
+
+def checkpoint_seconds(run_dir: Path, repeats: int = 5) -> float:
+    """Median seconds to write ``run_dir``'s checkpoint again, as the trainer does (atomically)."""
+    from diffopt.runfolder import RunFolder, load_checkpoint
+
+    payload, folder, taken = load_checkpoint(run_dir), RunFolder(run_dir), []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        folder.save(payload, run_dir / "timed.pt")
+        taken.append(time.perf_counter() - began)
+    return statistics.median(taken)
+
+
+def probe_seconds(repeats: int = 2000) -> float:
+    """Median seconds the memory probe (``StepMemory.measured``) adds around a meta-step."""
+    from diffopt.memory import StepMemory
+
+    memory, taken = StepMemory("cpu"), []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        with memory.measured():
+            pass
+        taken.append(time.perf_counter() - began)
+    return statistics.median(taken)
 
 
 def startup(repeats: int) -> dict[str, float]:
@@ -113,9 +142,12 @@ def startup(repeats: int) -> dict[str, float]:
     return times
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], probe: float) -> str:
+    """The markdown table; ``probe``: the memory probe's seconds per meta-step."""
+    every = TrainConfig().checkpoint_every
     lines = ["| workload | iterations | s / iteration | data | meta-gradient | outer step | bookkeeping "
-             "| end to end / meta-step (target) | data share |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| end to end / meta-step (target) | data share | checkpoint share (every {every}) "
+             "| memory probe share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row["seconds"] / row["meta_step_seconds"]
         target = TARGETS[row["dataset"]]
@@ -124,7 +156,9 @@ def table(rows: list[dict]) -> str:
             f"| {row['gradient_seconds']:.4f} | {row['outer_seconds']:.4f} "
             f"| {row['bookkeeping_seconds']:.4f} "
             f"| {ratio:.2f}x ({'met' if ratio <= target else 'not met'}: <= {target:.2f}x) "
-            f"| {100 * row['data_seconds'] / row['seconds']:.1f}% |")
+            f"| {100 * row['data_seconds'] / row['seconds']:.1f}% "
+            f"| {100 * row['checkpoint_seconds'] / (every * row['seconds']):.2f}% "
+            f"| {100 * probe / row['seconds']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -146,7 +180,7 @@ def main(iterations: int = 300, warmup: int = 20, workloads: str | None = None, 
             roots["miniimagenet"] = _fixture_root(folder)
         rows = [measure(name, iterations, warmup, roots, folder, warm_images) for name in names]
     times = startup(repeats)
-    text = table(rows) + f"\n\nStart-up (median of {repeats} fresh processes): " + ", ".join(
+    text = table(rows, probe_seconds()) + f"\n\nStart-up (median of {repeats} fresh processes): " + ", ".join(
         f"`{label}` {seconds:.2f} s" for label, seconds in times.items()) + "."
     print(text)
     if write:
