@@ -103,13 +103,13 @@ def step_clock(monkeypatch):
 @pytest.fixture
 def compare_in_process(monkeypatch):
     """diffopt compare's runs in this process (``run_one``, what each child process runs)
-    instead of one fresh interpreter each, which costs a torch import (seconds on a loaded
+    instead of children of a run server, which costs the server's imports (seconds on a loaded
     machine): for tests of what compare does with its runs. The child processes themselves are
-    tested by test_compare's module grid and resumption and by test_plugins."""
+    tested by test_compare_server, test_compare's module grid and resumption and test_plugins."""
     import diffopt.compare.runs as compare_module
     from diffopt.runfolder import RunFolder
 
-    def run_here(config, protocol, log, progress):
+    def run_here(config, protocol, log, progress, server):
         log.parent.mkdir(parents=True, exist_ok=True)
         compare_module.run_one(config, protocol)
         return RunFolder(config.run_dir).comparison_record()

@@ -1,11 +1,6 @@
-"""One run of a comparison, in its own process (``diffopt.compare.runs._run_in_subprocess``)."""
+"""``python -m diffopt.compare``: the run server a comparison forks its runs from
+(``diffopt.compare.server``)."""
 
-import json
-import sys
+from diffopt.compare.server import serve
 
-from diffopt.compare.runs import run_one
-from diffopt.config import resolve_config
-from diffopt.evaluate import EvaluationProtocol
-
-job = json.loads(sys.argv[1])
-run_one(resolve_config(**job["config"]), EvaluationProtocol.from_record(job["protocol"]))
+serve()

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -19,6 +16,7 @@ import numpy as np
 from diffopt.atomic import write_json
 from diffopt.compare.grid import GRID_DEFAULTS, run_name
 from diffopt.compare.results import RESULTS_NAME, ComparisonRow, write_report
+from diffopt.compare.server import RunServer
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
 from diffopt.errors import DiffoptError, from_diffopt
@@ -91,16 +89,18 @@ def _train_grid(grid: list, out: Path, protocol: EvaluationProtocol, progress: b
     plus the runs) and the report."""
     runs = []
     grid_bar = progress_bar(total=len(grid), desc="grid", disable=not progress, position=0)
-    for label, k, seed, config in grid:
-        name = Path(config.run_dir).name
-        grid_bar.set_postfix_str(name, refresh=False)
-        record = _finished(Path(config.run_dir), config, protocol)
-        if record is None:
-            record = _run_in_subprocess(config, protocol, out / "logs" / f"{name}.log", progress)
-        runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
-        if tensorboard:
-            _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"], record)
-        grid_bar.update()
+    with RunServer() as server:
+        for label, k, seed, config in grid:
+            name = Path(config.run_dir).name
+            grid_bar.set_postfix_str(name, refresh=False)
+            record = _finished(Path(config.run_dir), config, protocol)
+            if record is None:
+                record = _run_in_subprocess(config, protocol, out / "logs" / f"{name}.log", progress, server)
+            runs.append({"label": label, "shots": k, "seed": seed, "run": name, **record["result"]})
+            if tensorboard:
+                _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"],
+                                   record)
+            grid_bar.update()
     grid_bar.close()
 
     results = {**results, "resolved": {label: config.to_dict() for label, _, _, config in grid},
@@ -139,8 +139,10 @@ def _finished(run_dir: Path, config: TrainConfig, protocol: EvaluationProtocol) 
 
 
 
-def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: Path, progress: bool) -> dict:
-    """Train (or resume) and evaluate one run in a fresh process; its record."""
+def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: Path, progress: bool,
+                       server: RunServer) -> dict:
+    """Train (or resume) and evaluate one run in a process of its own (forked by ``server``);
+    its record."""
     log.parent.mkdir(parents=True, exist_ok=True)
     run_dir = Path(config.run_dir)
     folder = RunFolder(run_dir, writer=False)
@@ -149,21 +151,18 @@ def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: P
     bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
                        position=1, leave=False, disable=not progress,
                        unit="s" if config.max_seconds else "it")
-    with open(log, "a") as output:
-        child = subprocess.Popen([sys.executable, "-m", "diffopt.compare", job], stdout=output,
-                                 stderr=subprocess.STDOUT)
-        training = False
-        while child.poll() is None:
-            time.sleep(0.5)
-            reached = _progress_of(folder, bool(config.max_seconds))
-            if not training and reached > done:  # the clock starts with training, not the child
-                training = True
-                bar.reset(total=bar.total)
-                bar.n = bar.last_print_n = done
-            if reached > bar.n:
-                bar.update(reached - bar.n)  # drawn at the bar's own pace (plain lines: every 30 s)
+    server.start(job, log)
+    training = False
+    while (returncode := server.wait(timeout=0.5)) is None:
+        reached = _progress_of(folder, bool(config.max_seconds))
+        if not training and reached > done:  # the clock starts with training, not the child
+            training = True
+            bar.reset(total=bar.total)
+            bar.n = bar.last_print_n = done
+        if reached > bar.n:
+            bar.update(reached - bar.n)  # drawn at the bar's own pace (plain lines: every 30 s)
     bar.close()
-    if child.returncode != 0:
+    if returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
         raise DiffoptError(f"run {run_dir.name} failed ({tail[0]}); full log: {log}")
     return folder.comparison_record()
@@ -177,6 +176,12 @@ def _progress_of(folder: RunFolder, seconds: bool) -> float:
         return 0
     return round(record["train_seconds"], 1) if seconds else record["iteration"]
 
+
+
+def run_job(job: str) -> dict:
+    """``run_one`` of a job as ``_run_in_subprocess`` writes it (JSON: config and protocol)."""
+    job = json.loads(job)
+    return run_one(resolve_config(**job["config"]), EvaluationProtocol.from_record(job["protocol"]))
 
 
 def run_one(config: TrainConfig, protocol: EvaluationProtocol) -> dict:
