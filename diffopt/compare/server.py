@@ -20,15 +20,15 @@ import select
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from diffopt.errors import DiffoptError
 
 
-def serve() -> None:
-    """Fork a child per request line until stdin closes."""
-    from diffopt.compare.runs import run_job
+def serve(run_job: Callable[[str], object]) -> None:
+    """Fork a child per request line until stdin closes; a child calls ``run_job(job)``."""
     from diffopt.data.torchmeta_compat import load
 
     load()
@@ -41,7 +41,7 @@ def serve() -> None:
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
-def _child(run_job, request: dict) -> NoReturn:
+def _child(run_job: Callable[[str], object], request: dict) -> NoReturn:
     code = 1
     try:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the server's requests are not the run's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -137,18 +138,12 @@ class DatasetSpec:
         )
 
 
-def omniglot_loader(**kwargs: Any):
-    """``diffopt.data.images.omniglot_loader``, imported when first called (see ``image_options``)."""
-    from diffopt.data.images import omniglot_loader as loader
+def image_loader(name: str, **kwargs: Any):
+    """``diffopt.data.images.torchmeta_loader(name, ...)``, imported when first called: torchmeta's
+    image datasets import torchvision (see ``image_options``)."""
+    from diffopt.data.images import torchmeta_loader
 
-    return loader(**kwargs)
-
-
-def miniimagenet_loader(**kwargs: Any):
-    """``diffopt.data.images.miniimagenet_loader``, imported when first called."""
-    from diffopt.data.images import miniimagenet_loader as loader
-
-    return loader(**kwargs)
+    return torchmeta_loader(name, **kwargs)
 
 
 def _image_classification(**fields: Any) -> DatasetSpec:
@@ -226,7 +221,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "omniglot": _image_classification(
         name="omniglot",
-        make_loader=omniglot_loader,
+        make_loader=partial(image_loader, "omniglot"),
         examples_per_class=20,
         model_io=dict(in_channels=1, image_size=28, pool=False),
         rotated_classes=True,
@@ -243,7 +238,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "miniimagenet": _image_classification(
         name="miniimagenet",
-        make_loader=miniimagenet_loader,
+        make_loader=partial(image_loader, "miniimagenet"),
         examples_per_class=600,
         model_io=dict(in_channels=3, image_size=84, pool=True),
         # Finn et al. 2017, appendix A.1: conv-4 with 32 filters, 2x2 max-pooling and batch norm,
