@@ -207,7 +207,9 @@ def gauss_newton_step(loop: LoopSettings, model: nn.Module, names: list[str], lo
     basis = torch.eye(count, dtype=flat.dtype, device=flat.device).view(count, *shape)
     (rows,) = torch.func.vmap(pullback)(basis)  # per prediction, its gradient in each tensor
     jacobian = torch.cat([j.reshape(count, -1) for j in rows], 1)
-    hessian = torch.func.hessian(inner_loss)(flat)
+    # reverse over reverse, not torch.func.hessian's forward over reverse: m is small, and forward
+    # mode's first use in a process has torch script its jvp rules (a FutureWarning to the user)
+    hessian = torch.func.jacrev(torch.func.jacrev(inner_loss))(flat)
     moved = torch.cat([(w - w0).reshape(-1) for w, w0, keep in zip(weights, anchor, mask, strict=True)
                        if keep])
     rhs = -(jacobian.T @ torch.func.grad(inner_loss)(flat) + lam * moved)

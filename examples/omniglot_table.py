@@ -427,7 +427,8 @@ def report(
         folder = out_path / run.name
         payload = load_checkpoint(folder)
         metrics, validation = RunFolder(folder).metrics(), RunFolder(folder).validation()
-        curves[f"{run.label}, {run.shots}-shot" if both else run.label] = [validation]
+        if validation:  # a run trained beside its reference (time_to_accuracy.py) validates not
+            curves[f"{run.label}, {run.shots}-shot" if both else run.label] = [validation]
         steps, options = run.method.eval_steps, run.method.eval_options
         transductive = _scores(folder, steps, tasks, True, payload["iteration"], options)
         paper = run.method.paper.get(run.shots, ("-", "-"))
@@ -444,7 +445,7 @@ def report(
             cells.append(" / ".join("-" if t is None else f"{t / 60:.0f}" for t in reached))
         cells += [str(steps), str(payload["iteration"]), f"{payload['train_seconds'] / 60:.1f}",
                   f"{statistics.median(m['seconds'] for m in metrics):.2f}",
-                  f"{100 * validation[-1]['accuracy']:.1f}"]
+                  f"{100 * validation[-1]['accuracy']:.1f}" if validation else "-"]
         if memory:
             cells.append(f"{payload['step_memory_mb']:.0f}")
         rows.append("| " + " | ".join(cells) + " |")
