@@ -449,8 +449,9 @@ def report(
         if memory:
             cells.append(f"{payload['step_memory_mb']:.0f}")
         rows.append("| " + " | ".join(cells) + " |")
-    validation_curves(curves, "accuracy", plot_path, title=TITLES[table], percent=True,
-                      log_iterations=True)
+    if curves:
+        validation_curves(curves, "accuracy", plot_path, title=TITLES[table], percent=True,
+                          log_iterations=True)
     test_plot = plot_path.with_name(f"{plot_path.stem}-test{plot_path.suffix}")
     if timed:
         _plot_test_curves(tests, test_plot, TITLES[table])
