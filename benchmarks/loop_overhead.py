@@ -37,10 +37,13 @@ from diffopt.firecli import fire_checked
 WORKLOADS = {
     "sinusoid MAML": dict(dataset="sinusoid", algorithm="maml"),
     "Omniglot MAML": dict(dataset="omniglot", algorithm="maml"),
+    "Omniglot MAML with a loader worker": dict(dataset="omniglot", algorithm="maml", num_workers="1"),
     "Omniglot first-order MAML": dict(dataset="omniglot", algorithm="fomaml"),
     "Omniglot Reptile": dict(dataset="omniglot", algorithm="reptile"),
     "Mini-ImageNet MAML (generated)": dict(dataset="miniimagenet", algorithm="maml"),
 }
+ITERATION_CAPS = {"Mini-ImageNet MAML (generated)": 40}
+"""The most meta-iterations a slow workload runs (Mini-ImageNet's meta-step: about 8 s)."""
 TARGETS = {"sinusoid": 1.15, "omniglot": 1.05, "miniimagenet": 1.05}
 """The most end-to-end seconds per iteration may be, as a multiple of the meta-step's."""
 PARTS = ("data_seconds", "gradient_seconds", "outer_seconds")
@@ -80,6 +83,8 @@ def measure(name: str, iterations: int, warmup: int, roots: dict[str, str], fold
     read before training starts (``ImageStore.fill``)."""
     flags = WORKLOADS[name]
     run_dir = folder / name.replace(" ", "-")
+    iterations = min(iterations, ITERATION_CAPS.get(name, iterations))
+    warmup = min(warmup, iterations // 4)
     arguments = ["train", "--iterations", str(iterations), "--run_dir", str(run_dir), "--progress", "False",
                  "--data_root", roots[flags["dataset"]]]
     arguments += [item for key, value in flags.items() for item in (f"--{key}", value)]
