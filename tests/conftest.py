@@ -107,6 +107,7 @@ def compare_in_process(monkeypatch):
     machine): for tests of what compare does with its runs. The child processes themselves are
     tested by test_compare_server, test_compare's module grid and resumption and test_plugins."""
     import diffopt.compare.runs as compare_module
+    from diffopt.compare.results import write_report
     from diffopt.runfolder import RunFolder
 
     def run_here(config, protocol, log, progress, server):
@@ -115,6 +116,7 @@ def compare_in_process(monkeypatch):
         return RunFolder(config.run_dir).comparison_record()
 
     monkeypatch.setattr(compare_module, "_run_in_subprocess", run_here)
+    monkeypatch.setattr(compare_module, "_report", lambda out, runs, server: write_report(out))
 
 
 def first_task(seed: int = 0) -> Task:

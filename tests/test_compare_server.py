@@ -33,11 +33,11 @@ def finish(server: RunServer) -> int:
 def test_runs_are_children_of_one_server_and_a_failure_is_the_runs_alone(tmp_path):
     with RunServer() as server:
         bad, _ = job(tmp_path, "diverges", inner_lr=1e30, max_bad_steps=0)
-        server.start(bad, tmp_path / "diverges.log")
+        server.start("diffopt.compare.runs:run_job", bad, tmp_path / "diverges.log")
         assert finish(server) != 0
         assert "non-finite" in (tmp_path / "diverges.log").read_text()
         good, config = job(tmp_path, "fine")
-        server.start(good, tmp_path / "fine.log")
+        server.start("diffopt.compare.runs:run_job", good, tmp_path / "fine.log")
         assert finish(server) == 0  # the server outlived the failed run
         record = json.loads((tmp_path / "fine" / "evaluation.json").read_text())
         assert record["result"]["iterations"] == 2
@@ -59,7 +59,16 @@ def test_a_failed_run_is_a_one_line_error_naming_its_log(tmp_path):
 def test_a_server_that_dies_is_an_error_not_a_hang(tmp_path):
     good, _ = job(tmp_path, "fine")
     with RunServer() as server:
-        server.start(good, tmp_path / "fine.log")
+        server.start("diffopt.compare.runs:run_job", good, tmp_path / "fine.log")
         os.kill(server._process.pid, signal.SIGKILL)
         with pytest.raises(DiffoptError, match="run server stopped"):
             finish(server)
+
+
+def test_the_report_is_written_by_a_child_and_its_failure_is_one_line(tmp_path):
+    """The report child writes report.md from results.json; without one, a one-line error."""
+    with RunServer() as server, pytest.raises(DiffoptError) as error:
+        compare_module._report(tmp_path, [], server)
+    message = str(error.value)
+    assert "\n" not in message and "report.md failed (" in message and "results.json" in message
+    assert not (tmp_path / "report.md").exists()

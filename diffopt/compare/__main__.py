@@ -1,7 +1,7 @@
 """``python -m diffopt.compare``: the run server a comparison forks its runs from
-(``diffopt.compare.server``)."""
+(``diffopt.compare.server``), torch and diffopt's comparison imported once for every child."""
 
-from diffopt.compare.runs import run_job
+import diffopt.compare.runs  # noqa: F401
 from diffopt.compare.server import serve
 
-serve(run_job)
+serve()

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffopt.atomic import write_json
 from diffopt.compare.grid import GRID_DEFAULTS, run_name
-from diffopt.compare.results import RESULTS_NAME, ComparisonRow, write_report
+from diffopt.compare.results import RESULTS_NAME, ComparisonRow, aggregate
 from diffopt.compare.server import RunServer
 from diffopt.config import TrainConfig, resolve_config, resolve_saved_config
 from diffopt.data import get_dataset
@@ -101,12 +101,24 @@ def _train_grid(grid: list, out: Path, protocol: EvaluationProtocol, progress: b
                 _write_tensorboard(out / "tensorboard" / name, Path(config.run_dir), results["metric"],
                                    record)
             grid_bar.update()
-    grid_bar.close()
+        grid_bar.close()
+        results = {**results, "resolved": {label: config.to_dict() for label, _, _, config in grid},
+                   "runs": runs}
+        write_json(out / RESULTS_NAME, results)
+        return _report(out, runs, server)
 
-    results = {**results, "resolved": {label: config.to_dict() for label, _, _, config in grid},
-               "runs": runs}
-    write_json(out / RESULTS_NAME, results)
-    return write_report(out)
+
+def _report(out: Path, runs: list[dict], server: RunServer) -> list[ComparisonRow]:
+    """Write ``out``'s report.md and plots in a child of ``server``, whose imports (torchmeta:
+    the sinusoid figure draws a task) are done; the table's rows, computed here meanwhile."""
+    log = out / "logs" / "report.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server.start("diffopt.compare.results:write_report", str(out), log)
+    rows = aggregate(runs)
+    if server.wait() != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise DiffoptError(f"writing {out / 'report.md'} failed ({tail[0]}); full log: {log}")
+    return rows
 
 
 
@@ -151,7 +163,7 @@ def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: P
     bar = progress_bar(total=config.max_seconds or config.iterations, initial=done, desc=run_dir.name,
                        position=1, leave=False, disable=not progress,
                        unit="s" if config.max_seconds else "it")
-    server.start(job, log)
+    server.start("diffopt.compare.runs:run_job", job, log)
     training = False
     while (returncode := server.wait(timeout=0.5)) is None:
         reached = _progress_of(folder, bool(config.max_seconds))

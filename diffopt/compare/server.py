@@ -7,28 +7,28 @@ is otherwise as fresh: its memory is its own, a crash ends it alone, and every r
 uses is seeded by its run. The server computes nothing itself, because a process forked after
 torch has run parallel (OpenMP) work may hang in its own.
 
-Protocol: one JSON line per run on stdin, ``{"job": ..., "log": path}`` (the job as
-``run_job`` reads it); the child's stdout and stderr go to ``log``; one JSON line back on stdout
-when it ends, ``{"returncode": n}``. End of stdin ends the server.
+Protocol: one JSON line per call on stdin, ``{"call": "module:function", "argument": text,
+"log": path}``; the child runs ``function(argument)``, its stdout and stderr going to ``log``;
+one JSON line back on stdout when it ends, ``{"returncode": n}``. End of stdin ends the server.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from diffopt.errors import DiffoptError
 
 
-def serve(run_job: Callable[[str], object]) -> None:
-    """Fork a child per request line until stdin closes; a child calls ``run_job(job)``."""
+def serve() -> None:
+    """Fork a child per request line until stdin closes (torchmeta imported first)."""
     from diffopt.data.torchmeta_compat import load
 
     load()
@@ -36,19 +36,20 @@ def serve(run_job: Callable[[str], object]) -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(run_job, request)
+            _child(request)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
-def _child(run_job: Callable[[str], object], request: dict) -> NoReturn:
+def _child(request: dict) -> NoReturn:
     code = 1
     try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the server's requests are not the run's
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the server's requests are not the child's
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        run_job(request["job"])
+        module, name = request["call"].split(":")
+        getattr(importlib.import_module(module), name)(request["argument"])
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
@@ -64,7 +65,7 @@ class RunServer:
     """The parent's side: starts the server on the first ``start`` and stops it on exit.
 
     >>> with RunServer() as server:  # doctest: +SKIP
-    ...     server.start(job, Path("run.log"))
+    ...     server.start("diffopt.compare.runs:run_job", job, Path("run.log"))
     ...     while (code := server.wait(0.5)) is None:
     ...         pass  # show progress
     """
@@ -80,16 +81,18 @@ class RunServer:
             self._process.stdin.close()
             self._process.wait()
 
-    def start(self, job: str, log: Path) -> None:
-        """Begin a run of ``job``, its output appended to ``log``."""
+    def start(self, call: str, argument: str, log: Path) -> None:
+        """Begin ``call`` (``module:function``) of ``argument`` in a child, its output appended
+        to ``log``."""
         if self._process is None:
             self._process = subprocess.Popen([sys.executable, "-m", "diffopt.compare"],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._process.stdin.write(json.dumps({"job": job, "log": str(log)}) + "\n")
+        self._process.stdin.write(json.dumps({"call": call, "argument": argument, "log": str(log)}) + "\n")
         self._process.stdin.flush()
 
-    def wait(self, timeout: float) -> int | None:
-        """The run's exit status once it has ended, else None after ``timeout`` seconds."""
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The child's exit status once it has ended, else None after ``timeout`` seconds (None:
+        however long it takes)."""
         ready, _, _ = select.select([self._process.stdout], [], [], timeout)
         if not ready:
             return None
