@@ -1,5 +1,5 @@
-"""The runs of a comparison, each in a process of its own, forked from one that imported torch,
-diffopt and torchmeta once.
+"""A comparison's runs and its report, each in a process of its own, forked from one that
+imported torch, diffopt and torchmeta once.
 
 A fresh interpreter per run spends seconds on those imports (torchmeta pulls in torchvision),
 more than a small sinusoid run trains; a child forked from this server starts in milliseconds and
