@@ -116,9 +116,13 @@ def _report(out: Path, runs: list[dict], server: RunServer) -> list[ComparisonRo
     server.start("diffopt.compare.results:write_report", str(out), log)
     rows = aggregate(runs)
     if server.wait() != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        raise DiffoptError(f"writing {out / 'report.md'} failed ({tail[0]}); full log: {log}")
+        raise DiffoptError(f"writing {out / 'report.md'} failed ({_last_line(log)}); full log: {log}")
     return rows
+
+
+def _last_line(log: Path) -> str:
+    """A failed child's last line of output: its error."""
+    return (log.read_text().strip().splitlines() or ["no output"])[-1]
 
 
 
@@ -175,8 +179,7 @@ def _run_in_subprocess(config: TrainConfig, protocol: EvaluationProtocol, log: P
             bar.update(reached - bar.n)  # drawn at the bar's own pace (plain lines: every 30 s)
     bar.close()
     if returncode != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        raise DiffoptError(f"run {run_dir.name} failed ({tail[0]}); full log: {log}")
+        raise DiffoptError(f"run {run_dir.name} failed ({_last_line(log)}); full log: {log}")
     return folder.comparison_record()
 
 
