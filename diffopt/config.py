@@ -1,7 +1,7 @@
 """Training options: one dataclass assembled from the components' declarations, resolved from
 flags and literature defaults, then validated.
 
-Resolution order (later wins): ``BASE_DEFAULTS`` and the declared options' defaults, the
+Resolution order (later wins): the run's and the declared options' defaults, the
 algorithm's own and its ``inner_defaults``, the dataset's defaults, the dataset's per-algorithm
 defaults, the model's, the flags the user gave. ``TrainConfig`` fields carry their help text,
 from which the CLI builds ``diffopt train --help``.
@@ -20,11 +20,8 @@ from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop
 from diffopt.models import MODEL_OPTIONS, check_model_options, model_defaults
 from diffopt.options import AS_TODAY, Option, arguments, check_float, check_int, check_name
+from diffopt.outer import OuterStep
 from diffopt.vectorize import VECTORIZE_MODES
-
-OUTER_OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "linear", "cosine")
-
 
 BUDGETED_ITERATIONS = 100_000
 """The most meta-iterations a run with ``--max_seconds`` and no ``--iterations`` takes."""
@@ -36,8 +33,8 @@ def option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class _RunOptions:
-    """The options no component declares: the run's length, outer loop and bookkeeping
-    (``TrainConfig`` adds the data's, the model's, the inner loop's and the algorithms')."""
+    """The options no component declares: the run's length and bookkeeping (``TrainConfig`` adds
+    the data's, the model's, the inner loop's, the algorithms' and the outer step's)."""
 
     algorithm: str = option(
         "maml", f"meta-learning algorithm: {', '.join(ALGORITHMS)}, or module:Class (a MetaAlgorithm "
@@ -48,25 +45,12 @@ class _RunOptions:
     max_seconds: float | None = option(
         None, "wall-clock budget: stop after the meta-iteration that brings the training time "
         "(summed over resumes, evaluation excluded) to this many seconds")
-    outer_optimizer: str | None = option(None, f"outer optimizer: {', '.join(OUTER_OPTIMIZERS)}")
-    meta_lr: float | None = option(None, "outer learning rate (Reptile: the step eps)")
-    meta_lr_final: float | None = option(
-        None, "final outer learning rate of a linear or cosine schedule")
-    meta_lr_schedule: str | None = option(
-        None, f"outer learning-rate schedule: {', '.join(SCHEDULES)} (default: linear if "
-        "--meta_lr_final is set, else constant)")
     iterations_per_epoch: int = option(500, "meta-iterations per epoch (the MAML++ schedules count epochs)")
     epochs: int | None = option(
         None, "the run's length in epochs (MAML++: 150): an epoch is then 1/epochs of the run, of "
         "--iterations or, under --max_seconds, of the budget where that is further along (as the "
         "learning-rate schedules count), so the MAML++ schedules scale to a budget; default: "
         "--iterations_per_epoch")
-    max_grad_value: float | None = option(
-        None, "clamp each element of the meta-gradient (of the mean query loss) to [-V, V] before "
-        "the outer step (cbfinn/maml and MAML++ on Mini-ImageNet: 10 on their losses' scales; "
-        "default: that for maml and fomaml on Mini-ImageNet, else none)")
-    max_grad_norm: float | None = option(
-        None, "clip the meta-gradient (all meta-parameters together) to this norm before the outer step")
     max_bad_steps: int = option(
         10, "a meta-iteration with a non-finite meta-loss or meta-gradient is skipped (logged with "
         "skipped: true); after more than this many in a row the run stops")
@@ -119,15 +103,17 @@ def _data_options(self) -> dict[str, Any]:
 ALGORITHM_OPTIONS: dict[str, Option] = {
     name: option for cls in ALGORITHMS.values() for name, option in cls.own_options().items()}
 """The registered algorithms' own options (iMAML's cg_steps, MAML's MAML++ schedules)."""
-COMPONENT_OPTIONS: dict[str, Option] = {**DATA_OPTIONS, **MODEL_OPTIONS, **InnerLoop.OPTIONS}
-"""The data's, the model's and the inner loop's options: a field "not given" (None) until resolved."""
+COMPONENT_OPTIONS: dict[str, Option] = {**DATA_OPTIONS, **MODEL_OPTIONS, **InnerLoop.OPTIONS,
+                                        **OuterStep.OPTIONS}
+"""The data's, the model's, the inner loop's and the outer step's options: a field "not given"
+(None) until resolved."""
 
 
 def _train_config() -> type:
     """``TrainConfig``: ``_RunOptions``' fields with the declared options in the order a run
     uses them: the algorithm, the data's, the run's length, the model's, the inner loop's and the
-    algorithms', then the outer loop and bookkeeping (a declared option's field default is None,
-    "not given", or the algorithm option's ``unset``)."""
+    algorithms', the outer step's, then the rest of the run's (a declared option's field default is
+    None, "not given", or the algorithm option's ``unset``)."""
     hints = typing.get_type_hints(_RunOptions)
 
     def declared(options: dict[str, Option], unset: bool = False) -> list[tuple]:
@@ -137,8 +123,9 @@ def _train_config() -> type:
 
     own = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
            for f in fields(_RunOptions)]
-    split = next(i for i, (name, *_) in enumerate(own) if name == "outer_optimizer")
-    components = declared({**MODEL_OPTIONS, **InnerLoop.OPTIONS}) + declared(ALGORITHM_OPTIONS, unset=True)
+    split = next(i for i, (name, *_) in enumerate(own) if name == "iterations_per_epoch")
+    components = (declared({**MODEL_OPTIONS, **InnerLoop.OPTIONS}) + declared(ALGORITHM_OPTIONS, unset=True)
+                  + declared(OuterStep.OPTIONS))
     ordered = own[:1] + declared(DATA_OPTIONS) + own[1:split] + components + own[split:]
     config = make_dataclass("TrainConfig", ordered, frozen=True, namespace={
         "to_dict": _to_dict, "data_options": _data_options,
@@ -150,15 +137,8 @@ def _train_config() -> type:
 TrainConfig = _train_config()
 
 
-BASE_DEFAULTS: dict[str, Any] = dict(outer_optimizer="adam", meta_lr=1e-3, meta_lr_final=None)
-"""Defaults of ``_RunOptions`` that a dataset's protocol may change (the components' options
-carry theirs: ``Option.default``)."""
-
-
-SAVED_BEFORE: dict[str, Any] = dict(
-    max_grad_value=None,
-    **{name: option.before for name, option in COMPONENT_OPTIONS.items()
-       if option.before is not AS_TODAY})
+SAVED_BEFORE: dict[str, Any] = {name: option.before for name, option in COMPONENT_OPTIONS.items()
+                                 if option.before is not AS_TODAY}
 """What a run saved before an option existed did: its value for options whose defaults now follow
 the original code (docs/protocols.md), so an older run is rebuilt, evaluated and compared as it
 was trained."""
@@ -179,7 +159,6 @@ def resolve_config(**flags: Any) -> TrainConfig:
     algorithm = flags.get("algorithm", TrainConfig.algorithm)
     spec = get_dataset(flags.get("dataset") or DATA_OPTIONS["dataset"].default)
     values = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    values.update(BASE_DEFAULTS)
     values.update({name: option.default for name, option in COMPONENT_OPTIONS.items()})
     cls = algorithm_class(algorithm)
     values.update({name: option.default for name, option in cls.own_options().items() if name in values})
@@ -209,8 +188,6 @@ def resolve_config(**flags: Any) -> TrainConfig:
                 values[name] = value(values)
             except (TypeError, ValueError, ZeroDivisionError):  # a bad option: validate names it
                 values[name] = None
-    if values["meta_lr_schedule"] is None:
-        values["meta_lr_schedule"] = "constant" if values["meta_lr_final"] is None else "linear"
     config = TrainConfig(**values)
     validate(config)
     return config
@@ -236,8 +213,7 @@ def validate(config: TrainConfig) -> None:
     if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
                            "and --validate_every_seconds")
-    check_name("outer optimizer", config.outer_optimizer, OUTER_OPTIMIZERS)
-    check_name("learning-rate schedule", config.meta_lr_schedule, SCHEDULES)
+    OuterStep.check_arguments(**arguments(OuterStep.OPTIONS, config))
     check_name("vectorize mode", config.vectorize, VECTORIZE_MODES)
     for name, minimum in [("iterations", 1), ("seed", 0), ("checkpoint_every", 0),
                           ("iterations_per_epoch", 1), ("validation_tasks", 2), ("validation_steps", 0),
@@ -246,15 +222,9 @@ def validate(config: TrainConfig) -> None:
         check_int(name, getattr(config, name), minimum)
     if config.epochs is not None:
         check_int("epochs", config.epochs, 1)
-    check_float("meta_lr", config.meta_lr, positive=True)
-    if config.meta_lr_final is not None:
-        check_float("meta_lr_final", config.meta_lr_final, positive=False)
-    for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds", "max_grad_norm",
-                 "max_grad_value"):
+    for name in ("max_seconds", "validate_every_seconds", "snapshot_every_seconds"):
         if getattr(config, name) is not None:
             check_float(name, getattr(config, name), positive=True)
-    if config.meta_lr_schedule != "constant" and config.meta_lr_final is None:
-        raise DiffoptError(f"--meta_lr_schedule {config.meta_lr_schedule} needs --meta_lr_final")
     if not isinstance(config.device, str):
         raise DiffoptError(f"--device must be a torch device name such as cpu; got {as_typed(config.device)}")
     for name in ("progress", "keep_freed_memory"):
@@ -275,12 +245,13 @@ def option_reference() -> str:
     owners = {name: "the dataset" for name in DATA_OPTIONS}
     owners.update({name: "the model" for name in MODEL_OPTIONS})
     owners.update({name: "`InnerLoop`" for name in InnerLoop.OPTIONS})
+    owners.update({name: "`OuterStep`" for name in OuterStep.OPTIONS})
     for cls in ALGORITHMS.values():
         owners.update({name: f"`{cls.__name__}`" for name in cls.own_options()})
     defaults = {name: option.default for name, option in {**COMPONENT_OPTIONS, **ALGORITHM_OPTIONS}.items()}
     rows = ["| option | declared by | default | what it sets |", "|---|---|---|---|"]
     for f in fields(TrainConfig):
-        default = defaults.get(f.name, BASE_DEFAULTS.get(f.name, f.default))
+        default = defaults.get(f.name, f.default)
         if isinstance(default, tuple):
             default = ",".join(map(str, default))
         shown = "-" if default is None or callable(default) else f"`{default}`"

@@ -32,6 +32,7 @@ from diffopt.inner import InnerLoop
 from diffopt.memory import StepMemory
 from diffopt.models import build_model, initialize, model_arguments
 from diffopt.options import arguments
+from diffopt.outer import OuterStep
 from diffopt.progress import progress_bar
 from diffopt.runfolder import RunFolder, checkpoint_path, load_checkpoint
 
@@ -88,26 +89,9 @@ def guarded_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer) -> 
     return False
 
 
-def outer_optimizer(config: TrainConfig, algorithm: MetaAlgorithm) -> torch.optim.Optimizer:
-    """The outer optimizer, at the schedule's initial learning rate."""
-    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.outer_optimizer]
-    return cls(algorithm.parameters(), lr=config.meta_lr)
-
-
-def meta_learning_rate(config: TrainConfig, progress: float) -> float:
-    """The outer learning rate after ``progress`` (0 .. 1) of the run.
-
-    ``linear`` and ``cosine`` (MAML++) anneal from ``meta_lr`` to ``meta_lr_final``; progress is
-    the fraction of meta-iterations done or, with ``--max_seconds``, of the time budget used if
-    that is further along, so a wall-clock-budgeted run still ends its schedule at the final rate.
-    """
-    final = config.meta_lr if config.meta_lr_final is None else config.meta_lr_final
-    progress = min(max(progress, 0.0), 1.0)
-    if config.meta_lr_schedule == "linear":
-        return config.meta_lr + progress * (final - config.meta_lr)
-    if config.meta_lr_schedule == "cosine":
-        return final + (config.meta_lr - final) * (1 + math.cos(math.pi * progress)) / 2
-    return config.meta_lr
+def outer_step(config: TrainConfig) -> OuterStep:
+    """The outer step (optimizer, schedule, clipping) a config describes."""
+    return OuterStep(**arguments(OuterStep.OPTIONS, config))
 
 
 def run_progress(config: TrainConfig, iteration: int, train_seconds: float) -> float:
@@ -210,7 +194,8 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
     if config.init_from is not None and resume_from is None:
         restore_module(algorithm, load_checkpoint(config.init_from)["algorithm"],
                        checkpoint_path(config.init_from))
-    optimizer = outer_optimizer(config, algorithm)
+    outer = outer_step(config)
+    optimizer = outer.optimizer(algorithm.parameters())
     folder = RunFolder(config.run_dir or default_run_dir(config), writer=distributed.is_main())
     # The loader's iterator draws its base seed from torch's global generator: draw it before a
     # resumed run restores the random state, as the uninterrupted run drew it before iteration 1.
@@ -226,16 +211,16 @@ def train(config: TrainConfig, *, resume_from: dict | None = None) -> TrainResul
             folder.rewind(done)
         distributed.broadcast_module(algorithm)
         try:
-            return _Sitting(config, spec, algorithm, optimizer, folder, resume_from).run(batches)
+            return _Sitting(config, spec, algorithm, outer, optimizer, folder, resume_from).run(batches)
         except Exception as error:  # a crash (a user's rule, model, bad steps) leaves its mark
             folder.mark_failed(error)
             raise
 
 
 def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episode: Episode,
-              config: TrainConfig, memory: StepMemory) -> tuple[dict[str, float], float, bool, dict]:
+              outer: OuterStep, memory: StepMemory) -> tuple[dict[str, float], float, bool, dict]:
     """One outer step on ``episode``'s meta-gradient, averaged over torchrun ranks and clipped as
-    ``config`` says (``memory`` measures it). A non-finite loss, gradient or new parameter skips
+    ``outer`` says (``memory`` measures it). A non-finite loss, gradient or new parameter skips
     it: parameters, optimizer state and running statistics stay as they were.
 
     Returns the metrics (the same on every rank), the gradient norm before norm clipping, whether
@@ -250,9 +235,7 @@ def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episod
         distributed.all_reduce_grads(algorithm)
         computed = time.perf_counter()
         metrics = distributed.mean_over_ranks(metrics)  # every rank decides alike below
-        if config.max_grad_value is not None:
-            torch.nn.utils.clip_grad_value_(algorithm.parameters(), config.max_grad_value)
-        norm = torch.nn.utils.clip_grad_norm_(algorithm.parameters(), config.max_grad_norm or math.inf)
+        norm = outer.clip(algorithm.parameters())
         taken = (math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
                  and guarded_step(algorithm, optimizer))
         stepped = time.perf_counter()
@@ -264,14 +247,13 @@ def meta_step(algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer, episod
     return metrics, float(norm), taken, timings
 
 
-def follow_schedule(config: TrainConfig, algorithm: MetaAlgorithm, optimizer: torch.optim.Optimizer,
-                    iteration: int, train_seconds: float) -> None:
+def follow_schedule(config: TrainConfig, outer: OuterStep, algorithm: MetaAlgorithm,
+                    optimizer: torch.optim.Optimizer, iteration: int, train_seconds: float) -> None:
     """Set meta-iteration ``iteration``'s outer learning rate and tell the algorithm its epoch
     (``MetaAlgorithm.on_epoch``: MAML's MAML++ recipe)."""
     progress = run_progress(config, iteration, train_seconds)
     algorithm.on_epoch(current_epoch(config, iteration, progress))
-    for group in optimizer.param_groups:
-        group["lr"] = meta_learning_rate(config, progress)
+    outer.set_learning_rate(optimizer, progress)
 
 
 def _next_multiple(clock: float, every: float | None) -> float:
@@ -283,10 +265,11 @@ class _Sitting:
     """One sitting of a run, from its checkpoint (or the start) to ``--iterations`` or the time
     budget: the loop with its training clock and counters, all of which the checkpoint keeps."""
 
-    def __init__(self, config: TrainConfig, spec, algorithm: MetaAlgorithm,
+    def __init__(self, config: TrainConfig, spec, algorithm: MetaAlgorithm, outer: OuterStep,
                  optimizer: torch.optim.Optimizer, folder: RunFolder, resume_from: dict | None) -> None:
         self.config, self.spec, self.algorithm, self.optimizer, self.folder = (
             config, spec, algorithm, optimizer, folder)
+        self.outer = outer
         saved = resume_from or {}
         self.fresh = resume_from is None
         self.done = int(saved.get("iteration", 0))
@@ -349,8 +332,8 @@ class _Sitting:
                     break
                 episode = distributed.shard(Episode.from_torchmeta(batch, device=config.device))
                 data_seconds = time.perf_counter() - booked  # the loader's and the episode's
-                follow_schedule(config, algorithm, self.optimizer, iteration, self.clock)
-                metrics, norm, taken, timings = meta_step(algorithm, self.optimizer, episode, config,
+                follow_schedule(config, self.outer, algorithm, self.optimizer, iteration, self.clock)
+                metrics, norm, taken, timings = meta_step(algorithm, self.optimizer, episode, self.outer,
                                                           self.memory)
                 bad_in_row = 0 if taken else bad_in_row + 1
                 self.skipped += not taken

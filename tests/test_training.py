@@ -13,7 +13,7 @@ import torch
 from diffopt.config import resolve_config
 from diffopt.data import Episode, get_dataset, split_seed
 from diffopt.evaluate import evaluate, mean_ci95
-from diffopt.train import build, meta_learning_rate, outer_optimizer, train
+from diffopt.train import build, outer_step, train
 
 SINUSOID = get_dataset("sinusoid")
 
@@ -151,10 +151,11 @@ def test_snapshots_are_taken_at_multiples_of_the_training_clock(tmp_path, step_c
 
 def test_cosine_schedule_matches_torch():
     config = resolve_config(meta_lr=1e-3, meta_lr_final=1e-5, meta_lr_schedule="cosine", iterations=10)
-    optimizer = outer_optimizer(config, build(config))
+    outer = outer_step(config)
+    optimizer = outer.optimizer(build(config).parameters())
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1e-5)
     for t in range(11):
-        assert meta_learning_rate(config, t / 10) == pytest.approx(optimizer.param_groups[0]["lr"])
+        assert outer.learning_rate(t / 10) == pytest.approx(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
 
