@@ -60,8 +60,10 @@ class ShiftBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.ones_like(self.bias)  # not None: batch_norm's double backward needs a weight
-        return F.batch_norm(x, None, None, scale, self.bias, True, 0.0, self.eps)
+        # No weight and the shift added outside: with a bias and no weight, batch_norm's double
+        # backward is wrong; under vmap, torch's batch rule would multiply by a unit weight too.
+        shift = self.bias.view((1, -1) + (1,) * (x.dim() - 2))
+        return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps) + shift
 
     def extra_repr(self) -> str:
         return f"channels={self.bias.shape[0]}, eps={self.eps}"
