@@ -369,15 +369,17 @@ def functional(loop: LoopSettings, inputs: UnrollInputs) -> Iterator[FunctionalM
 
 def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torch.Tensor], state: Any,
                      steps: range, order: torch.Tensor | None,
-                     vmappable: bool = True) -> Iterator[tuple[list[torch.Tensor], Any]]:
+                     vmappable: bool | None = None) -> Iterator[tuple[list[torch.Tensor], Any]]:
     """The steps numbered ``steps`` of the ``inputs.steps``-step unroll with
     ``loop.functional_rule``, from the weights ``params`` and the rule's ``state``: yields
     (weights, state) after each. The one
     step loop of the functional unroll (vmappable) and of the checkpointed one's segments
     (``diffopt.recompute``). ``track``: the steps' graph, the inner gradients of
     ``constant_gradient`` steps taken as constants; else the updates are detached.
-    ``vmappable``: inner gradients by ``torch.func.grad`` (under ``torch.func.vmap``); else by
-    plain autograd, several times faster per step on a small model."""
+    ``vmappable``: inner gradients by ``torch.func.grad`` (under ``torch.func.vmap``); False: by
+    plain autograd, several times faster per step on a small model; None: by plain autograd where
+    a differentiated step runs outside any ``torch.func`` transform (a loop over tasks), else by
+    ``torch.func.grad``."""
     model, loss_fn, x, mask, total, track = (inputs.model, inputs.loss_fn, inputs.x, inputs.mask,
                                              inputs.steps, inputs.track)
     rule = loop.functional_rule
@@ -398,7 +400,10 @@ def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torc
             updates, before, loss = gauss_newton_step(loop, model, names, loss_fn, _detach_all(params),
                                                       anchor, mask, xb, yb)
         else:
-            if vmappable:
+            by_func = vmappable
+            if by_func is None:
+                by_func = constant or torch._C._functorch.maybe_current_level() is not None
+            if by_func:
                 grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
                     _detach_all(params) if constant else params, xb, yb)
             else:

@@ -9,7 +9,9 @@ finite-difference tests (tests/test_vectorize.py): models built from the modules
 ``UpdateRule``). ``torch.func.vmap`` gives wrong meta-gradients through affine BatchNorm and
 LayerNorm and refuses BatchNorm with running statistics, so those models take the loop.
 
-The loop (``map_tasks``) runs ``task_threads`` tasks concurrently, each on its own thread with
+In the loop, MAML's differentiated unrolls take the same functional steps with plain autograd
+where they can (``loops_functionally``), not higher's monkeypatched model. The loop
+(``map_tasks``) runs ``task_threads`` tasks concurrently, each on its own thread with
 its own functional copy of the model; the per-task results come back in task order, so the
 summed meta-gradient is the same, bit for bit, for any number of threads. Whether that beats
 one task at a time with torch's own intra-op threads depends on the CPU (BENCHMARKS.md: up to
@@ -113,6 +115,17 @@ def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
     warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
                   UserWarning, stacklevel=2)
     return False
+
+
+def loops_functionally(inner: InnerLoop, task_threads: int, model: nn.Module) -> bool:
+    """Whether a loop over tasks may take its differentiated inner steps with ``torch.func``'s
+    functional model and plain autograd (``InnerLoop.unroll(..., functional=True)`` outside vmap)
+    instead of through higher: the same meta-gradient (tests/test_vectorize.py), 2-6% faster a
+    conv-4 meta-step (BENCHMARKS.md), where the rule has a functional form (sgd, every
+    ``UpdateRule``), steps are neither checkpointed nor solved, and tasks run one at a time (a
+    per-step norm's step counter is the shared model's)."""
+    return (inner.functional_rule is not None and inner.checkpoint is None and inner.solver == "gradient"
+            and resolve_task_threads(task_threads, model) == 1)
 
 
 def over_tasks(fn: Callable[[Task], object], episode: Episode):

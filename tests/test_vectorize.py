@@ -23,7 +23,7 @@ from diffopt.inner import InnerLoop
 from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
 from diffopt.models.conv4 import InputNorm
 from diffopt.optim import UpdateRule
-from diffopt.vectorize import vmap_obstacle
+from diffopt.vectorize import loops_functionally, vmap_obstacle
 
 
 def loop_and_vmap(name: str, rule: str, steps: int, lr: float = 0.1):
@@ -224,3 +224,58 @@ def test_input_norm_conv4_is_vmapped_and_equals_the_loop():
         std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
         standardised = (x[0, :2] - mean) / std
         torch.testing.assert_close(vmapped.model[0](x[0, :2]), standardised)
+
+
+def conv4_maml(rule: str, steps: int, norm: str, **inner) -> object:
+    """MAML on a toy conv-4 with ``norm`` (affine batch norm: a loop over tasks), float64."""
+    torch.manual_seed(1)
+    model = Conv4(1, 3, 4, 8, norm=norm, steps=steps).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "weight" in name and p.dim() <= 2 and not name.endswith(f"{len(model) - 1}.weight"):
+                p.add_(0.2 * torch.randn_like(p))  # norm scales away from 1
+    return build_algorithm("maml", model, InnerLoop(rule, 0.1, steps, model=model, **inner), F.cross_entropy,
+                           "never")
+
+
+@pytest.mark.parametrize("rule,steps,norm,inner,mode", [
+    ("sgd", 1, "batch", {}, None),
+    ("sgd", 3, "batch", {"params": "weights"}, None),
+    ("lslr", 2, "per_step_batch", {}, None),
+    ("lslr", 3, "per_step_batch", {}, "mamlpp"),
+    ("meta_sgd", 3, "batch", {"backprop_steps": 1}, None),
+])
+def test_functional_loop_equals_higher(rule, steps, norm, inner, mode, monkeypatch):
+    """The loop over tasks without higher (``loops_functionally``) against the loop through
+    higher: affine and per-step batch norm, learned rules, MAML++'s multi-step loss and first-order
+    mode, truncated backpropagation (constant inner gradients)."""
+    import diffopt.algorithms.maml as maml_module
+
+    algorithm = conv4_maml(rule, steps, norm, **inner)
+    episode = image_tasks(steps)
+    orders = [False, True] if mode == "mamlpp" else [False]  # first order: learned steps' gradients
+    results = {}
+    for path in ("functional", "higher"):
+        if path == "higher":
+            monkeypatch.setattr(maml_module, "loops_functionally", lambda *args: False)
+        assert algorithm.functional_loop == (path == "functional") and not algorithm.vectorized
+        for first_order in orders:
+            if mode == "mamlpp":
+                algorithm.first_order, algorithm.step_weights = first_order, [0.2, 0.3, 0.5]
+            results[path, first_order] = grads(algorithm, episode)
+    for first_order in orders:
+        (higher_metrics, higher_grads), (functional_metrics, functional_grads) = (
+            results["higher", first_order], results["functional", first_order])
+        assert functional_metrics["loss"] == pytest.approx(higher_metrics["loss"], rel=1e-12)
+        for a, b in zip(higher_grads, functional_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        assert all(g.abs().max() > 0 for g in functional_grads[-2:])
+
+
+def test_loops_functionally_only_where_it_applies():
+    model = Conv4(1, 3, 4, 8)
+    assert loops_functionally(InnerLoop("sgd", 0.1, 2), 1, model)
+    assert loops_functionally(InnerLoop("lslr", 0.1, 2, model=model), 1, model)
+    assert not loops_functionally(InnerLoop("adam", 0.1, 2), 1, model)  # no functional form: higher
+    assert not loops_functionally(InnerLoop("sgd", 0.1, 4, checkpoint=2), 1, model)
+    assert not loops_functionally(InnerLoop("sgd", 0.1, 2), 2, Conv4(1, 3, 4, 8, norm="batch_shift"))

@@ -12,7 +12,7 @@ from diffopt.algorithms.mamlpp import multi_step_loss_weights
 from diffopt.data.episode import Episode, Task
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.options import Option, check_int
-from diffopt.vectorize import over_tasks
+from diffopt.vectorize import loops_functionally, over_tasks
 
 _RECIPE = "part of the MAML++ recipe and needs --algorithm maml"
 
@@ -78,6 +78,11 @@ class MAML(MetaAlgorithm):
         return {"first_order": self.first_order}
 
     @property
+    def functional_loop(self) -> bool:
+        """Whether the loop over tasks unrolls without higher (``loops_functionally``)."""
+        return not self.vectorized and loops_functionally(self.inner, self.task_threads, self.model)
+
+    @property
     def exact_meta_gradient(self) -> bool:  # type: ignore[override]
         return not self.first_order and self.inner.backprop_steps is None
 
@@ -92,7 +97,8 @@ class MAML(MetaAlgorithm):
         total = None
         unrolled = self.inner.unroll(model, self.loss_fn, task.support_x, task.support_y,
                                      track_higher_grads=track_higher_grads,
-                                     detach_inner_grads=self.first_order, functional=self.vectorized)
+                                     detach_inner_grads=self.first_order,
+                                     functional=self.vectorized or self.functional_loop)
         for step, fmodel in enumerate(unrolled):
             if weights is not None and step > 0:
                 loss = weights[step - 1] * self.loss_fn(fmodel(task.query_x), task.query_y)
