@@ -1,0 +1,196 @@
+"""Levers for the meta-step on conv-4 (issue 33), each timed against a hand-written baseline in one process.
+
+    python benchmarks/second_order_levers.py loop --workload W2 --rounds 6
+    python benchmarks/second_order_levers.py reference --algorithm fomaml --rounds 30
+
+``loop``: second-order MAML with sgd on a workload of peers.py (W2, W3: conv-4 with affine batch
+norm, which loops over tasks), the baseline the hand-written loop with a backward per task
+(references.py, the fastest peer on this CPU), then its variants (one summed backward,
+channels-last tensors, oneDNN off), diffopt's loop (functional, as it runs; and through higher)
+and affine batch norm written for vmap (``batch_norm`` without affine parameters, then ``* w + b``)
+vmapped by diffopt. ``reference``: cbfinn/maml's Omniglot step (5-way 1-shot, one query per
+class, meta-batch 32, one inner step of 0.4; diffopt vmaps it), the baseline the independent
+reference's hand-batched step (omniglot_reference.py: the tasks as groups of one grouped
+convolution), on the same random tasks.
+
+Every round times each implementation once, in turn; the medians after 2 warm-up rounds, and
+their ratios to the baseline. The meta-gradients are compared first where the implementations
+share a model. One process and one thread unless OMP_NUM_THREADS says otherwise: ratios for
+deciding levers; peers.py is the protocol for the published table (a process per implementation).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import omniglot_reference as reference_code  # noqa: E402
+from peers import WORKLOADS  # noqa: E402
+from references import maml_hand_written, maml_hand_written_per_task  # noqa: E402
+
+import diffopt.algorithms.maml as maml_module  # noqa: E402
+from diffopt import vectorize  # noqa: E402
+from diffopt.algorithms import build_algorithm  # noqa: E402
+from diffopt.config import resolve_config  # noqa: E402
+from diffopt.data import Episode  # noqa: E402
+from diffopt.inner import InnerLoop  # noqa: E402
+from diffopt.train import build  # noqa: E402
+
+
+class VmapAffineNorm(nn.Module):
+    """Affine batch norm with batch statistics as ``torch.func.vmap`` batches it best: the
+    normalisation without affine parameters, then the scale and shift (``bn``'s own tensors)."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        normalised = F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+        return normalised * self.weight.view(shape) + self.bias.view(shape)
+
+
+def _time(implementations: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in implementations}
+    for round_ in range(warmup + rounds):
+        for name, step in implementations.items():
+            began = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _print(medians: dict[str, float], baseline: str, agreement: dict[str, float] | None = None) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); ratios to {baseline!r}")
+    print("| implementation | s / meta-step | ratio | max meta-gradient difference (relative) |")
+    print("|---|---|---|---|")
+    for name, seconds in medians.items():
+        difference = "" if agreement is None or name not in agreement else f"{agreement[name]:.1e}"
+        print(f"| {name} | {seconds:.4f} | {seconds / medians[baseline]:.3f}x | {difference} |")
+
+
+def loop(workload: str = "W2", rounds: int = 6) -> None:
+    """Second-order MAML (sgd) on peers.py's ``workload``: the levers against the hand-written loop."""
+    spec = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model = spec.model()
+    episode = spec.episode(torch.Generator().manual_seed(0))
+    per_task = maml_hand_written_per_task(model, spec.lr, spec.steps, spec.loss)
+
+    def channels_last() -> None:
+        initial = {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p
+                   for n, p in model.named_parameters()}
+        for task in episode:
+            params = initial
+            support, query = (x.contiguous(memory_format=torch.channels_last)
+                              for x in (task.support_x, task.query_x))
+            for _ in range(spec.steps):
+                loss = spec.loss(functional_call(model, params, (support,)), task.support_y)
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+                params = {n: p - spec.lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
+            (spec.loss(functional_call(model, params, (query,)), task.query_y) / len(episode)).backward()
+
+    def without_onednn() -> None:
+        with torch.backends.mkldnn.flags(enabled=False):
+            per_task(episode)
+
+    diffopt = build_algorithm("maml", model, InnerLoop("sgd", spec.lr, spec.steps, model=model), spec.loss,
+                              "auto", 1)
+
+    def through_higher() -> None:
+        functional = maml_module.loops_functionally
+        maml_module.loops_functionally = lambda *args: False
+        try:
+            diffopt.meta_gradient(episode)
+        finally:
+            maml_module.loops_functionally = functional
+
+    vmapped_model = spec.model()
+    vmapped_model.load_state_dict(model.state_dict())
+    for index, module in enumerate(vmapped_model):
+        if isinstance(module, nn.BatchNorm2d):
+            vmapped_model[index] = VmapAffineNorm(module)
+    safe = vectorize.VMAP_SAFE_MODULES
+    vectorize.VMAP_SAFE_MODULES = (*safe, VmapAffineNorm)
+    try:
+        inner = InnerLoop("sgd", spec.lr, spec.steps, model=vmapped_model)
+        vmapped = build_algorithm("maml", vmapped_model, inner, spec.loss, "always", 1)
+    finally:
+        vectorize.VMAP_SAFE_MODULES = safe
+    summed = maml_hand_written(model, spec.lr, spec.steps, spec.loss)
+    steps = {
+        "hand-written loop, backward per task": lambda: per_task(episode),
+        "the same, one summed backward": lambda: summed(episode),
+        "the same, channels-last tensors": channels_last,
+        "the same, oneDNN off": without_onednn,
+        f"diffopt (functional loop: {diffopt.functional_loop})": lambda: diffopt.meta_gradient(episode),
+        "diffopt through higher": through_higher,
+        "affine batch norm vmapped (batch_norm, then * w + b)": lambda: vmapped.meta_gradient(episode),
+    }
+    grads, agreement = {}, {}
+    for name, step in steps.items():
+        target = vmapped_model if "vmapped" in name else model
+        target.zero_grad(set_to_none=True)
+        step()
+        grads[name] = [p.grad.clone() for p in target.parameters()]
+    baseline = next(iter(grads.values()))
+    scale = max(float(g.abs().max()) for g in baseline)
+    for name, values in grads.items():
+        worst = max(float((a - b).abs().max()) for a, b in zip(values, baseline, strict=True))
+        agreement[name] = worst / scale
+
+    def zeroed(step: Callable[[], None]) -> Callable[[], None]:
+        return lambda: (model.zero_grad(set_to_none=True), vmapped_model.zero_grad(set_to_none=True), step())
+
+    print(f"{workload}: {spec.description}; second-order MAML, sgd")
+    _print(_time({name: zeroed(step) for name, step in steps.items()}, rounds), next(iter(steps)), agreement)
+
+
+def reference(algorithm: str = "fomaml", rounds: int = 30) -> None:
+    """cbfinn/maml's Omniglot step, diffopt's (vmapped) against the reference's grouped one."""
+    if algorithm not in ("maml", "fomaml"):
+        raise SystemExit(f"--algorithm is maml or fomaml; got {algorithm!r}")
+    config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=1, meta_batch_size=32)
+    learner = build(config)
+    tasks, ways = config.meta_batch_size, config.ways
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(ways).repeat(tasks, 1)
+    episode = Episode(torch.rand(tasks, ways, 1, 28, 28, generator=g), labels,
+                      torch.rand(tasks, ways, 1, 28, 28, generator=g), labels.clone())
+    params = {name: p.requires_grad_() for name, p in
+              reference_code.init_params("maml", ways, torch.Generator().manual_seed(0)).items()}
+    first_order = algorithm == "fomaml"
+
+    def reference_step() -> None:
+        fast = reference_code.maml_adapt(params, episode.support_x, episode.support_y, config.inner_steps,
+                                         config.inner_lr, 1, create_graph=not first_order, track=True)
+        logits = reference_code.forward(fast, episode.query_x.transpose(0, 1), "mean",
+                                        reference_code.BN_EPSILON)
+        losses = F.cross_entropy(logits.reshape(-1, ways), episode.query_y.transpose(0, 1).reshape(-1),
+                                 reduction="none")
+        torch.autograd.grad(losses.sum() / tasks, list(params.values()))
+
+    def diffopt_step() -> None:
+        learner.zero_grad(set_to_none=True)
+        learner.meta_gradient(episode)
+
+    print(f"cbfinn/maml's Omniglot {algorithm} step, meta-batch {tasks}; diffopt vmapped: "
+          f"{learner.vectorized}")
+    _print(_time({"reference (grouped convolutions)": reference_step, "diffopt": diffopt_step}, rounds),
+           "reference (grouped convolutions)")
+
+
+if __name__ == "__main__":
+    fire.Fire({"loop": loop, "reference": reference})
