@@ -31,7 +31,7 @@ from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel, ModelCopies
 from diffopt.models.norm import set_inner_step
 from diffopt.optim import HIGHER_NOTICES, RuleOptimizer, UpdateRule, make_inner_optimizer
-from diffopt.optim.rule import init_on, update_on
+from diffopt.optim.rule import in_transform, init_on, update_on
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -402,7 +402,7 @@ def functional_steps(loop: LoopSettings, inputs: UnrollInputs, params: list[torc
         else:
             by_func = vmappable
             if by_func is None:
-                by_func = constant or torch._C._functorch.maybe_current_level() is not None
+                by_func = constant or in_transform()
             if by_func:
                 grads, (before, loss) = torch.func.grad_and_value(objective, has_aux=True)(
                     _detach_all(params) if constant else params, xb, yb)

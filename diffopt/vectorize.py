@@ -148,6 +148,8 @@ def thread_obstacle(model: nn.Module) -> str | None:
 def resolve_task_threads(requested: int, model: nn.Module) -> int:
     """Tasks to run at once: ``requested``, or with 0 (auto) torch's intra-op thread count where
     ``thread_obstacle`` finds nothing and otherwise 1. DiffoptError if ``requested`` > 1 is unsafe."""
+    if requested == 1:  # nothing to check: a walk over the model saved on every meta-step
+        return 1
     obstacle = thread_obstacle(model)
     if requested == 0:
         return 1 if obstacle else torch.get_num_threads()

@@ -125,7 +125,6 @@ def _last_line(log: Path) -> str:
     return (log.read_text().strip().splitlines() or ["no output"])[-1]
 
 
-
 def same_run(a: TrainConfig, b: TrainConfig) -> bool:
     """Whether two configs train the same run (where the folder is, and progress bars, aside)."""
     return a == replace(b, run_dir=a.run_dir, progress=a.progress)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffopt.optim.rule import UpdateRule
+from diffopt.optim.rule import UpdateRule, in_transform
 
 
 class Adam(UpdateRule):
@@ -36,7 +36,7 @@ class Adam(UpdateRule):
         live = [i for i, g in enumerate(grads) if g is not None]
         g = [grads[i] for i in live]
         exp_avg, exp_avg_sq = [state[i]["exp_avg"] for i in live], [state[i]["exp_avg_sq"] for i in live]
-        if _in_transform():  # the same operations, tensor by tensor
+        if in_transform():  # the same operations, tensor by tensor: _foreach has no vmap rule
             m = [a * beta1 + b * (1 - beta1) for a, b in zip(exp_avg, g, strict=True)]
             v = [a * beta2 + b * (1 - beta2) * b for a, b in zip(exp_avg_sq, g, strict=True)]
             quotient = [a / (s + self.eps) for a, s in zip(m, _sqrt(v), strict=True)]
@@ -76,16 +76,10 @@ class AdamW(Adam):
         return f"{super().extra_repr()}, weight_decay={self.weight_decay}"
 
 
-def _in_transform() -> bool:
-    """Whether this runs inside a ``torch.func`` transform (``vmap`` over tasks, ``grad``), where
-    the ``torch._foreach_*`` kernels have no batching rule: there, tensor by tensor."""
-    return torch._C._functorch.maybe_current_level() is not None
-
-
 def _sqrt(v: list[torch.Tensor]) -> list[torch.Tensor]:
     """sqrt(v), its derivative 0 (not infinite) where v is 0. Without grad mode (first-order
     unrolls) one ``_foreach_sqrt``, the same values 8x faster for a conv-4's tensors."""
-    if not torch.is_grad_enabled() and not _in_transform():
+    if not torch.is_grad_enabled() and not in_transform():
         return torch._foreach_sqrt(v)
     return [torch.where(s > 0, torch.where(s > 0, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
             for s in v]

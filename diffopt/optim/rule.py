@@ -33,6 +33,11 @@ def tensor_map(fn: Callable[..., torch.Tensor], index_tensors: Tensors, *rest: S
     return [None if t is None else fn(i, t, *(r[i] for r in rest)) for i, t in enumerate(index_tensors)]
 
 
+def in_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``vmap`` over tasks, ``grad``)."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 class UpdateRule(nn.Module):
     """Base class: override ``update`` (and ``init`` for rules with state)."""
 
