@@ -83,6 +83,8 @@ def _print(medians: dict[str, float], baseline: str, agreement: dict[str, float]
 
 def loop(workload: str = "W2", rounds: int = 6) -> None:
     """Second-order MAML (sgd) on peers.py's ``workload``: the levers against the hand-written loop."""
+    if workload not in WORKLOADS:
+        raise SystemExit(f"--workload is one of {', '.join(WORKLOADS)}; got {workload!r}")
     spec = WORKLOADS[workload]
     torch.manual_seed(0)
     model = spec.model()
