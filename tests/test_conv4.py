@@ -4,6 +4,8 @@ every meta-parameter (model weights, and a learned rule's own parameters under M
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from diffopt.algorithms import ALGORITHMS, build_algorithm
 from diffopt.data import Episode
 from diffopt.inner import InnerLoop
 from diffopt.models import ShiftBatchNorm, build_model
+from diffopt.models.conv4 import SameConv2d
 from diffopt.optim import INNER_OPTIMIZERS, inner_rule_names
 
 VARIANTS = {  # name -> (model options, image shape)
@@ -97,3 +100,40 @@ def test_pool_applies_to_conv4_only():
         resolve_config(dataset="sinusoid", pool=True)
     with pytest.raises(DiffoptError, match="unknown pool padding 'full'"):
         resolve_config(dataset="miniimagenet", pool_padding="full")
+
+
+@pytest.mark.parametrize("stride, size", [(2, 28), (2, 7), (2, 4), (1, 6), (1, 5)])
+def test_turned_same_convolutions_compute_tensorflow_same(stride, size):
+    """Two 'SAME' convolutions with the map turned 180 degrees between them (as Conv4 chains them:
+    no padded copies) against TF's definition, the odd padding row and column at the bottom and
+    right: the values and the first and second derivatives, in float64."""
+    torch.manual_seed(0)
+    first = SameConv2d(2, 3, stride, turned_output=True).double()
+    last = SameConv2d(3, 4, stride, turned_input=True).double()
+    x = torch.randn(5, 2, size, size, dtype=torch.double, requires_grad=True)
+
+    def tf_same(conv: SameConv2d, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[-1]
+        total = max((math.ceil(n / stride) - 1) * stride + 3 - n, 0)
+        return F.conv2d(F.pad(h, (total // 2, total - total // 2) * 2), conv.weight, conv.bias, stride)
+
+    outputs = [last(torch.tanh(first(x))), tf_same(last, torch.tanh(tf_same(first, x)))]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    inputs = [x, first.weight, first.bias, last.weight]
+    first_derivatives = [torch.autograd.grad(y.square().sum(), inputs, create_graph=True) for y in outputs]
+    second_derivatives = [torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+                          for grads in first_derivatives]
+    for turned, padded in [first_derivatives, second_derivatives]:
+        for a, b in zip(turned, padded, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_conv4_turns_maps_between_its_strided_same_convolutions_only():
+    def turns(**options):
+        return [(m.turned_input, m.turned_output) for m in build_model("conv4", **options).modules()
+                if isinstance(m, SameConv2d)]
+
+    assert turns(in_channels=1, image_size=28, pool=False) == [
+        (False, True), (True, True), (True, True), (True, False)]
+    assert turns(in_channels=1, image_size=28, pool=False, padding="symmetric") == []
+    assert turns(in_channels=3, image_size=84, pool=True) == []

@@ -60,6 +60,7 @@ def test_cannot_measure_gives_nan(monkeypatch):
 
 def _child_growth_mb(queue) -> None:
     """In a forked child: the resident growth of touching 128 MiB, as resident_mb reads it."""
+    torch.set_num_threads(1)  # as torch's DataLoader workers: a parent's OpenMP pool does not survive fork
     before = resident_mb()["VmRSS"]
     touched = torch.ones(32 * 2**20)
     queue.put(resident_mb()["VmRSS"] - before)

@@ -49,18 +49,40 @@ strided convolutions (Omniglot): stride-1 'SAME' pads 1 on every side."""
 
 
 class SameConv2d(nn.Conv2d):
-    """A 3x3 ``nn.Conv2d`` padded as TensorFlow's 'SAME' for its stride; same parameters and
-    output size as ``padding=1``, the sampling grid aligned as in TF."""
+    """A 3x3 ``nn.Conv2d`` padded as TensorFlow's 'SAME' for its stride (1 or 2); same parameters
+    and output size as ``padding=1``, the sampling grid aligned as in TF.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    An odd 'SAME' padding goes at the bottom and right, which torch's convolutions cannot pad, so
+    the input is copied into a padded tensor (``F.pad``: about 30% of a vmapped conv-4 meta-step
+    on Omniglot). Turned by 180 degrees the odd row and column are at the top and left, where
+    ``padding=1`` puts them: the convolution of the turned map with the turned kernel is the turned
+    'SAME' output, with no copy of the map. A chain of these convolutions, with layers between
+    them that act per channel or per element (batch norm, activations), runs on turned maps:
+    ``turned_input`` says the input comes turned (from such a chain), ``turned_output`` that the
+    output stays turned (for the next); the first turns its input, the last its output (``Conv4``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, turned_input: bool = False,
+                 turned_output: bool = False) -> None:
+        if stride not in (1, 2):
+            raise ValueError(f"SameConv2d takes stride 1 or 2; got {stride!r}")
         super().__init__(in_channels, out_channels, 3, stride=stride, padding=0)
+        self.turned_input, self.turned_output = turned_input, turned_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.turned_input or self.turned_output:
+            turned = x if self.turned_input else x.flip(-2, -1)
+            y = F.conv2d(turned, self.weight.flip(-2, -1), self.bias, self.stride, 1)
+            return y if self.turned_output else y.flip(-2, -1)
         pads = []
         for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
             total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + 3 - size, 0)
             pads += [total // 2, total - total // 2]
         return self._conv_forward(F.pad(x, pads), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        turned = [name for name in ("turned_input", "turned_output") if getattr(self, name)]
+        return super().extra_repr() + "".join(f", {name}=True" for name in turned)
 
 
 def image_input(head: str, pool_padding: str, input_norm: str) -> list[nn.Module]:
@@ -111,9 +133,12 @@ class Conv4(nn.Sequential):
             raise ValueError(f"conv4 takes one filter count or four; got {hidden!r}")
         layers = image_input(head, pool_padding, input_norm)
         size, channels = image_size, in_channels
-        for width in widths:
+        for block, width in enumerate(widths):
             stride = 1 if pool else 2
-            layers.append(SameConv2d(channels, width, stride) if padding == "same" and stride > 1
+            # strided 'SAME' convolutions back to back: maps turned between them (SameConv2d)
+            layers.append(SameConv2d(channels, width, stride, turned_input=block > 0,
+                                     turned_output=block < len(widths) - 1)
+                          if padding == "same" and stride > 1
                           else nn.Conv2d(channels, width, 3, stride=stride, padding=1))
             layers += [make_norm(norm, width, 2, steps, norm_eps), ACTIVATIONS[activation]()]
             if pool:
