@@ -2,16 +2,20 @@
 
     python benchmarks/second_order_levers.py loop --workload W2 --rounds 6
     python benchmarks/second_order_levers.py reference --algorithm fomaml --rounds 30
+    python benchmarks/second_order_levers.py reference --algorithm maml --recipe goal --rounds 10
 
 ``loop``: second-order MAML with sgd on a workload of peers.py (W2, W3: conv-4 with affine batch
 norm, which loops over tasks), the baseline the hand-written loop with a backward per task
 (references.py, the fastest peer on this CPU), then its variants (one summed backward,
 channels-last tensors, oneDNN off), diffopt's loop (functional, as it runs; and through higher)
 and affine batch norm written for vmap (``batch_norm`` without affine parameters, then ``* w + b``)
-vmapped by diffopt. ``reference``: cbfinn/maml's Omniglot step (5-way 1-shot, one query per
-class, meta-batch 32, one inner step of 0.4; diffopt vmaps it), the baseline the independent
-reference's hand-batched step (omniglot_reference.py: the tasks as groups of one grouped
-convolution), on the same random tasks.
+vmapped by diffopt. ``reference``: MAML's Omniglot step with cbfinn/maml's recipe (5-way
+1-shot, one query per class, meta-batch 32, one inner step of 0.4; diffopt vmaps it) or the goal
+table's (``--recipe goal``: 15 queries per class, meta-batch 8, affine batch norm: diffopt
+loops over tasks), the baseline the independent reference's hand-batched step
+(omniglot_reference.py: the tasks as groups of one grouped convolution), on the same random
+tasks; beside diffopt as it runs, diffopt with its 'SAME' padding copied in (``F.pad``) instead
+of run on turned maps (``SameConv2d``).
 
 Every round times each implementation once, in turn; the medians after 2 warm-up rounds, and
 their ratios to the baseline. The meta-gradients are compared first where the implementations
@@ -34,7 +38,9 @@ from torch import nn
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import omniglot_reference as reference_code  # noqa: E402
+from omniglot_table import GOAL_RECIPE  # noqa: E402
 from peers import WORKLOADS  # noqa: E402
 from references import maml_hand_written, maml_hand_written_per_task  # noqa: E402
 
@@ -44,6 +50,7 @@ from diffopt.algorithms import build_algorithm  # noqa: E402
 from diffopt.config import resolve_config  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
+from diffopt.models.conv4 import SameConv2d  # noqa: E402
 from diffopt.train import build  # noqa: E402
 
 
@@ -160,38 +167,51 @@ def loop(workload: str = "W2", rounds: int = 6) -> None:
     _print(_time({name: zeroed(step) for name, step in steps.items()}, rounds), next(iter(steps)), agreement)
 
 
-def reference(algorithm: str = "fomaml", rounds: int = 30) -> None:
-    """cbfinn/maml's Omniglot step, diffopt's (vmapped) against the reference's grouped one."""
-    if algorithm not in ("maml", "fomaml"):
-        raise SystemExit(f"--algorithm is maml or fomaml; got {algorithm!r}")
-    config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=1, meta_batch_size=32)
-    learner = build(config)
-    tasks, ways = config.meta_batch_size, config.ways
+def _padded(learner) -> None:
+    """``learner``'s 'SAME' convolutions padded by copies (``F.pad``), not run on turned maps."""
+    for module in learner.model.modules():
+        if isinstance(module, SameConv2d):
+            module.turned_input = module.turned_output = False
+
+
+def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 30) -> None:
+    """MAML's Omniglot step with ``recipe``'s settings (cbfinn: one query per class, meta-batch
+    32; goal: the goal table's recipe), diffopt's against the reference's grouped one."""
+    if algorithm not in ("maml", "fomaml") or recipe not in reference_code.MAML_RECIPES:
+        raise SystemExit(f"--algorithm is maml or fomaml, --recipe one of "
+                         f"{', '.join(reference_code.MAML_RECIPES)}; got {algorithm!r}, {recipe!r}")
+    settings = reference_code.MAML_RECIPES[recipe]
+    options = dict(meta_batch_size=32) if recipe == "cbfinn" else GOAL_RECIPE
+    config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=1, **options)
+    learner, padded = build(config), build(config)
+    _padded(padded)
+    tasks, ways, queries = config.meta_batch_size, config.ways, settings["queries"] or 1
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(ways).repeat(tasks, 1)
-    episode = Episode(torch.rand(tasks, ways, 1, 28, 28, generator=g), labels,
-                      torch.rand(tasks, ways, 1, 28, 28, generator=g), labels.clone())
+    episode = Episode(torch.rand(tasks, ways, 1, 28, 28, generator=g), torch.arange(ways).repeat(tasks, 1),
+                      torch.rand(tasks, ways * queries, 1, 28, 28, generator=g),
+                      torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1))
     params = {name: p.requires_grad_() for name, p in
-              reference_code.init_params("maml", ways, torch.Generator().manual_seed(0)).items()}
+              reference_code.init_params("maml", ways, torch.Generator().manual_seed(0), recipe).items()}
     first_order = algorithm == "fomaml"
 
     def reference_step() -> None:
         fast = reference_code.maml_adapt(params, episode.support_x, episode.support_y, config.inner_steps,
-                                         config.inner_lr, 1, create_graph=not first_order, track=True)
-        logits = reference_code.forward(fast, episode.query_x.transpose(0, 1), "mean",
-                                        reference_code.BN_EPSILON)
+                                         config.inner_lr, 1, create_graph=not first_order, track=True,
+                                         recipe=recipe)
+        logits = reference_code.forward(fast, episode.query_x.transpose(0, 1), settings["head"],
+                                        settings["bn_eps"])
         losses = F.cross_entropy(logits.reshape(-1, ways), episode.query_y.transpose(0, 1).reshape(-1),
                                  reduction="none")
         torch.autograd.grad(losses.sum() / tasks, list(params.values()))
 
-    def diffopt_step() -> None:
-        learner.zero_grad(set_to_none=True)
-        learner.meta_gradient(episode)
+    def step(implementation) -> Callable[[], None]:
+        return lambda: (implementation.zero_grad(set_to_none=True), implementation.meta_gradient(episode))
 
-    print(f"cbfinn/maml's Omniglot {algorithm} step, meta-batch {tasks}; diffopt vmapped: "
+    print(f"Omniglot {algorithm} step, the {recipe} recipe, meta-batch {tasks}; diffopt vmapped: "
           f"{learner.vectorized}")
-    _print(_time({"reference (grouped convolutions)": reference_step, "diffopt": diffopt_step}, rounds),
-           "reference (grouped convolutions)")
+    baseline = "reference (grouped convolutions)"
+    _print(_time({baseline: reference_step, "diffopt": step(learner),
+                  "diffopt, 'SAME' padded by copies (F.pad)": step(padded)}, rounds), baseline)
 
 
 if __name__ == "__main__":
