@@ -47,7 +47,7 @@ class ShiftBatchNorm(nn.Module):
     """Batch norm over channel dim 1 with a learned shift (bias: [C], zeros) and no scale, batch
     statistics always: TF's ``batch_norm`` defaults, which cbfinn/maml uses (utils.py).
 
-    ``F.batch_norm`` with a constant unit scale (None would break its double backward). This
+    ``F.batch_norm`` with neither scale nor shift, the shift added after (``forward``). This
     layer is vmapped over tasks, its shift batched when the inner loop adapts it: unlike affine
     batch norm's learned scale, that is right under ``torch.func.vmap``, as the loop-equality and
     finite-difference tests prove (tests/test_vectorize.py, tests/test_norm.py). Twice as fast as
