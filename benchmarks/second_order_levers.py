@@ -10,8 +10,9 @@ norm, which loops over tasks), the baseline the hand-written loop with a backwar
 channels-last tensors, oneDNN off), diffopt's loop (functional, as it runs; and through higher)
 and affine batch norm written for vmap (``batch_norm`` without affine parameters, then ``* w + b``)
 vmapped by diffopt, and that layer under vmap on the support side only (every task's inner steps
-at once, each task's query loss alone, one backward through the batched inner steps). ``reference``: MAML's Omniglot step with cbfinn/maml's recipe (5-way
-1-shot, one query per class, meta-batch 32, one inner step of 0.4; diffopt vmaps it) or the goal
+at once, each task's query loss alone, one backward through the batched inner steps).
+``reference``: MAML's Omniglot step with cbfinn/maml's recipe (5-way 1-shot, one query per
+class, meta-batch 32, one inner step of 0.4; diffopt vmaps it) or the goal
 table's (``--recipe goal``: 15 queries per class, meta-batch 8, affine batch norm: diffopt
 loops over tasks), the baseline the independent reference's hand-batched step
 (omniglot_reference.py: the tasks as groups of one grouped convolution), on the same random
