@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +50,7 @@ from diffopt import vectorize  # noqa: E402
 from diffopt.algorithms import build_algorithm  # noqa: E402
 from diffopt.config import resolve_config  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
+from diffopt.firecli import fire_checked  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
 from diffopt.models.conv4 import SameConv2d  # noqa: E402
 from diffopt.train import build  # noqa: E402
@@ -244,4 +244,4 @@ def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 3
 
 
 if __name__ == "__main__":
-    fire.Fire({"loop": loop, "reference": reference})
+    fire_checked({"loop": loop, "reference": reference}, name="second_order_levers")

@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 from diffopt.config import resolve_config
 from diffopt.data import Episode, get_dataset
+from diffopt.firecli import fire_checked
 from diffopt.memory import reset_resident_peak, resident_mb
 from diffopt.report import library_versions, machine_description, write_section
 
@@ -180,4 +180,4 @@ def run(datasets=tuple(DATASETS), horizons=(10, 50, 100), data_root: str = "data
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "gradient": gradient, "direction": direction})
+    fire_checked({"run": run, "gradient": gradient, "direction": direction}, name="approximations")

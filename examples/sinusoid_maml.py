@@ -12,12 +12,12 @@ Evaluation adapts on held-out tasks with the same inner loop and reports the MSE
 
 from __future__ import annotations
 
-import fire
 import torch
 from tqdm import tqdm
 
 from diffopt import Episode, InnerLoop, evaluate, get_dataset
 from diffopt.algorithms import build_algorithm
+from diffopt.firecli import fire_checked
 from diffopt.models import MLP
 
 
@@ -60,4 +60,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main, name="sinusoid_maml")
