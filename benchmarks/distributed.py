@@ -24,10 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import fire
 import torch
 
 from diffopt.distributed import local_launcher
+from diffopt.firecli import fire_checked
 from diffopt.report import machine_description
 from diffopt.runfolder import RunFolder
 
@@ -95,4 +95,4 @@ def main(processes: Sequence[int] | int = (1, 2), iterations: int = 20, warmup: 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main, name="distributed")

@@ -16,12 +16,12 @@ import platform
 import statistics
 import time
 
-import fire
 import torch
 import torch.nn.functional as F
 
 from diffopt.algorithms import build_algorithm
 from diffopt.data import Episode
+from diffopt.firecli import fire_checked
 from diffopt.inner import InnerLoop
 from diffopt.models import MLP
 from diffopt.report import machine_description, write_section
@@ -92,4 +92,4 @@ def main(rounds: int = 30, warmup: int = 5, threads: int = 2, write: str | None 
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_checked(main, name="meta_step")

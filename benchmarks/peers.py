@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +46,7 @@ from references import MISSING, available  # noqa: E402
 from diffopt.algorithms import build_algorithm  # noqa: E402
 from diffopt.allocator import keep_freed_memory  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
+from diffopt.firecli import fire_checked  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
 from diffopt.memory import reset_resident_peak, resident_mb  # noqa: E402
 from diffopt.models import MLP, Conv4  # noqa: E402
@@ -388,5 +388,6 @@ def all(write: str | None = None, rounds: int = 5, threads: int = 2) -> None:  #
 
 
 if __name__ == "__main__":
-    fire.Fire({"speed": speed, "memory": memory, "scaling": scaling, "all": all,
-               "timing_worker": timing_worker, "memory_of": memory_of, "long_run_of": long_run_of})
+    fire_checked({"speed": speed, "memory": memory, "scaling": scaling, "all": all,
+                  "timing_worker": timing_worker, "memory_of": memory_of, "long_run_of": long_run_of},
+                 name="peers")

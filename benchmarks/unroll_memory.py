@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +42,7 @@ from references import MISSING, available  # noqa: E402
 
 from diffopt.algorithms import build_algorithm  # noqa: E402
 from diffopt.data import Episode  # noqa: E402
+from diffopt.firecli import fire_checked  # noqa: E402
 from diffopt.inner import InnerLoop  # noqa: E402
 from diffopt.memory import reset_resident_peak, resident_mb  # noqa: E402
 from diffopt.models import MLP, Conv4  # noqa: E402
@@ -254,4 +254,4 @@ def speed(workloads=("sinusoid", "omniglot", "miniimagenet"), steps=(10, 25), ro
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "point": point, "speed": speed})
+    fire_checked({"run": run, "point": point, "speed": speed}, name="unroll_memory")
