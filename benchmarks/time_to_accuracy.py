@@ -38,7 +38,7 @@ from diffopt.runfolder import RunFolder
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
-from omniglot_table import PAPER_RUNS, TARGETS, time_to  # noqa: E402  (the paper table's recipe, targets)
+from omniglot_table import PAPER_RUNS, TARGETS, plot_test_curves, time_to  # noqa: E402  (the paper table's)
 
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
            "maml-paper": "MAML, the paper table's recipe"}
@@ -256,9 +256,11 @@ def table(results: list[dict]) -> str:
 
 def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tasks: int = 600,
          curve_tasks: int = 200, snapshots: int = 4, out: str = "runs/time-to-accuracy",
-         data_root: str = "data", seed: int = 0, write: str | None = None, fresh: bool = False) -> None:
+         data_root: str = "data", seed: int = 0, write: str | None = None, fresh: bool = False,
+         figure: str | None = None) -> None:
     """Run the benchmark for ``methods`` (comma-separated) and print the table (see the module
-    docstring); ``write``: a markdown file whose time-to-accuracy section is replaced."""
+    docstring); ``write``: a markdown file whose time-to-accuracy section is replaced; ``figure``:
+    a PNG of every implementation's test accuracy against training time."""
     names = _methods(methods)
     if budget_minutes <= 0 or tasks < 2 or curve_tasks < 2 or snapshots < 1:
         raise SystemExit("time_to_accuracy: --budget_minutes > 0, --tasks and --curve_tasks >= 2, "
@@ -284,6 +286,12 @@ def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tas
                                   data_root, seed, fresh))
     text = table(results)
     print(text)
+    if figure:
+        plot_test_curves({f"{METHODS[result['method']]}: {name}" if len(results) > 1 else name:
+                          [(point["train_seconds"], point["accuracy"]) for point in result[name]["curve"]]
+                          for result in results for name in IMPLEMENTATIONS}, Path(figure),
+                         f"Omniglot 5-way 1-shot, diffopt and the reference side by side, {budget_minutes:g} "
+                         "minutes each")
     if write:
         from diffopt.report import library_versions, machine_description, write_section
 

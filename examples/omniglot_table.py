@@ -366,7 +366,7 @@ TARGETS = (0.95, 0.97, 0.98)
 """The accuracies whose training time the paper table reads off its test curves."""
 
 
-def _plot_test_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+def plot_test_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
     """Test accuracy (%) against training minutes, one line per run, the ``TARGETS`` dotted."""
     import matplotlib
 
@@ -454,7 +454,7 @@ def report(
                           log_iterations=True)
     test_plot = plot_path.with_name(f"{plot_path.stem}-test{plot_path.suffix}")
     if timed:
-        _plot_test_curves(tests, test_plot, TITLES[table])
+        plot_test_curves(tests, test_plot, TITLES[table])
     head = ["lever" if table == "goal" else "method", "shots", "transductive"]
     if both:
         head += ["paper", "non-transductive", "paper"]

@@ -39,9 +39,11 @@ def test_time_to_accuracy_runs_both_implementations_on_the_same_tasks(omniglot_r
     text = report.read_text()
     assert "kept" in text and "| Reptile | diffopt |" in text and "| first-order MAML | reference |" in text
     again = subprocess.run([sys.executable, str(SCRIPT), "--budget_minutes", "0.1", "--methods", "reptile",
-                            "--tasks", "4", "--out", str(out), "--data_root", str(omniglot_root)],
+                            "--tasks", "4", "--out", str(out), "--data_root", str(omniglot_root),
+                            "--figure", str(tmp_path / "curves.png")],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "| Reptile | reference |" in again.stdout
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert "side by side" not in again.stdout  # a finished method is not run again
 
 
