@@ -36,7 +36,7 @@ from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop, adapted_mask
 from diffopt.models.conv4 import InputNorm, SameConv2d
-from diffopt.models.norm import ShiftBatchNorm
+from diffopt.models.norm import BatchStatNorm1d, BatchStatNorm2d, ShiftBatchNorm
 from diffopt.optim import UpdateRule
 
 VECTORIZE_MODES = ("auto", "always", "never")
@@ -53,15 +53,25 @@ VMAP_SAFE_MODULES: tuple[type[nn.Module], ...] = (
 subclasses of ``nn.Sequential`` that keep its ``forward``, such as ``diffopt.models.MLP``)."""
 
 
-def vmap_obstacle(model: nn.Module, inner: InnerLoop) -> str | None:
-    """Why the meta-batch of ``model`` adapted by ``inner`` cannot be vmapped, or None if it can."""
+SUPPORT_VMAP_MODULES: tuple[type[nn.Module], ...] = (*VMAP_SAFE_MODULES, BatchStatNorm1d, BatchStatNorm2d)
+"""Module types proven right under vmap for the support side of a meta-batch (``over_support``):
+``VMAP_SAFE_MODULES`` and affine batch norm, which vmap differentiates right in the form its
+layers take under transforms, but which is slower vmapped on the query side too (BENCHMARKS.md:
+the grouped convolutions of many query images)."""
+
+
+def vmap_obstacle(model: nn.Module, inner: InnerLoop, support_side: bool = False) -> str | None:
+    """Why the meta-batch of ``model`` adapted by ``inner`` cannot be vmapped (its support side
+    alone, for ``over_support``), or None if it can."""
+    listed = "SUPPORT_VMAP_MODULES" if support_side else "VMAP_SAFE_MODULES"
+    modules = SUPPORT_VMAP_MODULES if support_side else VMAP_SAFE_MODULES
     unchecked = sorted({type(module).__name__ for module in model.modules()
-                        if type(module) not in VMAP_SAFE_MODULES and not (
+                        if type(module) not in modules and not (
                             isinstance(module, nn.Sequential)
                             and type(module).forward is nn.Sequential.forward)})
     if unchecked:
         return (f"its {', '.join(unchecked)} layers are not proven right under torch.func.vmap "
-                "(diffopt.vectorize.VMAP_SAFE_MODULES)")
+                f"(diffopt.vectorize.{listed})")
     if any(True for _ in model.buffers()):
         return "the model keeps buffers (e.g. running statistics)"
     if inner.functional_rule is None:
@@ -96,11 +106,12 @@ def rule_obstacle(rule: UpdateRule, params: list[torch.Tensor]) -> str | None:
     return None
 
 
-def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
+def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop, support_vmapped: bool = False) -> bool:
     """Whether to vmap the meta-batch: ``mode`` is auto, always or never.
 
     ``auto`` vmaps where ``vmap_obstacle`` finds nothing and otherwise warns (``UserWarning``,
-    filterable) that tasks run one by one; ``always`` raises DiffoptError naming the obstacle.
+    filterable) that tasks run one by one, unless their support sides run at once all the same
+    (``support_vmapped``: ``over_support``); ``always`` raises DiffoptError naming the obstacle.
     """
     if mode not in VECTORIZE_MODES:
         raise DiffoptError(f"vectorize must be one of {', '.join(VECTORIZE_MODES)}; got {as_typed(mode)}")
@@ -112,8 +123,9 @@ def resolve_vectorize(mode: str, model: nn.Module, inner: InnerLoop) -> bool:
     if mode == "always":
         raise DiffoptError(f"cannot vectorize the meta-batch: {obstacle}; use vectorize='auto' "
                            "(--vectorize auto)")
-    warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
-                  UserWarning, stacklevel=2)
+    if not support_vmapped:
+        warnings.warn(f"running the tasks of a meta-batch one by one, not all at once: {obstacle}",
+                      UserWarning, stacklevel=2)
     return False
 
 
@@ -132,6 +144,37 @@ def over_tasks(fn: Callable[[Task], object], episode: Episode):
     """``fn`` applied to every task of ``episode`` in one vmapped call; outputs stacked on dim 0."""
     batched = torch.func.vmap(lambda sx, sy, qx, qy: fn(Task(sx, sy, qx, qy)))
     return batched(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+
+
+def over_support(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+                 query_loss: Callable[[Task, list[torch.Tensor]], torch.Tensor],
+                 episode: Episode) -> torch.Tensor:
+    """Backpropagate the mean over ``episode``'s tasks of ``query_loss(task, adapt(support_x,
+    support_y))`` with every task's ``adapt`` at once under ``torch.func.vmap`` and the query
+    side one task at a time; returns that mean (detached).
+
+    Each task's query loss is differentiated to its own adapted weights alone (its graph freed at
+    once), and one backward carries those gradients through the batched inner loops into what
+    ``adapt`` depends on: the same gradient as a backward per task, with the support side's small
+    batches grouped over the tasks and each task's query batch run alone, as it runs fastest
+    (BENCHMARKS.md). ``adapt`` returns tensors (one per weight; every step's, for a per-step loss).
+    """
+    adapted = torch.func.vmap(adapt)(episode.support_x, episode.support_y)
+    to_adapted = [torch.zeros_like(weights) for weights in adapted]
+    total = torch.zeros((), dtype=adapted[0].dtype, device=adapted[0].device)
+    for index, task in enumerate(episode):
+        leaves = [weights[index].detach().requires_grad_() for weights in adapted]
+        loss = query_loss(task, leaves) / len(episode)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        for buffer, grad in zip(to_adapted, grads, strict=True):
+            if grad is not None:
+                buffer[index] = grad
+        total += loss.detach()
+    differentiable = [(weights, grad) for weights, grad in zip(adapted, to_adapted, strict=True)
+                      if weights.requires_grad]
+    if differentiable:
+        torch.autograd.backward(*map(list, zip(*differentiable, strict=True)))
+    return total
 
 
 def thread_obstacle(model: nn.Module) -> str | None:

@@ -122,7 +122,7 @@ def test_every_norm_gives_every_parameter_a_meta_gradient(norm):
 
 
 @pytest.mark.parametrize("norm, reason", [
-    ("batch", "BatchNorm2d"), ("per_step_batch", "PerStepBatchNorm"),
+    ("batch", "BatchStatNorm2d"), ("per_step_batch", "PerStepBatchNorm"),
     ("batch_shift", "ResidualBlock"), ("none", "ResidualBlock")])
 def test_vmap_obstacle_names_the_reason(norm, reason):
     """The same rules as every model: batch norm (and a block's own ``forward``) is not on the

@@ -272,6 +272,45 @@ def test_functional_loop_equals_higher(rule, steps, norm, inner, mode, monkeypat
         assert all(g.abs().max() > 0 for g in functional_grads[-2:])
 
 
+@pytest.mark.parametrize("rule,steps,inner,mode", [
+    ("sgd", 1, {}, None),
+    ("sgd", 3, {"params": "weights"}, "mamlpp"),
+    ("lslr", 2, {}, "mamlpp"),
+    ("meta_sgd", 3, {"backprop_steps": 1}, None),
+])
+def test_support_side_under_vmap_equals_the_loop(rule, steps, inner, mode):
+    """Affine batch norm: every task's inner loop at once under vmap, each query side alone
+    (``over_support``), against the functional loop over tasks; learned rules, MAML++'s multi-step
+    loss and first-order mode, truncated backpropagation."""
+    algorithm = conv4_maml(rule, steps, "batch", **inner)
+    batched = build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto")
+    assert batched.support_vmapped and not algorithm.support_vmapped and algorithm.functional_loop
+    episode = image_tasks(steps)
+    for first_order in [False, True] if mode == "mamlpp" else [False]:
+        for learner in (algorithm, batched):
+            if mode == "mamlpp":
+                learner.first_order, learner.step_weights = first_order, [0.2, 0.3, 0.5][-steps:]
+        loop_metrics, loop_grads = grads(algorithm, episode)
+        metrics, batched_grads = grads(batched, episode)
+        assert metrics["loss"] == pytest.approx(loop_metrics["loss"], rel=1e-12)
+        for a, b in zip(loop_grads, batched_grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+        assert all(g.abs().max() > 0 for g in batched_grads[-2:])
+
+
+def test_support_side_is_batched_only_where_it_applies():
+    def batched(norm="batch", algorithm="maml", task_threads=1, vectorize="auto", **inner):
+        model = Conv4(1, 3, 4, 8, norm=norm)
+        return build_algorithm(algorithm, model, InnerLoop("sgd", 0.1, 2, model=model, **inner),
+                               F.cross_entropy, vectorize, task_threads).support_vmapped
+
+    assert batched() and batched(algorithm="boil")
+    assert not batched(norm="batch_shift")  # vmapped whole
+    assert not batched(norm="per_step_batch")  # running statistics
+    assert not batched(algorithm="anil")  # its features computed once
+    assert not batched(task_threads=2) and not batched(vectorize="never") and not batched(checkpoint=2)
+
+
 def test_loops_functionally_only_where_it_applies():
     model = Conv4(1, 3, 4, 8)
     assert loops_functionally(InnerLoop("sgd", 0.1, 2), 1, model)

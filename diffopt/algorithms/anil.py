@@ -44,6 +44,7 @@ class ANIL(_PartialMAML):
 
     name = "anil"
     adapts = "head"
+    batches_support = False  # its query loss computes the body's features once
 
     def body_and_head(self) -> tuple[nn.Module, nn.Module] | None:
         """(the model without its last layer, that layer) where the model's output is the head

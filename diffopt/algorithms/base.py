@@ -14,7 +14,13 @@ from diffopt.errors import DiffoptError
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.options import Option
-from diffopt.vectorize import map_tasks, resolve_task_threads, resolve_vectorize
+from diffopt.vectorize import (
+    loops_functionally,
+    map_tasks,
+    resolve_task_threads,
+    resolve_vectorize,
+    vmap_obstacle,
+)
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {}
 """The registered algorithms by name (filled by ``diffopt.algorithms``)."""
@@ -64,6 +70,10 @@ class MetaAlgorithm(nn.Module):
     """Whether meta-training may carry the inner optimizer's state from task to task
     (``InnerLoop(state='persist')``): first-order algorithms, whose meta-gradient is not the
     gradient of a function of the meta-parameters that a carried state would change."""
+    batches_support: ClassVar[bool] = False
+    """Whether, where the meta-batch cannot be vmapped whole, the algorithm may still run every
+    task's inner loop at once under vmap and each query side alone (``support_vmapped``; MAML and
+    BOIL; not ANIL, whose query loss adapts the head on features computed once)."""
     solves_inner_problem: ClassVar[bool] = False
     """Whether the inner loop only has to reach its problem's solution and is never differentiated
     (iMAML): it may then take Gauss-Newton or backtracking steps (``InnerLoop(solver=...,
@@ -85,7 +95,14 @@ class MetaAlgorithm(nn.Module):
             )
         self.check_inner(inner, task_threads)
         self.model, self.inner, self.loss_fn = model, inner, loss_fn
-        self.vectorized = resolve_vectorize(vectorize, model, inner)
+        support = (self.batches_support and vectorize != "never"
+                   and loops_functionally(inner, task_threads, model)
+                   and vmap_obstacle(model, inner, support_side=True) is None)
+        self.vectorized = resolve_vectorize(vectorize, model, inner, support_vmapped=support)
+        self.support_vmapped = support and not self.vectorized
+        """Whether the loop over tasks runs every task's inner loop at once under vmap and each
+        query side alone (``diffopt.vectorize.over_support``): ``batches_support`` algorithms on
+        models vmap is proven right for on the support side only (affine batch norm)."""
         resolve_task_threads(task_threads, model)  # a bad request fails here, not mid-training
         self.task_threads = task_threads
 

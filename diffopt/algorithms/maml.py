@@ -10,9 +10,14 @@ from torch import nn
 from diffopt.algorithms.base import MetaAlgorithm, TaskGradient
 from diffopt.algorithms.mamlpp import multi_step_loss_weights
 from diffopt.data.episode import Episode, Task
+from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.options import Option, check_int
-from diffopt.vectorize import loops_functionally, over_tasks
+from diffopt.vectorize import (
+    loops_functionally,
+    over_support,
+    over_tasks,
+)
 
 _RECIPE = "part of the MAML++ recipe and needs --algorithm maml"
 
@@ -42,6 +47,7 @@ class MAML(MetaAlgorithm):
     """
 
     name = "maml"
+    batches_support = True
     learns_update_rule = True
     differentiates_unroll = True
     OPTIONS = {
@@ -120,6 +126,8 @@ class MAML(MetaAlgorithm):
             loss = self.meta_loss(episode)
             loss.backward()
             return {"loss": loss.item()}
+        if self.support_vmapped:
+            return {"loss": self.meta_gradient_over_support(episode).item()}
         params = [p for p in self.parameters() if p.requires_grad]
 
         def task_gradient(task: Task) -> TaskGradient:
@@ -127,3 +135,26 @@ class MAML(MetaAlgorithm):
             return list(torch.autograd.grad(loss, params, allow_unused=True)), loss.detach()
 
         return {"loss": self.accumulate_tasks(task_gradient, episode, params)}
+
+    def meta_gradient_over_support(self, episode: Episode) -> torch.Tensor:
+        """``meta_gradient`` with the support side under vmap (``over_support``): the unroll's
+        weights after the last step (after every step, for the multi-step loss), then each
+        task's (weighted) query losses at them. Returns the meta-loss (detached)."""
+        names = [name for name, _ in self.model.named_parameters()]
+        weights = self.step_weights
+
+        def adapt(support_x: torch.Tensor, support_y: torch.Tensor) -> list[torch.Tensor]:
+            steps = [list(fmodel.parameters()) for fmodel in self.inner.unroll(
+                self.model, self.loss_fn, support_x, support_y, detach_inner_grads=self.first_order,
+                functional=True)]
+            return [w for step in (steps[1:] if weights is not None else steps[-1:]) for w in step]
+
+        def query_loss(task: Task, adapted: list[torch.Tensor]) -> torch.Tensor:
+            per_step = [adapted[i:i + len(names)] for i in range(0, len(adapted), len(names))]
+            losses = [self.loss_fn(FunctionalModel(self.model, names, step)(task.query_x), task.query_y)
+                      for step in per_step]
+            if weights is None:
+                return losses[-1]
+            return sum(w * loss for w, loss in zip(weights, losses, strict=True))
+
+        return over_support(adapt, query_loss, episode)

@@ -76,7 +76,7 @@ class ResNet12(nn.Sequential):
     the meta-gradient differ from run to run and force the loop over tasks to run one task at
     a time (diffopt.vectorize); this model is deterministic. Its blocks have their own
     ``forward``, so a meta-batch always loops over tasks (``vmap_obstacle`` names them, and
-    ``BatchNorm2d`` with the default norm).
+    ``BatchStatNorm2d`` with the default norm).
     """
 
     def __init__(
