@@ -7,7 +7,8 @@
 ``loop``: second-order MAML with sgd on a workload of peers.py (W2, W3: conv-4 with affine batch
 norm, which loops over tasks), the baseline the hand-written loop with a backward per task
 (references.py, the fastest peer on this CPU), then its variants (one summed backward,
-channels-last tensors, oneDNN off), diffopt's loop (functional, as it runs; and through higher)
+channels-last tensors, oneDNN off), diffopt as it runs (the support side under vmap where it
+applies), its loop over tasks (functional; and through higher)
 and affine batch norm written for vmap (``batch_norm`` without affine parameters, then ``* w + b``)
 vmapped by diffopt, and that layer under vmap on the support side only (every task's inner steps
 at once, each task's query loss alone, one backward through the batched inner steps).
@@ -117,14 +118,17 @@ def loop(workload: str = "W2", rounds: int = 6) -> None:
         with torch.backends.mkldnn.flags(enabled=False):
             per_task(episode)
 
-    diffopt = build_algorithm("maml", model, InnerLoop("sgd", spec.lr, spec.steps, model=model), spec.loss,
-                              "auto", 1)
+    def diffopt_maml(vectorize: str):
+        return build_algorithm("maml", model, InnerLoop("sgd", spec.lr, spec.steps, model=model), spec.loss,
+                               vectorize, 1)
+
+    diffopt, one_by_one = diffopt_maml("auto"), diffopt_maml("never")
 
     def through_higher() -> None:
         functional = maml_module.loops_functionally
         maml_module.loops_functionally = lambda *args: False
         try:
-            diffopt.meta_gradient(episode)
+            one_by_one.meta_gradient(episode)
         finally:
             maml_module.loops_functionally = functional
 
@@ -172,7 +176,10 @@ def loop(workload: str = "W2", rounds: int = 6) -> None:
         "the same, one summed backward": lambda: summed(episode),
         "the same, channels-last tensors": channels_last,
         "the same, oneDNN off": without_onednn,
-        f"diffopt (functional loop: {diffopt.functional_loop})": lambda: diffopt.meta_gradient(episode),
+        f"diffopt (support side under vmap: {diffopt.support_vmapped})":
+            lambda: diffopt.meta_gradient(episode),
+        f"diffopt, tasks one by one (functional loop: {one_by_one.functional_loop})":
+            lambda: one_by_one.meta_gradient(episode),
         "diffopt through higher": through_higher,
         "affine batch norm vmapped (batch_norm, then * w + b)": lambda: vmapped.meta_gradient(episode),
         "support side under vmap, query side per task": support_under_vmap,
@@ -214,6 +221,8 @@ def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 3
     config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=1, **options)
     learner, padded = build(config), build(config)
     _padded(padded)
+    one_by_one = build(resolve_config(dataset="omniglot", algorithm=algorithm, shots=1, vectorize="never",
+                                      **options))
     tasks, ways, queries = config.meta_batch_size, config.ways, settings["queries"] or 1
     g = torch.Generator().manual_seed(0)
     episode = Episode(torch.rand(tasks, ways, 1, 28, 28, generator=g), torch.arange(ways).repeat(tasks, 1),
@@ -237,10 +246,11 @@ def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 3
         return lambda: (implementation.zero_grad(set_to_none=True), implementation.meta_gradient(episode))
 
     print(f"Omniglot {algorithm} step, the {recipe} recipe, meta-batch {tasks}; diffopt vmapped: "
-          f"{learner.vectorized}")
+          f"{learner.vectorized}, its support side alone: {learner.support_vmapped}")
     baseline = "reference (grouped convolutions)"
     _print(_time({baseline: reference_step, "diffopt": step(learner),
-                  "diffopt, 'SAME' padded by copies (F.pad)": step(padded)}, rounds), baseline)
+                  "diffopt, 'SAME' padded by copies (F.pad)": step(padded),
+                  "diffopt, tasks one by one (vectorize='never')": step(one_by_one)}, rounds), baseline)
 
 
 if __name__ == "__main__":
