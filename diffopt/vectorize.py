@@ -9,6 +9,12 @@ finite-difference tests (tests/test_vectorize.py): models built from the modules
 ``UpdateRule``). ``torch.func.vmap`` gives wrong meta-gradients through affine BatchNorm and
 LayerNorm and refuses BatchNorm with running statistics, so those models take the loop.
 
+Affine batch norm (``diffopt.models.norm.BatchStatNorm2d``, ``--norm batch``) is vmapped right
+in the form it takes under transforms, but a whole vmapped meta-batch of it is slower than the
+loop where each task has many query images (grouped convolutions; BENCHMARKS.md). Such models
+run the support side of every task at once under vmap and each task's query side alone
+(``over_support``; algorithms with ``batches_support``: MAML, BOIL): the same meta-gradient.
+
 In the loop, MAML's differentiated unrolls take the same functional steps with plain autograd
 where they can (``loops_functionally``), not higher's monkeypatched model. The loop
 (``map_tasks``) runs ``task_threads`` tasks concurrently, each on its own thread with
