@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +106,7 @@ ALGORITHMS = {  # label -> (diffopt algorithm, inner rule, references.py key)
 ALGORITHM_NAMES = {"maml": "MAML (sgd)", "lslr": "MAML + LSLR", "meta_curvature": "MAML + Meta-Curvature",
                    "fomaml": "first-order MAML", "reptile": "Reptile"}
 DIFFOPT, DIFFOPT_THREADS, HAND = "diffopt", "diffopt, tasks on torch's threads", "hand-written loop"
+DIFFOPT_WHOLE_TASKS = "diffopt, whole tasks one by one (--vectorize never)"
 MALLOC_SETTINGS = {"default": "glibc malloc as it comes", "kept": "freed memory kept"}
 """setting -> what it means (``kept``: ``diffopt.allocator.keep_freed_memory``)."""
 
@@ -113,17 +115,22 @@ def implementations(algorithm: str, workload: Workload) -> dict[str, Callable[[n
     """label -> (model -> meta_gradient(episode)), diffopt's first."""
     name, rule, peers = ALGORITHMS[algorithm]
 
-    def diffopt(task_threads: int) -> Callable[[nn.Module], Callable]:
+    def diffopt(task_threads: int, vectorize: str = "auto") -> Callable[[nn.Module], Callable]:
         def build(model: nn.Module) -> Callable:
             inner = InnerLoop(rule, workload.lr, workload.steps, model=model)
-            return build_algorithm(name, model, inner, workload.loss, "auto", task_threads).meta_gradient
+            return build_algorithm(name, model, inner, workload.loss, vectorize, task_threads).meta_gradient
         return build
 
     result = {DIFFOPT: diffopt(1)}
     model = workload.model()
-    loops = vmap_obstacle(model, InnerLoop(rule, workload.lr, workload.steps, model=model)) is not None
-    if loops and torch.get_num_threads() > 1:  # threads apply to the loop over tasks only
-        result[DIFFOPT_THREADS] = diffopt(0)
+    inner = InnerLoop(rule, workload.lr, workload.steps, model=model)
+    if vmap_obstacle(model, inner) is not None:  # threads apply to the loop over tasks only
+        if torch.get_num_threads() > 1:
+            result[DIFFOPT_THREADS] = diffopt(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            if build_algorithm(name, model, inner, workload.loss).support_vmapped:
+                result[DIFFOPT_WHOLE_TASKS] = diffopt(1, "never")
     for label, builder in (available(peers) if peers else {}).items():
         result[label] = lambda model, builder=builder: builder(model, workload.lr, workload.steps,
                                                                workload.loss)

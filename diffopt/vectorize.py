@@ -154,32 +154,37 @@ def over_tasks(fn: Callable[[Task], object], episode: Episode):
 
 def over_support(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
                  query_loss: Callable[[Task, list[torch.Tensor]], torch.Tensor],
-                 episode: Episode) -> torch.Tensor:
+                 episode: Episode, tasks_at_once: int | None = None) -> torch.Tensor:
     """Backpropagate the mean over ``episode``'s tasks of ``query_loss(task, adapt(support_x,
-    support_y))`` with every task's ``adapt`` at once under ``torch.func.vmap`` and the query
-    side one task at a time; returns that mean (detached).
+    support_y))`` with ``tasks_at_once`` tasks' ``adapt`` at once under ``torch.func.vmap`` (None:
+    all) and the query side one task at a time; returns that mean (detached).
 
     Each task's query loss is differentiated to its own adapted weights alone (its graph freed at
-    once), and one backward carries those gradients through the batched inner loops into what
-    ``adapt`` depends on: the same gradient as a backward per task, with the support side's small
-    batches grouped over the tasks and each task's query batch run alone, as it runs fastest
-    (BENCHMARKS.md). ``adapt`` returns tensors (one per weight; every step's, for a per-step loss).
+    once), and one backward per group carries those gradients through the group's batched inner
+    loops into what ``adapt`` depends on: the same gradient as a backward per task, with the
+    support side's small batches grouped over the tasks and each task's query batch run alone, as
+    it runs fastest (BENCHMARKS.md). The groups' inner-loop graphs are held at once, so memory
+    grows with ``tasks_at_once``. ``adapt`` returns tensors (one per weight; every step's, for a
+    per-step loss).
     """
-    adapted = torch.func.vmap(adapt)(episode.support_x, episode.support_y)
-    to_adapted = [torch.zeros_like(weights) for weights in adapted]
-    total = torch.zeros((), dtype=adapted[0].dtype, device=adapted[0].device)
-    for index, task in enumerate(episode):
-        leaves = [weights[index].detach().requires_grad_() for weights in adapted]
-        loss = query_loss(task, leaves) / len(episode)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        for buffer, grad in zip(to_adapted, grads, strict=True):
-            if grad is not None:
-                buffer[index] = grad
-        total += loss.detach()
-    differentiable = [(weights, grad) for weights, grad in zip(adapted, to_adapted, strict=True)
-                      if weights.requires_grad]
-    if differentiable:
-        torch.autograd.backward(*map(list, zip(*differentiable, strict=True)))
+    size = len(episode) if tasks_at_once is None else tasks_at_once
+    total = torch.zeros((), dtype=episode.query_x.dtype, device=episode.query_x.device)
+    for start in range(0, len(episode), size):
+        group = slice(start, start + size)
+        adapted = torch.func.vmap(adapt)(episode.support_x[group], episode.support_y[group])
+        to_adapted = [torch.zeros_like(weights) for weights in adapted]
+        for index, task in enumerate(list(episode)[group]):
+            leaves = [weights[index].detach().requires_grad_() for weights in adapted]
+            loss = query_loss(task, leaves) / len(episode)
+            for buffer, grad in zip(to_adapted, torch.autograd.grad(loss, leaves, allow_unused=True),
+                                    strict=True):
+                if grad is not None:
+                    buffer[index] = grad
+            total += loss.detach()
+        differentiable = [(weights, grad) for weights, grad in zip(adapted, to_adapted, strict=True)
+                          if weights.requires_grad]
+        if differentiable:
+            torch.autograd.backward(*map(list, zip(*differentiable, strict=True)))
     return total
 
 

@@ -298,6 +298,24 @@ def test_support_side_under_vmap_equals_the_loop(rule, steps, inner, mode):
         assert all(g.abs().max() > 0 for g in batched_grads[-2:])
 
 
+@pytest.mark.parametrize("tasks", [2, 3, 4])
+def test_support_side_in_groups_equals_the_loop(tasks):
+    """``support_vmap_tasks``: groups of 2 over 3 tasks (the last group short), all 3 in one
+    group, and a group larger than the meta-batch: each the loop's meta-gradient; 1 loops."""
+    algorithm = conv4_maml("lslr", 2, "batch")
+    grouped = build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto",
+                              support_vmap_tasks=tasks)
+    assert grouped.support_vmapped
+    episode = image_tasks(5)
+    loop_metrics, loop_grads = grads(algorithm, episode)
+    metrics, grouped_grads = grads(grouped, episode)
+    assert metrics["loss"] == pytest.approx(loop_metrics["loss"], rel=1e-12)
+    for a, b in zip(loop_grads, grouped_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+    assert not build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto",
+                               support_vmap_tasks=1).support_vmapped
+
+
 def test_support_side_is_batched_only_where_it_applies():
     def batched(norm="batch", algorithm="maml", task_threads=1, vectorize="auto", **inner):
         model = Conv4(1, 3, 4, 8, norm=norm)

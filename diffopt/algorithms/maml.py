@@ -57,20 +57,31 @@ class MAML(MetaAlgorithm):
         "first_order_epochs": Option(
             int, 0, "MAML++ derivative-order annealing: first order for this many epochs, then second "
             "order (0: off; maml only)", unset=0, belongs=_RECIPE),
+        "support_vmap_tasks": Option(
+            int, 0, "affine batch norm (--norm batch), whose query side loops over tasks: how many "
+            "tasks' inner loops one torch.func.vmap runs at once (0: the whole meta-batch, fastest; "
+            "their graphs are held until the group's backward, 3-5x the memory of a task at a time on "
+            "conv-4: BENCHMARKS.md; 1: whole tasks one at a time, the least memory; maml only)",
+            unset=0, belongs="how many tasks maml's support side vmaps at once"),
     }
 
     def __init__(self, model: nn.Module, inner: InnerLoop, loss_fn: LossFn, vectorize: str = "auto",
-                 task_threads: int = 1, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0) -> None:
-        self.check_options(multi_step_loss_epochs, first_order_epochs)
+                 task_threads: int = 1, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0,
+                 support_vmap_tasks: int = 0) -> None:
+        self.check_options(multi_step_loss_epochs, first_order_epochs, support_vmap_tasks)
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.multi_step_loss_epochs, self.first_order_epochs = multi_step_loss_epochs, first_order_epochs
+        self.support_vmap_tasks = support_vmap_tasks
+        self.support_vmapped = self.support_vmapped and support_vmap_tasks != 1
         self.step_weights: list[float] | None = None
         self.first_order = False
 
     @classmethod
-    def check_options(cls, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0) -> None:
+    def check_options(cls, multi_step_loss_epochs: int = 0, first_order_epochs: int = 0,
+                      support_vmap_tasks: int = 0) -> None:
         check_int("multi_step_loss_epochs", multi_step_loss_epochs, 0)
         check_int("first_order_epochs", first_order_epochs, 0)
+        check_int("support_vmap_tasks", support_vmap_tasks, 0)
 
     def on_epoch(self, epoch: int) -> None:
         """The MAML++ recipe at ``epoch``: the multi-step loss's weights, the derivative order."""
@@ -157,4 +168,4 @@ class MAML(MetaAlgorithm):
                 return losses[-1]
             return sum(w * loss for w, loss in zip(weights, losses, strict=True))
 
-        return over_support(adapt, query_loss, episode)
+        return over_support(adapt, query_loss, episode, self.support_vmap_tasks or None)
