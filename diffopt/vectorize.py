@@ -152,6 +152,21 @@ def over_tasks(fn: Callable[[Task], object], episode: Episode):
     return batched(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
 
 
+SMALL_SUPPORT = 8192
+"""The most support-set input elements per task (5-way 1-shot Omniglot: 5 x 784 = 3,920) for
+which MAML vmaps every task's inner loop by default (``over_support``). Measured on this CPU
+(BENCHMARKS.md; conv-4, meta-batch 8, 5 inner steps), the time against whole tasks one at a time:
+5 images of 28x28 0.88x, 10 images 0.95x, 25 1.09x, 50 1.24x (one thread); Mini-ImageNet's 5 RGB
+84x84 images (105,840 elements, meta-batch 4) 1.19x (two threads): grouped convolutions lose to
+plain ones once a task's batch is no longer small."""
+
+
+def small_support(episode: Episode) -> bool:
+    """Whether ``episode``'s tasks have support sets small enough that vmapping their inner loops
+    pays (``SMALL_SUPPORT``)."""
+    return episode.support_x[0].numel() <= SMALL_SUPPORT
+
+
 def over_support(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
                  query_loss: Callable[[Task, list[torch.Tensor]], torch.Tensor],
                  episode: Episode, tasks_at_once: int | None = None) -> torch.Tensor:

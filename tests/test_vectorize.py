@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from diffopt.algorithms import build_algorithm
+from diffopt import vectorize
+from diffopt.algorithms import MAML, build_algorithm
 from diffopt.data import Episode, get_dataset
 from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
@@ -314,6 +315,24 @@ def test_support_side_in_groups_equals_the_loop(tasks):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
     assert not build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto",
                                support_vmap_tasks=1).support_vmapped
+
+
+def test_support_side_is_vmapped_by_default_only_for_small_support_sets(monkeypatch):
+    """``support_vmap_tasks=0`` vmaps the support side where a task's support set has at most
+    ``SMALL_SUPPORT`` elements, else loops over whole tasks; a group size vmaps it regardless."""
+    algorithm = conv4_maml("sgd", 1, "batch")
+    episode = image_tasks(6)
+    calls = []
+    monkeypatch.setattr(MAML, "meta_gradient_over_support",
+                        lambda self, episode: calls.append(len(episode)) or torch.zeros(()))
+    for option, limit, vmapped in [(0, episode.support_x[0].numel(), True),
+                                   (0, episode.support_x[0].numel() - 1, False), (2, 0, True)]:
+        monkeypatch.setattr(vectorize, "SMALL_SUPPORT", limit)
+        learner = build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto",
+                                  support_vmap_tasks=option)
+        calls.clear()
+        learner.meta_gradient(episode)
+        assert calls == ([3] if vmapped else []), (option, limit)
 
 
 def test_support_side_is_batched_only_where_it_applies():

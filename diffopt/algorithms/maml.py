@@ -13,11 +13,7 @@ from diffopt.data.episode import Episode, Task
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.options import Option, check_int
-from diffopt.vectorize import (
-    loops_functionally,
-    over_support,
-    over_tasks,
-)
+from diffopt.vectorize import loops_functionally, over_support, over_tasks, small_support
 
 _RECIPE = "part of the MAML++ recipe and needs --algorithm maml"
 
@@ -59,9 +55,11 @@ class MAML(MetaAlgorithm):
             "order (0: off; maml only)", unset=0, belongs=_RECIPE),
         "support_vmap_tasks": Option(
             int, 0, "affine batch norm (--norm batch), whose query side loops over tasks: how many "
-            "tasks' inner loops one torch.func.vmap runs at once (0: the whole meta-batch, fastest; "
-            "their graphs are held until the group's backward, 3-5x the memory of a task at a time on "
-            "conv-4: BENCHMARKS.md; 1: whole tasks one at a time, the least memory; maml only)",
+            "tasks' inner loops one torch.func.vmap runs at once (0: the whole meta-batch where a "
+            "task's support set is small, as 5-way 1-shot Omniglot's, else whole tasks one at a time: "
+            "diffopt.vectorize.SMALL_SUPPORT; vmapped, their graphs are held until the group's "
+            "backward, 3-5x the memory of a task at a time on conv-4: BENCHMARKS.md; 1: whole tasks "
+            "one at a time, the least memory; maml only)",
             unset=0, belongs="how many tasks maml's support side vmaps at once"),
     }
 
@@ -137,7 +135,7 @@ class MAML(MetaAlgorithm):
             loss = self.meta_loss(episode)
             loss.backward()
             return {"loss": loss.item()}
-        if self.support_vmapped:
+        if self.support_vmapped and (self.support_vmap_tasks or small_support(episode)):
             return {"loss": self.meta_gradient_over_support(episode).item()}
         params = [p for p in self.parameters() if p.requires_grad]
 
