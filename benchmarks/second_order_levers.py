@@ -3,6 +3,7 @@
     python benchmarks/second_order_levers.py loop --workload W2 --rounds 6
     python benchmarks/second_order_levers.py reference --algorithm fomaml --rounds 30
     python benchmarks/second_order_levers.py reference --algorithm maml --recipe goal --rounds 10
+    python benchmarks/second_order_levers.py support --workload W3 --shots 1,2,5,10
 
 ``loop``: second-order MAML with sgd on a workload of peers.py (W2, W3: conv-4 with affine batch
 norm, which loops over tasks), the baseline the hand-written loop with a backward per task
@@ -12,6 +13,8 @@ applies), its loop over tasks (functional; and through higher)
 and affine batch norm written for vmap (``batch_norm`` without affine parameters, then ``* w + b``)
 vmapped by diffopt, and that layer under vmap on the support side only (every task's inner steps
 at once, each task's query loss alone, one backward through the batched inner steps).
+``support``: MAML with every task's inner loop under vmap against whole tasks one at a time, for
+support sets of growing size (``diffopt.vectorize.SMALL_SUPPORT``).
 ``reference``: MAML's Omniglot step with cbfinn/maml's recipe (5-way 1-shot, one query per
 class, meta-batch 32, one inner step of 0.4; diffopt vmaps it) or the goal
 table's (``--recipe goal``: 15 queries per class, meta-batch 8, affine batch norm: diffopt
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import omniglot_reference as reference_code  # noqa: E402
 from omniglot_table import GOAL_RECIPE  # noqa: E402
-from peers import WORKLOADS  # noqa: E402
+from peers import WORKLOADS, _images  # noqa: E402
 from references import maml_hand_written, maml_hand_written_per_task  # noqa: E402
 
 import diffopt.algorithms.maml as maml_module  # noqa: E402
@@ -253,5 +256,32 @@ def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 3
                   "diffopt, tasks one by one (vectorize='never')": step(one_by_one)}, rounds), baseline)
 
 
+def support(workload: str = "W3", shots=(1, 2, 5, 10), rounds: int = 6) -> None:
+    """Second-order MAML (sgd) on ``workload``'s model, meta-batch, inner steps and image shape
+    with ``shots`` support images per class: every task's inner loop under vmap against whole
+    tasks one at a time (where ``diffopt.vectorize.SMALL_SUPPORT`` comes from)."""
+    if workload not in WORKLOADS:
+        raise SystemExit(f"--workload is one of {', '.join(WORKLOADS)}; got {workload!r}")
+    spec = WORKLOADS[workload]
+    sample = spec.episode(torch.Generator().manual_seed(0))
+    tasks, shape = len(sample), tuple(sample.support_x.shape[2:])
+
+    def step(model: nn.Module, episode: Episode, **options) -> Callable[[], None]:
+        inner = InnerLoop("sgd", spec.lr, spec.steps, model=model)
+        learner = build_algorithm("maml", model, inner, spec.loss, "auto", 1, **options)
+        return lambda: (model.zero_grad(set_to_none=True), learner.meta_gradient(episode))
+
+    baseline = "whole tasks one at a time (--support_vmap_tasks 1)"
+    for count in (shots,) if isinstance(shots, int) else shots:
+        torch.manual_seed(0)
+        model = spec.model()
+        episode = _images(torch.Generator().manual_seed(0), tasks, 5, count, 15, shape)
+        print(f"{workload} with {count}-shot support sets ({episode.support_x[0].numel()} elements a task; "
+              f"SMALL_SUPPORT {vectorize.SMALL_SUPPORT})")
+        _print(_time({baseline: step(model, episode, support_vmap_tasks=1),
+                      "every task's support side under vmap": step(model, episode, support_vmap_tasks=tasks)},
+                     rounds), baseline)
+
+
 if __name__ == "__main__":
-    fire_checked({"loop": loop, "reference": reference}, name="second_order_levers")
+    fire_checked({"loop": loop, "reference": reference, "support": support}, name="second_order_levers")
