@@ -152,13 +152,14 @@ def over_tasks(fn: Callable[[Task], object], episode: Episode):
     return batched(episode.support_x, episode.support_y, episode.query_x, episode.query_y)
 
 
-SMALL_SUPPORT = 8192
+SMALL_SUPPORT = 4096
 """The most support-set input elements per task (5-way 1-shot Omniglot: 5 x 784 = 3,920) for
 which MAML vmaps every task's inner loop by default (``over_support``). Measured on this CPU
-(BENCHMARKS.md; conv-4, meta-batch 8, 5 inner steps), the time against whole tasks one at a time:
-5 images of 28x28 0.88x, 10 images 0.95x, 25 1.09x, 50 1.24x (one thread); Mini-ImageNet's 5 RGB
-84x84 images (105,840 elements, meta-batch 4) 1.19x (two threads): grouped convolutions lose to
-plain ones once a task's batch is no longer small."""
+(BENCHMARKS.md, ``benchmarks/second_order_levers.py support``; conv-4, one thread), the time
+against whole tasks one at a time: meta-batch 8, 5 inner steps, 5 images of 28x28 a task 0.89x,
+10 images 1.00x (at 4.4 times the memory), 25 1.17x, 50 1.30x; Mini-ImageNet's meta-batch 4
+of 5 RGB 84x84 images 1.35x: grouped convolutions lose to plain ones once a task's batch is no
+longer small."""
 
 
 def small_support(episode: Episode) -> bool:
