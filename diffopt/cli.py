@@ -408,7 +408,7 @@ def gradcheck_command(
     episode = Episode.from_torchmeta(next(iter(loader)))
     result = check_meta_gradient(meta_learner, episode, eps=eps)
     eps = ",".join(f"{step:g}" for step in eps)
-    path = "vmap over tasks" if meta_learner.vectorized else "loop over tasks"
+    path = meta_learner.meta_batch_path(episode)
     options = "".join(f" {key}={value}" for key, value in (config.inner_options or {}).items())
     solver = "gauss_newton" if config.inner_solver == "gauss_newton" else config.inner_optimizer
     solver += " backtracking" if config.inner_backtrack else ""

@@ -333,6 +333,8 @@ def test_support_side_is_vmapped_by_default_only_for_small_support_sets(monkeypa
         calls.clear()
         learner.meta_gradient(episode)
         assert calls == ([3] if vmapped else []), (option, limit)
+        assert learner.meta_batch_path(episode) == ("inner loops under vmap, query sides one task at a time"
+                                                    if vmapped else "loop over tasks")
 
 
 def test_support_side_is_batched_only_where_it_applies():

@@ -174,6 +174,10 @@ class MetaAlgorithm(nn.Module):
         """Accumulate the meta-gradient of ``episode`` into ``.grad``; return logged metrics."""
         raise NotImplementedError
 
+    def meta_batch_path(self, episode: Episode) -> str:
+        """How ``meta_gradient`` runs ``episode``'s tasks, in words (``diffopt gradcheck`` says it)."""
+        return "vmap over tasks" if self.vectorized else "loop over tasks"
+
     def meta_loss(self, episode: Episode, *, track_higher_grads: bool = True) -> torch.Tensor:
         """The scalar whose gradient ``meta_gradient`` computes (exact algorithms only)."""
         raise NotImplementedError(f"{self.name} has no meta-loss whose gradient it computes")

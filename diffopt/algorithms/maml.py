@@ -135,7 +135,7 @@ class MAML(MetaAlgorithm):
             loss = self.meta_loss(episode)
             loss.backward()
             return {"loss": loss.item()}
-        if self.support_vmapped and (self.support_vmap_tasks or small_support(episode)):
+        if self.vmaps_support(episode):
             return {"loss": self.meta_gradient_over_support(episode).item()}
         params = [p for p in self.parameters() if p.requires_grad]
 
@@ -144,6 +144,16 @@ class MAML(MetaAlgorithm):
             return list(torch.autograd.grad(loss, params, allow_unused=True)), loss.detach()
 
         return {"loss": self.accumulate_tasks(task_gradient, episode, params)}
+
+    def vmaps_support(self, episode: Episode) -> bool:
+        """Whether ``meta_gradient`` runs ``episode``'s inner loops under vmap, each query side
+        alone (``support_vmapped``, and a group size given or the support sets small)."""
+        return self.support_vmapped and bool(self.support_vmap_tasks or small_support(episode))
+
+    def meta_batch_path(self, episode: Episode) -> str:
+        if self.vmaps_support(episode):
+            return "inner loops under vmap, query sides one task at a time"
+        return super().meta_batch_path(episode)
 
     def meta_gradient_over_support(self, episode: Episode) -> torch.Tensor:
         """``meta_gradient`` with the support side under vmap (``over_support``): the unroll's
