@@ -55,6 +55,47 @@ def reset_resident_peak() -> bool:
         return False
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now: CUDA's free memory, on the CPU Linux's
+    ``MemAvailable``; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", "rb") as file:
+            match = re.search(rb"MemAvailable:\s+(\d+) kB", file.read())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def graph_bytes(tensors: list[torch.Tensor], exclude: list[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages ``tensors`` and the tensors their autograd graph saved for
+    its backward hold, but those of ``exclude`` (the parameters, held anyway)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def note(value: object) -> None:
+        for tensor in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in excluded:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    note(list(tensors))
+    stack, seen = [t.grad_fn for t in tensors if t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                with contextlib.suppress(RuntimeError):  # freed by a backward
+                    note(getattr(node, name))
+        stack.extend(following for following, _ in node.next_functions)
+    return sum(storages.values())
+
+
 class StepMemory:
     """The largest growth of memory over the level before a step, over every step ``measured``.
 

@@ -41,6 +41,7 @@ from torch import nn
 from diffopt.data.episode import Episode, Task
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop, adapted_mask
+from diffopt.memory import available_bytes, graph_bytes
 from diffopt.models.conv4 import InputNorm, SameConv2d
 from diffopt.models.norm import BatchStatNorm1d, BatchStatNorm2d, ShiftBatchNorm
 from diffopt.optim import UpdateRule
@@ -166,6 +167,25 @@ def small_support(episode: Episode) -> bool:
     """Whether ``episode``'s tasks have support sets small enough that vmapping their inner loops
     pays (``SMALL_SUPPORT``)."""
     return episode.support_x[0].numel() <= SMALL_SUPPORT
+
+
+SUPPORT_MEMORY_SHARE = 0.25
+"""The share of the memory free at the first meta-step (``diffopt.memory.available_bytes``) that
+the support side's graphs, vmapped together, may take by default (``support_group_size``): a
+quarter, because the held graph undercounts the backward's peak (conv-4 W2: 3.2 MB a task held,
+about 9 MB a task at the peak; BENCHMARKS.md)."""
+
+
+def support_group_size(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],
+                       episode: Episode, params: list[torch.Tensor]) -> int:
+    """How many of ``episode``'s tasks ``over_support`` may vmap at once: all of them where their
+    graphs fit in ``SUPPORT_MEMORY_SHARE`` of the free memory, else as many as fit (at least 1),
+    one task's graph measured by running its ``adapt`` (``diffopt.memory.graph_bytes``)."""
+    free = available_bytes(episode.support_x.device)
+    if free is None:
+        return len(episode)
+    one_task = graph_bytes(torch.func.vmap(adapt)(episode.support_x[:1], episode.support_y[:1]), params)
+    return max(1, min(len(episode), int(SUPPORT_MEMORY_SHARE * free) // max(one_task, 1)))
 
 
 def over_support(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]],

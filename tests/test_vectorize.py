@@ -21,6 +21,7 @@ from diffopt.errors import DiffoptError
 from diffopt.evaluate import evaluate
 from diffopt.gradcheck import check_meta_gradient
 from diffopt.inner import InnerLoop
+from diffopt.memory import graph_bytes
 from diffopt.models import MLP, Conv4, ShiftBatchNorm, initialize
 from diffopt.models.conv4 import InputNorm
 from diffopt.optim import UpdateRule
@@ -335,6 +336,32 @@ def test_support_side_is_vmapped_by_default_only_for_small_support_sets(monkeypa
         assert calls == ([3] if vmapped else []), (option, limit)
         assert learner.meta_batch_path(episode) == ("inner loops under vmap, query sides one task at a time"
                                                     if vmapped else "loop over tasks")
+
+
+def test_support_groups_fit_a_share_of_the_free_memory(monkeypatch):
+    """By default the support side's groups hold at most ``SUPPORT_MEMORY_SHARE`` of the free
+    memory, one task's graph measured: room for 2 of 3 tasks gives groups of 2 (the loop's
+    meta-gradient all the same), for none whole tasks, unknown free memory all 3."""
+    algorithm = conv4_maml("sgd", 2, "batch")
+    episode = image_tasks(7)
+    params = list(algorithm.parameters())
+
+    def adapt(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        unroll = algorithm.inner.unroll(algorithm.model, F.cross_entropy, x, y, functional=True)
+        return [list(fmodel.parameters()) for fmodel in unroll][-1]
+
+    one_task = graph_bytes(torch.func.vmap(adapt)(episode.support_x[:1], episode.support_y[:1]), params)
+    assert one_task > 0
+    _, loop_grads = grads(algorithm, episode)
+    for free, group in [(2.5 * one_task / vectorize.SUPPORT_MEMORY_SHARE, 2),
+                        (0.5 * one_task / vectorize.SUPPORT_MEMORY_SHARE, 1), (None, 3)]:
+        monkeypatch.setattr(vectorize, "available_bytes", lambda device, free=free: free)
+        learner = build_algorithm("maml", algorithm.model, algorithm.inner, F.cross_entropy, "auto")
+        assert learner.support_group(episode) == group, free
+        assert learner.vmaps_support(episode) == (group > 1)
+        _, learner_grads = grads(learner, episode)
+        for a, b in zip(loop_grads, learner_grads, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
 def test_support_side_is_batched_only_where_it_applies():

@@ -13,7 +13,7 @@ from diffopt.data.episode import Episode, Task
 from diffopt.fastweights import FunctionalModel
 from diffopt.inner import InnerLoop, LossFn
 from diffopt.options import Option, check_int
-from diffopt.vectorize import loops_functionally, over_support, over_tasks, small_support
+from diffopt.vectorize import loops_functionally, over_support, over_tasks, small_support, support_group_size
 
 _RECIPE = "part of the MAML++ recipe and needs --algorithm maml"
 
@@ -55,11 +55,12 @@ class MAML(MetaAlgorithm):
             "order (0: off; maml only)", unset=0, belongs=_RECIPE),
         "support_vmap_tasks": Option(
             int, 0, "affine batch norm (--norm batch), whose query side loops over tasks: how many "
-            "tasks' inner loops one torch.func.vmap runs at once (0: the whole meta-batch where a "
-            "task's support set is small, as 5-way 1-shot Omniglot's, else whole tasks one at a time: "
-            "diffopt.vectorize.SMALL_SUPPORT; vmapped, their graphs are held until the group's "
-            "backward, 3-5x the memory of a task at a time on conv-4: BENCHMARKS.md; 1: whole tasks "
-            "one at a time, the least memory; maml only)",
+            "tasks' inner loops one torch.func.vmap runs at once, their graphs held until the "
+            "group's backward (3-5x the memory of a task at a time on conv-4: BENCHMARKS.md); 0: "
+            "where a task's support set is small, as 5-way 1-shot Omniglot's "
+            "(diffopt.vectorize.SMALL_SUPPORT), the whole meta-batch, or as many tasks as fit in a "
+            "quarter of the free memory, else whole tasks one at a time; 1: whole tasks one at a "
+            "time, the least memory; maml only",
             unset=0, belongs="how many tasks maml's support side vmaps at once"),
     }
 
@@ -70,6 +71,7 @@ class MAML(MetaAlgorithm):
         super().__init__(model, inner, loss_fn, vectorize=vectorize, task_threads=task_threads)
         self.multi_step_loss_epochs, self.first_order_epochs = multi_step_loss_epochs, first_order_epochs
         self.support_vmap_tasks = support_vmap_tasks
+        self._support_groups: dict[tuple, int] = {}  # support_group's measured choice per shape
         self.support_vmapped = self.support_vmapped and support_vmap_tasks != 1
         self.step_weights: list[float] | None = None
         self.first_order = False
@@ -145,28 +147,45 @@ class MAML(MetaAlgorithm):
 
         return {"loss": self.accumulate_tasks(task_gradient, episode, params)}
 
+    def support_group(self, episode: Episode) -> int:
+        """How many of ``episode``'s tasks ``meta_gradient`` runs the inner loops of at once under
+        vmap (1: whole tasks one at a time): ``support_vmap_tasks`` where given; by default all,
+        or as many as fit in memory, where the support sets are small (``support_group_size``)."""
+        if not self.support_vmapped:
+            return 1
+        if self.support_vmap_tasks:
+            return self.support_vmap_tasks
+        if not small_support(episode):
+            return 1
+        key = (tuple(episode.support_x.shape), str(episode.support_x.device))
+        if key not in self._support_groups:
+            params = [p for p in self.parameters() if p.requires_grad]
+            self._support_groups[key] = support_group_size(self._adapt_support, episode, params)
+        return self._support_groups[key]
+
     def vmaps_support(self, episode: Episode) -> bool:
         """Whether ``meta_gradient`` runs ``episode``'s inner loops under vmap, each query side
-        alone (``support_vmapped``, and a group size given or the support sets small)."""
-        return self.support_vmapped and bool(self.support_vmap_tasks or small_support(episode))
+        alone (``support_group``)."""
+        return self.support_group(episode) > 1
 
     def meta_batch_path(self, episode: Episode) -> str:
         if self.vmaps_support(episode):
             return "inner loops under vmap, query sides one task at a time"
         return super().meta_batch_path(episode)
 
+    def _adapt_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> list[torch.Tensor]:
+        """One task's weights after the last inner step (after every step, for the multi-step loss)."""
+        steps = [list(fmodel.parameters()) for fmodel in self.inner.unroll(
+            self.model, self.loss_fn, support_x, support_y, detach_inner_grads=self.first_order,
+            functional=True)]
+        return [w for step in (steps[1:] if self.step_weights is not None else steps[-1:]) for w in step]
+
     def meta_gradient_over_support(self, episode: Episode) -> torch.Tensor:
-        """``meta_gradient`` with the support side under vmap (``over_support``): the unroll's
-        weights after the last step (after every step, for the multi-step loss), then each
-        task's (weighted) query losses at them. Returns the meta-loss (detached)."""
+        """``meta_gradient`` with the support side under vmap (``over_support``) in groups of
+        ``support_group`` tasks: the unroll's weights, then each task's (weighted) query losses at
+        them. Returns the meta-loss (detached)."""
         names = [name for name, _ in self.model.named_parameters()]
         weights = self.step_weights
-
-        def adapt(support_x: torch.Tensor, support_y: torch.Tensor) -> list[torch.Tensor]:
-            steps = [list(fmodel.parameters()) for fmodel in self.inner.unroll(
-                self.model, self.loss_fn, support_x, support_y, detach_inner_grads=self.first_order,
-                functional=True)]
-            return [w for step in (steps[1:] if weights is not None else steps[-1:]) for w in step]
 
         def query_loss(task: Task, adapted: list[torch.Tensor]) -> torch.Tensor:
             per_step = [adapted[i:i + len(names)] for i in range(0, len(adapted), len(names))]
@@ -176,4 +195,4 @@ class MAML(MetaAlgorithm):
                 return losses[-1]
             return sum(w * loss for w, loss in zip(weights, losses, strict=True))
 
-        return over_support(adapt, query_loss, episode, self.support_vmap_tasks or None)
+        return over_support(self._adapt_support, query_loss, episode, self.support_group(episode))
