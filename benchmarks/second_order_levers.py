@@ -179,7 +179,7 @@ def loop(workload: str = "W2", rounds: int = 6) -> None:
         "the same, one summed backward": lambda: summed(episode),
         "the same, channels-last tensors": channels_last,
         "the same, oneDNN off": without_onednn,
-        f"diffopt (support side under vmap: {diffopt.support_vmapped})":
+        f"diffopt ({diffopt.meta_batch_path(episode)})":
             lambda: diffopt.meta_gradient(episode),
         f"diffopt, tasks one by one (functional loop: {one_by_one.functional_loop})":
             lambda: one_by_one.meta_gradient(episode),
@@ -248,8 +248,8 @@ def reference(algorithm: str = "fomaml", recipe: str = "cbfinn", rounds: int = 3
     def step(implementation) -> Callable[[], None]:
         return lambda: (implementation.zero_grad(set_to_none=True), implementation.meta_gradient(episode))
 
-    print(f"Omniglot {algorithm} step, the {recipe} recipe, meta-batch {tasks}; diffopt vmapped: "
-          f"{learner.vectorized}, its support side alone: {learner.support_vmapped}")
+    print(f"Omniglot {algorithm} step, the {recipe} recipe, meta-batch {tasks}; diffopt: "
+          f"{learner.meta_batch_path(episode)}")
     baseline = "reference (grouped convolutions)"
     _print(_time({baseline: reference_step, "diffopt": step(learner),
                   "diffopt, 'SAME' padded by copies (F.pad)": step(padded),
