@@ -364,6 +364,23 @@ def test_support_groups_fit_a_share_of_the_free_memory(monkeypatch):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
 
 
+def test_boil_support_side_under_vmap_equals_its_loop():
+    """BOIL (the body adapted, the head not) takes MAML's support-side path: the same meta-gradient."""
+    torch.manual_seed(2)
+    model = Conv4(1, 3, 4, 8, norm="batch").double()
+    episode = image_tasks(8)
+    results = []
+    for mode in ("auto", "never"):
+        boil = build_algorithm("boil", model, InnerLoop("sgd", 0.1, 2, model=model), F.cross_entropy, mode)
+        assert boil.vmaps_support(episode) == (mode == "auto")
+        results.append(grads(boil, episode))
+    (metrics, batched), (loop_metrics, loop) = results
+    assert metrics["loss"] == pytest.approx(loop_metrics["loss"], rel=1e-12)
+    for a, b in zip(loop, batched, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+    assert batched[-2].abs().max() > 0  # the head gets its meta-gradient through the query side
+
+
 def test_support_side_is_batched_only_where_it_applies():
     def batched(norm="batch", algorithm="maml", task_threads=1, vectorize="auto", **inner):
         model = Conv4(1, 3, 4, 8, norm=norm)
