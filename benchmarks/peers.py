@@ -330,7 +330,7 @@ def memory(workloads=("W1", "W2", "W3", "MI"), algorithms=tuple(ALGORITHMS), ste
                     growths = sorted(_child("memory_of", name, algorithm, label, f"--steps={steps}",
                                             f"--threads={threads}", f"--malloc={malloc}")["peak_growth_mb"]
                                      for _ in range(repeats))
-                    cells += f" {statistics.median(growths):.0f} | {growths[0]}-{growths[-1]} |"
+                    cells += f" {statistics.median(growths):.0f} | {growths[0]:.0f}-{growths[-1]:.0f} |"
                 out.append(f"| {name} | {ALGORITHM_NAMES[algorithm]} | {label} |{cells}")
                 print(out[-1], flush=True)
     return _finish(out, write, "peers-memory", "Meta-step memory: diffopt and its peers")
