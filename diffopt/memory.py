@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ def available_bytes(device: torch.device) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def graph_bytes(tensors: list[torch.Tensor], exclude: list[torch.Tensor] = ()) -> int:
+def graph_bytes(tensors: Sequence[torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
     """Bytes of the distinct storages ``tensors`` and the tensors their autograd graph saved for
     its backward hold, but those of ``exclude`` (the parameters, held anyway)."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}

@@ -204,12 +204,13 @@ def over_support(adapt: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor
     per-step loss).
     """
     size = len(episode) if tasks_at_once is None else tasks_at_once
+    tasks = list(episode)
     total = torch.zeros((), dtype=episode.query_x.dtype, device=episode.query_x.device)
-    for start in range(0, len(episode), size):
+    for start in range(0, len(tasks), size):
         group = slice(start, start + size)
         adapted = torch.func.vmap(adapt)(episode.support_x[group], episode.support_y[group])
         to_adapted = [torch.zeros_like(weights) for weights in adapted]
-        for index, task in enumerate(list(episode)[group]):
+        for index, task in enumerate(tasks[group]):
             leaves = [weights[index].detach().requires_grad_() for weights in adapted]
             loss = query_loss(task, leaves) / len(episode)
             for buffer, grad in zip(to_adapted, torch.autograd.grad(loss, leaves, allow_unused=True),
