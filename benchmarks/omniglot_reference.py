@@ -103,10 +103,15 @@ MAML = {"inner_lr": 0.4, "inner_steps": 1, "meta_lr": 1e-3, "meta_iters": 60_000
 BN_EPSILON = 1e-3  # tf.layers.batch_normalization and tf.contrib.layers.batch_norm defaults
 MAML_RECIPES = {
     "cbfinn": dict(meta_batch=32, queries=None, inner_loss="sum", init="tf", head="mean", bn_scale=False,
-                   bn_eps=BN_EPSILON, adapt_norm=False, meta_loss="sum", meta_lr_final=None),
+                   bn_eps=BN_EPSILON, adapt_norm=False, meta_loss="sum", meta_lr_final=None, step_sizes=None,
+                   classes="train"),
     "goal": dict(meta_batch=8, queries=15, inner_loss="mean", init="torch", head="flatten_chw",
-                 bn_scale=True, bn_eps=1e-5, adapt_norm=True, meta_loss="mean", meta_lr_final=1e-5),
+                 bn_scale=True, bn_eps=1e-5, adapt_norm=True, meta_loss="mean", meta_lr_final=1e-5,
+                 step_sizes=None, classes="train"),
 }
+MAML_RECIPES["goal-lslr"] = {**MAML_RECIPES["goal"], "step_sizes": "tensor"}
+MAML_RECIPES["goal-meta-sgd"] = {**MAML_RECIPES["goal"], "step_sizes": "element"}
+MAML_RECIPES["goal-lslr-trainval"] = {**MAML_RECIPES["goal-lslr"], "classes": "trainval"}
 """MAML's settings: ``cbfinn`` (the original's, above); ``goal``: the recipe of diffopt's Omniglot
 goal and paper tables (examples/omniglot_table.py), each lever written here independently: the
 inner loss is each task's mean cross-entropy (not the sum / shots), PyTorch's default initialisers
@@ -115,14 +120,21 @@ channel-height-width order (256 features), batch norm with a scale (gamma) and e
 scale and offset adapted in the inner loop too, 15 query images per class, 8 tasks per meta-batch,
 the meta-loss the mean query cross-entropy, and the meta learning rate annealed along a cosine from
 1e-3 to 1e-5 over the budget (the fraction of the budget or of meta_iters done, whichever is
-further)."""
+further). ``goal-lslr`` and ``goal-meta-sgd``: the goal recipe with the inner step sizes learned
+too, one per adapted tensor (MAML++'s LSLR with its one training step: Antoniou et al. 2019) or one
+per adapted element (Meta-SGD: Li et al. 2017), each starting at the inner learning rate and moved
+by the same Adam as the weights; at test every step takes the learned step sizes.
+``goal-lslr-trainval``: ``goal-lslr`` meta-trained on Vinyals' training and validation characters
+(1200, ``classes="trainval"``), the test characters unchanged."""
 
 
 # ----------------------------------------------------------------------------------------- data
 def load_split(data_root: str, split: str = "train", rotations: bool = True) -> torch.Tensor:
-    """[classes, 20, 1, 28, 28] float images in [0, 1]; class rot * C + char is char rotated rot * 90."""
+    """[classes, 20, 1, 28, 28] float images in [0, 1]; class rot * C + char is char rotated rot * 90.
+    ``split``: Vinyals' train, val or test characters, or trainval (train and val)."""
     root = Path(data_root) / "omniglot"
-    characters = json.loads((root / f"vinyals_{split}_labels.json").read_text())
+    characters = [label for name in (("train", "val") if split == "trainval" else (split,))
+                  for label in json.loads((root / f"vinyals_{name}_labels.json").read_text())]
     resize, to_tensor = Resize(28), ToTensor()
     with h5py.File(root / "data.hdf5", "r") as file:
         arrays = [file["/".join(name)][()] for name in characters]
@@ -192,7 +204,17 @@ def init_params(algorithm: str, ways: int, gen: torch.Generator, recipe: str = "
         params["fc.weight"] = torch.randn(ways, 64, generator=gen)
     params["fc.bias"] = uniform((ways,), 1 / math.sqrt(params["fc.weight"].shape[1])) if torch_init \
         else torch.zeros(ways)
+    if algorithm != "reptile" and settings["step_sizes"] is not None:  # learned step sizes "lr.<name>"
+        for name in adapted(list(params), recipe):
+            shape = () if settings["step_sizes"] == "tensor" else params[name].shape
+            params[f"lr.{name}"] = torch.full(shape, MAML["inner_lr"])
     return {name: p.requires_grad_() for name, p in params.items()}
+
+
+def adapted(names: list[str], recipe: str) -> list[str]:
+    """The parameters MAML's inner loop moves: all (goal) or all but batch norm's (cbfinn)."""
+    adapt_norm = MAML_RECIPES[recipe]["adapt_norm"]
+    return [n for n in names if not n.startswith("lr.") and (adapt_norm or not n.startswith("bn"))]
 
 
 def same_pad(h: torch.Tensor) -> torch.Tensor:
@@ -277,12 +299,13 @@ def maml_adapt(params: Params, xs: torch.Tensor, ys: torch.Tensor, steps: int, l
 
     cbfinn: the inner loss is the sum of the cross-entropies / shots (utils.py:56-58); batch-norm
     offsets are not adapted (maml.py:90). goal: each task's mean cross-entropy, every parameter
-    adapted. track=False detaches each step (evaluation: no meta-gradient needed).
-    """
+    adapted. With learned step sizes (params "lr.<name>") those replace ``lr``. track=False
+    detaches each step (evaluation: no meta-gradient needed)."""
     settings = MAML_RECIPES[recipe]
     g = xs.shape[0]
-    fast = {n: p.unsqueeze(0).expand(g, *p.shape) for n, p in params.items()}
-    inner = [n for n in fast if settings["adapt_norm"] or not n.startswith("bn")]
+    fast = {n: p.unsqueeze(0).expand(g, *p.shape) for n, p in params.items() if not n.startswith("lr.")}
+    inner = adapted(list(fast), recipe)
+    step_size = {n: params[f"lr.{n}"] if settings["step_sizes"] else lr for n in inner}
     if not track:
         fast = {n: p.detach().clone().requires_grad_(n in inner) for n, p in fast.items()}
     x, y = xs.transpose(0, 1), ys.transpose(0, 1)
@@ -292,7 +315,7 @@ def maml_adapt(params: Params, xs: torch.Tensor, ys: torch.Tensor, steps: int, l
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / divisor
         grads = torch.autograd.grad(loss, [fast[n] for n in inner], create_graph=create_graph)
         with torch.set_grad_enabled(track):
-            fast = {**fast, **{n: fast[n] - lr * gr for n, gr in zip(inner, grads, strict=True)}}
+            fast = {**fast, **{n: fast[n] - step_size[n] * gr for n, gr in zip(inner, grads, strict=True)}}
         if not track:
             fast = {n: p.requires_grad_(n in inner) for n, p in fast.items()}
     return fast
@@ -342,7 +365,7 @@ def train(algorithm: str, out: str, budget_seconds: float, data_root: str = "dat
     torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_split(data_root, "train", rotations=True)
+    data = load_split(data_root, MAML_RECIPES[recipe]["classes"], rotations=True)
     gen = torch.Generator().manual_seed(seed)
     params = init_params(algorithm, ways, gen, recipe)
     adam = new_adam(list(params.values()))

@@ -41,14 +41,16 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 from omniglot_table import PAPER_RUNS, TARGETS, plot_test_curves, time_to  # noqa: E402  (the paper table's)
 
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
-           "maml-paper": "MAML, the paper table's recipe"}
-RECIPES = {"maml-paper": ("maml", "goal")}
-"""Methods beyond their original code's settings: (algorithm, the reference's MAML recipe); diffopt
-runs examples/omniglot_table.py's paper-table recipe (the reference's ``goal`` recipe, its
-meta-gradient equal to diffopt's: tests/test_reference_parity.py)."""
+           "maml-paper": "MAML, the paper table's recipe",
+           "maml-paper-lslr": "MAML, the paper table's recipe with LSLR and 1200 training characters"}
+RECIPES = {"maml-paper": ("maml", "goal", "paper-maml-1shot"),
+           "maml-paper-lslr": ("maml", "goal-lslr-trainval", "paper-maml-lslr-1shot")}
+"""Methods beyond their original code's settings: (algorithm, the reference's MAML recipe, the
+examples/omniglot_table.py paper-table run whose options diffopt trains with); each recipe's
+meta-gradient equals diffopt's: tests/test_reference_parity.py."""
 PROTOCOL = {  # test-time adaptation per method (the papers')
     "maml": dict(steps=10, inner_batch_size=None, transductive=True),
-    "maml-paper": dict(steps=10, inner_batch_size=None, transductive=True),
+    **{method: dict(steps=10, inner_batch_size=None, transductive=True) for method in RECIPES},
     "fomaml": dict(steps=10, inner_batch_size=None, transductive=True),
     "reptile": dict(steps=50, inner_batch_size=5, transductive=False),
 }
@@ -161,7 +163,8 @@ def _time_to(curve: list[dict], target: float) -> float | None:
 def _diffopt_flags(method: str) -> list[str]:
     if method not in RECIPES:
         return ["--algorithm", method]
-    flags = {k: v for k, v in PAPER_RUNS[0].flags().items() if k != "shots"}
+    run = next(run for run in PAPER_RUNS if run.name == RECIPES[method][2])
+    flags = {k: v for k, v in run.flags().items() if k != "shots"}
     return [f"--{key}={value}" for key, value in flags.items()]
 
 
@@ -177,7 +180,7 @@ def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_roo
                    "--max_seconds", str(budget), "--iterations", str(10**7), "--snapshot_every_seconds",
                    str(every), "--checkpoint_every", "100", "--seed", str(seed), "--run_dir", str(run_dir),
                    "--progress", "False"]
-    algorithm, recipe = RECIPES.get(method, (method, "cbfinn"))
+    algorithm, recipe = RECIPES.get(method, (method, "cbfinn"))[:2]
     commands = {
         "diffopt": [sys.executable, "-m", "diffopt", *diffopt],
         "reference": [sys.executable, str(HERE / "omniglot_reference.py"), "train", "--algorithm", algorithm,

@@ -16,6 +16,7 @@ from typing import Any
 
 from diffopt.algorithms import ALGORITHMS, algorithm_class
 from diffopt.data import DATA_OPTIONS, get_dataset
+from diffopt.data.image_options import WITHOUT_VALIDATION
 from diffopt.errors import DiffoptError, as_typed
 from diffopt.inner import InnerLoop
 from diffopt.models import MODEL_OPTIONS, check_model_options, model_defaults
@@ -210,9 +211,9 @@ def validate(config: TrainConfig) -> None:
     if config.keep_best and not (config.validate_every or config.validate_every_seconds):
         raise DiffoptError("--keep_best keeps the best validations' checkpoints: set --validate_every "
                            "or --validate_every_seconds")
-    if config.class_split == "reptile" and (config.validate_every or config.validate_every_seconds):
-        raise DiffoptError("--class_split reptile has no validation classes: drop --validate_every "
-                           "and --validate_every_seconds")
+    if config.class_split in WITHOUT_VALIDATION and (config.validate_every or config.validate_every_seconds):
+        raise DiffoptError(f"--class_split {config.class_split} has no validation classes: drop "
+                           "--validate_every and --validate_every_seconds")
     OuterStep.check_arguments(**arguments(OuterStep.OPTIONS, config))
     check_name("vectorize mode", config.vectorize, VECTORIZE_MODES)
     for name, minimum in [("iterations", 1), ("seed", 0), ("checkpoint_every", 0),

@@ -149,15 +149,19 @@ GOAL_RECIPE = {k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()}
 PAPER_RUNS = [
     Run("paper-maml-1shot", "MAML, the goal recipe with a cosine meta-step to 1e-5", METHODS["maml"], 1,
         {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}),
+    Run("paper-maml-lslr-1shot", "MAML, as above with LSLR step sizes and 1200 training characters",
+        METHODS["maml"], 1, {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5,
+                             "inner_optimizer": "lslr", "class_split": "vinyals_trainval"}),
     Run("paper-reptile-5shot", "Reptile, its paper's protocol", METHODS["reptile"], 5),
     Run("paper-reptile-1shot", "Reptile, its paper's protocol", METHODS["reptile"], 1),
 ]
 """The paper-level table, two hours each: MAML with the goal table's last row (every lever), its
 outer learning rate annealed over the budget (``--meta_lr_schedule cosine``), towards its paper's
-98.7%; Reptile with its paper's protocol (supervised-reptile's settings, diffopt's defaults),
-5-shot towards Reptile-Pytorch's 98.10 and the paper's 98.90 non-transductive, 1-shot beside.
-The side-by-side reference of the MAML row: ``benchmarks/time_to_accuracy.py --methods
-maml-paper``."""
+98.7%, and the same with learned per-tensor step sizes (MAML++'s LSLR) meta-trained on Vinyals'
+training and validation characters (1200, as many as MAML's paper); Reptile with its paper's
+protocol (supervised-reptile's settings, diffopt's defaults), 5-shot towards Reptile-Pytorch's
+98.10 and the paper's 98.90 non-transductive, 1-shot beside. The side-by-side references of the
+MAML rows: ``benchmarks/time_to_accuracy.py --methods maml-paper`` and ``maml-paper-lslr``."""
 
 TWENTY_WAY = {
     # Finn et al. 2017, appendix A.1 and table 1: 20-way, meta-batch 16, 5 inner steps of 0.1

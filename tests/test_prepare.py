@@ -388,6 +388,32 @@ def test_supervised_reptiles_class_split(omniglot_root):
         resolve_config(dataset="omniglot", class_split="random")
 
 
+def test_vinyals_trainval_class_split_trains_on_the_validation_characters(omniglot_root):
+    """``--class_split vinyals_trainval``: Vinyals' training and validation characters meta-train
+    (1200), its test characters meta-test, nothing validates."""
+    from diffopt.config import resolve_config
+    from diffopt.data import get_dataset
+
+    folder = omniglot_root / "omniglot"
+    vinyals = {name: json.loads((folder / f"vinyals_{name}_labels.json").read_text())
+               for name in ("train", "val", "test")}
+    spec = get_dataset("omniglot")
+    common = dict(seed=0, shots=1, test_shots=1, ways=5, batch_size=2, num_tasks=2, root=str(omniglot_root),
+                  rotations=False)
+    stores = {split: spec.loader(split, class_split="vinyals_trainval", **common).dataset.store
+              for split in ("train", "test")}
+    assert len(stores["train"]) == len(vinyals["train"]) + len(vinyals["val"]) == 1200
+    ours, torchmetas = (next(iter(spec.loader("test", **common, **split)))
+                        for split in (dict(class_split="vinyals_trainval"), {}))
+    assert len(stores["test"]) == len(vinyals["test"])
+    pairs = zip(ours["train"] + ours["test"], torchmetas["train"] + torchmetas["test"], strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)  # the same test tasks as Vinyals' split
+    with pytest.raises(DiffoptError, match="no validation classes|leave validation off"):
+        spec.loader("val", class_split="vinyals_trainval", **common)
+    with pytest.raises(DiffoptError, match="--class_split vinyals_trainval has no validation classes"):
+        resolve_config(dataset="omniglot", class_split="vinyals_trainval", validate_every=10)
+
+
 @pytest.mark.slow
 def test_omniglot_table_script_trains_side_by_side_and_reports(omniglot_root, tmp_path):
     """examples/omniglot_table.py at a tiny budget: four 1-shot runs, then the table and the plot."""

@@ -33,9 +33,32 @@ def _reference():
     return _load(ROOT / "benchmarks" / "omniglot_reference.py")
 
 
+STEP_SIZE_RULES = {"goal-lslr": "lslr", "goal-meta-sgd": "meta_sgd"}
+"""The reference's recipes with learned step sizes -> diffopt's inner optimizer."""
+
+
 def _recipe_flags(recipe: str) -> dict:
     """diffopt's options for the reference's recipe: none for cbfinn's (diffopt's defaults)."""
-    return {} if recipe == "cbfinn" else _load(ROOT / "examples" / "omniglot_table.py").GOAL_RECIPE
+    if recipe == "cbfinn":
+        return {}
+    rule = {"inner_optimizer": STEP_SIZE_RULES[recipe]} if recipe in STEP_SIZE_RULES else {}
+    return {**_load(ROOT / "examples" / "omniglot_table.py").GOAL_RECIPE, **rule}
+
+
+def _reference_params(algorithm, of=lambda p: p) -> dict[str, torch.Tensor]:
+    """``of`` each diffopt meta-parameter (itself, its .grad) under the reference's names; the
+    learned step sizes of the i-th model parameter (LSLR's alpha[i, 0], Meta-SGD's alpha.i) as
+    "lr.<its name>"."""
+    model = [_reference_names(f"model.{n}") for n, _ in algorithm.model.named_parameters()]
+    params = {}
+    for name, p in algorithm.named_parameters():
+        if name.startswith("model."):
+            params[_reference_names(name)] = of(p)
+        elif name == "inner.rule.alpha":  # LSLR: [tensors, steps], one training step
+            params.update({f"lr.{n}": of(p)[i, 0] for i, n in enumerate(model)})
+        else:  # Meta-SGD: inner.rule.alpha.<i>
+            params[f"lr.{model[int(name.rsplit('.', 1)[1])]}"] = of(p)
+    return params
 
 
 def _reference_names(name: str) -> str:
@@ -51,7 +74,8 @@ def _reference_names(name: str) -> str:
 
 @pytest.mark.parametrize("algorithm, vectorize, recipe", [
     ("maml", "always", "cbfinn"), ("maml", "never", "cbfinn"), ("fomaml", "always", "cbfinn"),
-    ("fomaml", "never", "cbfinn"), ("maml", "auto", "goal"), ("fomaml", "auto", "goal")])
+    ("fomaml", "never", "cbfinn"), ("maml", "auto", "goal"), ("fomaml", "auto", "goal"),
+    ("maml", "auto", "goal-lslr"), ("maml", "auto", "goal-meta-sgd")])
 def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectorize, recipe, monkeypatch):
     ref = _reference()
     settings = ref.MAML_RECIPES[recipe]
@@ -61,11 +85,11 @@ def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectori
     config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=shots, ways=ways, seed=3,
                             vectorize=vectorize, **flags)
     diffopt_algorithm = build(config).double()  # float64: the two summation orders agree to 1e-10
-    named = dict(diffopt_algorithm.model.named_parameters())
     with torch.no_grad():  # moved off their initial values so no gradient is trivially zero
-        for p in named.values():
+        for p in diffopt_algorithm.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    params = {_reference_names(f"model.{n}"): p.detach().clone().requires_grad_() for n, p in named.items()}
+    named = _reference_params(diffopt_algorithm)
+    params = {n: p.detach().clone().requires_grad_() for n, p in named.items()}
     reference_init = ref.init_params("maml", ways, torch.Generator(), recipe)
     assert {n: p.shape for n, p in params.items()} == {n: p.shape for n, p in reference_init.items()}
 
@@ -82,13 +106,13 @@ def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectori
                       x[:, :, shots:].flatten(1, 2), y[:, :, shots:].flatten(1, 2))
     diffopt_algorithm.zero_grad()
     diffopt_algorithm.meta_gradient(episode)
-    got = {_reference_names(f"model.{n}"): p.grad for n, p in named.items()}
+    got = _reference_params(diffopt_algorithm, lambda p: p.grad)
     # cbfinn's meta-loss sums the query cross-entropies over a task's ways * shots queries and
     # averages over tasks (maml.py:136); diffopt averages over the queries too: a constant factor,
     # which Adam's update does not see. The goal recipe averages both.
     scale = ways * shots if settings["meta_loss"] == "sum" else 1
     for name, grad in expected.items():
-        if name.startswith("conv") and name.endswith("bias"):  # batch norm (batch statistics)
+        if name.removeprefix("lr.").startswith("conv") and name.endswith("bias"):  # batch norm next
             # subtracts the channel mean next: the exact gradient is 0, both sides are rounding
             assert grad.abs().max() < 1e-12 and got[name].abs().max() < 1e-12, name
             continue

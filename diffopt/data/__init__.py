@@ -259,7 +259,8 @@ DATA_OPTIONS: dict[str, Option] = {
     "data_root": Option(str, "data", "folder holding prepared image datasets (`diffopt data prepare`)"),
     "class_split": Option(
         str | None, None, "Omniglot character split: vinyals (by alphabet, 1028 / 172 / 423; "
-        "torchmeta's, the default) or reptile (supervised-reptile's seeded shuffle, 1200 / 423, no "
+        "torchmeta's, the default), vinyals_trainval (the same, its validation characters trained on: "
+        "1200 / 423, no validation) or reptile (supervised-reptile's seeded shuffle, 1200 / 423, no "
         "validation)"),
     "images": Option(
         str, "bilinear", "Omniglot image preprocessing: bilinear (torchmeta's antialiased resize, grey "

@@ -8,7 +8,11 @@ image, strokes 1 (cbfinn/maml: LANCZOS on a 1-bit PNG is nearest, then inverted)
 ``nearest_strokes_0`` the same, strokes 0 (supervised-reptile, MAML++: not inverted)."""
 
 
-CLASS_SPLITS = ("vinyals", "reptile")
+CLASS_SPLITS = ("vinyals", "vinyals_trainval", "reptile")
 """Omniglot's character split: ``vinyals`` (Vinyals et al.'s, by alphabet, 1028 / 172 / 423:
-torchmeta's, MAML's usual one) or ``reptile`` (supervised-reptile's: every character, shuffled,
-1200 meta-train / 423 meta-test, no meta-validation)."""
+torchmeta's, MAML's usual one), ``vinyals_trainval`` (the same with its validation characters
+meta-trained on too, 1200 / 423, no meta-validation: Snell et al.'s final-model protocol, the
+1200 training characters of MAML's and Reptile's papers) or ``reptile`` (supervised-reptile's:
+every character, shuffled, 1200 meta-train / 423 meta-test, no meta-validation)."""
+WITHOUT_VALIDATION = ("vinyals_trainval", "reptile")
+"""The class splits that leave no characters to validate on."""

@@ -272,6 +272,23 @@ def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:
     return characters[:1200] if split == "train" else characters[1200:]
 
 
+def vinyals_trainval_class_split(root: str | Path, split: str) -> list[list[str]]:
+    """Vinyals' Omniglot classes of ``split`` ('train' or 'test') with its validation characters
+    moved into meta-training: torchmeta's train then validation labels (1028 + 172), its test
+    labels (423)."""
+    if split not in ("train", "test"):
+        raise DiffoptError("the vinyals_trainval class split meta-trains on the validation characters: "
+                           "leave validation off")
+    folder = Path(root) / "omniglot"
+    names = ("train", "val") if split == "train" else ("test",)
+    return [label for name in names
+            for label in json.loads((folder / f"vinyals_{name}_labels.json").read_text())]
+
+
+CLASS_SPLIT_LABELS = {"reptile": reptile_class_split, "vinyals_trainval": vinyals_trainval_class_split}
+"""The class splits besides torchmeta's own (``vinyals``): split name -> (root, split) -> labels."""
+
+
 def prepare_hint(name: str, root: str) -> str:
     """What to run when dataset ``name`` is not (completely) prepared under ``root``."""
     return (f"{name} is not prepared in {Path(root) / name}: run `diffopt data prepare {name} "
@@ -304,8 +321,8 @@ def torchmeta_loader(
                                      **({} if rotations else {"class_augmentations": None}))
     store = _IMAGE_STORES.get(key)
     if store is None:
-        if class_split == "reptile":
-            labels = reptile_class_split(root, split)
+        if class_split in CLASS_SPLIT_LABELS:
+            labels = CLASS_SPLIT_LABELS[class_split](root, split)
             dataset.dataset._labels, dataset.dataset._num_classes = labels, len(labels)
         store = _IMAGE_STORES[key] = ImageStore(dataset.dataset)
     sampler = TaskSampler(len(store), ways, num_tasks, seed, start)
