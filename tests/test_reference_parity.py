@@ -119,3 +119,26 @@ def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectori
         assert grad.abs().sum() > 1e-3, name
         error = (scale * got[name] - grad).norm() / grad.norm()
         assert error < 1e-10, (name, error.item())
+
+
+def test_each_time_to_accuracy_pair_trains_its_reference_recipe():
+    """benchmarks/time_to_accuracy.py pairs a paper-table run of diffopt with a reference recipe:
+    the options that differ between recipes (inner rule, training characters, meta-batch, queries,
+    meta-learning-rate schedule) agree; the meta-gradient of each step-size rule is pinned above."""
+    pairs = _load(ROOT / "benchmarks" / "time_to_accuracy.py")
+    ref = _reference()
+    rules = {None: "sgd", "tensor": "lslr", "element": "meta_sgd"}
+    splits = {"train": "vinyals", "trainval": "vinyals_trainval"}
+    assert pairs.RECIPES
+    for method, (algorithm, recipe, run_name) in pairs.RECIPES.items():
+        settings = ref.MAML_RECIPES[recipe]
+        flags = next(run for run in pairs.PAPER_RUNS if run.name == run_name).flags()
+        config = resolve_config(dataset="omniglot", **flags)
+        assert config.algorithm == algorithm, method
+        assert config.inner_optimizer == rules[settings["step_sizes"]], method
+        assert (config.class_split or "vinyals") == splits[settings["classes"]], method
+        assert config.meta_batch_size == settings["meta_batch"], method
+        assert config.test_shots == settings["queries"], method
+        assert config.meta_lr_schedule == "cosine", method
+        assert config.meta_lr_final == settings["meta_lr_final"], method
+        assert _recipe_flags("goal").items() <= flags.items(), method  # the goal recipe's levers
