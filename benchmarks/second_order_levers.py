@@ -4,6 +4,7 @@
     python benchmarks/second_order_levers.py reference --algorithm fomaml --rounds 30
     python benchmarks/second_order_levers.py reference --algorithm maml --recipe goal --rounds 10
     python benchmarks/second_order_levers.py support --workload W3 --shots 1,2,5,10
+    python benchmarks/second_order_levers.py compiled
 
 ``loop``: second-order MAML with sgd on a workload of peers.py (W2, W3: conv-4 with affine batch
 norm, which loops over tasks), the baseline the hand-written loop with a backward per task
@@ -15,6 +16,9 @@ vmapped by diffopt, and that layer under vmap on the support side only (every ta
 at once, each task's query loss alone, one backward through the batched inner steps).
 ``support``: MAML with every task's inner loop under vmap against whole tasks one at a time, for
 support sets of growing size (``diffopt.vectorize.SMALL_SUPPORT``).
+``compiled``: whether ``torch.compile`` (inductor) keeps the graph a second-order meta-step
+differentiates: the gradient of a compiled convolution's loss taken with ``create_graph``, then
+differentiated again, against eager.
 ``reference``: MAML's Omniglot step with cbfinn/maml's recipe (5-way 1-shot, one query per
 class, meta-batch 32, one inner step of 0.4; diffopt vmaps it) or the goal
 table's (``--recipe goal``: 15 queries per class, meta-batch 8, affine batch norm: diffopt
@@ -283,5 +287,25 @@ def support(workload: str = "W3", shots=(1, 2, 5, 10), rounds: int = 6) -> None:
                      rounds), baseline)
 
 
+def compiled() -> None:
+    """Second-order gradients through ``torch.compile`` (inductor) against eager: printed, or the
+    error the compiled path raises."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(8, 3, 3, 3, requires_grad=True), torch.randn(5, 3, 16, 16)
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w).relu().pow(2).mean()
+
+    print(f"torch {torch.__version__}")
+    for name, function in [("eager", loss), ("torch.compile (inductor)", torch.compile(loss))]:
+        try:
+            grad, = torch.autograd.grad(function(weight), weight, create_graph=True)
+            second, = torch.autograd.grad((grad * grad).sum(), weight)
+            print(f"{name}: second-order gradient norm {float(second.norm()):.6f}")
+        except RuntimeError as error:
+            print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
 if __name__ == "__main__":
-    fire_checked({"loop": loop, "reference": reference, "support": support}, name="second_order_levers")
+    fire_checked({"loop": loop, "reference": reference, "support": support, "compiled": compiled},
+                 name="second_order_levers")
