@@ -252,8 +252,8 @@ def table(results: list[dict]) -> str:
             reached = [_time_to(r["curve"], target) for target in TARGETS]
             minutes = " / ".join("-" if t is None else f"{t / 60:.0f}" for t in reached)
             lines.append(f"| {METHODS[result['method']]} | {name} | {r['iterations']} | "
-                         f"{r['seconds_per_iteration']:.3f} | {100 * r['accuracy']:.1f} +- "
-                         f"{100 * r['ci95']:.1f} | {minutes} | {shown} |")
+                         f"{r['seconds_per_iteration']:.3f} | {100 * r['accuracy']:.2f} +- "
+                         f"{100 * r['ci95']:.2f} | {minutes} | {shown} |")
     return "\n".join(lines)
 
 
