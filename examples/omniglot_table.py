@@ -146,12 +146,14 @@ def _goal_runs() -> list[Run]:
 GOAL_RECIPE = {k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()}
 """The goal table's last row: every lever."""
 
+PAPER_MAML = {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}
+"""The paper table's MAML recipe: the goal table's last row with a cosine meta-step."""
+
 PAPER_RUNS = [
     Run("paper-maml-1shot", "MAML, the goal recipe with a cosine meta-step to 1e-5", METHODS["maml"], 1,
-        {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}),
+        PAPER_MAML),
     Run("paper-maml-lslr-1shot", "MAML, as above with LSLR step sizes and 1200 training characters",
-        METHODS["maml"], 1, {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5,
-                             "inner_optimizer": "lslr", "class_split": "vinyals_trainval"}),
+        METHODS["maml"], 1, {**PAPER_MAML, "inner_optimizer": "lslr", "class_split": "vinyals_trainval"}),
     Run("paper-reptile-5shot", "Reptile, its paper's protocol", METHODS["reptile"], 5),
     Run("paper-reptile-1shot", "Reptile, its paper's protocol", METHODS["reptile"], 1),
 ]

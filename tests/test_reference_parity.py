@@ -33,16 +33,17 @@ def _reference():
     return _load(ROOT / "benchmarks" / "omniglot_reference.py")
 
 
-STEP_SIZE_RULES = {"goal-lslr": "lslr", "goal-meta-sgd": "meta_sgd"}
-"""The reference's recipes with learned step sizes -> diffopt's inner optimizer."""
+STEP_SIZE_RULES = {None: "sgd", "tensor": "lslr", "element": "meta_sgd"}
+"""The reference's ``step_sizes`` setting -> diffopt's inner optimizer."""
 
 
-def _recipe_flags(recipe: str) -> dict:
-    """diffopt's options for the reference's recipe: none for cbfinn's (diffopt's defaults)."""
+def _recipe_flags(recipe: str, settings: dict) -> dict:
+    """diffopt's options for the reference's recipe (its ``settings``): none for cbfinn's
+    (diffopt's defaults)."""
     if recipe == "cbfinn":
         return {}
-    rule = {"inner_optimizer": STEP_SIZE_RULES[recipe]} if recipe in STEP_SIZE_RULES else {}
-    return {**_load(ROOT / "examples" / "omniglot_table.py").GOAL_RECIPE, **rule}
+    return {**_load(ROOT / "examples" / "omniglot_table.py").GOAL_RECIPE,
+            "inner_optimizer": STEP_SIZE_RULES[settings["step_sizes"]]}
 
 
 def _reference_params(algorithm, of=lambda p: p) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ def test_meta_gradient_equals_the_reference_on_the_same_tasks(algorithm, vectori
     settings = ref.MAML_RECIPES[recipe]
     tasks, ways, shots = settings["meta_batch"], 5, 1
     queries = settings["queries"] or shots
-    flags = {**_recipe_flags(recipe), "test_shots": queries, "meta_batch_size": tasks}
+    flags = {**_recipe_flags(recipe, settings), "test_shots": queries, "meta_batch_size": tasks}
     config = resolve_config(dataset="omniglot", algorithm=algorithm, shots=shots, ways=ways, seed=3,
                             vectorize=vectorize, **flags)
     diffopt_algorithm = build(config).double()  # float64: the two summation orders agree to 1e-10
@@ -127,7 +128,6 @@ def test_each_time_to_accuracy_pair_trains_its_reference_recipe():
     meta-learning-rate schedule) agree; the meta-gradient of each step-size rule is pinned above."""
     pairs = _load(ROOT / "benchmarks" / "time_to_accuracy.py")
     ref = _reference()
-    rules = {None: "sgd", "tensor": "lslr", "element": "meta_sgd"}
     splits = {"train": "vinyals", "trainval": "vinyals_trainval"}
     assert pairs.RECIPES
     for method, (algorithm, recipe, run_name) in pairs.RECIPES.items():
@@ -135,10 +135,11 @@ def test_each_time_to_accuracy_pair_trains_its_reference_recipe():
         flags = next(run for run in pairs.PAPER_RUNS if run.name == run_name).flags()
         config = resolve_config(dataset="omniglot", **flags)
         assert config.algorithm == algorithm, method
-        assert config.inner_optimizer == rules[settings["step_sizes"]], method
+        assert config.inner_optimizer == STEP_SIZE_RULES[settings["step_sizes"]], method
         assert (config.class_split or "vinyals") == splits[settings["classes"]], method
         assert config.meta_batch_size == settings["meta_batch"], method
         assert config.test_shots == settings["queries"], method
         assert config.meta_lr_schedule == "cosine", method
         assert config.meta_lr_final == settings["meta_lr_final"], method
-        assert _recipe_flags("goal").items() <= flags.items(), method  # the goal recipe's levers
+        goal = _recipe_flags("goal", ref.MAML_RECIPES["goal"])
+        assert goal.items() <= {**flags, "inner_optimizer": "sgd"}.items(), method  # the goal recipe's levers

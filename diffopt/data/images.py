@@ -256,6 +256,14 @@ def image_transform(name: str, images: str = "bilinear"):
             Decode(invert=images == "nearest_strokes_0"))
 
 
+def vinyals_labels(root: str | Path, names: tuple[str, ...]) -> list[list[str]]:
+    """The torchmeta labels of Vinyals' Omniglot splits ``names`` ('train', 'val', 'test'), in
+    their files' order, one split after the other."""
+    folder = Path(root) / "omniglot"
+    return [label for name in names
+            for label in json.loads((folder / f"vinyals_{name}_labels.json").read_text())]
+
+
 def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:
     """supervised-reptile's Omniglot classes of ``split`` ('train' or 'test'), as torchmeta labels
     [group, alphabet, character]: the characters of both sets in sorted alphabet, then character,
@@ -264,9 +272,7 @@ def reptile_class_split(root: str | Path, split: str) -> list[list[str]]:
     if split not in ("train", "test"):
         raise DiffoptError("the reptile class split has no validation classes (supervised-reptile "
                            "trains on 1200 characters and tests on 423): leave validation off")
-    folder = Path(root) / "omniglot"
-    characters = sorted((label for name in ("train", "val", "test")
-                         for label in json.loads((folder / f"vinyals_{name}_labels.json").read_text())),
+    characters = sorted(vinyals_labels(root, ("train", "val", "test")),
                         key=lambda label: (label[1], label[2]))
     random.Random(0).shuffle(characters)
     return characters[:1200] if split == "train" else characters[1200:]
@@ -277,12 +283,9 @@ def vinyals_trainval_class_split(root: str | Path, split: str) -> list[list[str]
     moved into meta-training: torchmeta's train then validation labels (1028 + 172), its test
     labels (423)."""
     if split not in ("train", "test"):
-        raise DiffoptError("the vinyals_trainval class split meta-trains on the validation characters: "
-                           "leave validation off")
-    folder = Path(root) / "omniglot"
-    names = ("train", "val") if split == "train" else ("test",)
-    return [label for name in names
-            for label in json.loads((folder / f"vinyals_{name}_labels.json").read_text())]
+        raise DiffoptError("the vinyals_trainval class split has no validation classes (it meta-trains "
+                           "on them): leave validation off")
+    return vinyals_labels(root, ("train", "val") if split == "train" else ("test",))
 
 
 CLASS_SPLIT_LABELS = {"reptile": reptile_class_split, "vinyals_trainval": vinyals_trainval_class_split}
