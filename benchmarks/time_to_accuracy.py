@@ -4,14 +4,15 @@
 
 For each method (MAML, first-order MAML, Reptile; Omniglot 5-way 1-shot, each with its paper's
 protocol), ``diffopt train`` and ``benchmarks/omniglot_reference.py`` (plain PyTorch written from
-the original code, sharing no diffopt code) train side by side, one process and one torch thread
-each, for the same training wall-clock (evaluation and snapshot writing excluded), keeping a
-snapshot every budget / ``snapshots`` seconds. Then every snapshot of both is scored on the same
-meta-test tasks (diffopt's test stream, evaluation seed 2017, 1 support + 15 query examples per
-class; each task's fingerprint is checked), after the paper's test-time adaptation: MAML and
-first-order MAML 10 SGD steps transductively, Reptile 50 Adam steps on mini-batches of 5,
-non-transductively. The last snapshot is scored on all ``tasks``, the others on the first
-``curve_tasks`` of them (the accuracy-against-time curve).
+the original code, sharing no diffopt code) train for the same training wall-clock (evaluation and
+snapshot writing excluded), keeping a snapshot every budget / ``snapshots`` seconds: side by side,
+one process and one torch thread each, or with ``--threads 2`` one after the other, two threads
+each (the whole 2-core machine; the pair then spans twice the budget, resumably). Then every
+snapshot of both is scored on the same meta-test tasks (diffopt's test stream, evaluation seed
+2017, 1 support + 15 query examples per class; each task's fingerprint is checked), after the
+paper's test-time adaptation: MAML and first-order MAML 10 SGD steps transductively, Reptile 50
+Adam steps on mini-batches of 5, non-transductively. The last snapshot is scored on all
+``tasks``, the others on the first ``curve_tasks`` of them (the accuracy-against-time curve).
 
 The table: method, implementation, meta-iterations, median seconds per meta-iteration,
 accuracy +- 95% interval at the budget, and the time-to-accuracy ratio: the training time
@@ -58,8 +59,8 @@ WAYS, SHOTS, QUERIES = 5, 1, 15
 IMPLEMENTATIONS = ("diffopt", "reference")
 
 
-def _environment() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _environment(threads: int) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
 
 
 def _methods(methods: str | tuple | list) -> list[str]:
@@ -105,10 +106,10 @@ def _snapshots(implementation: str, run: Path) -> list[Path]:
 
 
 def score(method: str, implementation: str, run: str, tasks_file: str, curve_tasks: int, out: str,
-          data_root: str = "data") -> None:
+          data_root: str = "data", threads: int = 1) -> None:
     """Score every snapshot of one run (a child process of ``main``): the last on all tasks,
     the others on the first ``curve_tasks``; write the curve to ``out`` (JSON)."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     run_path, tasks_path = Path(run), Path(tasks_file)
     keys = json.loads(tasks_path.with_suffix(".keys.json").read_text())
     protocol = PROTOCOL[method]
@@ -135,7 +136,8 @@ def score(method: str, implementation: str, run: str, tasks_file: str, curve_tas
 
             subset = tasks_path if count == len(keys) else _subset(tasks_path, count)
             algorithm = RECIPES.get(method, (method,))[0]
-            result = omniglot_reference.evaluate(algorithm, str(snapshot), str(subset), **protocol)
+            result = omniglot_reference.evaluate(algorithm, str(snapshot), str(subset), threads=threads,
+                                                 **protocol)
             accuracy, ci95 = result["accuracy"], result["ci95"]
             payload = torch.load(snapshot, weights_only=True)
             seconds, iteration = float(payload["train_seconds"]), int(payload["iteration"])
@@ -168,9 +170,10 @@ def _diffopt_flags(method: str) -> list[str]:
     return [f"--{key}={value}" for key, value in flags.items()]
 
 
-def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_root: str, seed: int) -> None:
-    """Train diffopt and the reference side by side, one thread each; a run stopped part-way resumes
-    (diffopt from its checkpoint, the reference from its last snapshot)."""
+def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_root: str, seed: int,
+              threads: int) -> None:
+    """Train diffopt and the reference (``_run_all``); a run stopped part-way resumes (diffopt from
+    its checkpoint, the reference from its last snapshot), a finished one returns at once."""
     every = budget / snapshots
     run_dir = folder / "diffopt"
     if RunFolder(run_dir, writer=False).has_checkpoint():
@@ -186,19 +189,22 @@ def _run_pair(method: str, folder: Path, budget: float, snapshots: int, data_roo
         "reference": [sys.executable, str(HERE / "omniglot_reference.py"), "train", "--algorithm", algorithm,
                       "--recipe", recipe, "--resume", "True", "--out", str(folder / "reference"),
                       "--budget_seconds", str(budget), "--snapshots", str(snapshots), "--data_root",
-                      data_root, "--seed", str(seed)],
+                      data_root, "--seed", str(seed), "--threads", str(threads)],
     }
-    _parallel(commands, folder, "train")
+    _run_all(commands, folder, "train", threads)
 
 
-def _parallel(commands: dict[str, list[str]], folder: Path, stage: str) -> None:
-    """Run ``commands`` at once, logging to ``folder/<name>-<stage>.log``; exit if one fails."""
-    processes = {}
+def _run_all(commands: dict[str, list[str]], folder: Path, stage: str, threads: int) -> None:
+    """Run ``commands`` with ``threads`` torch threads each, logging to ``folder/<name>-<stage>.log``:
+    at once with one thread (one core each), one after the other with more (the machine each);
+    exit if one fails. A log is appended to, so a pair that spans sittings keeps every sitting's."""
+    processes, failed = {}, []
     for name, command in commands.items():
-        log = open(folder / f"{name}-{stage}.log", "w")
-        process = subprocess.Popen(command, env=_environment(), stdout=log, stderr=subprocess.STDOUT)
-        processes[name] = (process, log)
-    failed = []
+        log = open(folder / f"{name}-{stage}.log", "a")
+        processes[name] = (subprocess.Popen(command, env=_environment(threads), stdout=log,
+                                            stderr=subprocess.STDOUT), log)
+        if threads > 1 and processes[name][0].wait() != 0:
+            break
     for name, (process, log) in processes.items():
         if process.wait() != 0:
             failed.append(name)
@@ -209,20 +215,22 @@ def _parallel(commands: dict[str, list[str]], folder: Path, stage: str) -> None:
 
 
 def run_method(method: str, out: Path, budget: float, tasks_file: Path, snapshots: int, curve_tasks: int,
-               data_root: str, seed: int, fresh: bool) -> dict:
-    """Train and score one method's pair; a finished pair (of another budget) or ``fresh`` starts over,
-    an unfinished one resumes."""
+               data_root: str, seed: int, fresh: bool, threads: int) -> dict:
+    """Train and score one method's pair; a finished pair (of another budget or thread count) or
+    ``fresh`` starts over, an unfinished one resumes (a run's scores, once written, are kept)."""
     folder = out / method
     if fresh or (folder / "result.json").exists():
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    _run_pair(method, folder, budget, snapshots, data_root, seed)
-    _parallel({name: [sys.executable, str(Path(__file__).resolve()), "score", method, name,
-                      str(folder / name), str(tasks_file), str(curve_tasks),
-                      str(folder / f"{name}-curve.json"), f"--data_root={data_root}"]
-               for name in IMPLEMENTATIONS}, folder, "score")
-    result = {"method": method, "budget_seconds": budget, "wall_seconds": time.time() - started}
+    _run_pair(method, folder, budget, snapshots, data_root, seed, threads)
+    _run_all({name: [sys.executable, str(Path(__file__).resolve()), "score", method, name,
+                     str(folder / name), str(tasks_file), str(curve_tasks),
+                     str(folder / f"{name}-curve.json"), f"--data_root={data_root}", f"--threads={threads}"]
+              for name in IMPLEMENTATIONS if not (folder / f"{name}-curve.json").exists()},
+             folder, "score", threads)
+    result = {"method": method, "budget_seconds": budget, "threads": threads,
+              "wall_seconds": time.time() - started}
     for name in IMPLEMENTATIONS:
         curve = json.loads((folder / f"{name}-curve.json").read_text())
         seconds = _iteration_seconds(name, folder / name)
@@ -260,14 +268,17 @@ def table(results: list[dict]) -> str:
 def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tasks: int = 600,
          curve_tasks: int = 200, snapshots: int = 4, out: str = "runs/time-to-accuracy",
          data_root: str = "data", seed: int = 0, write: str | None = None, fresh: bool = False,
-         figure: str | None = None) -> None:
+         figure: str | None = None, threads: int = 1) -> None:
     """Run the benchmark for ``methods`` (comma-separated) and print the table (see the module
     docstring); ``write``: a markdown file whose time-to-accuracy section is replaced; ``figure``:
-    a PNG of every implementation's test accuracy against training time."""
+    a PNG of every implementation's test accuracy against training time; ``threads``: torch threads
+    per implementation, 1 (side by side) or more (one after the other)."""
     names = _methods(methods)
-    if budget_minutes <= 0 or tasks < 2 or curve_tasks < 2 or snapshots < 1:
+    if budget_minutes <= 0 or tasks < 2 or curve_tasks < 2 or snapshots < 1 or threads < 1:
         raise SystemExit("time_to_accuracy: --budget_minutes > 0, --tasks and --curve_tasks >= 2, "
-                         "--snapshots >= 1")
+                         "--snapshots >= 1, --threads >= 1")
+    arrangement = ("side by side, one torch thread each" if threads == 1
+                   else f"one after the other, {threads} torch threads each")
     out_path = Path(out)
     tasks_file = out_path / f"tasks-{tasks}.pt"
     if not tasks_file.exists():
@@ -276,33 +287,35 @@ def main(budget_minutes: float = 20.0, methods: str = "reptile,maml,fomaml", tas
     results = []
     for method in names:
         done = out_path / method / "result.json"
-        if done.exists() and not fresh and json.loads(done.read_text())["budget_seconds"] == budget:
-            result = json.loads(done.read_text())
+        kept = json.loads(done.read_text()) if done.exists() and not fresh else {}
+        if kept.get("budget_seconds") == budget and kept.get("threads", 1) == threads:
+            result = kept
             for name in IMPLEMENTATIONS:  # from the logs, as run_method computes it
                 seconds = _iteration_seconds(name, out_path / method / name)
                 result[name]["seconds_per_iteration"] = statistics.median(seconds)
             results.append(result)
             continue
-        print(f"{METHODS[method]}: diffopt and the reference side by side, {budget:.0f} s of training",
+        print(f"{METHODS[method]}: diffopt and the reference {arrangement}, {budget:.0f} s of training",
               flush=True)
         results.append(run_method(method, out_path, budget, tasks_file, snapshots, curve_tasks,
-                                  data_root, seed, fresh))
+                                  data_root, seed, fresh, threads))
     text = table(results)
     print(text)
     if figure:
         plot_test_curves({f"{METHODS[result['method']]}: {name}" if len(results) > 1 else name:
                           [(point["train_seconds"], point["accuracy"]) for point in result[name]["curve"]]
                           for result in results for name in IMPLEMENTATIONS}, Path(figure),
-                         f"Omniglot 5-way 1-shot, diffopt and the reference side by side, {budget_minutes:g} "
-                         "minutes each")
+                         f"Omniglot 5-way 1-shot, diffopt and the reference, {budget_minutes:g} minutes "
+                         f"each, {threads} thread{'s' if threads > 1 else ''}")
     if write:
         from diffopt.report import library_versions, machine_description, write_section
 
         body = (f"{machine_description()}; {library_versions()}. Budget {budget_minutes:g} minutes of "
-                f"training per implementation, side by side, one torch thread each; {tasks} meta-test "
+                f"training per implementation, {arrangement}; {tasks} meta-test "
                 f"tasks (curve points: the first {curve_tasks}); seed {seed}. Command: `python "
                 f"benchmarks/time_to_accuracy.py --budget_minutes {budget_minutes:g} --methods "
-                f"{','.join(names)} --tasks {tasks} --write {write}`.\n\n{text}")
+                f"{','.join(names)} --tasks {tasks}{f' --threads {threads}' if threads > 1 else ''} "
+                f"--write {write}`.\n\n{text}")
         write_section(write, "time-to-accuracy", "Time to accuracy against independent references", body)
 
 

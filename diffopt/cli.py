@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import shlex
 import sys
@@ -73,8 +74,13 @@ def train_command(resume: str | None = None, dry_run: bool = False, **options: A
         result = run_training(resolve_config(**options))
     if not distributed.is_main():
         return
-    print(f"run folder: {result.run_dir}  (median {result.seconds_per_iteration:.4f} s / meta-iteration, "
-          f"final loss {result.final_loss:.4f})")
+    if math.isnan(result.seconds_per_iteration):  # a resumed run that had already reached its end
+        summary = (f"already finished: {result.iterations} meta-iterations, {result.train_seconds:.0f} s "
+                   "of training")
+    else:
+        summary = (f"median {result.seconds_per_iteration:.4f} s / meta-iteration, final loss "
+                   f"{result.final_loss:.4f}")
+    print(f"run folder: {result.run_dir}  ({summary})")
 
 
 @functools.cache

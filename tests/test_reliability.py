@@ -294,3 +294,4 @@ def test_one_writer_per_run_folder_and_stale_locks_are_taken_over(tmp_path, caps
         other.wait()
     assert main(["train", "--resume", str(run)]) == 0  # its holder is gone: a stale lock
     assert not lock.exists() and os.getpid() > 0
+    assert f"{run}  (already finished: 2 meta-iterations, " in capsys.readouterr().out  # no nan median

@@ -77,3 +77,24 @@ def test_a_resumed_reference_run_continues_exactly(omniglot_root, tmp_path, reci
     log = (tmp_path / "parts" / "log.jsonl").read_text().splitlines()
     logged = [json.loads(line)["iteration"] for line in log]
     assert logged == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_runs_side_by_side_more_run_one_after_the_other(tmp_path, threads):
+    """Side by side each has a core; with more threads each has the machine, so the second waits."""
+    tta = importlib.import_module("time_to_accuracy")
+    probe = ("import os, sys, time; start = time.time(); time.sleep(0.4); "
+             "print(os.environ['OMP_NUM_THREADS'], start, time.time())")
+    tta._run_all({name: [sys.executable, "-c", probe] for name in ("a", "b")}, tmp_path, "train", threads)
+    (a_threads, a_start, a_end), (b_threads, b_start, b_end) = (
+        (tmp_path / f"{name}-train.log").read_text().split() for name in ("a", "b"))
+    assert a_threads == b_threads == str(threads)
+    assert (float(b_start) >= float(a_end)) == (threads > 1)
+
+
+def test_one_after_the_other_stops_at_the_first_failure(tmp_path):
+    tta = importlib.import_module("time_to_accuracy")
+    with pytest.raises(SystemExit, match="a train failed: broken"):
+        tta._run_all({"a": [sys.executable, "-c", "raise SystemExit('broken')"],
+                      "b": [sys.executable, "-c", "print('ran')"]}, tmp_path, "train", 2)
+    assert not (tmp_path / "b-train.log").exists()
