@@ -116,6 +116,9 @@ class Run:
     extra: dict = field(default_factory=dict)
     """Options on top of the method's (the goal table's levers, cumulative)."""
     ways: int = 5
+    threads: int | None = None
+    """Torch threads of a run that has the machine to itself (``train`` starts it alone); None: the
+    ``train`` command's ``threads``, ``parallel`` runs at a time."""
 
     def flags(self) -> dict:
         return {**self.method.flags, **self.extra, "shots": self.shots,
@@ -149,21 +152,29 @@ GOAL_RECIPE = {k: v for _, _, lever in GOAL_LEVERS for k, v in lever.items()}
 PAPER_MAML = {**GOAL_RECIPE, "meta_lr_schedule": "cosine", "meta_lr_final": 1e-5}
 """The paper table's MAML recipe: the goal table's last row with a cosine meta-step."""
 
+PAPER_MAML_LSLR = {**PAPER_MAML, "inner_optimizer": "lslr", "class_split": "vinyals_trainval"}
+"""The paper table's MAML recipe with learned per-tensor step sizes (MAML++'s LSLR), meta-trained on
+Vinyals' training and validation characters (1200)."""
+
 PAPER_RUNS = [
     Run("paper-maml-1shot", "MAML, the goal recipe with a cosine meta-step to 1e-5", METHODS["maml"], 1,
         PAPER_MAML),
     Run("paper-maml-lslr-1shot", "MAML, as above with LSLR step sizes and 1200 training characters",
-        METHODS["maml"], 1, {**PAPER_MAML, "inner_optimizer": "lslr", "class_split": "vinyals_trainval"}),
+        METHODS["maml"], 1, PAPER_MAML_LSLR),
+    Run("paper-maml-lslr-1shot-2threads", "MAML, as above on two torch threads (the machine to itself)",
+        METHODS["maml"], 1, PAPER_MAML_LSLR, threads=2),
     Run("paper-reptile-5shot", "Reptile, its paper's protocol", METHODS["reptile"], 5),
     Run("paper-reptile-1shot", "Reptile, its paper's protocol", METHODS["reptile"], 1),
 ]
 """The paper-level table, two hours each: MAML with the goal table's last row (every lever), its
 outer learning rate annealed over the budget (``--meta_lr_schedule cosine``), towards its paper's
 98.7%, and the same with learned per-tensor step sizes (MAML++'s LSLR) meta-trained on Vinyals'
-training and validation characters (1200, as many as MAML's paper); Reptile with its paper's
+training and validation characters (1200, as many as MAML's paper), on one thread beside another
+run and on two threads alone (1.6x the meta-iterations); Reptile with its paper's
 protocol (supervised-reptile's settings, diffopt's defaults), 5-shot towards Reptile-Pytorch's
 98.10 and the paper's 98.90 non-transductive, 1-shot beside. The side-by-side references of the
-MAML rows: ``benchmarks/time_to_accuracy.py --methods maml-paper`` and ``maml-paper-lslr``."""
+MAML rows: ``benchmarks/time_to_accuracy.py --methods maml-paper`` and ``maml-paper-lslr`` (with
+``--threads 2`` for the two-thread row)."""
 
 TWENTY_WAY = {
     # Finn et al. 2017, appendix A.1 and table 1: 20-way, meta-batch 16, 5 inner steps of 0.1
@@ -295,13 +306,16 @@ def train(
             print(f"{run.name}: finished")
             continue
         pending.append(run)
-    running: dict[str, tuple[subprocess.Popen, IO]] = {}  # run -> (process, its log)
+    running: dict[str, tuple[subprocess.Popen, IO, Run]] = {}  # run -> (process, its log, run)
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
+            alone = [run.threads is not None for run in (pending[0], *(r for _, _, r in running.values()))]
+            if running and any(alone):  # a run with threads of its own has the machine to itself
+                break
             run = pending.pop(0)
             folder = out_path / run.name
-            count = str(threads)
+            count = str(run.threads or threads)
             env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
             args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks,
                             snapshot_every or SNAPSHOT_EVERY.get(table))
@@ -309,9 +323,9 @@ def train(
             print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
             running[run.name] = (subprocess.Popen(
                 [sys.executable, "-m", "diffopt", *args, "--progress", "False"],
-                env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                env=env, stdout=log, stderr=subprocess.STDOUT), log, run)
         time.sleep(1.0)
-        for name, (process, log) in list(running.items()):
+        for name, (process, log, _) in list(running.items()):
             if process.poll() is not None:
                 del running[name]
                 log.close()

@@ -33,8 +33,8 @@ def test_time_to_an_accuracy_is_read_off_the_curve_linearly(table):
     assert table.time_to([(60.0, 0.97), (120.0, 0.96), (180.0, 0.975)], 0.97, 0.2) == 60.0  # the first
 
 
-@pytest.mark.parametrize("name", ["paper-maml-1shot", "paper-reptile-5shot", "paper-reptile-1shot",
-                                  "maml-20way-1shot", "reptile-20way-1shot"])
+@pytest.mark.parametrize("name", ["paper-maml-1shot", "paper-maml-lslr-1shot-2threads", "paper-reptile-5shot",
+                                  "paper-reptile-1shot", "maml-20way-1shot", "reptile-20way-1shot"])
 def test_every_run_of_the_new_tables_is_a_valid_configuration(table, name):
     (run,) = [run for runs in table.TABLES.values() for run in runs if run.name == name]
     config = resolve_config(dataset="omniglot", **run.flags())
@@ -47,3 +47,27 @@ def test_every_run_of_the_new_tables_is_a_valid_configuration(table, name):
         assert (config.meta_batch_size, config.inner_steps, config.inner_lr) == (16, 5, 0.1)
     if name == "paper-reptile-5shot":
         assert config.algorithm == "reptile" and run.method.eval_options == {"inner_batch_size": 5}
+
+
+def test_a_run_with_threads_of_its_own_trains_alone(table, tmp_path, monkeypatch):
+    """``train`` runs ``parallel`` runs at a time, but one that names its threads has the machine."""
+    started, live = [], set()
+
+    class Process:  # a training process that has ended by the time it is first polled
+        def __init__(self, args, env, stdout, stderr):
+            self.name, self.returncode = Path(args[args.index("--run_dir") + 1]).name, None
+            started.append((self.name, env["OMP_NUM_THREADS"], sorted(live)))
+            live.add(self.name)
+
+        def poll(self):
+            live.discard(self.name)
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(table.subprocess, "Popen", Process)
+    monkeypatch.setattr(table.time, "sleep", lambda seconds: None)
+    names = ["paper-maml-1shot", "paper-maml-lslr-1shot-2threads", "paper-reptile-5shot",
+             "paper-reptile-1shot"]
+    table.train("paper", runs=",".join(names), parallel=2, threads=1, out=str(tmp_path))
+    assert started == [(names[0], "1", []), (names[1], "2", []), (names[2], "1", []),
+                       (names[3], "1", [names[2]])]
