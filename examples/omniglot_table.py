@@ -310,9 +310,8 @@ def train(
     failed = []
     while pending or running:
         while pending and len(running) < parallel:
-            alone = [run.threads is not None for run in (pending[0], *(r for _, _, r in running.values()))]
-            if running and any(alone):  # a run with threads of its own has the machine to itself
-                break
+            if running and any(run.threads for run in (pending[0], *(r for _, _, r in running.values()))):
+                break  # a run with threads of its own has the machine to itself
             run = pending.pop(0)
             folder = out_path / run.name
             count = str(run.threads or threads)
