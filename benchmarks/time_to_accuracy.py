@@ -24,7 +24,6 @@ already done (``--fresh`` redoes them).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -39,7 +38,7 @@ from diffopt.runfolder import RunFolder
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
-from omniglot_table import PAPER_RUNS, TARGETS, plot_test_curves, time_to  # noqa: E402  (the paper table's)
+from omniglot_table import PAPER_RUNS, TARGETS, plot_test_curves, thread_environment, time_to  # noqa: E402  (the paper table's)
 
 METHODS = {"maml": "MAML", "fomaml": "first-order MAML", "reptile": "Reptile",
            "maml-paper": "MAML, the paper table's recipe",
@@ -57,10 +56,6 @@ PROTOCOL = {  # test-time adaptation per method (the papers')
 }
 WAYS, SHOTS, QUERIES = 5, 1, 15
 IMPLEMENTATIONS = ("diffopt", "reference")
-
-
-def _environment(threads: int) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
 
 
 def _methods(methods: str | tuple | list) -> list[str]:
@@ -201,7 +196,7 @@ def _run_all(commands: dict[str, list[str]], folder: Path, stage: str, threads: 
     processes, failed = {}, []
     for name, command in commands.items():
         log = open(folder / f"{name}-{stage}.log", "a")
-        processes[name] = (subprocess.Popen(command, env=_environment(threads), stdout=log,
+        processes[name] = (subprocess.Popen(command, env=thread_environment(threads), stdout=log,
                                             stderr=subprocess.STDOUT), log)
         if threads > 1 and processes[name][0].wait() != 0:
             break

@@ -278,6 +278,12 @@ def _command(run: Run, folder: Path, budget: float, data_root: str, seed: int, v
     return args
 
 
+def thread_environment(threads: int) -> dict[str, str]:
+    """A child process's environment with ``threads`` OpenMP and MKL threads (torch's intra-op
+    pool) and unbuffered output, so its log shows each line as it is written."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
 def train(
     table: str = "methods",
     budget: float | None = None,
@@ -314,15 +320,14 @@ def train(
                 break  # a run with threads of its own has the machine to itself
             run = pending.pop(0)
             folder = out_path / run.name
-            count = str(run.threads or threads)
-            env = dict(os.environ, OMP_NUM_THREADS=count, MKL_NUM_THREADS=count)
+            count = run.threads or threads
             args = _command(run, folder, budget, data_root, seed, validate_every, validation_tasks,
                             snapshot_every or SNAPSHOT_EVERY.get(table))
             log = open(out_path / f"{run.name}.log", "a")
-            print(f"{run.name}: training ({count} thread{'s' * (count != '1')})", flush=True)
+            print(f"{run.name}: training ({count} thread{'s' * (count != 1)})", flush=True)
             running[run.name] = (subprocess.Popen(
                 [sys.executable, "-m", "diffopt", *args, "--progress", "False"],
-                env=env, stdout=log, stderr=subprocess.STDOUT), log, run)
+                env=thread_environment(count), stdout=log, stderr=subprocess.STDOUT), log, run)
         time.sleep(1.0)
         for name, (process, log, _) in list(running.items()):
             if process.poll() is not None:
