@@ -67,10 +67,30 @@ def _numbers(text: str) -> list[str]:
     return re.findall(r"\d+\.\d+|diverges on \d+ of \d+", text)
 
 
+def _agree(promised: str, printed: str) -> bool:
+    """README's numbers in ``promised`` against the first as many in ``printed``, to 1%: a
+    run on another CPU rounds differently (mean squared errors to 1% of themselves, divergence
+    counts to 1% of the tasks)."""
+    said, seen = _numbers(promised), _numbers(printed)
+    if len(seen) < len(said):
+        return False
+    for a, b in zip(said, seen[:len(said)], strict=True):
+        if a.startswith("diverges") != b.startswith("diverges"):
+            return False
+        if a.startswith("diverges"):
+            (n, total), (m, other) = (map(int, re.findall(r"\d+", x)) for x in (a, b))
+            if total != other or abs(n - m) > total / 100:
+                return False
+        elif abs(float(a) - float(b)) > float(a) / 100:
+            return False
+    return True
+
+
 @pytest.mark.slow
 def test_the_own_rule_commands_print_the_numbers_readme_promises(tmp_path):
     """The three commands of "Your own rule", run as README says (in examples/), print what its
-    "What to expect" paragraph and table say, digit for digit."""
+    "What to expect" paragraph and table say: the scores to 1% (``_agree``), gradcheck's
+    rounding errors to within a factor of 10 (the last digits of either vary with the CPU)."""
     import os
     import shutil
     import subprocess
@@ -90,11 +110,19 @@ def test_the_own_rule_commands_print_the_numbers_readme_promises(tmp_path):
             assert done.returncode == 0, done.stderr
             printed[words[1]] = done.stdout
     worst = re.search(r"`gradcheck` ends `(.*?)`", section.replace("\n", " ")).group(1)
-    assert " ".join(printed["gradcheck"].split("\n")[-2].split()) == worst
+    got = " ".join(printed["gradcheck"].split("\n")[-2].split())
+    pattern = r"worst: abs (\S+) rel (\S+) (\w+ \(rtol \S+\))"
+    (*promised, verdict), (*measured, measured_verdict) = (re.fullmatch(pattern, line).groups()
+                                                          for line in (worst, got))
+    assert measured_verdict == verdict, got
+    for said, seen in zip(promised, measured, strict=True):  # rounding: its digits vary with the CPU
+        assert float(said) / 10 < float(seen) < float(said) * 10, got
     (table,) = re.findall(r"```\n(\| configuration.*?)```", section, re.S)
     for row in table.strip().splitlines()[1:]:
         label = row.split("|")[1].strip()
         (got,) = [line for line in printed["compare"].splitlines() if line.startswith(f"| {label} |")]
-        assert _numbers(row) == _numbers(got)[:len(_numbers(row))], label
+        assert _agree(row, got), (row, got)
+    evaluated = " ".join(printed["evaluate"].split())
     for claim in re.findall(r"`(mse after .*?)`", section.replace("\n", " ")):
-        assert " ".join(claim.split()) in " ".join(printed["evaluate"].split()), claim
+        label = claim.split(":")[0] + ":"
+        assert label in evaluated and _agree(claim, evaluated.split(label, 1)[1]), (claim, evaluated)
